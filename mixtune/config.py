@@ -1,0 +1,240 @@
+"""The one typed schema: it is `pipeline.yaml`, the CLI's input and the Prefect flow's parameter form.
+
+Relative paths in a YAML file resolve against that file's folder, so a config can travel with its data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Role = Literal["general", "domain", "pretrain"]
+Format = Literal["auto", "minimind", "openai", "sharegpt", "alpaca", "text"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Source(Strict):
+    """One input: a file on disk, or a family of the embedded generated data."""
+
+    path: str | None = Field(None, description="A .jsonl or .json file (relative to the config file).")
+    synthetic: Literal["general", "domain"] | None = Field(
+        None, description="Instead of a file: generate the embedded default data of this kind."
+    )
+    samples: int = Field(2000, gt=0, description="How many conversations to generate (synthetic only).")
+    role: Role = Field(description="general, domain, or pretrain (plain text for continued pre-training).")
+    format: Format = Field("auto", description="Row format; auto detects it from the first valid row's keys.")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Seeded share of this source held out.")
+    max_val_samples: int = Field(200, ge=0, description="Cap on held-out rows, so validation stays cheap.")
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> Source:
+        if (self.path is None) == (self.synthetic is None):
+            raise ValueError("give exactly one of 'path' or 'synthetic'")
+        if self.synthetic and self.role == "pretrain":
+            raise ValueError("synthetic data is conversations: role must be general or domain")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.path or f"synthetic:{self.synthetic}"
+
+
+class Data(Strict):
+    sources: list[Source] = Field(min_length=1, description="Inputs, each tagged general, domain or pretrain.")
+
+    @model_validator(mode="after")
+    def _needs_both_roles(self) -> Data:
+        roles = {s.role for s in self.sources}
+        missing = {"general", "domain"} - roles
+        if missing:
+            raise ValueError(f"needs at least one source with role {' and '.join(sorted(missing))}")
+        return self
+
+
+class Model(Strict):
+    preset: Literal["tiny", "small", "minimind2-small"] | None = Field(
+        "tiny", description="Build a model from scratch with these shapes (ignored when path is set)."
+    )
+    path: str | None = Field(None, description="A local Hugging Face model folder (loaded offline).")
+    vocab_size: int | None = Field(None, ge=300, description="BPE vocabulary for a scratch tokenizer (preset's if unset).")
+    max_seq_len: int = Field(256, ge=16, description="Longer samples are truncated (and counted).")
+
+    @model_validator(mode="after")
+    def _has_origin(self) -> Model:
+        if self.path is None and self.preset is None:
+            raise ValueError("give model.path or model.preset")
+        return self
+
+
+class Pretrain(Strict):
+    """Continued pre-training: where knowledge goes (SFT only shapes behaviour)."""
+
+    enabled: bool | None = Field(None, description="None: only for a scratch model. True/False forces it.")
+    epochs: float = Field(2.0, gt=0, description="Passes over the pre-training text.")
+    learning_rate: float = Field(3e-3, gt=0)
+    batch_size: int = Field(16, gt=0)
+
+
+class Schedule(Strict):
+    """Domain share per stage: about 10% at first, raised stage by stage toward about 50%."""
+
+    start: float = Field(0.1, ge=0.0, le=1.0, description="Domain share of the first stage.")
+    end: float = Field(0.5, ge=0.0, le=1.0, description="Domain share of the last stage.")
+    stages: int = Field(4, ge=1, le=64)
+    shape: Literal["linear", "step", "cosine"] = "linear"
+    shares: list[float] | None = Field(
+        None, description="An explicit list of per-stage shares; overrides start/end/stages/shape."
+    )
+    samples_per_stage: int = Field(800, gt=0, description="Training samples drawn for each stage.")
+
+    @model_validator(mode="after")
+    def _shares_in_range(self) -> Schedule:
+        if self.shares is not None:
+            if not self.shares:
+                raise ValueError("shares must not be empty")
+            bad = [s for s in self.shares if not 0.0 <= s <= 1.0]
+            if bad:
+                raise ValueError(f"every share must be within [0, 1], got {bad}")
+        return self
+
+
+class Lora(Strict):
+    r: int = Field(16, gt=0, description="Rank of the low-rank update.")
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1
+    )
+
+
+class Train(Strict):
+    method: Literal["full", "lora"] = Field("full", description="full SFT, or LoRA (for scarce data).")
+    epochs: float = Field(1.0, gt=0, le=3, description="Passes over each stage's mix (1-3: never more).")
+    learning_rate: float = Field(1e-3, gt=0)
+    batch_size: int = Field(16, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 on a GPU that has it, fp32 on CPU (bf16 is 10-100x slower there)."
+    )
+    logging_steps: int = Field(10, gt=0)
+    lora: Lora = Field(default_factory=Lora)
+
+
+class Validation(Strict):
+    eval_steps: int = Field(20, gt=0, description="Evaluate domain and general validation every N steps.")
+    patience: int = Field(3, ge=1, description="Evaluations without domain improvement before stopping.")
+    min_delta: float = Field(0.0, ge=0.0, description="Smallest domain loss drop that counts as improvement.")
+    forgetting_budget: float = Field(
+        0.10, ge=0.0, description="Stop when general val loss exceeds the base model's by more (relative)."
+    )
+    batch_size: int = Field(32, gt=0)
+
+
+class Tracking(Strict):
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite in output_dir."
+    )
+    experiment: str = "mixtune"
+    log_models: bool = Field(True, description="Log each stage's model or adapter as MLflow artifacts.")
+
+
+class Run(Strict):
+    name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$")
+    output_dir: str = Field("runs", description="Caches, checkpoints and the default MLflow database.")
+    seed: int = 0
+
+
+class PipelineConfig(Strict):
+    """A mixtune pipeline: data sources, base model, staged mix, training, validation and tracking."""
+
+    run: Run = Field(default_factory=Run)
+    data: Data
+    model: Model = Field(default_factory=Model)
+    pretrain: Pretrain = Field(default_factory=Pretrain)
+    schedule: Schedule = Field(default_factory=Schedule)
+    train: Train = Field(default_factory=Train)
+    validation: Validation = Field(default_factory=Validation)
+    tracking: Tracking = Field(default_factory=Tracking)
+
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the file and every bad field's path."""
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    for item in overrides:
+        apply_override(raw, item, path)
+    return validate_config(raw, path, base_dir=path.resolve().parent)
+
+
+def apply_override(raw: dict, item: str, origin: Path | str) -> None:
+    """`--set train.learning_rate=1e-4`: the value is parsed as YAML so numbers and lists keep their type."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{origin}: --set {key}: '{part}' is not a section")
+    node[leaf] = yaml.safe_load(value)
+
+
+def validate_config(raw: dict, origin: Path | str, base_dir: Path | None = None) -> PipelineConfig:
+    try:
+        config = PipelineConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_errors(err, origin)) from None
+    return resolve_paths(config, base_dir or Path.cwd(), origin)
+
+
+def format_errors(err: ValidationError, origin: Path | str) -> str:
+    lines = [f"{origin}: {err.error_count()} invalid setting(s)"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {where}: unknown key (misspelt?)")
+        else:
+            lines.append(f"  {where}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def resolve_paths(config: PipelineConfig, base: Path, origin: Path | str) -> PipelineConfig:
+    """Make every path absolute and check that input files exist, before any work starts."""
+    missing = []
+    for i, source in enumerate(config.data.sources):
+        if source.path is None:
+            continue
+        resolved = (base / source.path).resolve()
+        source.path = str(resolved)
+        if not resolved.is_file():
+            missing.append(f"  data.sources.{i}.path: file not found: {resolved}")
+    if config.model.path is not None:
+        model_dir = (base / config.model.path).resolve()
+        config.model.path = str(model_dir)
+        if not (model_dir / "config.json").is_file():
+            missing.append(f"  model.path: no Hugging Face model (config.json) in {model_dir}")
+    config.run.output_dir = str((base / config.run.output_dir).resolve())
+    if missing:
+        raise ConfigError("\n".join([f"{origin}: missing input(s)", *missing]))
+    return config

@@ -1,0 +1,30 @@
+"""Offline and telemetry defaults, applied before Prefect, MLflow or transformers are imported.
+
+Every default is `setdefault`, so a user's own environment always wins.
+"""
+
+import os
+from pathlib import Path
+
+OFFLINE_DEFAULTS = {
+    # No model hub at run time: base models come from local folders or presets.
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    # Telemetry reaches for the network, which is closed on the machines this runs on.
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # The ephemeral Prefect server takes 11-19 s to start on 2 loaded cores; 20 s (the default) is too tight.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "PREFECT_UI_ENABLED": "true",
+}
+
+
+def apply_defaults() -> None:
+    for key, value in OFFLINE_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    # Keep Prefect's database and result storage out of the user's home unless they chose otherwise.
+    os.environ.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))

@@ -1,0 +1,1 @@
+import mixtune  # noqa: F401  (offline and telemetry defaults before Prefect is imported)

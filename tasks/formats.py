@@ -1,0 +1,130 @@
+"""Row formats -> one conversation schema: a list of {"role", "content"} turns.
+
+Pure functions, no I/O: every way a row can be wrong raises RowError with a reason code,
+so ingest can quarantine it with its file and line instead of crashing.
+"""
+
+from __future__ import annotations
+
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+CONVERSATION_FORMATS = ("minimind", "openai", "sharegpt", "alpaca")
+
+
+class RowError(ValueError):
+    def __init__(self, reason: str, message: str, field: str | None = None):
+        super().__init__(message)
+        self.reason = reason
+        self.field = field
+
+
+def detect_format(row: object) -> str:
+    """Decide by the inner keys: ShareGPT's `conversations` hold from/value, MiniMind's role/content."""
+    if not isinstance(row, dict):
+        raise RowError("not_object", f"row is a JSON {type(row).__name__}, not an object")
+    if "messages" in row:
+        return "openai"
+    if "conversations" in row:
+        turns = row["conversations"]
+        first = turns[0] if isinstance(turns, list) and turns else None
+        if isinstance(first, dict) and "from" in first:
+            return "sharegpt"
+        return "minimind"
+    if "instruction" in row or "output" in row:
+        return "alpaca"
+    if "text" in row:
+        return "text"
+    raise RowError("unknown_format", f"no known format has keys {sorted(row)[:8]}")
+
+
+def to_conversation(row: object, fmt: str) -> list[dict[str, str]]:
+    if fmt == "auto":
+        fmt = detect_format(row)
+    if not isinstance(row, dict):
+        raise RowError("not_object", f"row is a JSON {type(row).__name__}, not an object")
+    if fmt == "alpaca":
+        turns = alpaca_turns(row)
+    elif fmt == "sharegpt":
+        turns = [sharegpt_turn(t, i) for i, t in enumerate(turn_list(row, "conversations"))]
+    elif fmt in ("minimind", "openai"):
+        key = "conversations" if fmt == "minimind" else "messages"
+        turns = [role_content_turn(t, key, i) for i, t in enumerate(turn_list(row, key))]
+    else:
+        raise RowError("wrong_format", f"a {fmt!r} row where a conversation was expected")
+    return check_conversation(turns)
+
+
+def to_text(row: object, fmt: str) -> str:
+    """A pre-training document: `{"text": ...}` rows (plain .txt lines arrive as str)."""
+    if isinstance(row, str):
+        text = row
+    elif isinstance(row, dict) and fmt in ("auto", "text"):
+        text = row.get("text")
+        if not isinstance(text, str):
+            raise RowError("missing_field", "pre-training row needs a string 'text'", "text")
+    else:
+        raise RowError("wrong_format", f"pre-training rows are {{'text': ...}}, got {type(row).__name__}")
+    if not text.strip():
+        raise RowError("empty_content", "empty text", "text")
+    return text
+
+
+def turn_list(row: dict, key: str) -> list:
+    turns = row.get(key)
+    if not isinstance(turns, list):
+        raise RowError("missing_field", f"'{key}' must be a list of turns", key)
+    return turns
+
+
+def role_content_turn(turn: object, key: str, index: int) -> dict[str, str]:
+    field = f"{key}[{index}]"
+    if not isinstance(turn, dict):
+        raise RowError("bad_turn", f"{field} is not an object", field)
+    role, content = turn.get("role"), turn.get("content")
+    if not isinstance(role, str) or not isinstance(content, str):
+        raise RowError("missing_field", f"{field} needs string 'role' and 'content'", field)
+    return {"role": role, "content": content}
+
+
+def sharegpt_turn(turn: object, index: int) -> dict[str, str]:
+    field = f"conversations[{index}]"
+    if not isinstance(turn, dict):
+        raise RowError("bad_turn", f"{field} is not an object", field)
+    speaker, value = turn.get("from"), turn.get("value")
+    if not isinstance(speaker, str) or not isinstance(value, str):
+        raise RowError("missing_field", f"{field} needs string 'from' and 'value'", field)
+    if speaker not in SHAREGPT_ROLES:
+        raise RowError("unknown_role", f"{field}.from is {speaker!r}", f"{field}.from")
+    return {"role": SHAREGPT_ROLES[speaker], "content": value}
+
+
+def alpaca_turns(row: dict) -> list[dict[str, str]]:
+    for key in ("instruction", "output"):
+        if not isinstance(row.get(key), str):
+            raise RowError("missing_field", f"alpaca row needs a string '{key}'", key)
+    extra = row.get("input") or ""
+    if not isinstance(extra, str):
+        raise RowError("wrong_type", "'input' must be a string", "input")
+    prompt = f"{row['instruction']}\n\n{extra}" if extra.strip() else row["instruction"]
+    turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
+    system = row.get("system")
+    if isinstance(system, str) and system.strip():
+        turns.insert(0, {"role": "system", "content": system})
+    return turns
+
+
+def check_conversation(turns: list[dict[str, str]]) -> list[dict[str, str]]:
+    if not turns:
+        raise RowError("empty_conversation", "conversation has no turns")
+    for i, turn in enumerate(turns):
+        if turn["role"] not in ROLES:
+            raise RowError("unknown_role", f"turn {i} has role {turn['role']!r}", f"turn[{i}].role")
+        if not turn["content"].strip():
+            raise RowError("empty_content", f"turn {i} ({turn['role']}) is empty", f"turn[{i}].content")
+        if "\x00" in turn["content"]:
+            raise RowError("nul_character", f"turn {i} holds a NUL character", f"turn[{i}].content")
+    if not any(t["role"] == "assistant" for t in turns):
+        raise RowError("no_assistant", "conversation has no assistant turn")
+    if turns[-1]["role"] != "assistant":
+        raise RowError("trailing_turn", f"conversation ends with a {turns[-1]['role']} turn, not assistant")
+    return turns

@@ -1,0 +1,94 @@
+"""The ratio schedule and each stage's mix of domain into general data.
+
+A stage's mix is drawn deterministically from (seed, stage): the same config always trains on the same
+samples in the same order, and a retried stage sees exactly what the first try saw. The realised share
+is counted from the drawn rows, never copied from the target.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from prefect import task
+from pydantic import BaseModel
+
+from mixtune.config import Schedule
+from mixtune.logs import run_logger
+
+
+class StageMix(BaseModel):
+    stage: int
+    target_share: float
+    realised_share: float
+    realised_token_share: float
+    samples: int
+    domain_samples: int
+    general_samples: int
+    domain_repeats: float
+    manifest: str
+
+
+def stage_shares(schedule: Schedule) -> list[float]:
+    """Domain share per stage. linear: even steps; cosine: slow start and finish; step: `start` for the
+    first half of the stages, `end` for the rest."""
+    if schedule.shares is not None:
+        return list(schedule.shares)
+    n, start, end = schedule.stages, schedule.start, schedule.end
+    if n == 1:
+        return [end]
+    progress = [k / (n - 1) for k in range(n)]
+    if schedule.shape == "cosine":
+        progress = [(1 - math.cos(math.pi * p)) / 2 for p in progress]
+    elif schedule.shape == "step":
+        progress = [0.0 if k < n / 2 else 1.0 for k in range(n)]
+    return [start + (end - start) * p for p in progress]
+
+
+def draw(pool: pd.DataFrame, n: int, rng: np.random.Generator) -> pd.DataFrame:
+    """n rows without repeats while the pool lasts; beyond it, whole reshuffled passes (epoch-like repeats)."""
+    if n == 0 or pool.empty:
+        return pool.iloc[:0]
+    passes = [rng.permutation(len(pool)) for _ in range(math.ceil(n / len(pool)))]
+    return pool.iloc[np.concatenate(passes)[:n]]
+
+
+def mix_stage(train: pd.DataFrame, stage: int, share: float, samples: int, seed: int, manifest: str) -> StageMix:
+    """Draw one stage's training set from the train split (tag general/domain) with the target domain share."""
+    domain_pool = train[train["tag"] == "domain"]
+    general_pool = train[train["tag"] == "general"]
+    if domain_pool.empty or general_pool.empty:
+        raise ValueError("mixing needs domain and general training samples; one of them is empty")
+    n_domain = round(share * samples)
+    rng = np.random.default_rng([seed, stage])
+    drawn = pd.concat([draw(domain_pool, n_domain, rng), draw(general_pool, samples - n_domain, rng)])
+    drawn = drawn.iloc[rng.permutation(len(drawn))]
+    order = drawn[["sample_id", "source", "tag", "n_tokens"]].reset_index(drop=True)
+    Path(manifest).parent.mkdir(parents=True, exist_ok=True)
+    order.to_parquet(manifest, index=False)
+    is_domain = order["tag"] == "domain"
+    return StageMix(
+        stage=stage, target_share=share, realised_share=float(is_domain.mean()),
+        realised_token_share=float(order.loc[is_domain, "n_tokens"].sum() / order["n_tokens"].sum()),
+        samples=len(order), domain_samples=int(is_domain.sum()), general_samples=int((~is_domain).sum()),
+        domain_repeats=int(is_domain.sum()) / len(domain_pool), manifest=manifest,
+    )
+
+
+def stage_table(sft: pd.DataFrame, manifest: str) -> pd.DataFrame:
+    """The stage's training rows (token ids and labels) in the manifest's order, repeats included."""
+    order = pd.read_parquet(manifest, columns=["sample_id"])
+    by_id = sft[sft["split"] == "train"].drop_duplicates("sample_id").set_index("sample_id")
+    return by_id.loc[order["sample_id"]].reset_index()
+
+
+@task(name="mix", retries=2, retry_delay_seconds=[2, 10])
+def mix_task(sft_path: str, stage: int, share: float, samples: int, seed: int, manifest: str) -> StageMix:
+    train = pd.read_parquet(sft_path, columns=["sample_id", "source", "tag", "split", "n_tokens"])
+    mix = mix_stage(train[train["split"] == "train"], stage, share, samples, seed, manifest)
+    run_logger().info("stage %d mix: target %.3f realised %.3f (%d domain / %d general, domain pool seen %.2fx)",
+                      stage, mix.target_share, mix.realised_share, mix.domain_samples, mix.general_samples,
+                      mix.domain_repeats)
+    return mix

@@ -1,0 +1,105 @@
+"""Reporting: the data report and the final model go to the parent MLflow run and to Prefect artifacts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from pydantic import BaseModel
+
+from mixtune.config import PipelineConfig
+from mixtune.logs import run_logger
+from tasks import tracking
+from tasks.ingest import IngestResult
+from tasks.tokenize import TokenizedData
+from tasks.train import is_adapter
+from tasks.validate import Losses, StageReport, report_row
+
+
+class RunSummary(BaseModel):
+    parent_run_id: str
+    tracking_uri: str
+    experiment: str
+    baseline: Losses
+    stages: list[StageReport]
+    final_model: str | None
+    final_stage: int | None
+    stopped_reason: str | None
+
+
+def data_report(data: IngestResult, tokens: TokenizedData) -> dict:
+    return {"sources": data.stats, "tokens": tokens.stats}
+
+
+def publish_data_report(config: PipelineConfig, parent_run_id: str, data: IngestResult,
+                        tokens: TokenizedData) -> dict:
+    uri = tracking.tracking_uri(config)
+    report = data_report(data, tokens)
+    folder = Path(data.folder)
+    (folder / "data_report.json").write_text(json.dumps(report, indent=2))
+    tracking.log_artifacts(uri, parent_run_id, folder / "data_report.json", "data")
+    tracking.log_artifacts(uri, parent_run_id, data.quarantine, "data")
+    totals = {f"data_{k}": sum(s[k] for s in data.stats.values())
+              for k in ("rows_read", "accepted", "duplicates", "quarantined")}
+    tracking.log_metrics(uri, parent_run_id, totals, step=0)
+    return report
+
+
+def source_rows(data: IngestResult) -> list[dict]:
+    return [{"source": label, "role": s["role"], "read": s["rows_read"], "accepted": s["accepted"],
+             "duplicates": s["duplicates"], "quarantined": s["quarantined"],
+             "reasons": json.dumps(s["quarantined_by_reason"]), "train": s["train"], "val": s["val"]}
+            for label, s in data.stats.items()]
+
+
+def final_stage(reports: list[StageReport]) -> StageReport | None:
+    """The last stage the gate let through: a stage that breached the budget is never the final model."""
+    passed = [r for r in reports if r.gate.decision == "continue"]
+    return passed[-1] if passed else None
+
+
+def register_final(config: PipelineConfig, parent_run_id: str, reports: list[StageReport],
+                   baseline: Losses) -> RunSummary:
+    uri = tracking.tracking_uri(config)
+    final = final_stage(reports)
+    stopped = next((r.gate.reason for r in reports if r.gate.decision == "stop"), None)
+    if final is not None:
+        kind = "adapter" if is_adapter(final.model_dir) else "model"
+        tracking.log_artifacts(uri, parent_run_id, final.model_dir, f"final_{kind}")
+        tracking.log_metrics(uri, parent_run_id, {"final_domain_val_loss": final.losses.domain,
+                                                  "final_general_val_loss": final.losses.general}, step=final.stage)
+    tracking.set_tags(uri, parent_run_id, {"mixtune.final_stage": final.stage if final else "none",
+                                           "mixtune.stopped_reason": stopped or ""})
+    for report in reports:
+        tracking.log_metrics(uri, parent_run_id, {
+            "stage_domain_val_loss": report.losses.domain, "stage_general_val_loss": report.losses.general,
+            "stage_realised_domain_share": report.realised_share}, step=report.stage)
+    tracking.end_run(uri, parent_run_id)
+    return RunSummary(parent_run_id=parent_run_id, tracking_uri=uri, experiment=config.tracking.experiment,
+                      baseline=baseline, stages=reports, final_model=final.model_dir if final else None,
+                      final_stage=final.stage if final else None, stopped_reason=stopped)
+
+
+@task(name="data-report", retries=2, retry_delay_seconds=[2, 10])
+def data_report_task(config: PipelineConfig, parent_run_id: str, data: IngestResult, tokens: TokenizedData) -> dict:
+    report = publish_data_report(config, parent_run_id, data, tokens)
+    create_table_artifact(source_rows(data), key="data-report",
+                          description="Rows read, accepted, duplicate and quarantined, per source")
+    return report
+
+
+@task(name="register", retries=2, retry_delay_seconds=[2, 10])
+def register_task(config: PipelineConfig, parent_run_id: str, reports: list[StageReport],
+                  baseline: Losses) -> RunSummary:
+    summary = register_final(config, parent_run_id, reports, baseline)
+    lines = [f"MLflow run `{parent_run_id}` in experiment `{summary.experiment}` ({summary.tracking_uri})", "",
+             f"Final model: `{summary.final_model}` (stage {summary.final_stage})" if summary.final_model
+             else "No stage passed the gate; no model registered.", ""]
+    if summary.stopped_reason:
+        lines.append(f"Stopped: {summary.stopped_reason}")
+    create_markdown_artifact("\n".join(lines), key="final-model", description="The run's final model")
+    create_table_artifact([report_row(r) for r in reports], key="stages", description="Per-stage summary")
+    run_logger().info("final model: %s", summary.final_model)
+    return summary

@@ -1,0 +1,141 @@
+"""One stage of SFT (full or LoRA) on its mix, with transformers' Trainer and peft.
+
+Each stage starts from the previous stage's weights (for LoRA: the base model plus the previous adapter).
+Checkpoints are safetensors in HF layout inside the stage's folder; a retried stage resumes from its own
+last checkpoint, and a stage that already finished is not trained again.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+from peft import LoraConfig, PeftModel, get_peft_model
+from prefect import task
+from pydantic import BaseModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from mixtune.cache import is_complete, mark_complete
+from mixtune.config import PipelineConfig
+from mixtune.logs import run_logger
+from tasks import tracking
+from tasks.lm import EvaluateAtEnd, PadCollator, ProgressCallback, TokenDataset, TokenLossTrainer, training_arguments
+from tasks.mix import StageMix, stage_table
+
+
+class StageTraining(BaseModel):
+    stage: int
+    run_id: str
+    model_dir: str
+    global_step: int
+    max_steps: int
+    best_step: int | None
+    stopped_early: bool
+    tokens_per_second: float
+
+
+def is_adapter(folder: str) -> bool:
+    return (Path(folder) / "adapter_config.json").is_file()
+
+
+def load_for_training(config: PipelineConfig, init_dir: str, base_dir: str):
+    if config.train.method == "full":
+        return AutoModelForCausalLM.from_pretrained(init_dir)
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    if is_adapter(init_dir):
+        return PeftModel.from_pretrained(base, init_dir, is_trainable=True)
+    lora = config.train.lora
+    return get_peft_model(base, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                           target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+
+
+def validation_sets(sft: pd.DataFrame) -> dict[str, TokenDataset]:
+    val = sft[sft["split"] == "val"]
+    return {tag: TokenDataset(val[val["tag"] == tag]) for tag in ("domain", "general")}
+
+
+def stage_params(config: PipelineConfig, mix: StageMix, init_dir: str) -> dict:
+    t = config.train
+    params = {"method": t.method, "stage": mix.stage, "target_domain_share": mix.target_share,
+              "realised_domain_share": round(mix.realised_share, 6), "samples": mix.samples,
+              "learning_rate": t.learning_rate, "epochs": t.epochs, "batch_size": t.batch_size,
+              "lr_scheduler": t.lr_scheduler, "eval_steps": config.validation.eval_steps,
+              "patience": config.validation.patience, "init_from": init_dir}
+    if t.method == "lora":
+        params.update({"lora_r": t.lora.r, "lora_alpha": t.lora.alpha, "lora_dropout": t.lora.dropout,
+                       "lora_target_modules": ",".join(t.lora.target_modules)})
+    return params
+
+
+def build_trainer(config: PipelineConfig, model, tokenizer, train_set, eval_sets, checkpoints: Path, progress):
+    t, v = config.train, config.validation
+    args = training_arguments(
+        str(checkpoints), epochs=t.epochs, learning_rate=t.learning_rate, batch_size=t.batch_size,
+        eval_batch_size=v.batch_size, seed=config.run.seed, precision=t.precision,
+        gradient_accumulation_steps=t.gradient_accumulation_steps, warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay, lr_scheduler_type=t.lr_scheduler, logging_steps=t.logging_steps,
+        eval_strategy="steps", eval_steps=v.eval_steps, save_strategy="steps", save_steps=v.eval_steps,
+        save_total_limit=2, load_best_model_at_end=True, metric_for_best_model="eval_domain_loss",
+        greater_is_better=False,
+    )
+    stopper = EarlyStoppingCallback(early_stopping_patience=v.patience, early_stopping_threshold=v.min_delta)
+    return TokenLossTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_sets,
+                            data_collator=PadCollator(tokenizer.pad_token_id),
+                            callbacks=[progress, EvaluateAtEnd(), stopper])
+
+
+def train_stage(config: PipelineConfig, mix: StageMix, sft_path: str, init_dir: str, base_dir: str,
+                stage_dir: str, parent_run_id: str) -> StageTraining:
+    stage_dir, uri = Path(stage_dir), tracking.tracking_uri(config)
+    run_id = tracking.stage_run(config, parent_run_id, mix.stage, stage_params(config, mix, init_dir))
+    final, record = stage_dir / "final", stage_dir / "training.json"
+    if is_complete(final):
+        return StageTraining.model_validate_json(record.read_text())
+    tracking.log_metrics(uri, run_id, {"realised_domain_share": mix.realised_share,
+                                       "realised_domain_token_share": mix.realised_token_share}, step=0)
+    sft = pd.read_parquet(sft_path)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    progress = ProgressCallback(f"stage {mix.stage}", run_logger().info,
+                                sink=lambda metrics, step: tracking.log_metrics(uri, run_id, metrics, step))
+    trainer = build_trainer(config, load_for_training(config, init_dir, base_dir), tokenizer,
+                            TokenDataset(stage_table(sft, mix.manifest)), validation_sets(sft),
+                            stage_dir / "checkpoints", progress)
+    resume = get_last_checkpoint(str(stage_dir / "checkpoints")) if (stage_dir / "checkpoints").is_dir() else None
+    if resume:
+        run_logger().info("stage %d resumes from %s", mix.stage, resume)
+    trainer.train(resume_from_checkpoint=resume)
+    state = trainer.state
+    result = StageTraining(
+        stage=mix.stage, run_id=run_id, model_dir=str(final), global_step=state.global_step,
+        max_steps=state.max_steps, best_step=checkpoint_step(state.best_model_checkpoint),
+        stopped_early=state.global_step < state.max_steps,
+        tokens_per_second=progress.tokens_per_second,
+    )
+    save_final(trainer.model, tokenizer, final)
+    record.write_text(result.model_dump_json(indent=2))
+    mark_complete(final)
+    return result
+
+
+def checkpoint_step(path: str | None) -> int | None:
+    return int(Path(path).name.rsplit("-", 1)[-1]) if path else None
+
+
+def save_final(model, tokenizer, folder: Path) -> None:
+    """The best checkpoint (loaded at the end of training) as a full model or an adapter, in HF layout."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "mixtune.json").write_text(json.dumps({"kind": "adapter" if is_adapter(str(folder)) else "model"}))
+
+
+@task(name="train", retries=2, retry_delay_seconds=[5, 30])
+def train_task(config: PipelineConfig, mix: StageMix, sft_path: str, init_dir: str, base_dir: str,
+               stage_dir: str, parent_run_id: str) -> StageTraining:
+    result = train_stage(config, mix, sft_path, init_dir, base_dir, stage_dir, parent_run_id)
+    run_logger().info("stage %d trained: %d/%d steps, best at %s, %.0f tokens/s%s", result.stage,
+                      result.global_step, result.max_steps, result.best_step, result.tokens_per_second,
+                      " (stopped early)" if result.stopped_early else "")
+    return result

@@ -1,0 +1,76 @@
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mixtune.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_config(folder: Path, mutate) -> Path:
+    raw = yaml.safe_load((ROOT / "pipeline.yaml").read_text())
+    raw["run"]["output_dir"] = str(folder / "runs")
+    mutate(raw)
+    path = folder / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_default_pipeline_yaml_is_valid():
+    config = load_config(ROOT / "pipeline.yaml")
+    assert {s.role for s in config.data.sources} == {"general", "domain"}
+    assert Path(config.run.output_dir).is_absolute()
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda raw: raw["train"].update(learnig_rate=1e-3), "train.learnig_rate: unknown key"),
+    (lambda raw: raw["train"].update(learning_rate=-1e-4), "train.learning_rate"),
+    (lambda raw: raw.update(trian={}), "trian: unknown key"),
+    (lambda raw: raw["data"]["sources"].append({"path": "nowhere.jsonl", "role": "domain"}),
+     "data.sources.2.path: file not found"),
+    (lambda raw: raw["schedule"].update(shares=[0.1, 1.5]), "schedule"),
+    (lambda raw: raw["data"].update(sources=[{"synthetic": "general", "role": "general"}]), "role domain"),
+])
+def test_bad_config_names_the_field(tmp_path, mutate, expected):
+    path = write_config(tmp_path, mutate)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert expected in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_set_overrides_one_field_with_its_type(tmp_path):
+    path = write_config(tmp_path, lambda raw: None)
+    config = load_config(path, ["train.learning_rate=1e-4", "schedule.shares=[0.2, 0.4]"])
+    assert config.train.learning_rate == 1e-4
+    assert config.schedule.shares == [0.2, 0.4]
+    with pytest.raises(ConfigError, match="train.lr: unknown key"):
+        load_config(path, ["train.lr=1"])
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda raw: raw["train"].update(learnig_rate=1e-3), "train.learnig_rate"),
+    (lambda raw: raw["train"].update(learning_rate=-1), "train.learning_rate"),
+    (lambda raw: raw["data"]["sources"].append({"path": "gone.jsonl", "role": "domain"}), "gone.jsonl"),
+])
+def test_cli_rejects_bad_config_fast_and_trains_nothing(tmp_path, mutate, expected):
+    path = write_config(tmp_path, mutate)
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "mixtune.cli", "run", str(path)], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=60)
+    elapsed = time.perf_counter() - started
+    assert done.returncode == 2
+    assert expected in done.stderr and "Traceback" not in done.stderr
+    assert elapsed < 5, f"took {elapsed:.1f} s"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_help_lists_every_command():
+    done = subprocess.run([sys.executable, "-m", "mixtune.cli", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0
+    for command in ("run", "check"):
+        assert command in done.stdout
