@@ -32,7 +32,14 @@ def mark_complete(folder: Path) -> None:
     (folder / COMPLETE_MARKER).write_text("ok\n")
 
 
-def key_if_complete(key: str, folder: Path) -> str:
-    """Prefect's cache key: the content key while its outputs are on disk, a fresh key once they are gone,
-    so a deleted output folder is rebuilt instead of being "cached" as a dangling path."""
-    return key if is_complete(folder) else f"{key}-rebuild-{uuid.uuid4().hex[:8]}"
+def prefect_cache_key(stage: str, key: str, folder: Path) -> str:
+    """Prefect's cache key for a content-addressed output folder.
+
+    The key carries an id stored inside the folder, so a Prefect cache record can only ever point at the
+    folder it was made with: delete the folder and the next run gets a new id, misses the cache and rebuilds,
+    instead of "hitting" a record whose files are gone."""
+    id_file = folder / "_cache_id"
+    if not id_file.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(uuid.uuid4().hex[:12])
+    return f"{stage}-{key}-{id_file.read_text().strip()}"

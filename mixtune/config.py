@@ -28,7 +28,7 @@ class Source(Strict):
     )
     samples: int = Field(2000, gt=0, description="How many conversations to generate (synthetic only).")
     role: Role = Field(description="general, domain, or pretrain (plain text for continued pre-training).")
-    format: Format = Field("auto", description="Row format; auto detects it from the first valid row's keys.")
+    format: Format = Field("auto", description="Row format; auto detects it per row from the keys.")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Seeded share of this source held out.")
     max_val_samples: int = Field(200, ge=0, description="Cap on held-out rows, so validation stays cheap.")
 
@@ -46,6 +46,8 @@ class Source(Strict):
 
 
 class Data(Strict):
+    """Where the conversations come from; needs at least one general and one domain source."""
+
     sources: list[Source] = Field(min_length=1, description="Inputs, each tagged general, domain or pretrain.")
 
     @model_validator(mode="after")
@@ -58,6 +60,8 @@ class Data(Strict):
 
 
 class Model(Strict):
+    """The base model: a local HF folder, or a preset built from scratch with its own tokenizer."""
+
     preset: Literal["tiny", "small", "minimind2-small"] | None = Field(
         "tiny", description="Build a model from scratch with these shapes (ignored when path is set)."
     )
@@ -77,8 +81,8 @@ class Pretrain(Strict):
 
     enabled: bool | None = Field(None, description="None: only for a scratch model. True/False forces it.")
     epochs: float = Field(2.0, gt=0, description="Passes over the pre-training text.")
-    learning_rate: float = Field(3e-3, gt=0)
-    batch_size: int = Field(16, gt=0)
+    learning_rate: float = Field(3e-3, gt=0, description="Peak learning rate (cosine decay).")
+    batch_size: int = Field(16, gt=0, description="Samples per optimiser step.")
 
 
 class Schedule(Strict):
@@ -86,8 +90,9 @@ class Schedule(Strict):
 
     start: float = Field(0.1, ge=0.0, le=1.0, description="Domain share of the first stage.")
     end: float = Field(0.5, ge=0.0, le=1.0, description="Domain share of the last stage.")
-    stages: int = Field(4, ge=1, le=64)
-    shape: Literal["linear", "step", "cosine"] = "linear"
+    stages: int = Field(4, ge=1, le=64, description="Number of stages, each a new mix and a training run.")
+    shape: Literal["linear", "step", "cosine"] = Field(
+        "linear", description="linear: even steps; cosine: slow start and end; step: start, then end halfway.")
     shares: list[float] | None = Field(
         None, description="An explicit list of per-stage shares; overrides start/end/stages/shape."
     )
@@ -105,52 +110,64 @@ class Schedule(Strict):
 
 
 class Lora(Strict):
+    """Low-rank adapters through peft: keeps the base weights, the choice for scarce domain data."""
+
     r: int = Field(16, gt=0, description="Rank of the low-rank update.")
-    alpha: int = Field(32, gt=0)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    alpha: int = Field(32, gt=0, description="Scaling of the update (alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
     target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1,
+        description="Module names that get adapters.",
     )
 
 
 class Train(Strict):
+    """SFT of each stage: loss on assistant tokens only, through the chat template."""
+
     method: Literal["full", "lora"] = Field("full", description="full SFT, or LoRA (for scarce data).")
     epochs: float = Field(1.0, gt=0, le=3, description="Passes over each stage's mix (1-3: never more).")
-    learning_rate: float = Field(1e-3, gt=0)
-    batch_size: int = Field(16, gt=0)
-    gradient_accumulation_steps: int = Field(1, gt=0)
-    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate of each stage.")
+    batch_size: int = Field(16, gt=0, description="Samples per device per step.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Steps whose gradients add up to one update.")
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="Share of each stage's steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate shape within each stage.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 on a GPU that has it, fp32 on CPU (bf16 is 10-100x slower there)."
     )
-    logging_steps: int = Field(10, gt=0)
+    logging_steps: int = Field(10, gt=0, description="Log train loss, learning rate and tokens/s every N steps.")
     lora: Lora = Field(default_factory=Lora)
 
 
 class Validation(Strict):
+    """Domain and general validation during every stage, early stopping, and the forgetting gate."""
+
     eval_steps: int = Field(20, gt=0, description="Evaluate domain and general validation every N steps.")
     patience: int = Field(3, ge=1, description="Evaluations without domain improvement before stopping.")
     min_delta: float = Field(0.0, ge=0.0, description="Smallest domain loss drop that counts as improvement.")
     forgetting_budget: float = Field(
         0.10, ge=0.0, description="Stop when general val loss exceeds the base model's by more (relative)."
     )
-    batch_size: int = Field(32, gt=0)
+    batch_size: int = Field(32, gt=0, description="Samples per validation forward pass.")
 
 
 class Tracking(Strict):
+    """MLflow: one parent run per flow run, one nested run per stage."""
+
     tracking_uri: str | None = Field(
         None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite in output_dir."
     )
-    experiment: str = "mixtune"
+    experiment: str = Field("mixtune", description="MLflow experiment that holds the runs.")
     log_models: bool = Field(True, description="Log each stage's model or adapter as MLflow artifacts.")
 
 
 class Run(Strict):
-    name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$")
+    """Naming, output folder and seed."""
+
+    name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$", description="Names the run's folder and MLflow run.")
     output_dir: str = Field("runs", description="Caches, checkpoints and the default MLflow database.")
-    seed: int = 0
+    seed: int = Field(0, description="Seeds splits, mixes, initialisation and data order.")
 
 
 class PipelineConfig(Strict):

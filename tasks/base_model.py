@@ -13,7 +13,7 @@ from prefect import task
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from mixtune.cache import fingerprint, is_complete, key_if_complete, mark_complete
+from mixtune.cache import fingerprint, is_complete, prefect_cache_key, mark_complete
 from mixtune.config import PipelineConfig
 from mixtune.logs import run_logger
 from mixtune.paths import cache_dir
@@ -142,16 +142,17 @@ def pretrain(model, tokenizer, table: pd.DataFrame, config: PipelineConfig, fold
 
 
 @task(name="tokenizer", retries=2, retry_delay_seconds=[2, 10], persist_result=True, result_serializer="json",
-      cache_key_fn=lambda _ctx, p: "tokenizer-" + key_if_complete(
-          k := tokenizer_key(p["config"], p["ingest_key"]), cache_dir(p["config"].run.output_dir, "tokenizer", k))
+      cache_key_fn=lambda _ctx, p: prefect_cache_key(
+          "tokenizer", k := tokenizer_key(p["config"], p["ingest_key"]),
+          cache_dir(p["config"].run.output_dir, "tokenizer", k))
       if is_scratch(p["config"]) else None)
 def tokenizer_task(config: PipelineConfig, samples_path: str, ingest_key: str) -> str:
     return prepare_tokenizer(config, samples_path, ingest_key)
 
 
 @task(name="pretrain", retries=2, retry_delay_seconds=[5, 30], persist_result=True, result_serializer="json",
-      cache_key_fn=lambda _ctx, p: "base-" + key_if_complete(
-          k := pretrain_key(p["config"], p["tokens_key"]), cache_dir(p["config"].run.output_dir, "base", k))
+      cache_key_fn=lambda _ctx, p: prefect_cache_key(
+          "base", k := pretrain_key(p["config"], p["tokens_key"]), cache_dir(p["config"].run.output_dir, "base", k))
       if needs_pretraining(p["config"]) else None)
 def pretrain_task(config: PipelineConfig, tokenizer_dir: str, pretrain_table: str, tokens_key: str) -> str:
     folder = prepare_base(config, tokenizer_dir, pretrain_table, tokens_key)

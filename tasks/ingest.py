@@ -15,7 +15,7 @@ import pandas as pd
 from prefect import get_run_logger, task
 from pydantic import BaseModel
 
-from mixtune.cache import file_digest, fingerprint, is_complete, key_if_complete, mark_complete
+from mixtune.cache import file_digest, fingerprint, is_complete, prefect_cache_key, mark_complete
 from mixtune.config import PipelineConfig, Source
 from mixtune.paths import cache_dir
 from tasks.formats import RowError, to_conversation, to_text
@@ -197,7 +197,7 @@ def ingest_source(source: Source, config: PipelineConfig, seen: set) -> tuple[pd
 
 def ingest_cache_key(config: PipelineConfig) -> str:
     key = ingest_key(config)
-    return "ingest-" + key_if_complete(key, cache_dir(config.run.output_dir, "ingest", key))
+    return prefect_cache_key("ingest", key, cache_dir(config.run.output_dir, "ingest", key))
 
 
 @task(name="ingest", retries=2, retry_delay_seconds=[2, 10], persist_result=True, result_serializer="json",

@@ -17,7 +17,7 @@ from prefect import get_run_logger, task
 from pydantic import BaseModel
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from mixtune.cache import file_digest, fingerprint, is_complete, key_if_complete, mark_complete
+from mixtune.cache import file_digest, fingerprint, is_complete, prefect_cache_key, mark_complete
 from mixtune.paths import cache_dir
 
 TOKENIZE_VERSION = 1
@@ -136,8 +136,9 @@ def token_stats(sft: pd.DataFrame, pretrain: pd.DataFrame, no_labels: int) -> di
 
 
 @task(name="tokenize", retries=2, retry_delay_seconds=[2, 10], persist_result=True, result_serializer="json",
-      cache_key_fn=lambda _ctx, p: "tokens-" + key_if_complete(
-          k := tokenize_key(p["ingest_key"], p["tokenizer_dir"], p["max_len"]), cache_dir(p["output_dir"], "tokens", k)))
+      cache_key_fn=lambda _ctx, p: prefect_cache_key(
+          "tokens", k := tokenize_key(p["ingest_key"], p["tokenizer_dir"], p["max_len"]),
+          cache_dir(p["output_dir"], "tokens", k)))
 def tokenize_task(samples_path: str, ingest_key: str, tokenizer_dir: str, max_len: int, output_dir: str) -> TokenizedData:
     result = tokenize(samples_path, ingest_key, tokenizer_dir, max_len, output_dir)
     get_run_logger().info("tokenised: %s", result.stats)

@@ -74,3 +74,27 @@ def test_cli_help_lists_every_command():
     assert done.returncode == 0
     for command in ("run", "check"):
         assert command in done.stdout
+
+
+def schema_fields(model, prefix=""):
+    from typing import get_args, get_origin
+
+    from pydantic import BaseModel
+
+    for name, field in model.model_fields.items():
+        nested = [a for a in (field.annotation, *get_args(field.annotation), *[b for a in get_args(field.annotation)
+                  for b in get_args(a)]) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if nested:
+            marker = "[]" if get_origin(field.annotation) is list else ""
+            yield from schema_fields(nested[0], f"{prefix}{name}{marker}.")
+        else:
+            yield f"{prefix}{name}", field
+
+
+def test_every_field_is_documented_in_readme_and_schema():
+    from mixtune.config import PipelineConfig
+
+    readme = (ROOT / "README.md").read_text()
+    for path, field in schema_fields(PipelineConfig):
+        assert f"`{path}`" in readme or f"`{path.rsplit('.', 1)[0]}." in readme and path.split(".")[-1] in readme, path
+        assert field.description, f"{path} has no description (the Prefect UI form shows it)"

@@ -1,0 +1,30 @@
+# Two commands do all set-up: `make run` (the default pipeline) and `make test` (the test suite).
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+CONFIG ?= pipeline.yaml
+
+.PHONY: setup run test check clean
+
+setup: $(VENV)/.installed
+
+# torch comes first and pinned (constraints.txt): any looser spec would pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test]"
+	$(BIN)/python -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('2.13.0') else f'pip replaced torch: {v}')"
+	touch $@
+
+run: setup
+	$(BIN)/mixtune run $(CONFIG)
+
+check: setup
+	$(BIN)/mixtune check $(CONFIG)
+
+test: setup
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf runs .prefect .pytest_cache

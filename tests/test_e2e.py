@@ -1,0 +1,91 @@
+"""The real flow on a tiny config: ephemeral Prefect server, SQLite MLflow, a 2-layer model on CPU."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from flows.finetune import finetune
+from tasks.lm import PadCollator, mean_token_loss
+from tasks.mix import stage_shares
+from tasks.train import validation_sets
+from tests.conftest import tiny_config
+
+pytestmark = pytest.mark.e2e
+STEP_METRICS = {"train_loss", "learning_rate", "domain_val_loss", "general_val_loss", "realised_domain_share",
+                "tokens_per_second"}
+CACHED_TASKS = {"ingest", "tokenizer", "tokenize", "pretrain"}
+
+
+def stage_runs(client: MlflowClient, parent_id: str) -> dict[int, object]:
+    exp_id = client.get_run(parent_id).info.experiment_id
+    runs = client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    return {int(r.data.tags["mixtune.stage"]): r for r in runs}
+
+
+def reload_losses(model_dir: str, sft_path: Path) -> dict[str, float]:
+    if (Path(model_dir) / "adapter_config.json").is_file():
+        base_dir = json.loads((Path(model_dir) / "adapter_config.json").read_text())["base_model_name_or_path"]
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), model_dir)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+    collator = PadCollator(AutoTokenizer.from_pretrained(model_dir).pad_token_id)
+    sets = validation_sets(pd.read_parquet(sft_path))
+    return {tag: mean_token_loss(model, data, collator, batch_size=7) for tag, data in sets.items()}
+
+
+def check_run(config, summary) -> dict[int, object]:
+    client = MlflowClient(summary.tracking_uri)
+    children = stage_runs(client, summary.parent_run_id)
+    shares = stage_shares(config.schedule)
+    assert sorted(children) == list(range(1, len(shares) + 1))
+    for stage, run in children.items():
+        assert run.info.status == "FINISHED"
+        assert STEP_METRICS <= set(run.data.metrics), STEP_METRICS - set(run.data.metrics)
+        assert run.data.params["method"] == config.train.method
+        assert abs(run.data.metrics["realised_domain_share"] - shares[stage - 1]) <= 0.01
+        assert len(client.get_metric_history(run.info.run_id, "domain_val_loss")) >= 2  # every N steps + end
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"mix", "adapter" if config.train.method == "lora" else "model"} <= artifacts
+    parent = client.get_run(summary.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert {"base_domain_val_loss", "base_general_val_loss"} <= set(parent.data.metrics)
+    assert "data" in {a.path for a in client.list_artifacts(summary.parent_run_id)}
+    return children
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_flow_runs_every_stage_and_reloads_to_the_logged_loss(prefect_harness, tmp_path, method):
+    train = {"method": method, "learning_rate": 5e-3 if method == "lora" else 1e-3}
+    config = tiny_config(tmp_path, train=train, validation={"forgetting_budget": 10.0})
+    summary = finetune(config)
+    children = check_run(config, summary)
+    assert summary.final_stage == len(children)
+    final = children[summary.final_stage]
+    sft_path = next(Path(config.run.output_dir).glob("cache/tokens-*/sft.parquet"))
+    losses = reload_losses(summary.final_model, sft_path)
+    assert losses["domain"] == pytest.approx(final.data.metrics["final_domain_val_loss"], rel=1e-5)
+    assert losses["general"] == pytest.approx(final.data.metrics["final_general_val_loss"], rel=1e-5)
+    kind = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
+    assert (Path(summary.final_model) / kind).is_file()
+    assert not list(Path(summary.final_model).glob("*.bin"))
+
+
+def test_second_run_reuses_ingest_and_pretraining(prefect_harness, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    config = tiny_config(tmp_path, schedule={"stages": 2, "samples_per_stage": 80})
+    first, second = finetune(config), finetune(config)
+    client = MlflowClient(second.tracking_uri)
+    assert sorted(stage_runs(client, first.parent_run_id)) == sorted(stage_runs(client, second.parent_run_id))
+    flow_run_id = client.get_run(second.parent_run_id).data.tags["mixtune.flow_run_id"]
+    with get_client(sync_client=True) as prefect:
+        task_runs = prefect.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    states = {run.name.rsplit("-", 1)[0]: run.state.name for run in task_runs}
+    assert {states[name] for name in CACHED_TASKS} == {"Cached"}, states
+    assert states["train"] == "Completed"
