@@ -109,6 +109,16 @@ class Schedule(Strict):
         return self
 
 
+class Advisor(Strict):
+    """The seed's data-volume rules, as thresholds (`mixtune advise`, and the plan with `plan: auto`)."""
+
+    one_epoch_from: int = Field(1_000_000, gt=0, description="About a million samples or more: 1 epoch.")
+    three_epochs_below: int = Field(10_000, gt=0, description="Fewer samples (thousands): up to 3 epochs; between: 2.")
+    lora_below: int = Field(5_000, gt=0, description="Fewer domain samples than this is scarce data: LoRA.")
+    min_steps_per_stage: int = Field(5, gt=0, description="Epoch budgeting never shrinks a stage below this.")
+    schedule: Schedule = Field(default_factory=Schedule, description="The staged mix the advisor recommends.")
+
+
 class Lora(Strict):
     """Low-rank adapters through peft: keeps the base weights, the choice for scarce domain data."""
 
@@ -130,6 +140,9 @@ class Train(Strict):
     batch_size: int = Field(16, gt=0, description="Samples per device per step.")
     gradient_accumulation_steps: int = Field(1, gt=0, description="Steps whose gradients add up to one update.")
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="Share of each stage's steps spent warming up.")
+    rewarm: bool = Field(True, description="Warm the learning rate up again at every stage (else stage 1 only).")
+    stage_lr_decay: float = Field(
+        1.0, gt=0.0, le=1.0, description="Stage k trains at learning_rate * stage_lr_decay^(k-1).")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
         "cosine", description="Learning-rate shape within each stage.")
@@ -147,8 +160,15 @@ class Validation(Strict):
     patience: int = Field(3, ge=1, description="Evaluations without domain improvement before stopping.")
     min_delta: float = Field(0.0, ge=0.0, description="Smallest domain loss drop that counts as improvement.")
     forgetting_budget: float = Field(
-        0.10, ge=0.0, description="Stop when general val loss exceeds the base model's by more (relative)."
+        0.10, ge=0.0, description="Act when general val loss exceeds the base model's by more (relative)."
     )
+    on_forgetting: Literal["stop", "hold", "back_off"] = Field(
+        "stop", description="stop: end with the best model so far; hold: repeat the domain share; "
+                            "back_off: step the share back one stage.")
+    max_guard_actions: int = Field(2, ge=0, description="hold/back_off at most this often, then stop.")
+    general_patience: int = Field(
+        5, ge=1, description="Evaluations of rising general loss (while train loss falls) that end a stage.")
+    general_min_delta: float = Field(0.0, ge=0.0, description="Smallest general loss rise that counts.")
     batch_size: int = Field(32, gt=0, description="Samples per validation forward pass.")
 
 
@@ -181,6 +201,11 @@ class PipelineConfig(Strict):
     train: Train = Field(default_factory=Train)
     validation: Validation = Field(default_factory=Validation)
     tracking: Tracking = Field(default_factory=Tracking)
+    plan: Literal["manual", "auto"] = Field(
+        "manual", description="auto: method, epochs and schedule come from the advisor's rules.")
+    goal: Literal["behaviour", "knowledge"] = Field(
+        "behaviour", description="knowledge: continued pre-training first (SFT does not add knowledge).")
+    advisor: Advisor = Field(default_factory=Advisor)
 
 
 

@@ -17,7 +17,8 @@ from mixtune.cache import fingerprint, is_complete, prefect_cache_key, mark_comp
 from mixtune.config import PipelineConfig
 from mixtune.logs import run_logger
 from mixtune.paths import cache_dir
-from tasks.lm import PadCollator, ProgressCallback, TokenDataset, TokenLossTrainer, training_arguments
+from tasks.callbacks import ProgressCallback
+from tasks.lm import PadCollator, TokenDataset, TokenLossTrainer, training_arguments
 
 BASE_VERSION = 1
 PAD, BOS, EOS = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
@@ -131,7 +132,7 @@ def pretrain(model, tokenizer, table: pd.DataFrame, config: PipelineConfig, fold
         str(folder / "checkpoints"), epochs=p.epochs, learning_rate=p.learning_rate, batch_size=p.batch_size,
         eval_batch_size=config.validation.batch_size, seed=config.run.seed, precision=config.train.precision,
         lr_scheduler_type="cosine", warmup_steps=0.05, logging_steps=config.train.logging_steps,
-        save_strategy="no", weight_decay=0.01,
+        save_strategy="no", weight_decay=0.01, order="random",
     )
     trainer = TokenLossTrainer(model=model, args=args, train_dataset=TokenDataset(table),
                                data_collator=PadCollator(tokenizer.pad_token_id),

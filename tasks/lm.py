@@ -4,14 +4,11 @@ validation reports, and a transformers Trainer that evaluates with that same los
 from __future__ import annotations
 
 import logging
-import math
-import time
-from collections.abc import Callable
 
 import pandas as pd
 import torch
 from transformers.utils import logging as transformers_logging
-from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers import PrinterCallback, Trainer, TrainingArguments
 
 from tasks.tokenize import IGNORE
 
@@ -112,8 +109,11 @@ def use_bf16(precision: str) -> bool:
     return precision == "bf16" or torch.cuda.is_bf16_supported()
 
 
-def training_arguments(output_dir: str, *, epochs: float, learning_rate: float, batch_size: int,
-                       eval_batch_size: int, seed: int, precision: str, **extra) -> TrainingArguments:
+def training_arguments(output_dir: str, *, epochs: float = 1.0, learning_rate: float, batch_size: int,
+                       eval_batch_size: int, seed: int, precision: str, order: str = "sequential",
+                       **extra) -> TrainingArguments:
+    """Stages train in the mix manifest's order (`sequential`: seeded upstream, so a resume continues the same
+    sequence); pre-training shuffles (`random`)."""
     return TrainingArguments(
         output_dir=output_dir,
         num_train_epochs=epochs,
@@ -129,68 +129,6 @@ def training_arguments(output_dir: str, *, epochs: float, learning_rate: float, 
         remove_unused_columns=False,
         dataloader_pin_memory=torch.cuda.is_available(),
         save_only_model=False,
+        train_sampling_strategy=order,
         **extra,
     )
-
-
-class ProgressCallback(TrainerCallback):
-    """One line per logging step with loss, learning rate and tokens/s; also hands the same numbers to `sink`
-    (MLflow) so the console and the tracking server never disagree.
-
-    Throughput counts only time inside training steps, so evaluations and checkpoint saves do not dilute it."""
-
-    def __init__(self, label: str, log: Callable[[str], None], sink: Callable[[dict, int], None] | None = None):
-        self.label, self.log, self.sink = label, log, sink
-        self.step_started = 0.0
-        self.train_seconds = self.window_seconds = 0.0
-        self.first_tokens = self.window_tokens = 0
-        self.last_tokens = 0
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        # After a resume the state already counts the tokens of the earlier attempt.
-        self.first_tokens = self.window_tokens = self.last_tokens = state.num_input_tokens_seen
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.step_started = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        elapsed = time.perf_counter() - self.step_started
-        self.train_seconds += elapsed
-        self.window_seconds += elapsed
-        self.last_tokens = state.num_input_tokens_seen
-
-    @property
-    def tokens_per_second(self) -> float:
-        return (self.last_tokens - self.first_tokens) / max(self.train_seconds, 1e-9)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        metrics = rename_metrics(logs or {})
-        if "train_loss" in metrics:
-            seen = state.num_input_tokens_seen
-            metrics["tokens_per_second"] = (seen - self.window_tokens) / max(self.window_seconds, 1e-9)
-            self.window_tokens, self.window_seconds = seen, 0.0
-        if not metrics:
-            return
-        shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-        self.log(f"{self.label} step {state.global_step}/{state.max_steps} {shown}")
-        if self.sink:
-            self.sink(metrics, state.global_step)
-
-
-METRIC_NAMES = {"loss": "train_loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm",
-                "eval_domain_loss": "domain_val_loss", "eval_general_loss": "general_val_loss",
-                "eval_loss": "val_loss"}
-
-
-def rename_metrics(logs: dict) -> dict[str, float]:
-    return {METRIC_NAMES[k]: float(v) for k, v in logs.items()
-            if k in METRIC_NAMES and isinstance(v, (int, float)) and math.isfinite(v)}
-
-
-class EvaluateAtEnd(TrainerCallback):
-    """The last step is always evaluated and saved, so it competes for "best checkpoint" like the others."""
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= state.max_steps:
-            control.should_evaluate = True
-            control.should_save = True

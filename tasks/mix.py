@@ -27,7 +27,8 @@ class StageMix(BaseModel):
     samples: int
     domain_samples: int
     general_samples: int
-    domain_repeats: float
+    domain_epochs: float  # realised: how many times this stage shows the domain pool
+    general_epochs: float
     manifest: str
 
 
@@ -55,8 +56,10 @@ def draw(pool: pd.DataFrame, n: int, rng: np.random.Generator) -> pd.DataFrame:
     return pool.iloc[np.concatenate(passes)[:n]]
 
 
-def mix_stage(train: pd.DataFrame, stage: int, share: float, samples: int, seed: int, manifest: str) -> StageMix:
-    """Draw one stage's training set from the train split (tag general/domain) with the target domain share."""
+def mix_stage(train: pd.DataFrame, stage: int, share: float, samples: int, seed: int, manifest: str,
+              epochs: float = 1.0) -> StageMix:
+    """Draw one stage's mix from the train split with the target domain share, and write the exact sequence
+    the trainer will see: the mix repeated `epochs` times, each pass in a fresh seeded order."""
     domain_pool = train[train["tag"] == "domain"]
     general_pool = train[train["tag"] == "general"]
     if domain_pool.empty or general_pool.empty:
@@ -64,16 +67,18 @@ def mix_stage(train: pd.DataFrame, stage: int, share: float, samples: int, seed:
     n_domain = round(share * samples)
     rng = np.random.default_rng([seed, stage])
     drawn = pd.concat([draw(domain_pool, n_domain, rng), draw(general_pool, samples - n_domain, rng)])
-    drawn = drawn.iloc[rng.permutation(len(drawn))]
-    order = drawn[["sample_id", "source", "tag", "n_tokens"]].reset_index(drop=True)
+    order = np.concatenate([rng.permutation(len(drawn)) for _ in range(math.ceil(epochs))])
+    sequence = drawn.iloc[order[:round(len(drawn) * epochs)]]
+    sequence = sequence[["sample_id", "source", "tag", "n_tokens"]].reset_index(drop=True)
     Path(manifest).parent.mkdir(parents=True, exist_ok=True)
-    order.to_parquet(manifest, index=False)
-    is_domain = order["tag"] == "domain"
+    sequence.to_parquet(manifest, index=False)
+    is_domain = sequence["tag"] == "domain"
     return StageMix(
         stage=stage, target_share=share, realised_share=float(is_domain.mean()),
-        realised_token_share=float(order.loc[is_domain, "n_tokens"].sum() / order["n_tokens"].sum()),
-        samples=len(order), domain_samples=int(is_domain.sum()), general_samples=int((~is_domain).sum()),
-        domain_repeats=int(is_domain.sum()) / len(domain_pool), manifest=manifest,
+        realised_token_share=float(sequence.loc[is_domain, "n_tokens"].sum() / sequence["n_tokens"].sum()),
+        samples=len(sequence), domain_samples=int(is_domain.sum()), general_samples=int((~is_domain).sum()),
+        domain_epochs=int(is_domain.sum()) / len(domain_pool),
+        general_epochs=int((~is_domain).sum()) / len(general_pool), manifest=manifest,
     )
 
 
@@ -85,10 +90,11 @@ def stage_table(sft: pd.DataFrame, manifest: str) -> pd.DataFrame:
 
 
 @task(name="mix", retries=2, retry_delay_seconds=[2, 10])
-def mix_task(sft_path: str, stage: int, share: float, samples: int, seed: int, manifest: str) -> StageMix:
+def mix_task(sft_path: str, stage: int, share: float, samples: int, seed: int, manifest: str,
+             epochs: float = 1.0) -> StageMix:
     train = pd.read_parquet(sft_path, columns=["sample_id", "source", "tag", "split", "n_tokens"])
-    mix = mix_stage(train[train["split"] == "train"], stage, share, samples, seed, manifest)
-    run_logger().info("stage %d mix: target %.3f realised %.3f (%d domain / %d general, domain pool seen %.2fx)",
-                      stage, mix.target_share, mix.realised_share, mix.domain_samples, mix.general_samples,
-                      mix.domain_repeats)
+    mix = mix_stage(train[train["split"] == "train"], stage, share, samples, seed, manifest, epochs)
+    run_logger().info("stage %d mix: target %.3f realised %.3f (%d domain / %d general; domain pool seen %.2fx, "
+                      "general %.2fx)", stage, mix.target_share, mix.realised_share, mix.domain_samples,
+                      mix.general_samples, mix.domain_epochs, mix.general_epochs)
     return mix

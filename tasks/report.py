@@ -15,7 +15,8 @@ from tasks import tracking
 from tasks.ingest import IngestResult
 from tasks.tokenize import TokenizedData
 from tasks.train import is_adapter
-from tasks.validate import Losses, StageReport, report_row
+from tasks.plots import share_plot, loss_plot
+from tasks.validate import Losses, StageReport, report_row, stage_curves
 
 
 class RunSummary(BaseModel):
@@ -27,6 +28,7 @@ class RunSummary(BaseModel):
     final_model: str | None
     final_stage: int | None
     stopped_reason: str | None
+    plots: list[str] = []
 
 
 def data_report(data: IngestResult, tokens: TokenizedData) -> dict:
@@ -55,9 +57,23 @@ def source_rows(data: IngestResult) -> list[dict]:
 
 
 def final_stage(reports: list[StageReport]) -> StageReport | None:
-    """The last stage the gate let through: a stage that breached the budget is never the final model."""
+    """The best stage the gate let through (lowest domain val loss; the later one on a tie): a stage that
+    breached the forgetting budget is never the final model."""
     passed = [r for r in reports if r.gate.decision == "continue"]
-    return passed[-1] if passed else None
+    return min(reversed(passed), key=lambda r: r.losses.domain) if passed else None
+
+
+def publish_plots(uri: str, parent_run_id: str, reports: list[StageReport], baseline: Losses,
+                  budget: float) -> list[Path]:
+    if not reports:
+        return []
+    folder = Path(reports[0].model_dir).parents[1] / "plots"
+    curves = [stage_curves(uri, r) for r in reports]
+    paths = [share_plot(curves, folder / "domain_share.png"),
+             loss_plot(curves, baseline.model_dump(), budget, folder / "loss_curves.png")]
+    for path in paths:
+        tracking.log_artifacts(uri, parent_run_id, path, "plots")
+    return paths
 
 
 def register_final(config: PipelineConfig, parent_run_id: str, reports: list[StageReport],
@@ -65,13 +81,16 @@ def register_final(config: PipelineConfig, parent_run_id: str, reports: list[Sta
     uri = tracking.tracking_uri(config)
     final = final_stage(reports)
     stopped = next((r.gate.reason for r in reports if r.gate.decision == "stop"), None)
+    guarded = [f"stage {r.stage}: {r.gate.decision}" for r in reports if r.gate.decision in ("hold", "back_off")]
     if final is not None:
         kind = "adapter" if is_adapter(final.model_dir) else "model"
         tracking.log_artifacts(uri, parent_run_id, final.model_dir, f"final_{kind}")
         tracking.log_metrics(uri, parent_run_id, {"final_domain_val_loss": final.losses.domain,
                                                   "final_general_val_loss": final.losses.general}, step=final.stage)
+    plots = publish_plots(uri, parent_run_id, reports, baseline, config.validation.forgetting_budget)
     tracking.set_tags(uri, parent_run_id, {"mixtune.final_stage": final.stage if final else "none",
-                                           "mixtune.stopped_reason": stopped or ""})
+                                           "mixtune.stopped_reason": stopped or "",
+                                           "mixtune.guard_actions": "; ".join(guarded)})
     for report in reports:
         tracking.log_metrics(uri, parent_run_id, {
             "stage_domain_val_loss": report.losses.domain, "stage_general_val_loss": report.losses.general,
@@ -79,7 +98,8 @@ def register_final(config: PipelineConfig, parent_run_id: str, reports: list[Sta
     tracking.end_run(uri, parent_run_id)
     return RunSummary(parent_run_id=parent_run_id, tracking_uri=uri, experiment=config.tracking.experiment,
                       baseline=baseline, stages=reports, final_model=final.model_dir if final else None,
-                      final_stage=final.stage if final else None, stopped_reason=stopped)
+                      final_stage=final.stage if final else None, stopped_reason=stopped,
+                      plots=[str(p) for p in plots])
 
 
 @task(name="data-report", retries=2, retry_delay_seconds=[2, 10])
@@ -99,6 +119,7 @@ def register_task(config: PipelineConfig, parent_run_id: str, reports: list[Stag
              else "No stage passed the gate; no model registered.", ""]
     if summary.stopped_reason:
         lines.append(f"Stopped: {summary.stopped_reason}")
+    lines += ["", "Plots (PNG, also in the MLflow run under `plots/`):", *[f"- `{p}`" for p in summary.plots]]
     create_markdown_artifact("\n".join(lines), key="final-model", description="The run's final model")
     create_table_artifact([report_row(r) for r in reports], key="stages", description="Per-stage summary")
     run_logger().info("final model: %s", summary.final_model)

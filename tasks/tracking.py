@@ -100,6 +100,10 @@ def log_artifacts(uri: str, run_id: str, path: str | Path, artifact_path: str | 
         client.log_artifact(run_id, str(path), artifact_path)
 
 
+def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:
+    MlflowClient(uri).log_text(run_id, text, artifact_file)
+
+
 def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
     client = MlflowClient(uri)
     for key, value in tags.items():
@@ -118,6 +122,11 @@ def end_open_runs(uri: str, parent_id: str, status: str) -> None:
     for run in [*children, client.get_run(parent_id)]:
         if run.info.status == RunStatus.to_string(RunStatus.RUNNING):
             client.set_terminated(run.info.run_id, status)
+
+
+def metric_curves(uri: str, run_id: str, names: list[str]) -> dict[str, list[tuple[int, float]]]:
+    client = MlflowClient(uri)
+    return {name: sorted((m.step, m.value) for m in client.get_metric_history(run_id, name)) for name in names}
 
 
 @task(name="start-tracking", retries=3, retry_delay_seconds=[2, 5, 15])

@@ -21,7 +21,9 @@ from mixtune.cache import is_complete, mark_complete
 from mixtune.config import PipelineConfig
 from mixtune.logs import run_logger
 from tasks import tracking
-from tasks.lm import EvaluateAtEnd, PadCollator, ProgressCallback, TokenDataset, TokenLossTrainer, training_arguments
+from tasks.callbacks import EvaluateAtEnd, OverfitWatch, ProgressCallback, SamplerPosition
+from tasks.guard import OverfitTracker
+from tasks.lm import PadCollator, TokenDataset, TokenLossTrainer, training_arguments
 from tasks.mix import StageMix, stage_table
 
 
@@ -34,6 +36,8 @@ class StageTraining(BaseModel):
     best_step: int | None
     stopped_early: bool
     tokens_per_second: float
+    learning_rate: float
+    overfit_onset: dict[str, int | None]
 
 
 def is_adapter(folder: str) -> bool:
@@ -56,25 +60,39 @@ def validation_sets(sft: pd.DataFrame) -> dict[str, TokenDataset]:
     return {tag: TokenDataset(val[val["tag"] == tag]) for tag in ("domain", "general")}
 
 
+def stage_learning_rate(config: PipelineConfig, stage: int) -> float:
+    return config.train.learning_rate * config.train.stage_lr_decay ** (stage - 1)
+
+
 def stage_params(config: PipelineConfig, mix: StageMix, init_dir: str) -> dict:
     t = config.train
     params = {"method": t.method, "stage": mix.stage, "target_domain_share": mix.target_share,
               "realised_domain_share": round(mix.realised_share, 6), "samples": mix.samples,
-              "learning_rate": t.learning_rate, "epochs": t.epochs, "batch_size": t.batch_size,
-              "lr_scheduler": t.lr_scheduler, "eval_steps": config.validation.eval_steps,
-              "patience": config.validation.patience, "init_from": init_dir}
+              "learning_rate": stage_learning_rate(config, mix.stage), "epochs": t.epochs,
+              "batch_size": t.batch_size, "lr_scheduler": t.lr_scheduler, "rewarm": t.rewarm,
+              "eval_steps": config.validation.eval_steps, "patience": config.validation.patience,
+              "init_from": init_dir}
     if t.method == "lora":
         params.update({"lora_r": t.lora.r, "lora_alpha": t.lora.alpha, "lora_dropout": t.lora.dropout,
                        "lora_target_modules": ",".join(t.lora.target_modules)})
     return params
 
 
-def build_trainer(config: PipelineConfig, model, tokenizer, train_set, eval_sets, checkpoints: Path, progress):
+def overfit_tracker(config: PipelineConfig) -> OverfitTracker:
+    v = config.validation
+    return OverfitTracker({"domain": v.patience, "general": v.general_patience},
+                          {"domain": v.min_delta, "general": v.general_min_delta})
+
+
+def build_trainer(config: PipelineConfig, stage: int, model, tokenizer, train_set, eval_sets, checkpoints: Path,
+                  callbacks: list):
+    """The mix manifest already holds every pass over the mix, so the Trainer runs one epoch over it."""
     t, v = config.train, config.validation
     args = training_arguments(
-        str(checkpoints), epochs=t.epochs, learning_rate=t.learning_rate, batch_size=t.batch_size,
+        str(checkpoints), learning_rate=stage_learning_rate(config, stage), batch_size=t.batch_size,
         eval_batch_size=v.batch_size, seed=config.run.seed, precision=t.precision,
-        gradient_accumulation_steps=t.gradient_accumulation_steps, warmup_steps=t.warmup_ratio,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        warmup_steps=t.warmup_ratio if t.rewarm or stage == 1 else 0,
         weight_decay=t.weight_decay, lr_scheduler_type=t.lr_scheduler, logging_steps=t.logging_steps,
         eval_strategy="steps", eval_steps=v.eval_steps, save_strategy="steps", save_steps=v.eval_steps,
         save_total_limit=2, load_best_model_at_end=True, metric_for_best_model="eval_domain_loss",
@@ -83,7 +101,7 @@ def build_trainer(config: PipelineConfig, model, tokenizer, train_set, eval_sets
     stopper = EarlyStoppingCallback(early_stopping_patience=v.patience, early_stopping_threshold=v.min_delta)
     return TokenLossTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_sets,
                             data_collator=PadCollator(tokenizer.pad_token_id),
-                            callbacks=[progress, EvaluateAtEnd(), stopper])
+                            callbacks=[*callbacks, EvaluateAtEnd(), stopper])
 
 
 def train_stage(config: PipelineConfig, mix: StageMix, sft_path: str, init_dir: str, base_dir: str,
@@ -93,30 +111,46 @@ def train_stage(config: PipelineConfig, mix: StageMix, sft_path: str, init_dir: 
     final, record = stage_dir / "final", stage_dir / "training.json"
     if is_complete(final):
         return StageTraining.model_validate_json(record.read_text())
-    tracking.log_metrics(uri, run_id, {"realised_domain_share": mix.realised_share,
-                                       "realised_domain_token_share": mix.realised_token_share}, step=0)
+    tracking.log_metrics(uri, run_id, mix_metrics(mix), step=0)
+    sink = lambda metrics, step: tracking.log_metrics(uri, run_id, metrics, step)  # noqa: E731
     sft = pd.read_parquet(sft_path)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    progress = ProgressCallback(f"stage {mix.stage}", run_logger().info,
-                                sink=lambda metrics, step: tracking.log_metrics(uri, run_id, metrics, step))
-    trainer = build_trainer(config, load_for_training(config, init_dir, base_dir), tokenizer,
+    progress = ProgressCallback(f"stage {mix.stage}", run_logger().info, sink)
+    position = SamplerPosition(mix.manifest, config.train.batch_size * config.train.gradient_accumulation_steps)
+    watch = OverfitWatch(overfit_tracker(config), sink)
+    trainer = build_trainer(config, mix.stage, load_for_training(config, init_dir, base_dir), tokenizer,
                             TokenDataset(stage_table(sft, mix.manifest)), validation_sets(sft),
-                            stage_dir / "checkpoints", progress)
+                            stage_dir / "checkpoints", [progress, position, watch])
     resume = get_last_checkpoint(str(stage_dir / "checkpoints")) if (stage_dir / "checkpoints").is_dir() else None
     if resume:
-        run_logger().info("stage %d resumes from %s", mix.stage, resume)
+        consumed = position.check_resume(resume)
+        run_logger().info("stage %d resumes from %s (%d samples of the mix already seen)", mix.stage, resume, consumed)
     trainer.train(resume_from_checkpoint=resume)
     state = trainer.state
     result = StageTraining(
         stage=mix.stage, run_id=run_id, model_dir=str(final), global_step=state.global_step,
         max_steps=state.max_steps, best_step=checkpoint_step(state.best_model_checkpoint),
-        stopped_early=state.global_step < state.max_steps,
-        tokens_per_second=progress.tokens_per_second,
+        stopped_early=state.global_step < state.max_steps, tokens_per_second=progress.tokens_per_second,
+        learning_rate=stage_learning_rate(config, mix.stage), overfit_onset=watch.tracker.onsets(),
     )
+    record_onsets(uri, run_id, result)
     save_final(trainer.model, tokenizer, final)
     record.write_text(result.model_dump_json(indent=2))
     mark_complete(final)
     return result
+
+
+def mix_metrics(mix: StageMix) -> dict[str, float]:
+    return {"realised_domain_share": mix.realised_share, "realised_domain_token_share": mix.realised_token_share,
+            "domain_epochs": mix.domain_epochs, "general_epochs": mix.general_epochs}
+
+
+def record_onsets(uri: str, run_id: str, result: StageTraining) -> None:
+    onsets = {f"overfit_onset_step_{name}": step for name, step in result.overfit_onset.items() if step is not None}
+    if onsets:
+        tracking.log_metrics(uri, run_id, onsets, step=result.global_step)
+        run_logger().info("stage %d: overfitting began at %s; best checkpoint (step %s) restored", result.stage,
+                          onsets, result.best_step)
 
 
 def checkpoint_step(path: str | None) -> int | None:

@@ -38,7 +38,7 @@ def test_draw_is_deterministic_and_repeats_only_past_the_pool(tmp_path):
     a = mix_stage(pool(40, 400), 1, 0.5, 200, seed=3, manifest=str(tmp_path / "a.parquet"))
     b = mix_stage(pool(40, 400), 1, 0.5, 200, seed=3, manifest=str(tmp_path / "b.parquet"))
     assert pd.read_parquet(a.manifest).equals(pd.read_parquet(b.manifest))
-    assert a.domain_repeats == pytest.approx(2.5)
+    assert a.domain_epochs == pytest.approx(2.5)
     import numpy as np
     once = draw(pool(40, 0), 40, np.random.default_rng(0))
     assert once["sample_id"].is_unique

@@ -1,11 +1,14 @@
 """A stage interrupted mid-way resumes from its own last checkpoint, in the same MLflow run."""
 
+import json
 from pathlib import Path
+
+import pandas as pd
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tasks import lm, tracking
+from tasks import callbacks, lm, tracking
 from tasks.base_model import prepare_base, prepare_tokenizer
 from tasks.ingest import ingest
 from tasks.mix import mix_stage
@@ -29,29 +32,57 @@ def prepared(tmp_path_factory):
     return config, tokens, base
 
 
-def test_interrupted_stage_resumes_from_its_checkpoint_in_the_same_run(prepared, tmp_path, monkeypatch):
-    config, tokens, base = prepared
-    import pandas as pd
-    sft = pd.read_parquet(tokens.sft)
-    mix = mix_stage(sft[sft["split"] == "train"], 1, 0.3, 160, seed=0, manifest=str(tmp_path / "mix.parquet"))
-    parent = tracking.start_parent_run(config, "flow-run-under-test")
-    original = lm.ProgressCallback.on_step_end
+def record_batches(monkeypatch) -> list:
+    """Every training batch's sample sequences, in the order the optimiser sees them."""
+    seen, original = [], lm.TokenLossTrainer.training_step
 
-    def crash_once_at_step_6(self, args, state, control, **kwargs):
+    def recording_step(self, model, inputs, *args, **kwargs):
+        seen.append([tuple(row[row != 0].tolist()) for row in inputs["input_ids"]])
+        return original(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(lm.TokenLossTrainer, "training_step", recording_step)
+    return seen
+
+
+def crash_once_at(monkeypatch, step: int) -> None:
+    original = callbacks.ProgressCallback.on_step_end
+    state_of_crash = {"done": False}
+
+    def on_step_end(self, args, state, control, **kwargs):
         original(self, args, state, control, **kwargs)
-        if state.global_step == 6 and not getattr(crash_once_at_step_6, "done", False):
-            crash_once_at_step_6.done = True
+        if state.global_step == step and not state_of_crash["done"]:
+            state_of_crash["done"] = True
             raise Crash("simulated crash")
 
-    monkeypatch.setattr(lm.ProgressCallback, "on_step_end", crash_once_at_step_6)
+    monkeypatch.setattr(callbacks.ProgressCallback, "on_step_end", on_step_end)
+
+
+def stage_mix(tokens, folder):
+    sft = pd.read_parquet(tokens.sft)
+    return mix_stage(sft[sft["split"] == "train"], 1, 0.3, 160, seed=0, manifest=str(folder / "mix.parquet"))
+
+
+def test_interrupted_stage_resumes_the_same_sequence_in_the_same_run(prepared, tmp_path, monkeypatch):
+    config, tokens, base = prepared
+    mix = stage_mix(tokens, tmp_path)
+    seen = record_batches(monkeypatch)
+    uninterrupted = train_stage(config, mix, tokens.sft, base, base, str(tmp_path / "straight"),
+                                tracking.start_parent_run(config, "flow-straight"))
+    straight, seen[:] = list(seen), []
+
+    parent = tracking.start_parent_run(config, "flow-crash")
+    crash_once_at(monkeypatch, 6)
     with pytest.raises(Crash):
         train_stage(config, mix, tokens.sft, base, base, str(tmp_path / "stage-1"), parent)
-    checkpoints = sorted(p.name for p in (tmp_path / "stage-1" / "checkpoints").iterdir())
-    assert checkpoints == ["checkpoint-4"]
-    assert (tmp_path / "stage-1" / "checkpoints" / "checkpoint-4" / "model.safetensors").is_file()
+    checkpoint = tmp_path / "stage-1" / "checkpoints" / "checkpoint-4"
+    assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["checkpoint-4"]
+    assert (checkpoint / "model.safetensors").is_file()
+    assert json.loads((checkpoint / "sampler.json").read_text())["samples_consumed"] == 4 * 16
+    first_try, seen[:] = list(seen), []
 
     result = train_stage(config, mix, tokens.sft, base, base, str(tmp_path / "stage-1"), parent)
-    assert result.global_step == result.max_steps == 10
+    assert first_try[:4] + seen == straight  # the same samples in the same order as without the crash
+    assert result.global_step == result.max_steps == uninterrupted.global_step == 10
     client = MlflowClient(tracking.tracking_uri(config))
     history = client.get_metric_history(result.run_id, "train_loss")
     assert sorted({m.step for m in history}) == [5, 10]  # logging_steps=5: one line from each attempt
@@ -62,3 +93,16 @@ def test_interrupted_stage_resumes_from_its_checkpoint_in_the_same_run(prepared,
     again = train_stage(config, mix, tokens.sft, base, base, str(tmp_path / "stage-1"), parent)
     assert again == result  # a finished stage is not trained twice
     assert Path(result.model_dir, "model.safetensors").is_file()
+
+
+def test_resume_refuses_a_checkpoint_of_another_mix(prepared, tmp_path, monkeypatch):
+    config, tokens, base = prepared
+    mix = stage_mix(tokens, tmp_path)
+    parent = tracking.start_parent_run(config, "flow-other-mix")
+    crash_once_at(monkeypatch, 6)
+    with pytest.raises(Crash):
+        train_stage(config, mix, tokens.sft, base, base, str(tmp_path / "stage-1"), parent)
+    sft = pd.read_parquet(tokens.sft)
+    other = mix_stage(sft[sft["split"] == "train"], 1, 0.5, 160, seed=0, manifest=mix.manifest)
+    with pytest.raises(RuntimeError, match="another mix manifest"):
+        train_stage(config, other, tokens.sft, base, base, str(tmp_path / "stage-1"), parent)

@@ -3,7 +3,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tasks.lm import PadCollator, TokenDataset, mean_token_loss
-from tasks.validate import gate
+from tasks.guard import gate
 
 
 def test_gate_continues_within_the_budget_and_stops_beyond():

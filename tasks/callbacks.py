@@ -1,0 +1,123 @@
+"""Trainer callbacks: progress lines (and the same numbers to MLflow), evaluation at the last step, the
+sampler's position in every checkpoint, and the overfitting watch."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from mixtune.cache import file_digest
+from tasks.guard import OverfitTracker
+
+class ProgressCallback(TrainerCallback):
+    """One line per logging step with loss, learning rate and tokens/s; also hands the same numbers to `sink`
+    (MLflow) so the console and the tracking server never disagree.
+
+    Throughput counts only time inside training steps, so evaluations and checkpoint saves do not dilute it."""
+
+    def __init__(self, label: str, log: Callable[[str], None], sink: Callable[[dict, int], None] | None = None):
+        self.label, self.log, self.sink = label, log, sink
+        self.step_started = 0.0
+        self.train_seconds = self.window_seconds = 0.0
+        self.first_tokens = self.window_tokens = 0
+        self.last_tokens = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # After a resume the state already counts the tokens of the earlier attempt.
+        self.first_tokens = self.window_tokens = self.last_tokens = state.num_input_tokens_seen
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step_started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        elapsed = time.perf_counter() - self.step_started
+        self.train_seconds += elapsed
+        self.window_seconds += elapsed
+        self.last_tokens = state.num_input_tokens_seen
+
+    @property
+    def tokens_per_second(self) -> float:
+        return (self.last_tokens - self.first_tokens) / max(self.train_seconds, 1e-9)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        metrics = rename_metrics(logs or {})
+        if "train_loss" in metrics:
+            seen = state.num_input_tokens_seen
+            metrics["tokens_per_second"] = (seen - self.window_tokens) / max(self.window_seconds, 1e-9)
+            self.window_tokens, self.window_seconds = seen, 0.0
+        if not metrics:
+            return
+        shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        self.log(f"{self.label} step {state.global_step}/{state.max_steps} {shown}")
+        if self.sink:
+            self.sink(metrics, state.global_step)
+
+
+METRIC_NAMES = {"loss": "train_loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm",
+                "eval_domain_loss": "domain_val_loss", "eval_general_loss": "general_val_loss",
+                "eval_loss": "val_loss"}
+
+
+def rename_metrics(logs: dict) -> dict[str, float]:
+    return {METRIC_NAMES[k]: float(v) for k, v in logs.items()
+            if k in METRIC_NAMES and isinstance(v, (int, float)) and math.isfinite(v)}
+
+
+class EvaluateAtEnd(TrainerCallback):
+    """The last step is always evaluated and saved, so it competes for "best checkpoint" like the others."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_evaluate = True
+            control.should_save = True
+
+
+class SamplerPosition(TrainerCallback):
+    """Writes the sampler's position into every checkpoint, so a resumed stage provably continues the same
+    sample sequence: the manifest it was cut from (by digest) and how many samples were consumed."""
+
+    FILE = "sampler.json"
+
+    def __init__(self, manifest: str, samples_per_step: int):
+        self.manifest_digest = file_digest(manifest)
+        self.samples_per_step = samples_per_step
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        position = {"manifest_sha256": self.manifest_digest, "global_step": state.global_step,
+                    "samples_consumed": state.global_step * self.samples_per_step}
+        (folder / self.FILE).write_text(json.dumps(position, indent=2))
+
+    def check_resume(self, checkpoint: str) -> int:
+        saved = json.loads((Path(checkpoint) / self.FILE).read_text())
+        if saved["manifest_sha256"] != self.manifest_digest:
+            raise RuntimeError(f"{checkpoint} was trained on another mix manifest; refusing to resume from it")
+        return saved["samples_consumed"]
+
+
+class OverfitWatch(TrainerCallback):
+    """Feeds every evaluation to an OverfitTracker; ends the stage when the general set's overfitting is
+    confirmed (the domain set has its own early stopping on the best-checkpoint metric)."""
+
+    def __init__(self, tracker: OverfitTracker, sink: Callable[[dict, int], None] | None = None):
+        self.tracker, self.sink = tracker, sink
+        self.train_loss = math.nan
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.train_loss = float(logs["loss"])
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        losses = {name: metrics[f"eval_{name}_loss"] for name in self.tracker.sets if f"eval_{name}_loss" in metrics}
+        if math.isnan(self.train_loss) or not losses:
+            return
+        confirmed = self.tracker.update(state.global_step, self.train_loss, losses)
+        if self.sink:
+            self.sink(self.tracker.metrics(), state.global_step)
+        if "general" in confirmed:
+            control.should_training_stop = True

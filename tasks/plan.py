@@ -1,0 +1,191 @@
+"""The seed's rules as a plan that explains itself: method, epochs and schedule from the data's size,
+and per-source epoch accounting that keeps a small domain set from being repeated into overfitting.
+
+Pure functions: every number in a plan comes with the rule that produced it.
+"""
+
+from __future__ import annotations
+
+import math
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+from pydantic import BaseModel
+
+from mixtune.config import Advisor, PipelineConfig
+from mixtune.logs import run_logger
+from tasks import tracking
+from tasks.mix import stage_shares
+
+
+class Advice(BaseModel):
+    method: str
+    epochs: float
+    shares: list[float]
+    pretrain_first: bool
+    reasons: list[str]
+
+
+class StageBudget(BaseModel):
+    stage: int
+    share: float
+    samples: int
+    domain_samples: int
+    domain_epochs: float  # how many times the domain pool is seen in this stage
+    cumulative_domain_epochs: float
+    general_epochs: float
+
+
+class EpochPlan(BaseModel):
+    samples_per_stage: int
+    domain_pool: int
+    general_pool: int
+    domain_epoch_budget: float
+    stages: list[StageBudget]
+    warnings: list[str]
+
+
+def rule_epochs(samples: int, rules: Advisor) -> tuple[float, str]:
+    """About a million samples -> 1 epoch; thousands to tens of thousands -> 1-3 epochs."""
+    if samples >= rules.one_epoch_from:
+        return 1.0, f"{samples:,} samples >= {rules.one_epoch_from:,}: 1 epoch is enough at this volume"
+    if samples < rules.three_epochs_below:
+        return 3.0, (f"{samples:,} samples < {rules.three_epochs_below:,}: up to 3 epochs "
+                     "(thousands of samples; never more, or the model overfits)")
+    return 2.0, (f"{rules.three_epochs_below:,} <= {samples:,} samples < {rules.one_epoch_from:,}: "
+                 "2 epochs (tens to hundreds of thousands of samples)")
+
+
+def advise(domain: int, general: int, pretrain_docs: int, config: PipelineConfig) -> Advice:
+    rules, reasons = config.advisor, []
+    if domain < rules.lora_below:
+        method = "lora"
+        reasons.append(f"method lora: {domain:,} domain samples < {rules.lora_below:,} is scarce data; "
+                       "low-rank adapters keep the base model's abilities")
+    else:
+        method = "full"
+        reasons.append(f"method full: {domain:,} domain samples >= {rules.lora_below:,} support full SFT, "
+                       "mixed into general data stage by stage so general ability is kept")
+    epochs, why = rule_epochs(domain, rules)
+    reasons.append(f"epochs {epochs:g}: {why}")
+    shares = stage_shares(rules.schedule)
+    reasons.append(f"schedule {', '.join(f'{s:.2f}' for s in shares)}: domain share starts near "
+                   f"{rules.schedule.start:.0%} and rises to about {rules.schedule.end:.0%}, "
+                   f"{len(shares)} stages ({rules.schedule.shape})")
+    pretrain_first = config.goal == "knowledge"
+    if pretrain_first:
+        note = (f"{pretrain_docs:,} pre-training documents" if pretrain_docs
+                else "no source has role pretrain yet: add the domain's plain text")
+        reasons.append(f"continued pre-training first: the goal is new knowledge, which SFT does not add ({note})")
+    else:
+        reasons.append("no continued pre-training: the goal is behaviour (format, style, task), which is SFT's job")
+    if general == 0:
+        reasons.append("warning: no general samples, so nothing protects general ability")
+    return Advice(method=method, epochs=epochs, shares=shares, pretrain_first=pretrain_first, reasons=reasons)
+
+
+def apply_advice(config: PipelineConfig, advice: Advice) -> PipelineConfig:
+    """The config the flow runs with `plan: auto`: the advice replaces method, epochs and schedule."""
+    planned = config.model_copy(deep=True)
+    planned.train.method = advice.method
+    planned.train.epochs = advice.epochs
+    planned.schedule.shares = advice.shares
+    if advice.pretrain_first:
+        planned.pretrain.enabled = True
+    return planned
+
+
+def epoch_plan(shares: list[float], samples_per_stage: int, epochs: float, domain_pool: int, general_pool: int,
+               config: PipelineConfig) -> EpochPlan:
+    """Per stage and in total, how often each pool is seen; stages are shrunk to keep the domain pool within
+    the epoch budget its size earns, with a warning in numbers when even that cannot hold."""
+    budget, _ = rule_epochs(domain_pool, config.advisor)
+    warnings = []
+    planned_domain = sum(round(s * samples_per_stage) for s in shares) * epochs
+    samples = samples_per_stage
+    if planned_domain > budget * domain_pool:
+        fitted = math.floor(budget * domain_pool / (epochs * sum(shares)))
+        floor = config.train.batch_size * config.advisor.min_steps_per_stage
+        samples = max(fitted, floor)
+        warnings.append(
+            f"domain pool of {domain_pool:,} would be seen {planned_domain / domain_pool:.2f}x, over its budget "
+            f"of {budget:g}x: samples_per_stage lowered from {samples_per_stage:,} to {samples:,}")
+        if fitted < floor:
+            seen = sum(round(s * samples) for s in shares) * epochs / domain_pool
+            warnings.append(
+                f"cannot meet the budget: even {floor:,} samples per stage (the minimum of "
+                f"{config.advisor.min_steps_per_stage} steps) shows the domain pool {seen:.2f}x > {budget:g}x; "
+                "add domain data, lower the shares or use fewer stages")
+    return EpochPlan(samples_per_stage=samples, domain_pool=domain_pool, general_pool=general_pool,
+                     domain_epoch_budget=budget, stages=stage_budgets(shares, samples, epochs, domain_pool,
+                                                                      general_pool), warnings=warnings)
+
+
+def stage_budgets(shares: list[float], samples: int, epochs: float, domain_pool: int,
+                  general_pool: int) -> list[StageBudget]:
+    stages, cumulative = [], 0.0
+    for k, share in enumerate(shares, start=1):
+        n_domain = round(share * samples)
+        seen = n_domain * epochs / max(domain_pool, 1)
+        cumulative += seen
+        stages.append(StageBudget(stage=k, share=share, samples=samples, domain_samples=n_domain,
+                                  domain_epochs=seen, cumulative_domain_epochs=cumulative,
+                                  general_epochs=(samples - n_domain) * epochs / max(general_pool, 1)))
+    return stages
+
+
+def format_plan(advice: Advice | None, plan: EpochPlan, config: PipelineConfig) -> str:
+    lines = []
+    if advice is not None:
+        lines += ["Advice (the seed's rules):", *[f"  - {r}" for r in advice.reasons], ""]
+    lines += [f"Plan ({'auto: the advice is used' if config.plan == 'auto' else 'manual: pipeline.yaml as written'}):",
+              f"  method {config.train.method}, {config.train.epochs:g} epoch(s) per stage, "
+              f"{plan.samples_per_stage:,} samples per stage",
+              f"  domain pool {plan.domain_pool:,} (budget {plan.domain_epoch_budget:g} epochs), "
+              f"general pool {plan.general_pool:,}",
+              "  stage  share  domain samples  domain epochs  cumulative  general epochs"]
+    for s in plan.stages:
+        lines.append(f"  {s.stage:>5}  {s.share:5.2f}  {s.domain_samples:>14,}  {s.domain_epochs:13.2f}  "
+                     f"{s.cumulative_domain_epochs:10.2f}  {s.general_epochs:14.2f}")
+    lines += [f"  warning: {w}" for w in plan.warnings]
+    return "\n".join(lines)
+
+
+class RunPlan(BaseModel):
+    config: PipelineConfig  # what the rest of the flow runs with
+    advice: Advice
+    epochs: EpochPlan
+    text: str
+
+
+def pool_sizes(stats: dict[str, dict]) -> dict[str, int]:
+    sizes = {"general": 0, "domain": 0, "pretrain": 0}
+    for source in stats.values():
+        sizes[source["role"]] += source["train"]
+    return sizes
+
+
+def make_plan(config: PipelineConfig, stats: dict[str, dict]) -> RunPlan:
+    pools = pool_sizes(stats)
+    advice = advise(pools["domain"], pools["general"], pools["pretrain"], config)
+    planned = apply_advice(config, advice) if config.plan == "auto" else config.model_copy(deep=True)
+    epochs = epoch_plan(stage_shares(planned.schedule), planned.schedule.samples_per_stage, planned.train.epochs,
+                        pools["domain"], pools["general"], planned)
+    planned.schedule.samples_per_stage = epochs.samples_per_stage
+    return RunPlan(config=planned, advice=advice, epochs=epochs, text=format_plan(advice, epochs, planned))
+
+
+@task(name="plan", retries=2, retry_delay_seconds=[2, 10])
+def plan_task(config: PipelineConfig, stats: dict[str, dict], parent_run_id: str) -> RunPlan:
+    plan = make_plan(config, stats)
+    uri = tracking.tracking_uri(config)
+    tracking.log_text(uri, parent_run_id, plan.text, "plan/plan.txt")
+    tracking.log_text(uri, parent_run_id, plan.model_dump_json(indent=2), "plan/plan.json")
+    tracking.log_params(tracking.MlflowClient(uri), parent_run_id, {
+        "plan.mode": config.plan, "plan.method": plan.config.train.method,
+        "plan.epochs": str(plan.config.train.epochs), "plan.samples_per_stage": str(plan.epochs.samples_per_stage),
+        "plan.shares": ",".join(f"{s:.4f}" for s in stage_shares(plan.config.schedule))})
+    create_markdown_artifact(f"```\n{plan.text}\n```", key="plan", description="The plan and the rules behind it")
+    for line in plan.text.splitlines():
+        run_logger().info(line)
+    return plan
