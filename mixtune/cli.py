@@ -25,7 +25,12 @@ def parser() -> argparse.ArgumentParser:
                                           "mix / train / validate / gate per stage. Prints a per-stage table.")
     check = commands.add_parser("check", help="validate a config and its input files, print the stage plan",
                                 description="Check the config and that every input exists; no training.")
-    for sub in (run, check):
+    advise = commands.add_parser(
+        "advise", help="ingest the data and recommend method, epochs and schedule, with the rule behind each",
+        description="Ingest (cached) and print the seed's rules applied to your data: method, epochs, staged "
+                    "schedule, continued pre-training, and how often each source would be seen per stage. "
+                    "With `plan: auto` in the config, `mixtune run` uses exactly this advice.")
+    for sub in (run, check, advise):
         sub.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help="pipeline YAML (default: %(default)s)")
         sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                          help="override one field, e.g. --set train.learning_rate=1e-4 (repeatable)")
@@ -41,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "check":
         return check(config)
+    if args.command == "advise":
+        return advise(config)
     return run(config)
 
 
@@ -50,6 +57,23 @@ def check(config: PipelineConfig) -> int:
     shares = ", ".join(f"{s:.3f}" for s in stage_shares(config.schedule))
     print(f"config OK: {len(config.data.sources)} source(s), method {config.train.method}, "
           f"domain share per stage: {shares}")
+    return 0
+
+
+def advise(config: PipelineConfig) -> int:
+    from tasks.ingest import IngestError, ingest
+    from tasks.plan import make_plan
+
+    try:
+        data = ingest(config)
+    except IngestError as err:
+        print(f"mixtune: {err}", file=sys.stderr)
+        return 2
+    for label, s in data.stats.items():
+        print(f"{label}: {s['role']}, {s['accepted']:,} accepted ({s['train']:,} train / {s['val']:,} val), "
+              f"{s['duplicates']:,} duplicate, {s['quarantined']:,} quarantined")
+    print()
+    print(make_plan(config, data.stats).text)
     return 0
 
 
@@ -73,8 +97,9 @@ def format_summary(summary, seconds: float) -> str:
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
     out = ["", line(headers), line(["-" * w for w in widths]), *map(line, rows), ""]
-    if any(r.stopped_early for r in summary.stages):
-        out.append("* stopped early: domain validation loss stopped improving (best checkpoint kept)")
+    for r in summary.stages:
+        if r.stopped_early:
+            out.append(f"* stage {r.stage} stopped early: {r.stop_reason}; best checkpoint (step {r.best_step}) kept")
     if summary.stopped_reason:
         out.append(f"run stopped: {summary.stopped_reason}")
     out.append(f"final model: {summary.final_model or 'none (no stage passed the gate)'}")

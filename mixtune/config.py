@@ -168,7 +168,8 @@ class Validation(Strict):
     max_guard_actions: int = Field(2, ge=0, description="hold/back_off at most this often, then stop.")
     general_patience: int = Field(
         5, ge=1, description="Evaluations of rising general loss (while train loss falls) that end a stage.")
-    general_min_delta: float = Field(0.0, ge=0.0, description="Smallest general loss rise that counts.")
+    general_min_delta: float = Field(
+        0.02, ge=0.0, description="Smallest general loss rise over its best that counts (absolute, in nats).")
     batch_size: int = Field(32, gt=0, description="Samples per validation forward pass.")
 
 

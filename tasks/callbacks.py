@@ -107,6 +107,7 @@ class OverfitWatch(TrainerCallback):
     def __init__(self, tracker: OverfitTracker, sink: Callable[[dict, int], None] | None = None):
         self.tracker, self.sink = tracker, sink
         self.train_loss = math.nan
+        self.stop_reason: str | None = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
@@ -120,4 +121,6 @@ class OverfitWatch(TrainerCallback):
         if self.sink:
             self.sink(self.tracker.metrics(), state.global_step)
         if "general" in confirmed:
+            onset = self.tracker.sets["general"].onset_step
+            self.stop_reason = f"general val loss rising since step {onset} while train loss falls"
             control.should_training_stop = True

@@ -20,8 +20,9 @@ from tasks.mix import stage_shares
 
 class Advice(BaseModel):
     method: str
-    epochs: float
+    domain_epochs: float  # passes over the domain data across the whole run
     shares: list[float]
+    samples_per_stage: int
     pretrain_first: bool
     reasons: list[str]
 
@@ -67,11 +68,18 @@ def advise(domain: int, general: int, pretrain_docs: int, config: PipelineConfig
         reasons.append(f"method full: {domain:,} domain samples >= {rules.lora_below:,} support full SFT, "
                        "mixed into general data stage by stage so general ability is kept")
     epochs, why = rule_epochs(domain, rules)
-    reasons.append(f"epochs {epochs:g}: {why}")
-    shares = stage_shares(rules.schedule)
-    reasons.append(f"schedule {', '.join(f'{s:.2f}' for s in shares)}: domain share starts near "
-                   f"{rules.schedule.start:.0%} and rises to about {rules.schedule.end:.0%}, "
-                   f"{len(shares)} stages ({rules.schedule.shape})")
+    if method == "full":
+        shares = stage_shares(rules.schedule)
+        reasons.append(f"schedule {', '.join(f'{s:.2f}' for s in shares)}: full SFT mixes domain into general "
+                       f"data, from about {rules.schedule.start:.0%} rising to about {rules.schedule.end:.0%} "
+                       f"over {len(shares)} stages ({rules.schedule.shape}), so general ability is kept")
+    else:
+        shares = [rules.schedule.end]
+        reasons.append(f"schedule {shares[0]:.2f}: one stage; LoRA leaves the base weights untouched, and the "
+                       "general half of the mix still guards what the adapter changes")
+    samples = samples_for_epochs(shares, domain, epochs, config)
+    reasons.append(f"domain epochs {epochs:g} in total: {why}; so {samples:,} samples per stage "
+                   f"(the stages' domain shares add up to {epochs:g} passes over {domain:,} samples)")
     pretrain_first = config.goal == "knowledge"
     if pretrain_first:
         note = (f"{pretrain_docs:,} pre-training documents" if pretrain_docs
@@ -81,15 +89,22 @@ def advise(domain: int, general: int, pretrain_docs: int, config: PipelineConfig
         reasons.append("no continued pre-training: the goal is behaviour (format, style, task), which is SFT's job")
     if general == 0:
         reasons.append("warning: no general samples, so nothing protects general ability")
-    return Advice(method=method, epochs=epochs, shares=shares, pretrain_first=pretrain_first, reasons=reasons)
+    return Advice(method=method, domain_epochs=epochs, shares=shares, samples_per_stage=samples,
+                  pretrain_first=pretrain_first, reasons=reasons)
+
+
+def samples_for_epochs(shares: list[float], domain_pool: int, epochs: float, config: PipelineConfig) -> int:
+    floor = config.train.batch_size * config.advisor.min_steps_per_stage
+    return max(floor, math.floor(epochs * domain_pool / sum(shares))) if sum(shares) else floor
 
 
 def apply_advice(config: PipelineConfig, advice: Advice) -> PipelineConfig:
     """The config the flow runs with `plan: auto`: the advice replaces method, epochs and schedule."""
     planned = config.model_copy(deep=True)
     planned.train.method = advice.method
-    planned.train.epochs = advice.epochs
+    planned.train.epochs = 1.0  # the stage sizes carry the domain epochs; each stage's mix is seen once
     planned.schedule.shares = advice.shares
+    planned.schedule.samples_per_stage = advice.samples_per_stage
     if advice.pretrain_first:
         planned.pretrain.enabled = True
     return planned

@@ -38,6 +38,7 @@ class StageTraining(BaseModel):
     tokens_per_second: float
     learning_rate: float
     overfit_onset: dict[str, int | None]
+    stop_reason: str | None  # why the stage ended before its last step
 
 
 def is_adapter(folder: str) -> bool:
@@ -132,12 +133,20 @@ def train_stage(config: PipelineConfig, mix: StageMix, sft_path: str, init_dir: 
         max_steps=state.max_steps, best_step=checkpoint_step(state.best_model_checkpoint),
         stopped_early=state.global_step < state.max_steps, tokens_per_second=progress.tokens_per_second,
         learning_rate=stage_learning_rate(config, mix.stage), overfit_onset=watch.tracker.onsets(),
+        stop_reason=early_stop_reason(state, watch, config),
     )
     record_onsets(uri, run_id, result)
     save_final(trainer.model, tokenizer, final)
     record.write_text(result.model_dump_json(indent=2))
     mark_complete(final)
     return result
+
+
+def early_stop_reason(state, watch: OverfitWatch, config: PipelineConfig) -> str | None:
+    if state.global_step >= state.max_steps:
+        return None
+    return watch.stop_reason or (f"domain val loss did not improve for {config.validation.patience} evaluations "
+                                 f"(best at step {checkpoint_step(state.best_model_checkpoint)})")
 
 
 def mix_metrics(mix: StageMix) -> dict[str, float]:

@@ -38,6 +38,7 @@ class StageReport(BaseModel):
     steps: int
     best_step: int | None
     stopped_early: bool
+    stop_reason: str | None
     tokens_per_second: float
     model_dir: str
     run_id: str
@@ -104,6 +105,7 @@ def stage_report(config: PipelineConfig, mix: StageMix, trained: StageTraining, 
         gate=gate(losses.general, baseline.general, v.forgetting_budget, v.on_forgetting, cursor.actions,
                   v.max_guard_actions),
         steps=trained.global_step, best_step=trained.best_step, stopped_early=trained.stopped_early,
+        stop_reason=trained.stop_reason,
         tokens_per_second=trained.tokens_per_second, model_dir=trained.model_dir, run_id=trained.run_id,
     )
 
@@ -134,7 +136,8 @@ def report_row(report: StageReport) -> dict:
         "stage": report.stage, "target share": f"{report.target_share:.3f}",
         "realised share": f"{report.realised_share:.3f}", "domain val loss": f"{report.losses.domain:.4f}",
         "general val loss": f"{report.losses.general:.4f}", "general drift": f"{report.gate.general_drift:+.1%}",
-        "steps": report.steps, "best step": report.best_step, "decision": report.gate.decision,
+        "steps": report.steps, "best step": report.best_step, "stopped early": report.stop_reason or "",
+        "decision": report.gate.decision,
         "reason": report.gate.reason,
     }
 

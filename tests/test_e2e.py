@@ -89,3 +89,30 @@ def test_second_run_reuses_ingest_and_pretraining(prefect_harness, tmp_path):
     states = {run.name.rsplit("-", 1)[0]: run.state.name for run in task_runs}
     assert {states[name] for name in CACHED_TASKS} == {"Cached"}, states
     assert states["train"] == "Completed"
+
+
+def test_forgetting_guard_stops_and_keeps_the_model_before_the_breach(prefect_harness, tmp_path):
+    # A base with some general ability to lose: longer pre-training than the other tiny runs.
+    config = tiny_config(tmp_path, pretrain={"epochs": 8}, train={"learning_rate": 3e-3},
+                         schedule={"shares": [0.1, 1.0, 1.0], "samples_per_stage": 240},
+                         validation={"forgetting_budget": 0.05, "on_forgetting": "stop"})
+    summary = finetune(config)
+    assert [r.gate.decision for r in summary.stages] == ["continue", "stop"]
+    breach = summary.stages[1]
+    assert breach.gate.general_drift > 0.05
+    client = MlflowClient(summary.tracking_uri)
+    runs = stage_runs(client, summary.parent_run_id)
+    assert sorted(runs) == [1, 2]
+    tags, metrics = runs[2].data.tags, runs[2].data.metrics
+    assert tags["mixtune.decision"] == "stop"
+    assert f"{breach.losses.general:.4f}" in tags["mixtune.decision_reason"]
+    assert f"{summary.baseline.general:.4f}" in tags["mixtune.decision_reason"]
+    assert metrics["general_drift"] == pytest.approx(breach.gate.general_drift)
+    assert summary.final_stage == 1 and summary.final_model == summary.stages[0].model_dir
+    parent = client.get_run(summary.parent_run_id)
+    assert parent.data.tags["mixtune.final_stage"] == "1"
+    assert "stop" in parent.data.tags["mixtune.stopped_reason"] or "budget" in parent.data.tags["mixtune.stopped_reason"]
+    artifacts = {a.path for a in client.list_artifacts(summary.parent_run_id)}
+    assert {"final_model", "plots", "probes", "plan"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(summary.parent_run_id, "plots")}
+    assert plots == {"plots/domain_share.png", "plots/loss_curves.png"}

@@ -1,0 +1,84 @@
+import pytest
+
+from mixtune.config import Advisor
+from tasks.plan import advise, apply_advice, epoch_plan, make_plan, rule_epochs
+from tests.conftest import tiny_config
+
+
+@pytest.mark.parametrize("samples, epochs", [
+    (999_999, 2.0), (1_000_000, 1.0), (5_000_000, 1.0),
+    (10_000, 2.0), (9_999, 3.0), (500, 3.0),
+])
+def test_epochs_follow_data_volume_at_the_boundaries(samples, epochs):
+    assert rule_epochs(samples, Advisor())[0] == epochs
+
+
+@pytest.mark.parametrize("domain, method", [(4_999, "lora"), (5_000, "full"), (200_000, "full")])
+def test_scarce_domain_data_gets_lora(tmp_path, domain, method):
+    advice = advise(domain, 50_000, 0, tiny_config(tmp_path))
+    assert advice.method == method
+    assert any(r.startswith(f"method {method}") for r in advice.reasons)
+    if method == "full":
+        assert advice.shares[0] == pytest.approx(0.1) and advice.shares[-1] == pytest.approx(0.5)
+        assert len(advice.shares) == 4
+    else:
+        assert advice.shares == [0.5]
+
+
+def test_advised_stage_sizes_reach_the_epoch_budget(tmp_path):
+    config = tiny_config(tmp_path)
+    advice = advise(20_000, 100_000, 0, config)  # tens of thousands: 2 epochs, full SFT
+    assert advice.domain_epochs == 2.0
+    planned = apply_advice(config, advice)
+    plan = epoch_plan(advice.shares, planned.schedule.samples_per_stage, planned.train.epochs, 20_000, 100_000,
+                      planned)
+    assert plan.stages[-1].cumulative_domain_epochs == pytest.approx(2.0, abs=0.01)
+    assert plan.warnings == []
+
+
+def test_knowledge_goal_means_continued_pretraining_first(tmp_path):
+    config = tiny_config(tmp_path)
+    config.goal = "knowledge"
+    advice = advise(8_000, 10_000, 0, config)
+    assert advice.pretrain_first
+    assert any("continued pre-training first" in r and "add the domain's plain text" in r for r in advice.reasons)
+    assert apply_advice(config, advice).pretrain.enabled is True
+
+
+def test_epoch_accounting_per_stage_and_in_total(tmp_path):
+    config = tiny_config(tmp_path)
+    plan = epoch_plan([0.1, 0.3, 0.5], 1000, 1.0, domain_pool=900, general_pool=5000, config=config)
+    assert [s.domain_samples for s in plan.stages] == [100, 300, 500]
+    assert [round(s.domain_epochs, 4) for s in plan.stages] == [0.1111, 0.3333, 0.5556]
+    assert plan.stages[-1].cumulative_domain_epochs == pytest.approx(1.0)
+    assert plan.stages[0].general_epochs == pytest.approx(900 / 5000)
+    assert plan.samples_per_stage == 1000 and plan.warnings == []
+
+
+def test_stages_shrink_to_keep_a_small_domain_set_within_budget(tmp_path):
+    config = tiny_config(tmp_path)
+    plan = epoch_plan([0.5, 0.5, 0.5], 1000, 2.0, domain_pool=300, general_pool=5000, config=config)
+    # 300 samples earn 3 epochs; 3 stages x 500 x 2 passes would show them 10x
+    assert plan.samples_per_stage == 300
+    assert plan.stages[-1].cumulative_domain_epochs == pytest.approx(3.0)
+    assert "10.00x" in plan.warnings[0] and "from 1,000 to 300" in plan.warnings[0]
+
+
+def test_unmeetable_budget_warns_with_numbers(tmp_path):
+    config = tiny_config(tmp_path)
+    plan = epoch_plan([0.5, 0.5, 0.5, 0.5], 1000, 1.0, domain_pool=40, general_pool=5000, config=config)
+    floor = config.train.batch_size * config.advisor.min_steps_per_stage
+    assert plan.samples_per_stage == floor
+    assert len(plan.warnings) == 2 and "cannot meet the budget" in plan.warnings[1]
+    assert plan.stages[-1].cumulative_domain_epochs > 3
+
+
+def test_make_plan_auto_uses_the_advice_and_manual_keeps_the_config(tmp_path):
+    stats = {"g": {"role": "general", "train": 3000}, "d": {"role": "domain", "train": 600}}
+    manual = make_plan(tiny_config(tmp_path), stats)
+    assert manual.config.train.method == "full" and manual.config.schedule.shares is None
+    auto_config = tiny_config(tmp_path)
+    auto_config.plan = "auto"
+    auto = make_plan(auto_config, stats)
+    assert auto.config.train.method == "lora" and auto.config.schedule.shares == [0.5]
+    assert "method lora" in auto.text and "Plan (auto" in auto.text
