@@ -29,6 +29,7 @@ class StageMix(BaseModel):
     general_samples: int
     domain_epochs: float  # realised: how many times this stage shows the domain pool
     general_epochs: float
+    source_epochs: dict[str, float]  # per source: samples drawn this stage / that source's training rows
     manifest: str
 
 
@@ -79,7 +80,13 @@ def mix_stage(train: pd.DataFrame, stage: int, share: float, samples: int, seed:
         samples=len(sequence), domain_samples=int(is_domain.sum()), general_samples=int((~is_domain).sum()),
         domain_epochs=int(is_domain.sum()) / len(domain_pool),
         general_epochs=int((~is_domain).sum()) / len(general_pool), manifest=manifest,
+        source_epochs=source_epochs(sequence, train),
     )
+
+
+def source_epochs(sequence: pd.DataFrame, train: pd.DataFrame) -> dict[str, float]:
+    drawn, pool = sequence["source"].value_counts(), train["source"].value_counts()
+    return {source: float(drawn.get(source, 0) / pool[source]) for source in pool.index}
 
 
 def stage_table(sft: pd.DataFrame, manifest: str) -> pd.DataFrame:

@@ -3,6 +3,7 @@ model's baselines and the gate's decisions. Pure matplotlib on numbers; tracking
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import matplotlib
@@ -58,6 +59,11 @@ def loss_plot(stages: list[StageCurves], baselines: dict[str, float], budget: fl
     ax.set(xlabel="training step (stages end at the dashed lines)", ylabel="loss", title="Loss across stages")
     ax.legend(fontsize=8, loc="upper right")
     return save(fig, path)
+
+
+def data_uri(path: Path) -> str:
+    """The PNG inline, so a Prefect image artifact shows it without a server to fetch it from."""
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
 def save(fig, path: Path) -> Path:

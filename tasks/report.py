@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from prefect import task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel
 
 from mixtune.config import PipelineConfig
@@ -14,8 +14,8 @@ from mixtune.logs import run_logger
 from tasks import tracking
 from tasks.ingest import IngestResult
 from tasks.tokenize import TokenizedData
-from tasks.train import is_adapter
-from tasks.plots import share_plot, loss_plot
+from tasks.train import is_adapter, metric_name
+from tasks.plots import data_uri, loss_plot, share_plot
 from tasks.validate import Losses, StageReport, report_row, stage_curves
 
 
@@ -91,10 +91,14 @@ def register_final(config: PipelineConfig, parent_run_id: str, reports: list[Sta
     tracking.set_tags(uri, parent_run_id, {"mixtune.final_stage": final.stage if final else "none",
                                            "mixtune.stopped_reason": stopped or "",
                                            "mixtune.guard_actions": "; ".join(guarded)})
+    seen: dict[str, float] = {}
     for report in reports:
+        for source, epochs in report.source_epochs.items():
+            seen[source] = seen.get(source, 0.0) + epochs
         tracking.log_metrics(uri, parent_run_id, {
             "stage_domain_val_loss": report.losses.domain, "stage_general_val_loss": report.losses.general,
-            "stage_realised_domain_share": report.realised_share}, step=report.stage)
+            "stage_realised_domain_share": report.realised_share,
+            **{f"cumulative_epochs/{metric_name(s)}": e for s, e in seen.items()}}, step=report.stage)
     tracking.end_run(uri, parent_run_id)
     return RunSummary(parent_run_id=parent_run_id, tracking_uri=uri, experiment=config.tracking.experiment,
                       baseline=baseline, stages=reports, final_model=final.model_dir if final else None,
@@ -121,6 +125,8 @@ def register_task(config: PipelineConfig, parent_run_id: str, reports: list[Stag
         lines.append(f"Stopped: {summary.stopped_reason}")
     lines += ["", "Plots (PNG, also in the MLflow run under `plots/`):", *[f"- `{p}`" for p in summary.plots]]
     create_markdown_artifact("\n".join(lines), key="final-model", description="The run's final model")
+    for plot in map(Path, summary.plots):
+        create_image_artifact(data_uri(plot), key=f"run-{plot.stem.replace('_', '-')}", description=plot.stem)
     create_table_artifact([report_row(r) for r in reports], key="stages", description="Per-stage summary")
     run_logger().info("final model: %s", summary.final_model)
     return summary

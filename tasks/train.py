@@ -8,6 +8,7 @@ last checkpoint, and a stage that already finished is not trained again.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -150,8 +151,14 @@ def early_stop_reason(state, watch: OverfitWatch, config: PipelineConfig) -> str
 
 
 def mix_metrics(mix: StageMix) -> dict[str, float]:
+    per_source = {f"epochs/{metric_name(source)}": value for source, value in mix.source_epochs.items()}
     return {"realised_domain_share": mix.realised_share, "realised_domain_token_share": mix.realised_token_share,
-            "domain_epochs": mix.domain_epochs, "general_epochs": mix.general_epochs}
+            "domain_epochs": mix.domain_epochs, "general_epochs": mix.general_epochs, **per_source}
+
+
+def metric_name(source: str) -> str:
+    """MLflow metric names allow letters, digits, and _ - . / space: a source's path or label, made to fit."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(source).name if "/" in source else source)
 
 
 def record_onsets(uri: str, run_id: str, result: StageTraining) -> None:

@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 from peft import PeftModel
 from prefect import task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_image_artifact, create_table_artifact
 from pydantic import BaseModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -20,7 +20,7 @@ from tasks import tracking
 from tasks.lm import PadCollator, mean_token_loss
 from tasks.guard import GateDecision, ShareCursor, gate
 from tasks.mix import StageMix
-from tasks.plots import COLOURS, StageCurves, loss_plot
+from tasks.plots import COLOURS, StageCurves, data_uri, loss_plot
 from tasks.train import StageTraining, is_adapter, validation_sets
 
 
@@ -33,6 +33,7 @@ class StageReport(BaseModel):
     stage: int
     target_share: float
     realised_share: float
+    source_epochs: dict[str, float]
     losses: Losses
     gate: GateDecision
     steps: int
@@ -101,7 +102,8 @@ def stage_report(config: PipelineConfig, mix: StageMix, trained: StageTraining, 
                  baseline: Losses, cursor: ShareCursor) -> StageReport:
     v = config.validation
     return StageReport(
-        stage=mix.stage, target_share=mix.target_share, realised_share=mix.realised_share, losses=losses,
+        stage=mix.stage, target_share=mix.target_share, realised_share=mix.realised_share,
+        source_epochs=mix.source_epochs, losses=losses,
         gate=gate(losses.general, baseline.general, v.forgetting_budget, v.on_forgetting, cursor.actions,
                   v.max_guard_actions),
         steps=trained.global_step, best_step=trained.best_step, stopped_early=trained.stopped_early,
@@ -116,7 +118,7 @@ def stage_curves(uri: str, report: StageReport) -> StageCurves:
                        curves=tracking.metric_curves(uri, report.run_id, list(COLOURS)))
 
 
-def record(config: PipelineConfig, report: StageReport, mix: StageMix, baseline: Losses) -> None:
+def record(config: PipelineConfig, report: StageReport, mix: StageMix, baseline: Losses) -> Path:
     """The stage's nested run gets its decision, loss curves, mix manifest and model; then it is finished."""
     uri, run_id = tracking.tracking_uri(config), report.run_id
     plot = loss_plot([stage_curves(uri, report)], baseline.model_dump(), config.validation.forgetting_budget,
@@ -129,6 +131,7 @@ def record(config: PipelineConfig, report: StageReport, mix: StageMix, baseline:
     if config.tracking.log_models:
         tracking.log_artifacts(uri, run_id, report.model_dir, "adapter" if is_adapter(report.model_dir) else "model")
     tracking.end_run(uri, run_id)
+    return plot
 
 
 def report_row(report: StageReport) -> dict:
@@ -177,7 +180,9 @@ def validate_task(config: PipelineConfig, trained: StageTraining, sft_path: str,
 def gate_task(config: PipelineConfig, mix: StageMix, trained: StageTraining, losses: Losses,
               baseline: Losses, cursor: ShareCursor) -> StageReport:
     report = stage_report(config, mix, trained, losses, baseline, cursor)
-    record(config, report, mix, baseline)
+    plot = record(config, report, mix, baseline)
+    create_image_artifact(data_uri(plot), key=f"stage-{report.stage}-loss-curves",
+                          description=f"Stage {report.stage}: loss curves against the base model's")
     run_logger().info("stage %d gate: %s (%s)", report.stage, report.gate.decision, report.gate.reason)
     create_table_artifact([report_row(report)], key=f"stage-{report.stage}",
                           description=f"Stage {report.stage}: target vs realised domain share, losses, decision")

@@ -17,7 +17,7 @@ from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.e2e
 STEP_METRICS = {"train_loss", "learning_rate", "domain_val_loss", "general_val_loss", "realised_domain_share",
-                "tokens_per_second"}
+                "tokens_per_second", "domain_epochs", "general_epochs", "epochs/synthetic_domain"}
 CACHED_TASKS = {"ingest", "tokenizer", "tokenize", "pretrain"}
 
 
@@ -53,7 +53,8 @@ def check_run(config, summary) -> dict[int, object]:
         assert {"mix", "adapter" if config.train.method == "lora" else "model"} <= artifacts
     parent = client.get_run(summary.parent_run_id)
     assert parent.info.status == "FINISHED"
-    assert {"base_domain_val_loss", "base_general_val_loss"} <= set(parent.data.metrics)
+    assert {"base_domain_val_loss", "base_general_val_loss", "cumulative_epochs/synthetic_domain"} <= set(
+        parent.data.metrics)
     assert "data" in {a.path for a in client.list_artifacts(summary.parent_run_id)}
     return children
 

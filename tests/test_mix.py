@@ -34,11 +34,21 @@ def test_realised_share_is_counted_from_the_draw(tmp_path, share):
     assert mix.realised_token_share > mix.realised_share  # domain rows are longer here
 
 
+def test_epochs_fold_into_the_sequence_with_a_fresh_order_per_pass(tmp_path):
+    mix = mix_stage(pool(50, 500), 1, 0.2, 100, seed=0, manifest=str(tmp_path / "m.parquet"), epochs=2.5)
+    sequence = pd.read_parquet(mix.manifest)
+    assert len(sequence) == 250
+    first, second = sequence["sample_id"][:100], sequence["sample_id"][100:200]
+    assert sorted(first) == sorted(second) and list(first) != list(second)
+    assert mix.domain_epochs == pytest.approx(50 / 50)
+
+
 def test_draw_is_deterministic_and_repeats_only_past_the_pool(tmp_path):
     a = mix_stage(pool(40, 400), 1, 0.5, 200, seed=3, manifest=str(tmp_path / "a.parquet"))
     b = mix_stage(pool(40, 400), 1, 0.5, 200, seed=3, manifest=str(tmp_path / "b.parquet"))
     assert pd.read_parquet(a.manifest).equals(pd.read_parquet(b.manifest))
     assert a.domain_epochs == pytest.approx(2.5)
+    assert a.source_epochs == {"d": pytest.approx(2.5), "g": pytest.approx(0.25)}
     import numpy as np
     once = draw(pool(40, 0), 40, np.random.default_rng(0))
     assert once["sample_id"].is_unique
