@@ -37,7 +37,8 @@ def run_pipeline(config: PipelineConfig, parent: str) -> RunSummary:
     data = ingest_task(config)
     config = plan_task(config, data.stats, parent).config
     tokenizer_dir = tokenizer_task(config, data.samples, data.key)
-    tokens = tokenize_task(data.samples, data.key, tokenizer_dir, config.model.max_seq_len, config.run.output_dir)
+    tokens = tokenize_task(data.samples, data.key, tokenizer_dir, config.model.max_seq_len, config.run.output_dir,
+                           config.data.overlong)
     data_report_task(config, parent, data, tokens)
     base = pretrain_task(config, tokenizer_dir, tokens.pretrain, tokens.key)
     probes = probe_prompts(tokens.sft, data.samples, PROBES_PER_SET)
@@ -54,4 +55,4 @@ def run_pipeline(config: PipelineConfig, parent: str) -> RunSummary:
         report = gate_task(config, mix, trained, losses, baseline, cursor)
         reports.append(report)
         cursor, model = cursor.after(report.gate.decision), trained.model_dir
-    return register_task(config, parent, reports, baseline)
+    return register_task(config, parent, reports, baseline, base)

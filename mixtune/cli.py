@@ -7,6 +7,7 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
 
 from mixtune.config import ConfigError, PipelineConfig, load_config
 
@@ -27,7 +28,7 @@ def parser() -> argparse.ArgumentParser:
                                 description="Check the config and that every input exists; no training.")
     advise = commands.add_parser(
         "advise", help="ingest the data and recommend method, epochs and schedule, with the rule behind each",
-        description="Ingest (cached) and print the seed's rules applied to your data: method, epochs, staged "
+        description="Ingest (cached) and print MiniMind's fine-tuning rules applied to your data: method, epochs, staged "
                     "schedule, continued pre-training, and how often each source would be seen per stage. "
                     "With `plan: auto` in the config, `mixtune run` uses exactly this advice.")
     for sub in (run, check, advise):
@@ -102,11 +103,20 @@ def format_summary(summary, seconds: float) -> str:
             out.append(f"* stage {r.stage} stopped early: {r.stop_reason}; best checkpoint (step {r.best_step}) kept")
     if summary.stopped_reason:
         out.append(f"run stopped: {summary.stopped_reason}")
-    out.append(f"final model: {summary.final_model or 'none (no stage passed the gate)'}")
+    if summary.final_stage == 0:
+        out.append(f"final model: the base model, {summary.final_model} (no stage passed the gate)")
+    else:
+        out.append(f"final model: {summary.final_model} (stage {summary.final_stage})")
     out.append(f"wall time: {seconds:.0f} s")
     out.append(f"MLflow run {summary.parent_run_id}; open the UI with:")
-    out.append(f"  mlflow ui --backend-store-uri {summary.tracking_uri} --workers 1")
+    out.append(f"  {mlflow_command()} ui --backend-store-uri {summary.tracking_uri} --workers 1")
     return "\n".join(out)
+
+
+def mlflow_command() -> str:
+    """The mlflow next to this interpreter (a venv's), so the printed command works without activating it."""
+    beside = Path(sys.executable).parent / "mlflow"
+    return str(beside) if beside.is_file() else "mlflow"
 
 
 if __name__ == "__main__":

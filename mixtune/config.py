@@ -19,16 +19,38 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class Columns(Strict):
+    """How flat records with their own keys become a conversation (e.g. {question, answer})."""
+
+    prompt: str | None = Field(None, description="Field holding the user's message.")
+    prompt_template: str | None = Field(
+        None, description="Instead of prompt: a template over the row's fields, e.g. '{input}\\nA. {A}'.")
+    response: str = Field(description="Field holding the assistant's answer.")
+    system: str | None = Field(None, description="Field holding a system prompt, if any.")
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> Columns:
+        if (self.prompt is None) == (self.prompt_template is None):
+            raise ValueError("give exactly one of 'prompt' or 'prompt_template'")
+        return self
+
+
 class Source(Strict):
     """One input: a file on disk, or a family of the embedded generated data."""
 
-    path: str | None = Field(None, description="A .jsonl or .json file (relative to the config file).")
+    path: str | None = Field(
+        None, description="A .jsonl, .json, .csv, .parquet or .txt file (relative to the config file).")
     synthetic: Literal["general", "domain"] | None = Field(
         None, description="Instead of a file: generate the embedded default data of this kind."
     )
     samples: int = Field(2000, gt=0, description="How many conversations to generate (synthetic only).")
     role: Role = Field(description="general, domain, or pretrain (plain text for continued pre-training).")
     format: Format = Field("auto", description="Row format; auto detects it per row from the keys.")
+    columns: Columns | None = Field(None, description="Column mapping for flat records with custom keys.")
+    system_prompt: str | None = Field(None, description="A fixed system turn put before every conversation.")
+    text_field: str = Field("text", description="Pre-training rows: the field holding the document.")
+    text_split: Literal["line", "blank_line"] = Field(
+        "line", description=".txt pre-training files: one document per line, or blank-line separated.")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Seeded share of this source held out.")
     max_val_samples: int = Field(200, ge=0, description="Cap on held-out rows, so validation stays cheap.")
 
@@ -49,6 +71,14 @@ class Data(Strict):
     """Where the conversations come from; needs at least one general and one domain source."""
 
     sources: list[Source] = Field(min_length=1, description="Inputs, each tagged general, domain or pretrain.")
+    reasoning: Literal["keep", "drop"] = Field(
+        "keep", description="An assistant turn's reasoning_content: kept (rendered as <think>) or dropped.")
+    dedupe: Literal["exact", "normalized"] = Field(
+        "exact", description="normalized also drops near-duplicates (case, whitespace and punctuation aside).")
+    overlong: Literal["truncate", "reject"] = Field(
+        "truncate", description="Samples over model.max_seq_len tokens: truncated, or quarantined (counted either way).")
+    max_quarantine_fraction: float = Field(
+        0.5, ge=0.0, le=1.0, description="Fail before training when a source quarantines more of its rows than this.")
 
     @model_validator(mode="after")
     def _needs_both_roles(self) -> Data:
@@ -110,7 +140,7 @@ class Schedule(Strict):
 
 
 class Advisor(Strict):
-    """The seed's data-volume rules, as thresholds (`mixtune advise`, and the plan with `plan: auto`)."""
+    """MiniMind's data-volume rules, as thresholds (`mixtune advise`, and the plan with `plan: auto`)."""
 
     one_epoch_from: int = Field(1_000_000, gt=0, description="About a million samples or more: 1 epoch.")
     three_epochs_below: int = Field(10_000, gt=0, description="Fewer samples (thousands): up to 3 epochs; between: 2.")
@@ -224,9 +254,10 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
+    origin = f"{path} with --set {' '.join(overrides)}" if overrides else path
     for item in overrides:
-        apply_override(raw, item, path)
-    return validate_config(raw, path, base_dir=path.resolve().parent)
+        apply_override(raw, item, origin)
+    return validate_config(raw, origin, base_dir=path.resolve().parent)
 
 
 def apply_override(raw: dict, item: str, origin: Path | str) -> None:
@@ -257,8 +288,11 @@ def format_errors(err: ValidationError, origin: Path | str) -> str:
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
             lines.append(f"  {where}: unknown key (misspelt?)")
+        elif e["type"] == "missing":
+            lines.append(f"  {where}: required, but missing")
         else:
-            lines.append(f"  {where}: {e['msg']} (got {e.get('input')!r})")
+            got = repr(e.get("input"))
+            lines.append(f"  {where}: {e['msg']} (got {got if len(got) <= 80 else got[:77] + '...'})")
     return "\n".join(lines)
 
 

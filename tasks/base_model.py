@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 import torch
 from prefect import task
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -18,15 +19,11 @@ from mixtune.config import PipelineConfig
 from mixtune.logs import run_logger
 from mixtune.paths import cache_dir
 from tasks.callbacks import ProgressCallback
+from tasks.chat import BOS, CHATML, EOS, PAD
 from tasks.lm import PadCollator, TokenDataset, TokenLossTrainer, training_arguments
 
-BASE_VERSION = 1
-PAD, BOS, EOS = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
-# ChatML, as MiniMind renders it: <|im_start|>role\ncontent<|im_end|>\n
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+BASE_VERSION = 2
+TOKENIZER_TEXT_BUDGET = 50_000_000  # characters: enough for a small BPE; a 1M-row file need not be held whole
 # MiniMind's shapes on Llama classes (RMSNorm, SwiGLU, RoPE, grouped KV heads, tied embeddings).
 PRESETS = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -72,13 +69,19 @@ def train_tokenizer(texts: list[str], vocab_size: int, folder: Path) -> PreTrain
 
 
 def corpus_texts(samples_path: str) -> list[str]:
-    """Training-split text only: validation rows must not shape the vocabulary either."""
-    frame = pd.read_parquet(samples_path)
-    frame = frame[frame["split"] == "train"]
-    texts = list(frame["text"].dropna())
-    for messages in frame["messages"].dropna():
-        texts.extend(turn["content"] for turn in json.loads(messages))
-    return texts + ["system", "user", "assistant"]
+    """Training-split text only (validation rows must not shape the vocabulary either), up to a budget."""
+    texts, size = ["system", "user", "assistant", "<think>", "</think>"], 0
+    for batch in pq.ParquetFile(samples_path).iter_batches(batch_size=8192, columns=["messages", "text", "split"]):
+        rows = batch.to_pydict()
+        for messages, text, split in zip(rows["messages"], rows["text"], rows["split"]):
+            if split != "train":
+                continue
+            parts = [text] if text is not None else [t["content"] for t in json.loads(messages)]
+            texts += parts
+            size += sum(map(len, parts))
+            if size >= TOKENIZER_TEXT_BUDGET:
+                return texts
+    return texts
 
 
 def prepare_tokenizer(config: PipelineConfig, samples_path: str, ingest_key: str) -> str:

@@ -7,6 +7,9 @@ so ingest can quarantine it with its file and line instead of crashing.
 from __future__ import annotations
 
 ROLES = ("system", "user", "assistant")
+TOOL_ROLES = ("tool", "function", "ipython")
+# C0 controls other than tab, newline and carriage return, and DEL: never meaningful in training text.
+CONTROL = dict.fromkeys([*range(0, 9), 11, 12, *range(14, 32), 127])
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 CONVERSATION_FORMATS = ("minimind", "openai", "sharegpt", "alpaca")
 
@@ -37,36 +40,75 @@ def detect_format(row: object) -> str:
     raise RowError("unknown_format", f"no known format has keys {sorted(row)[:8]}")
 
 
-def to_conversation(row: object, fmt: str) -> list[dict[str, str]]:
-    if fmt == "auto":
-        fmt = detect_format(row)
+def to_conversation(row: object, fmt: str, mapping: dict | None = None,
+                    reasoning: str = "keep") -> list[dict[str, str]]:
+    """One row as a checked conversation. `mapping` reads flat records with custom keys:
+    {"prompt": key or None, "prompt_template": "...{key}...", "response": key, "system": key, "system_prompt": str}.
+    """
     if not isinstance(row, dict):
         raise RowError("not_object", f"row is a JSON {type(row).__name__}, not an object")
+    if mapping is not None:
+        return check_conversation(mapped_turns(row, mapping))
+    if fmt == "auto":
+        fmt = detect_format(row)
     if fmt == "alpaca":
         turns = alpaca_turns(row)
     elif fmt == "sharegpt":
         turns = [sharegpt_turn(t, i) for i, t in enumerate(turn_list(row, "conversations"))]
     elif fmt in ("minimind", "openai"):
         key = "conversations" if fmt == "minimind" else "messages"
-        turns = [role_content_turn(t, key, i) for i, t in enumerate(turn_list(row, key))]
+        turns = [role_content_turn(t, key, i, reasoning) for i, t in enumerate(turn_list(row, key))]
     else:
         raise RowError("wrong_format", f"a {fmt!r} row where a conversation was expected")
     return check_conversation(turns)
 
 
-def to_text(row: object, fmt: str) -> str:
-    """A pre-training document: `{"text": ...}` rows (plain .txt lines arrive as str)."""
+def field_text(row: dict, key: str) -> str:
+    value = row.get(key)
+    if value is None:
+        raise RowError("missing_field", f"field '{key}' is missing", key)
+    if isinstance(value, float) and value != value:
+        raise RowError("empty_field", f"field '{key}' is an empty cell (NaN)", key)
+    if not isinstance(value, str):
+        raise RowError("wrong_type", f"field '{key}' is a {type(value).__name__}, not text", key)
+    return value
+
+
+def mapped_turns(row: dict, mapping: dict) -> list[dict[str, str]]:
+    if mapping.get("prompt_template"):
+        try:
+            prompt = mapping["prompt_template"].format_map({k: field_text(row, k) for k in row if k is not None})
+        except KeyError as err:
+            raise RowError("missing_field", f"prompt_template needs field {err}", str(err.args[0])) from None
+    else:
+        prompt = field_text(row, mapping["prompt"])
+    turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": field_text(row, mapping["response"])}]
+    system = field_text(row, mapping["system"]) if mapping.get("system") else mapping.get("system_prompt")
+    if system:
+        turns.insert(0, {"role": "system", "content": system})
+    return turns
+
+
+def to_text(row: object, fmt: str, field: str = "text") -> str:
+    """A pre-training document: `{"text": ...}` rows (plain .txt documents arrive as str)."""
     if isinstance(row, str):
         text = row
     elif isinstance(row, dict) and fmt in ("auto", "text"):
-        text = row.get("text")
-        if not isinstance(text, str):
-            raise RowError("missing_field", "pre-training row needs a string 'text'", "text")
+        text = field_text(row, field)
     else:
-        raise RowError("wrong_format", f"pre-training rows are {{'text': ...}}, got {type(row).__name__}")
+        raise RowError("wrong_format", f"pre-training rows are {{'{field}': ...}}, got {type(row).__name__}")
     if not text.strip():
-        raise RowError("empty_content", "empty text", "text")
+        raise RowError("empty_content", "empty text", field)
+    check_characters(text, field)
     return text
+
+
+def check_characters(text: str, field: str) -> None:
+    if "\x00" in text:
+        raise RowError("nul_character", f"{field} holds a NUL character", field)
+    if len(text.translate(CONTROL)) != len(text):
+        bad = next(c for c in text if ord(c) in CONTROL)
+        raise RowError("control_character", f"{field} holds control character U+{ord(bad):04X}", field)
 
 
 def turn_list(row: dict, key: str) -> list:
@@ -76,14 +118,23 @@ def turn_list(row: dict, key: str) -> list:
     return turns
 
 
-def role_content_turn(turn: object, key: str, index: int) -> dict[str, str]:
+def role_content_turn(turn: object, key: str, index: int, reasoning: str = "keep") -> dict[str, str]:
     field = f"{key}[{index}]"
     if not isinstance(turn, dict):
         raise RowError("bad_turn", f"{field} is not an object", field)
     role, content = turn.get("role"), turn.get("content")
+    if role in TOOL_ROLES or turn.get("tool_calls") or turn.get("function_call"):
+        raise RowError("tool_turn", f"{field} is a tool/function turn; tool use is not trained yet", field)
     if not isinstance(role, str) or not isinstance(content, str):
         raise RowError("missing_field", f"{field} needs string 'role' and 'content'", field)
-    return {"role": role, "content": content}
+    out = {"role": role, "content": content}
+    thought = turn.get("reasoning_content")
+    if thought is not None and reasoning == "keep":
+        if not isinstance(thought, str):
+            raise RowError("wrong_type", f"{field}.reasoning_content is not text", f"{field}.reasoning_content")
+        if thought.strip():
+            out["reasoning_content"] = thought
+    return out
 
 
 def sharegpt_turn(turn: object, index: int) -> dict[str, str]:
@@ -121,8 +172,7 @@ def check_conversation(turns: list[dict[str, str]]) -> list[dict[str, str]]:
             raise RowError("unknown_role", f"turn {i} has role {turn['role']!r}", f"turn[{i}].role")
         if not turn["content"].strip():
             raise RowError("empty_content", f"turn {i} ({turn['role']}) is empty", f"turn[{i}].content")
-        if "\x00" in turn["content"]:
-            raise RowError("nul_character", f"turn {i} holds a NUL character", f"turn[{i}].content")
+        check_characters(turn["content"], f"turn[{i}].content")
     if not any(t["role"] == "assistant" for t in turns):
         raise RowError("no_assistant", "conversation has no assistant turn")
     if turns[-1]["role"] != "assistant":

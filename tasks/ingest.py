@@ -1,32 +1,39 @@
 """Ingest: sources -> one table of normalised samples, a quarantine of rejected rows, and counts.
 
-Every row read ends up accepted, duplicate, or quarantined with its file, line and reason.
+Every row read ends up accepted, duplicate, or quarantined with its file, line and reason; for every
+source accepted + duplicates + quarantined = rows read. Files stream through in chunks, so memory
+follows the chunk size, not the file size.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import unicodedata
+from array import array
 from collections import Counter
-from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
-import pandas as pd
-from prefect import get_run_logger, task
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import task
 from pydantic import BaseModel
 
-from mixtune.cache import file_digest, fingerprint, is_complete, prefect_cache_key, mark_complete
+from mixtune.cache import file_digest, fingerprint, is_complete, mark_complete, prefect_cache_key
 from mixtune.config import PipelineConfig, Source
+from mixtune.logs import run_logger
 from mixtune.paths import cache_dir
-from tasks.formats import RowError, to_conversation, to_text
+from tasks.readers import PARALLEL_FROM_BYTES, IngestError, chunks, normalise_chunk, ordered_map
 from tasks.synthetic import GENERATOR_VERSION, write_synthetic
 
-INGEST_VERSION = 1
-READABLE_SUFFIXES = {".jsonl", ".json", ".txt"}
+__all__ = ["IngestError", "IngestResult", "ingest", "ingest_task"]
 
-
-class IngestError(RuntimeError):
-    """A source that cannot be read at all: the message names the file."""
+INGEST_VERSION = 2
+SCRIPT_SAMPLE = 2000
+SCHEMA = pa.schema([("line", pa.int64()), ("messages", pa.string()), ("text", pa.string()),
+                    ("sample_id", pa.string()), ("turns", pa.int32()), ("source", pa.string()), ("tag", pa.string())])
 
 
 class IngestResult(BaseModel):
@@ -45,103 +52,9 @@ def source_fingerprint(source: Source, seed: int) -> dict:
 
 
 def ingest_key(config: PipelineConfig) -> str:
-    seed = config.run.seed
-    return fingerprint(INGEST_VERSION, seed, [source_fingerprint(s, seed) for s in config.data.sources])
-
-
-def iter_rows(path: Path) -> Iterator[tuple[int, object]]:
-    """(line number, parsed row) pairs; a line that is not valid UTF-8 or JSON yields a RowError instead."""
-    check_readable(path)
-    if path.suffix == ".json":
-        yield from enumerate(parse_json_file(path), start=1)
-        return
-    as_json = path.suffix == ".jsonl"
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if raw.strip():
-                yield number, parse_line(raw, as_json)
-
-
-def parse_line(raw: bytes, as_json: bool) -> object:
-    try:
-        text = raw.decode("utf-8").rstrip("\r\n")
-    except UnicodeDecodeError as err:
-        return RowError("invalid_utf8", f"not UTF-8 at byte {err.start}")
-    if not as_json:
-        return text
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        return RowError("invalid_json", f"invalid JSON: {err.msg} at column {err.colno}")
-
-
-def check_readable(path: Path) -> None:
-    if path.is_dir():
-        raise IngestError(f"{path}: is a directory, not a data file")
-    if path.suffix not in READABLE_SUFFIXES:
-        raise IngestError(f"{path}: unsupported extension {path.suffix!r} (use .jsonl, .json or .txt)")
-    try:
-        size = path.stat().st_size
-    except OSError as err:
-        raise IngestError(f"{path}: cannot read: {err.strerror}") from None
-    if size == 0:
-        raise IngestError(f"{path}: file is empty")
-
-
-def parse_json_file(path: Path) -> list:
-    try:
-        rows = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise IngestError(f"{path}: not a valid JSON document: {err}") from None
-    if not isinstance(rows, list):
-        raise IngestError(f"{path}: a .json source must hold a list of records")
-    return rows
-
-
-def read_source(source: Source, path: Path) -> tuple[list[dict], list[dict]]:
-    """Accepted samples and quarantined rows of one source, in file order."""
-    accepted, rejected = [], []
-    for line, row in iter_rows(path):
-        try:
-            if isinstance(row, RowError):
-                raise row
-            accepted.append({"line": line, **normalise(row, source)})
-        except RowError as err:
-            rejected.append({"file": str(path), "line": line, "reason": err.reason, "field": err.field,
-                             "message": err.args[0], "row": preview(row)})
-    if not accepted and rejected:
-        first = rejected[0]
-        raise IngestError(f"{path}: no row in a usable format; line {first['line']}: {first['message']}")
-    return accepted, rejected
-
-
-def normalise(row: object, source: Source) -> dict:
-    if source.role == "pretrain":
-        return {"messages": None, "text": to_text(row, source.format)}
-    if isinstance(row, str):
-        raise RowError("wrong_format", "plain text line in a conversation source")
-    return {"messages": json.dumps(to_conversation(row, source.format), ensure_ascii=False), "text": None}
-
-
-def preview(row: object, limit: int = 500) -> str:
-    text = row.args[0] if isinstance(row, RowError) else json.dumps(row, ensure_ascii=False, default=str)
-    return text[:limit]
-
-
-def sample_id(record: dict) -> str:
-    body = record["messages"] if record["messages"] is not None else record["text"]
-    return hashlib.sha1(body.encode("utf-8")).hexdigest()[:16]
-
-
-def assign_split(ids: pd.Series, source: Source, seed: int) -> pd.Series:
-    """Seeded and per-row: a row's split depends on its content, not on where it sits in the file."""
-    if source.role == "pretrain" or source.val_fraction == 0:
-        return pd.Series("train", index=ids.index)
-    n_val = min(source.max_val_samples, round(source.val_fraction * len(ids)))
-    order = ids.map(lambda i: hashlib.sha1(f"{seed}:{i}".encode()).hexdigest()).sort_values()
-    split = pd.Series("train", index=ids.index)
-    split[order.index[:n_val]] = "val"
-    return split
+    seed, data = config.run.seed, config.data
+    options = data.model_dump(exclude={"sources"})
+    return fingerprint(INGEST_VERSION, seed, options, [source_fingerprint(s, seed) for s in data.sources])
 
 
 def resolve_source_path(source: Source, config: PipelineConfig) -> Path:
@@ -149,6 +62,124 @@ def resolve_source_path(source: Source, config: PipelineConfig) -> Path:
         folder = Path(config.run.output_dir) / "synthetic"
         return write_synthetic(source.synthetic, source.samples, config.run.seed, folder)
     return Path(source.path)
+
+
+def worker_spec(source: Source, config: PipelineConfig, path: Path) -> dict:
+    """What a worker process needs to normalise rows: plain data only."""
+    mapping = source.columns.model_dump() if source.columns else None
+    return {"file": str(path), "role": source.role, "format": source.format, "mapping": mapping,
+            "reasoning": config.data.reasoning, "system_prompt": source.system_prompt,
+            "text_field": source.text_field, "dedupe": config.data.dedupe}
+
+
+class SourceReader:
+    """Streams one source into the shared writer, dropping duplicates against everything seen so far."""
+
+    def __init__(self, source: Source, config: PipelineConfig, seen: set, near_seen: set):
+        self.source, self.config, self.seen, self.near_seen = source, config, seen, near_seen
+        self.path = resolve_source_path(source, config)
+        self.reasons, self.turns = Counter(), Counter()
+        self.rows_read = self.accepted = self.duplicates = self.near_duplicates = 0
+        self.split_hashes = array("Q")
+        self.script_sample: list[str] = []
+        self.first_rejection: dict | None = None
+
+    def run(self, writer: pq.ParquetWriter, quarantine) -> dict:
+        spec = worker_spec(self.source, self.config, self.path)
+        parallel = self.path.stat().st_size >= PARALLEL_FROM_BYTES
+        work = partial(normalise_chunk, spec=spec)
+        for accepted, rejected in ordered_map(work, chunks(self.path, self.source.text_split), parallel):
+            self.rows_read += len(accepted) + len(rejected)
+            self.quarantine(rejected, quarantine)
+            kept = self.deduplicate(accepted)
+            if kept:
+                writer.write_batch(self.batch(kept))
+        self.check_usable()
+        return self.stats()
+
+    def quarantine(self, rejected: list[dict], out) -> None:
+        for row in rejected:
+            self.reasons[row["reason"]] += 1
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.first_rejection = self.first_rejection or (rejected[0] if rejected else None)
+
+    def deduplicate(self, accepted: list[tuple]) -> list[tuple]:
+        kept = []
+        for row in accepted:
+            _, messages, text, sid, near, turns = row
+            if sid in self.seen:
+                self.duplicates += 1
+            elif near is not None and near in self.near_seen:
+                self.near_duplicates += 1
+            else:
+                self.seen.add(sid)
+                if near is not None:
+                    self.near_seen.add(near)
+                kept.append(row)
+                self.turns[turns] += 1
+                self.split_hashes.append(split_hash(self.config.run.seed, sid))
+                if len(self.script_sample) < SCRIPT_SAMPLE:
+                    self.script_sample.append(messages or text)
+        self.accepted += len(kept)
+        return kept
+
+    def batch(self, rows: list[tuple]) -> pa.RecordBatch:
+        columns = list(zip(*rows))
+        n = len(rows)
+        return pa.RecordBatch.from_arrays(
+            [pa.array(columns[0], pa.int64()), pa.array(columns[1], pa.string()), pa.array(columns[2], pa.string()),
+             pa.array(columns[3], pa.string()), pa.array(columns[5], pa.int32()),
+             pa.array([self.source.label] * n, pa.string()), pa.array([self.source.role] * n, pa.string())],
+            schema=SCHEMA)
+
+    def check_usable(self) -> None:
+        quarantined = sum(self.reasons.values())
+        if self.rows_read == 0:
+            raise IngestError(f"{self.path}: holds no rows")
+        if self.accepted + self.duplicates + self.near_duplicates == 0:
+            first = self.first_rejection
+            raise IngestError(f"{self.path}: no row in a usable format; line {first['line']}: {first['message']}")
+        limit = self.config.data.max_quarantine_fraction
+        if quarantined > limit * self.rows_read:
+            top = ", ".join(f"{r} {n}" for r, n in self.reasons.most_common(3))
+            raise IngestError(f"{self.path}: {quarantined:,} of {self.rows_read:,} rows quarantined "
+                              f"({quarantined / self.rows_read:.0%} > max_quarantine_fraction {limit:.0%}): {top}")
+
+    def val_threshold(self) -> int:
+        """Rows whose seeded hash is at most this go to validation: the n_val smallest, independent of file order."""
+        source = self.source
+        if source.role == "pretrain" or not self.split_hashes:
+            return -1
+        n_val = min(source.max_val_samples, round(source.val_fraction * len(self.split_hashes)))
+        if n_val == 0:
+            return -1
+        hashes = np.frombuffer(self.split_hashes, dtype=np.uint64)
+        return int(np.partition(hashes, n_val - 1)[n_val - 1])
+
+    def stats(self) -> dict:
+        return {
+            "file": str(self.path), "role": self.source.role, "rows_read": self.rows_read,
+            "accepted": self.accepted, "duplicates": self.duplicates + self.near_duplicates,
+            "exact_duplicates": self.duplicates, "near_duplicates": self.near_duplicates,
+            "quarantined": sum(self.reasons.values()), "quarantined_by_reason": dict(self.reasons),
+            "turns": {str(k): v for k, v in sorted(self.turns.items())}, "scripts": script_mix(self.script_sample),
+        }
+
+
+def split_hash(seed: int, sample_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{sample_id}".encode(), digest_size=8).digest(), "little")
+
+
+def script_mix(texts: list[str]) -> dict[str, float]:
+    """Share of letters per writing system in a sample of the source (e.g. LATIN 0.62, CJK 0.38)."""
+    counts = Counter()
+    for text in texts:
+        for char in text:
+            if char.isalpha():
+                name = unicodedata.name(char, "OTHER").split(" ")[0]
+                counts["CJK" if name in ("CJK", "HIRAGANA", "KATAKANA", "HANGUL") else name] += 1
+    total = sum(counts.values()) or 1
+    return {name: round(n / total, 4) for name, n in counts.most_common(5)}
 
 
 def ingest(config: PipelineConfig, key: str | None = None) -> IngestResult:
@@ -160,39 +191,35 @@ def ingest(config: PipelineConfig, key: str | None = None) -> IngestResult:
         result.stats = json.loads((folder / "stats.json").read_text())
         return result
     folder.mkdir(parents=True, exist_ok=True)
-    frames, quarantined, seen = [], [], set()
-    for source in config.data.sources:
-        frame, rejected, stats = ingest_source(source, config, seen)
-        frames.append(frame)
-        quarantined.extend(rejected)
-        result.stats[source.label] = stats
-    pd.concat(frames, ignore_index=True).to_parquet(result.samples, index=False)
-    with open(result.quarantine, "w", encoding="utf-8") as out:
-        for row in quarantined:
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
-    (folder / "stats.json").write_text(json.dumps(result.stats, indent=2))
+    unsplit, seen, near_seen, thresholds = folder / "unsplit.parquet", set(), set(), {}
+    with pq.ParquetWriter(unsplit, SCHEMA) as writer, open(result.quarantine, "w", encoding="utf-8") as out:
+        for source in config.data.sources:
+            reader = SourceReader(source, config, seen, near_seen)
+            result.stats[source.label] = reader.run(writer, out)
+            thresholds[source.label] = reader.val_threshold()
+    split_counts = write_with_splits(unsplit, Path(result.samples), thresholds, config.run.seed)
+    unsplit.unlink()
+    for label, counts in split_counts.items():
+        result.stats[label].update(counts)
+    (folder / "stats.json").write_text(json.dumps(result.stats, indent=2, ensure_ascii=False))
     mark_complete(folder)
     return result
 
 
-def ingest_source(source: Source, config: PipelineConfig, seen: set) -> tuple[pd.DataFrame, list, dict]:
-    path = resolve_source_path(source, config)
-    accepted, rejected = read_source(source, path)
-    frame = pd.DataFrame(accepted, columns=["line", "messages", "text"])
-    frame["sample_id"] = [sample_id(r) for r in accepted]
-    first_here = ~frame["sample_id"].duplicated()
-    unique = first_here & ~frame["sample_id"].isin(seen)
-    seen.update(frame["sample_id"])
-    frame = frame[unique].copy()
-    frame["source"], frame["tag"] = source.label, source.role
-    frame["split"] = assign_split(frame["sample_id"], source, config.run.seed)
-    stats = {
-        "file": str(path), "role": source.role, "rows_read": len(accepted) + len(rejected),
-        "accepted": len(frame), "duplicates": int((~unique).sum()), "quarantined": len(rejected),
-        "quarantined_by_reason": dict(Counter(r["reason"] for r in rejected)),
-        "train": int((frame["split"] == "train").sum()), "val": int((frame["split"] == "val").sum()),
-    }
-    return frame, rejected, stats
+def write_with_splits(unsplit: Path, target: Path, thresholds: dict[str, int], seed: int) -> dict[str, dict]:
+    """Second pass over the written rows: add the split column, batch by batch."""
+    counts = {label: {"train": 0, "val": 0} for label in thresholds}
+    source_file = pq.ParquetFile(unsplit)
+    schema = SCHEMA.append(pa.field("split", pa.string()))
+    with pq.ParquetWriter(target, schema) as writer:
+        for batch in source_file.iter_batches(batch_size=65536):
+            labels, ids = batch.column("source").to_pylist(), batch.column("sample_id").to_pylist()
+            split = ["val" if split_hash(seed, i) <= thresholds[s] else "train" for s, i in zip(labels, ids)]
+            for s, part in zip(labels, split):
+                counts[s][part] += 1
+            writer.write_batch(pa.RecordBatch.from_arrays([*batch.columns, pa.array(split, pa.string())],
+                                                          schema=schema))
+    return counts
 
 
 def ingest_cache_key(config: PipelineConfig) -> str:
@@ -204,7 +231,7 @@ def ingest_cache_key(config: PipelineConfig) -> str:
       cache_key_fn=lambda _ctx, params: ingest_cache_key(params["config"]))
 def ingest_task(config: PipelineConfig) -> IngestResult:
     result = ingest(config)
-    log = get_run_logger()
+    log = run_logger()
     for label, s in result.stats.items():
         log.info("%s: %d read, %d accepted, %d duplicate, %d quarantined %s", label, s["rows_read"],
                  s["accepted"], s["duplicates"], s["quarantined"], s["quarantined_by_reason"] or "")

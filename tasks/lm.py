@@ -15,15 +15,19 @@ from tasks.tokenize import IGNORE
 transformers_logging.disable_progress_bar()
 
 
-class TiedHeadNotice(logging.Filter):
-    """Checkpoints of tied-embedding models omit lm_head (it *is* the embedding); the Trainer still warns
-    about the missing key when it reloads the best checkpoint. The weights are right: drop that one line."""
+class HarmlessNotices(logging.Filter):
+    """Two Trainer lines that alarm users for nothing: checkpoints of tied-embedding models omit lm_head (it
+    *is* the embedding), and checkpoint folders are ordered by number when mtime is coarse (which is right)."""
+
+    HARMLESS = ("checkpoint model loaded: ['lm_head.weight']", "mtime may not be reliable")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "checkpoint model loaded: ['lm_head.weight']" not in record.getMessage()
+        return not any(text in record.getMessage() for text in self.HARMLESS)
 
 
-transformers_logging.get_logger("transformers.trainer").addFilter(TiedHeadNotice())
+for _name in ("transformers.trainer", "transformers.trainer_utils"):
+    transformers_logging.get_logger(_name).addFilter(HarmlessNotices())
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
 
 class TokenDataset(torch.utils.data.Dataset):

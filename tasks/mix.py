@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 from prefect import task
 from pydantic import BaseModel
 
@@ -89,10 +90,14 @@ def source_epochs(sequence: pd.DataFrame, train: pd.DataFrame) -> dict[str, floa
     return {source: float(drawn.get(source, 0) / pool[source]) for source in pool.index}
 
 
-def stage_table(sft: pd.DataFrame, manifest: str) -> pd.DataFrame:
-    """The stage's training rows (token ids and labels) in the manifest's order, repeats included."""
+def stage_table(sft_path: str, manifest: str) -> pd.DataFrame:
+    """The stage's training rows (token ids and labels) in the manifest's order, repeats included; only the
+    drawn rows are read, so a stage's memory follows its size, not the whole data set's."""
     order = pd.read_parquet(manifest, columns=["sample_id"])
-    by_id = sft[sft["split"] == "train"].drop_duplicates("sample_id").set_index("sample_id")
+    wanted = order["sample_id"].unique().tolist()
+    rows = pq.read_table(sft_path, columns=["sample_id", "split", "input_ids", "labels"],
+                         filters=[("sample_id", "in", wanted), ("split", "==", "train")]).to_pandas()
+    by_id = rows.drop_duplicates("sample_id").set_index("sample_id")
     return by_id.loc[order["sample_id"]].reset_index()
 
 

@@ -1,4 +1,4 @@
-"""The seed's rules as a plan that explains itself: method, epochs and schedule from the data's size,
+"""MiniMind's fine-tuning rules as a plan that explains itself: method, epochs and schedule from the data's size,
 and per-source epoch accounting that keeps a small domain set from being repeated into overfitting.
 
 Pure functions: every number in a plan comes with the rule that produced it.
@@ -152,8 +152,8 @@ def stage_budgets(shares: list[float], samples: int, epochs: float, domain_pool:
 def format_plan(advice: Advice | None, plan: EpochPlan, config: PipelineConfig) -> str:
     lines = []
     if advice is not None:
-        lines += ["Advice (the seed's rules):", *[f"  - {r}" for r in advice.reasons], ""]
-    lines += [f"Plan ({'auto: the advice is used' if config.plan == 'auto' else 'manual: pipeline.yaml as written'}):",
+        lines += ["Advice (MiniMind's fine-tuning rules):", *[f"  - {r}" for r in advice.reasons], ""]
+    lines += [f"Plan ({'auto: the advice is used' if config.plan == 'auto' else 'manual: the config as given'}):",
               f"  method {config.train.method}, {config.train.epochs:g} epoch(s) per stage, "
               f"{plan.samples_per_stage:,} samples per stage",
               f"  domain pool {plan.domain_pool:,} (budget {plan.domain_epoch_budget:g} epochs), "

@@ -25,8 +25,8 @@ class RunSummary(BaseModel):
     experiment: str
     baseline: Losses
     stages: list[StageReport]
-    final_model: str | None
-    final_stage: int | None
+    final_model: str
+    final_stage: int  # 0: the base model (no stage passed the gate)
     stopped_reason: str | None
     plots: list[str] = []
 
@@ -77,18 +77,20 @@ def publish_plots(uri: str, parent_run_id: str, reports: list[StageReport], base
 
 
 def register_final(config: PipelineConfig, parent_run_id: str, reports: list[StageReport],
-                   baseline: Losses) -> RunSummary:
+                   baseline: Losses, base_dir: str) -> RunSummary:
+    """The best model so far becomes the run's final model: the best stage that passed the gate, or the
+    base model itself when none did."""
     uri = tracking.tracking_uri(config)
     final = final_stage(reports)
+    model_dir, stage, losses = (final.model_dir, final.stage, final.losses) if final else (base_dir, 0, baseline)
     stopped = next((r.gate.reason for r in reports if r.gate.decision == "stop"), None)
     guarded = [f"stage {r.stage}: {r.gate.decision}" for r in reports if r.gate.decision in ("hold", "back_off")]
-    if final is not None:
-        kind = "adapter" if is_adapter(final.model_dir) else "model"
-        tracking.log_artifacts(uri, parent_run_id, final.model_dir, f"final_{kind}")
-        tracking.log_metrics(uri, parent_run_id, {"final_domain_val_loss": final.losses.domain,
-                                                  "final_general_val_loss": final.losses.general}, step=final.stage)
+    kind = "adapter" if is_adapter(model_dir) else "model"
+    tracking.log_artifacts(uri, parent_run_id, model_dir, f"final_{kind}")
+    tracking.log_metrics(uri, parent_run_id, {"final_domain_val_loss": losses.domain,
+                                              "final_general_val_loss": losses.general}, step=stage)
     plots = publish_plots(uri, parent_run_id, reports, baseline, config.validation.forgetting_budget)
-    tracking.set_tags(uri, parent_run_id, {"mixtune.final_stage": final.stage if final else "none",
+    tracking.set_tags(uri, parent_run_id, {"mixtune.final_stage": stage,
                                            "mixtune.stopped_reason": stopped or "",
                                            "mixtune.guard_actions": "; ".join(guarded)})
     seen: dict[str, float] = {}
@@ -101,8 +103,8 @@ def register_final(config: PipelineConfig, parent_run_id: str, reports: list[Sta
             **{f"cumulative_epochs/{metric_name(s)}": e for s, e in seen.items()}}, step=report.stage)
     tracking.end_run(uri, parent_run_id)
     return RunSummary(parent_run_id=parent_run_id, tracking_uri=uri, experiment=config.tracking.experiment,
-                      baseline=baseline, stages=reports, final_model=final.model_dir if final else None,
-                      final_stage=final.stage if final else None, stopped_reason=stopped,
+                      baseline=baseline, stages=reports, final_model=model_dir, final_stage=stage,
+                      stopped_reason=stopped,
                       plots=[str(p) for p in plots])
 
 
@@ -116,11 +118,11 @@ def data_report_task(config: PipelineConfig, parent_run_id: str, data: IngestRes
 
 @task(name="register", retries=2, retry_delay_seconds=[2, 10])
 def register_task(config: PipelineConfig, parent_run_id: str, reports: list[StageReport],
-                  baseline: Losses) -> RunSummary:
-    summary = register_final(config, parent_run_id, reports, baseline)
+                  baseline: Losses, base_dir: str) -> RunSummary:
+    summary = register_final(config, parent_run_id, reports, baseline, base_dir)
+    which = f"stage {summary.final_stage}" if summary.final_stage else "the base model: no stage passed the gate"
     lines = [f"MLflow run `{parent_run_id}` in experiment `{summary.experiment}` ({summary.tracking_uri})", "",
-             f"Final model: `{summary.final_model}` (stage {summary.final_stage})" if summary.final_model
-             else "No stage passed the gate; no model registered.", ""]
+             f"Final model: `{summary.final_model}` ({which})", ""]
     if summary.stopped_reason:
         lines.append(f"Stopped: {summary.stopped_reason}")
     lines += ["", "Plots (PNG, also in the MLflow run under `plots/`):", *[f"- `{p}`" for p in summary.plots]]

@@ -1,27 +1,37 @@
 """Tokenise normalised samples once per (data, tokenizer, max length); every stage and re-run reuses them.
 
-SFT labels cover assistant turns only. They are found through the tokenizer's own chat template: the
-characters between "prompt up to turn i" and "conversation through turn i" are turn i's answer, and a
-token is trained on when it starts inside such a span. That works for any template that renders a
-conversation's prefix as a prefix of the whole, which ChatML-style templates do.
+Streams the samples table batch by batch. SFT labels cover assistant answers only (see tasks/chat.py).
+Each piece of a conversation is encoded on its own, in one batch call for the whole batch; that equals
+encoding the whole text whenever piece boundaries are token boundaries, which is checked on the first
+batch, falling back to whole-text encoding with offsets when it is not so.
 """
 
 from __future__ import annotations
 
 import json
-from collections import Counter
+from array import array
+from collections import Counter, defaultdict
 from pathlib import Path
 
-import pandas as pd
-from prefect import get_run_logger, task
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import task
 from pydantic import BaseModel
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer
 
-from mixtune.cache import file_digest, fingerprint, is_complete, prefect_cache_key, mark_complete
+from mixtune.cache import file_digest, fingerprint, is_complete, mark_complete, prefect_cache_key
+from mixtune.logs import run_logger
 from mixtune.paths import cache_dir
+from tasks.chat import pieces_for
 
-TOKENIZE_VERSION = 1
+TOKENIZE_VERSION = 2
 IGNORE = -100
+BATCH_ROWS = 8192
+SCHEMA = pa.schema([("sample_id", pa.string()), ("source", pa.string()), ("tag", pa.string()),
+                    ("split", pa.string()), ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
+                    ("n_tokens", pa.int32()), ("n_labels", pa.int32()), ("full_tokens", pa.int32())])
 
 
 class TokenizedData(BaseModel):
@@ -29,117 +39,181 @@ class TokenizedData(BaseModel):
     folder: str
     sft: str
     pretrain: str
+    rejected: str
     stats: dict
 
 
-def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    spans = []
-    for i, turn in enumerate(messages):
-        if turn["role"] != "assistant":
-            continue
-        start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
-        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-        if not full.startswith(through):
-            raise ValueError("the tokenizer's chat template does not render a conversation's prefix as a prefix")
-        spans.append((start, len(through)))
-    return full, spans
+class Encoder:
+    """Turns conversations into (input_ids, labels) and documents into (input_ids, input_ids)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.backend = tokenizer, tokenizer.backend_tokenizer
+        self.pieces = pieces_for(tokenizer)
+        self.piecewise: bool | None = None  # decided on the first batch
+        self.eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+    def conversations(self, conversations: list[list[dict]]) -> list[tuple[list[int], list[int]]]:
+        split = [self.pieces(messages) for messages in conversations]
+        if self.piecewise is None:
+            self.piecewise = self.piecewise_matches(split[:256])
+        return self.encode_pieces(split) if self.piecewise else self.encode_offsets(split)
+
+    def piecewise_matches(self, split: list) -> bool:
+        whole = self.backend.encode_batch_fast(["".join(t for t, _ in p) for p in split], add_special_tokens=False)
+        return [ids for ids, _ in self.encode_pieces(split)] == [e.ids for e in whole]
+
+    def encode_pieces(self, split: list) -> list[tuple[list[int], list[int]]]:
+        flat = self.backend.encode_batch_fast([text for pieces in split for text, _ in pieces],
+                                              add_special_tokens=False)
+        out, k = [], 0
+        for pieces in split:
+            ids, labels = [], []
+            for _, trained in pieces:
+                piece = flat[k].ids
+                ids += piece
+                labels += piece if trained else [IGNORE] * len(piece)
+                k += 1
+            out.append((ids, labels))
+        return out
+
+    def encode_offsets(self, split: list) -> list[tuple[list[int], list[int]]]:
+        """The general path: encode whole texts; a token is trained on when it starts inside an answer."""
+        texts, spans = [], []
+        for pieces in split:
+            text, marks = "", []
+            for piece, trained in pieces:
+                if trained:
+                    marks.append((len(text), len(text) + len(piece)))
+                text += piece
+            texts.append(text)
+            spans.append(marks)
+        out = []
+        for encoding, marks in zip(self.backend.encode_batch(texts, add_special_tokens=False), spans):
+            starts = np.array([start for start, _ in encoding.offsets])
+            inside = np.zeros(len(starts), dtype=bool)
+            for a, b in marks:
+                inside |= (starts >= a) & (starts < b)
+            ids = encoding.ids
+            out.append((ids, [t if keep else IGNORE for t, keep in zip(ids, inside)]))
+        return out
+
+    def documents(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
+        encoded = self.backend.encode_batch_fast(texts, add_special_tokens=False)
+        return [(e.ids + self.eos, e.ids + self.eos) for e in encoded]
+
+    def render(self, messages: list[dict]) -> str:
+        return "".join(text for text, _ in self.pieces(messages))
 
 
-def encode_sft(tokenizer, conversations: list[list[dict]], max_len: int) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) per conversation, labels -100 outside assistant answers, truncated to max_len."""
-    rendered = [assistant_spans(tokenizer, messages) for messages in conversations]
-    encoded = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
-    out = []
-    for (_, spans), ids, offsets in zip(rendered, encoded["input_ids"], encoded["offset_mapping"]):
-        labels = [tok if any(a <= start < b for a, b in spans) else IGNORE for tok, (start, _) in zip(ids, offsets)]
-        out.append((ids[:max_len], labels[:max_len]))
-    return out
-
-
-def encode_plain(tokenizer, texts: list[str], max_len: int) -> list[tuple[list[int], list[int]]]:
-    """Pre-training: every token is a label; the document ends with the tokenizer's end-of-sequence token."""
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return [((x + eos)[:max_len], (x + eos)[:max_len]) for x in ids]
-
-
-def render_for_pretraining(tokenizer, frame: pd.DataFrame) -> list[str]:
-    """General conversations enter pre-training as whole rendered text, so a scratch model learns the template."""
-    return [
-        tokenizer.apply_chat_template(json.loads(m), tokenize=False) if isinstance(m, str) else t
-        for m, t in zip(frame["messages"], frame["text"])
-    ]
-
-
-def to_table(frame: pd.DataFrame, pairs: list[tuple[list[int], list[int]]], full_lengths: list[int]) -> pd.DataFrame:
-    table = frame[["sample_id", "source", "tag", "split"]].reset_index(drop=True).copy()
-    table["input_ids"] = [ids for ids, _ in pairs]
-    table["labels"] = [labels for _, labels in pairs]
-    table["n_tokens"] = [len(ids) for ids, _ in pairs]
-    table["n_labels"] = [sum(t != IGNORE for t in labels) for _, labels in pairs]
-    table["truncated"] = [full > len(ids) for full, (ids, _) in zip(full_lengths, pairs)]
-    return table
-
-
-def tokenize_key(ingest_key: str, tokenizer_dir: str, max_len: int) -> str:
+def tokenize_key(ingest_key: str, tokenizer_dir: str, max_len: int, overlong: str) -> str:
     vocab = Path(tokenizer_dir) / "tokenizer.json"
     digest = file_digest(vocab) if vocab.is_file() else tokenizer_dir
-    return fingerprint(TOKENIZE_VERSION, ingest_key, digest, max_len)
+    return fingerprint(TOKENIZE_VERSION, ingest_key, digest, max_len, overlong)
 
 
-def tokenize(samples_path: str, ingest_key: str, tokenizer_dir: str, max_len: int, output_dir: str) -> TokenizedData:
-    key = tokenize_key(ingest_key, tokenizer_dir, max_len)
+class TableWriter:
+    """One token table written batch by batch, with per-source length statistics on the way."""
+
+    def __init__(self, path: Path, max_len: int, overlong: str, rejected_out):
+        self.writer = pq.ParquetWriter(path, SCHEMA)
+        self.max_len, self.overlong, self.rejected_out = max_len, overlong, rejected_out
+        self.lengths: dict[str, array] = defaultdict(lambda: array("I"))
+        self.counts: dict[str, Counter] = defaultdict(Counter)
+
+    def write(self, rows: dict, pairs: list[tuple[list[int], list[int]]]) -> None:
+        keep = []
+        for i, (ids, labels) in enumerate(pairs):
+            source = rows["source"][i]
+            self.lengths[source].append(len(ids))
+            if len(ids) > self.max_len:
+                self.counts[source]["over_max_seq_len"] += 1
+                if self.overlong == "reject":
+                    self.reject(rows, i, "too_long", f"{len(ids)} tokens > max_seq_len {self.max_len}")
+                    continue
+            if not any(t != IGNORE for t in labels[:self.max_len]):
+                self.reject(rows, i, "no_labels", "no answer token left within max_seq_len")
+                continue
+            keep.append(i)
+        if keep:
+            self.writer.write_table(self.table(rows, pairs, keep))
+
+    def reject(self, rows: dict, i: int, reason: str, message: str) -> None:
+        self.counts[rows["source"][i]][reason] += 1
+        record = {"file": rows["file"][i] if "file" in rows else rows["source"][i], "line": rows["line"][i],
+                  "reason": reason, "field": None, "message": message, "sample_id": rows["sample_id"][i]}
+        self.rejected_out.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def table(self, rows: dict, pairs: list, keep: list[int]) -> pa.Table:
+        cut = [(pairs[i][0][:self.max_len], pairs[i][1][:self.max_len]) for i in keep]
+        return pa.Table.from_pydict({
+            "sample_id": [rows["sample_id"][i] for i in keep], "source": [rows["source"][i] for i in keep],
+            "tag": [rows["tag"][i] for i in keep], "split": [rows["split"][i] for i in keep],
+            "input_ids": [ids for ids, _ in cut], "labels": [labels for _, labels in cut],
+            "n_tokens": [len(ids) for ids, _ in cut], "n_labels": [sum(t != IGNORE for t in lab) for _, lab in cut],
+            "full_tokens": [len(pairs[i][0]) for i in keep],
+        }, schema=SCHEMA)
+
+    def close(self) -> dict[str, dict]:
+        self.writer.close()
+        return {source: length_stats(lengths, self.max_len, self.counts[source])
+                for source, lengths in self.lengths.items()}
+
+
+def length_stats(lengths: array, max_len: int, counts: Counter) -> dict:
+    values = np.frombuffer(lengths, dtype=np.uint32)
+    p50, p90, p99 = (int(v) for v in np.percentile(values, [50, 90, 99]))
+    edges = np.unique(np.linspace(0, max(int(values.max()), 1), 21).astype(int))
+    hist, _ = np.histogram(values, bins=edges)
+    return {"samples": len(values), "tokens": int(values.sum()), "mean": float(values.mean()), "p50": p50,
+            "p90": p90, "p99": p99, "max": int(values.max()), "over_max_seq_len_share": float((values > max_len).mean()),
+            "histogram": {"edges": edges.tolist(), "counts": hist.tolist()}, **counts}
+
+
+def tokenize(samples_path: str, ingest_key: str, tokenizer_dir: str, max_len: int, output_dir: str,
+             overlong: str = "truncate") -> TokenizedData:
+    key = tokenize_key(ingest_key, tokenizer_dir, max_len, overlong)
     folder = cache_dir(output_dir, "tokens", key)
     result = TokenizedData(key=key, folder=str(folder), sft=str(folder / "sft.parquet"),
-                           pretrain=str(folder / "pretrain.parquet"), stats={})
+                           pretrain=str(folder / "pretrain.parquet"), rejected=str(folder / "rejected.jsonl"), stats={})
     if is_complete(folder):
         result.stats = json.loads((folder / "stats.json").read_text())
         return result
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    frame = pd.read_parquet(samples_path)
-    sft, pretrain = build_sft_table(tokenizer, frame, max_len), build_pretrain_table(tokenizer, frame, max_len)
-    unlearnable = sft["n_labels"] == 0
-    result.stats = token_stats(sft[~unlearnable], pretrain, int(unlearnable.sum()))
-    # A sample whose answer was cut off entirely teaches nothing; it is counted, not silently dropped.
-    sft[~unlearnable].to_parquet(result.sft, index=False)
-    sft[unlearnable][["sample_id", "source", "tag", "split"]].to_parquet(folder / "no_labels.parquet", index=False)
-    pretrain.to_parquet(result.pretrain, index=False)
+    encoder = Encoder(AutoTokenizer.from_pretrained(tokenizer_dir))
+    with open(result.rejected, "w", encoding="utf-8") as rejected:
+        sft = TableWriter(Path(result.sft), max_len, overlong, rejected)
+        pretrain = TableWriter(Path(result.pretrain), max_len, "truncate", rejected)
+        for batch in pq.ParquetFile(samples_path).iter_batches(batch_size=BATCH_ROWS):
+            encode_batch(batch.to_pydict(), encoder, sft, pretrain)
+        result.stats = {"sft": sft.close(), "pretrain": pretrain.close(), "piecewise": bool(encoder.piecewise)}
     (folder / "stats.json").write_text(json.dumps(result.stats, indent=2))
     mark_complete(folder)
     return result
 
 
-def build_sft_table(tokenizer, frame: pd.DataFrame, max_len: int) -> pd.DataFrame:
-    chats = frame[frame["tag"] != "pretrain"]
-    pairs = encode_sft(tokenizer, [json.loads(m) for m in chats["messages"]], max_len=1 << 30)
-    full_lengths = [len(ids) for ids, _ in pairs]
-    return to_table(chats, [(ids[:max_len], labels[:max_len]) for ids, labels in pairs], full_lengths)
-
-
-def build_pretrain_table(tokenizer, frame: pd.DataFrame, max_len: int) -> pd.DataFrame:
-    corpus = frame[(frame["tag"] != "domain") & (frame["split"] == "train")]
-    pairs = encode_plain(tokenizer, render_for_pretraining(tokenizer, corpus), max_len=1 << 30)
-    full_lengths = [len(ids) for ids, _ in pairs]
-    return to_table(corpus, [(ids[:max_len], labels[:max_len]) for ids, labels in pairs], full_lengths)
-
-
-def token_stats(sft: pd.DataFrame, pretrain: pd.DataFrame, no_labels: int) -> dict:
-    stats = {"sft_samples": len(sft), "pretrain_samples": len(pretrain), "no_labels_after_truncation": no_labels,
-             "truncated": int(sft["truncated"].sum() + pretrain["truncated"].sum()),
-             "tokens_by_tag_split": {}}
-    for (tag, split), group in sft.groupby(["tag", "split"]):
-        stats["tokens_by_tag_split"][f"{tag}/{split}"] = int(group["n_tokens"].sum())
-    stats["samples_by_tag_split"] = dict(Counter(f"{t}/{s}" for t, s in zip(sft["tag"], sft["split"])))
-    return stats
+def encode_batch(rows: dict, encoder: Encoder, sft: TableWriter, pretrain: TableWriter) -> None:
+    chats = [i for i, tag in enumerate(rows["tag"]) if tag != "pretrain"]
+    if chats:
+        picked = {k: [v[i] for i in chats] for k, v in rows.items()}
+        sft.write(picked, encoder.conversations([orjson.loads(m) for m in picked["messages"]]))
+    # Pre-training reads general conversations as whole rendered text, so a scratch model learns the
+    # template; domain rows stay out (they are what fine-tuning adds), and so do validation rows.
+    corpus = [i for i, (tag, split) in enumerate(zip(rows["tag"], rows["split"])) if tag != "domain" and split == "train"]
+    if corpus:
+        picked = {k: [v[i] for i in corpus] for k, v in rows.items()}
+        texts = [encoder.render(orjson.loads(m)) if m is not None else t
+                 for m, t in zip(picked["messages"], picked["text"])]
+        pretrain.write(picked, encoder.documents(texts))
 
 
 @task(name="tokenize", retries=2, retry_delay_seconds=[2, 10], persist_result=True, result_serializer="json",
       cache_key_fn=lambda _ctx, p: prefect_cache_key(
-          "tokens", k := tokenize_key(p["ingest_key"], p["tokenizer_dir"], p["max_len"]),
+          "tokens", k := tokenize_key(p["ingest_key"], p["tokenizer_dir"], p["max_len"], p["overlong"]),
           cache_dir(p["output_dir"], "tokens", k)))
-def tokenize_task(samples_path: str, ingest_key: str, tokenizer_dir: str, max_len: int, output_dir: str) -> TokenizedData:
-    result = tokenize(samples_path, ingest_key, tokenizer_dir, max_len, output_dir)
-    get_run_logger().info("tokenised: %s", result.stats)
+def tokenize_task(samples_path: str, ingest_key: str, tokenizer_dir: str, max_len: int, output_dir: str,
+                  overlong: str = "truncate") -> TokenizedData:
+    result = tokenize(samples_path, ingest_key, tokenizer_dir, max_len, output_dir, overlong)
+    for source, s in result.stats["sft"].items():
+        run_logger().info("%s: %d samples, tokens p50 %d p90 %d max %d, %.1f%% over max_seq_len", source,
+                          s["samples"], s["p50"], s["p90"], s["max"], 100 * s["over_max_seq_len_share"])
     return result

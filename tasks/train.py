@@ -11,7 +11,7 @@ import json
 import re
 from pathlib import Path
 
-import pandas as pd
+import pyarrow.parquet as pq
 from peft import LoraConfig, PeftModel, get_peft_model
 from prefect import task
 from pydantic import BaseModel
@@ -57,8 +57,8 @@ def load_for_training(config: PipelineConfig, init_dir: str, base_dir: str):
                                            target_modules=lora.target_modules, task_type="CAUSAL_LM"))
 
 
-def validation_sets(sft: pd.DataFrame) -> dict[str, TokenDataset]:
-    val = sft[sft["split"] == "val"]
+def validation_sets(sft_path: str) -> dict[str, TokenDataset]:
+    val = pq.read_table(sft_path, columns=["tag", "input_ids", "labels"], filters=[("split", "==", "val")]).to_pandas()
     return {tag: TokenDataset(val[val["tag"] == tag]) for tag in ("domain", "general")}
 
 
@@ -115,13 +115,12 @@ def train_stage(config: PipelineConfig, mix: StageMix, sft_path: str, init_dir: 
         return StageTraining.model_validate_json(record.read_text())
     tracking.log_metrics(uri, run_id, mix_metrics(mix), step=0)
     sink = lambda metrics, step: tracking.log_metrics(uri, run_id, metrics, step)  # noqa: E731
-    sft = pd.read_parquet(sft_path)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     progress = ProgressCallback(f"stage {mix.stage}", run_logger().info, sink)
     position = SamplerPosition(mix.manifest, config.train.batch_size * config.train.gradient_accumulation_steps)
     watch = OverfitWatch(overfit_tracker(config), sink)
     trainer = build_trainer(config, mix.stage, load_for_training(config, init_dir, base_dir), tokenizer,
-                            TokenDataset(stage_table(sft, mix.manifest)), validation_sets(sft),
+                            TokenDataset(stage_table(sft_path, mix.manifest)), validation_sets(sft_path),
                             stage_dir / "checkpoints", [progress, position, watch])
     resume = get_last_checkpoint(str(stage_dir / "checkpoints")) if (stage_dir / "checkpoints").is_dir() else None
     if resume:

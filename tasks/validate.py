@@ -57,16 +57,17 @@ def evaluate(model_dir: str, base_dir: str, sft_path: str, batch_size: int) -> L
     if torch.cuda.is_available():
         model = model.to("cuda")
     collator = PadCollator(AutoTokenizer.from_pretrained(base_dir).pad_token_id)
-    sets = validation_sets(pd.read_parquet(sft_path))
+    sets = validation_sets(sft_path)
     return Losses(**{tag: mean_token_loss(model, data, collator, batch_size) for tag, data in sets.items()})
 
 
 def probe_prompts(sft_path: str, samples_path: str, per_set: int) -> list[dict]:
     """Fixed probes: the first validation samples of each set by id, the same for every stage and re-run."""
-    tokens = pd.read_parquet(sft_path, columns=["sample_id", "tag", "split"])
-    val = tokens[tokens["split"] == "val"].sort_values("sample_id")
+    val = pd.read_parquet(sft_path, columns=["sample_id", "tag"], filters=[("split", "==", "val")])
+    val = val.sort_values("sample_id")
     chosen = pd.concat([group.head(per_set) for _, group in val.groupby("tag")])
-    texts = pd.read_parquet(samples_path, columns=["sample_id", "messages"]).drop_duplicates("sample_id")
+    texts = pd.read_parquet(samples_path, columns=["sample_id", "messages"],
+                            filters=[("sample_id", "in", chosen["sample_id"].tolist())]).drop_duplicates("sample_id")
     merged = chosen.merge(texts, on="sample_id")
     probes = []
     for tag, messages in zip(merged["tag"], merged["messages"]):

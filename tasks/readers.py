@@ -1,0 +1,211 @@
+"""Sources read in bounded chunks, and rows turned into samples, in parallel where a file is large.
+
+A chunk is a list of (location, row): location is the 1-based line (JSONL, text) or record number (JSON,
+CSV, Parquet); row is raw bytes (JSONL: parsed in the worker), a parsed record, a text document, or a
+RowError. Memory stays bounded by the chunks in flight, not by the file.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import re
+import sys
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import orjson
+import pyarrow.parquet as pq
+
+from tasks.formats import RowError, to_conversation, to_text
+
+SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+CHUNK_ROWS = 4096
+PARALLEL_FROM_BYTES = 32 << 20  # below this, starting worker processes costs more than it saves
+SURROGATE = re.compile("[\udc80-\udcff]")
+NOT_WORD = re.compile(r"[\W_]+")
+
+
+class IngestError(RuntimeError):
+    """A source that cannot be read at all: the message names the file."""
+
+
+def check_readable(path: Path) -> None:
+    if path.is_dir():
+        raise IngestError(f"{path}: is a directory, not a data file")
+    if path.suffix not in SUFFIXES:
+        raise IngestError(f"{path}: unsupported extension {path.suffix!r} (use {', '.join(SUFFIXES)})")
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            handle.read(1)
+    except OSError as err:
+        raise IngestError(f"{path}: cannot read: {err.strerror}") from None
+    if size == 0:
+        raise IngestError(f"{path}: file is empty")
+
+
+def chunks(path: Path, text_split: str = "line") -> Iterator[list[tuple[int, object]]]:
+    check_readable(path)
+    readers = {".jsonl": jsonl_lines, ".json": json_records, ".csv": csv_records, ".parquet": parquet_records,
+               ".txt": (lambda p: text_documents(p, text_split))}
+    batch = []
+    for item in readers[path.suffix](path):
+        batch.append(item)
+        if len(batch) == CHUNK_ROWS:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def jsonl_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if raw.strip():
+                yield number, raw
+
+
+def json_records(path: Path) -> Iterator[tuple[int, object]]:
+    """A .json source is one document (a list of records): read whole, so keep large data in JSONL."""
+    try:
+        rows = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise IngestError(f"{path}: not a valid JSON document: {err}") from None
+    if not isinstance(rows, list):
+        raise IngestError(f"{path}: a .json source must hold a list of records")
+    yield from enumerate(rows, start=1)
+
+
+def csv_records(path: Path) -> Iterator[tuple[int, object]]:
+    """Records, not lines: a quoted cell may span lines. Bytes that are not UTF-8 spoil only their row."""
+    with path.open(newline="", encoding="utf-8", errors="surrogateescape") as handle:
+        reader = csv.DictReader(handle)
+        if not reader.fieldnames:
+            raise IngestError(f"{path}: CSV has no header row")
+        for number, row in enumerate(reader, start=1):
+            yield number, csv_row(row, len(reader.fieldnames))
+
+
+def csv_row(row: dict, width: int) -> dict | RowError:
+    if None in row:
+        return RowError("bad_csv_row", f"{len(row[None])} more cell(s) than the header's {width}")
+    if any(value is not None and SURROGATE.search(value) for value in row.values()):
+        return RowError("invalid_utf8", "cell is not valid UTF-8")
+    return row
+
+
+def parquet_records(path: Path) -> Iterator[tuple[int, object]]:
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises several types for a file that is not Parquet
+        raise IngestError(f"{path}: not a readable Parquet file: {err}") from None
+    number = 0
+    for batch in table.iter_batches(batch_size=CHUNK_ROWS):
+        for row in batch.to_pylist():
+            number += 1
+            yield number, row
+
+
+def text_documents(path: Path, split: str) -> Iterator[tuple[int, object]]:
+    """One document per line, or (blank_line) paragraphs separated by blank lines."""
+    start, lines = None, []
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as err:
+                yield number, RowError("invalid_utf8", f"not UTF-8 at byte {err.start}")
+                continue
+            if split == "line":
+                if line.strip():
+                    yield number, line
+            elif line.strip():
+                start, lines = start or number, [*lines, line]
+            elif lines:
+                yield start, "\n".join(lines)
+                start, lines = None, []
+    if lines:
+        yield start, "\n".join(lines)
+
+
+def parse_jsonl(raw: bytes) -> object:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return RowError("invalid_utf8", f"not UTF-8 at byte {err.start}")
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as err:
+        return RowError("invalid_json", f"invalid JSON: {err}")
+
+
+def sample_key(body: str, dedupe: str) -> str:
+    if dedupe == "normalized":
+        body = NOT_WORD.sub(" ", body.lower()).strip()
+    return hashlib.blake2b(body.encode("utf-8"), digest_size=8).hexdigest()
+
+
+def normalise_chunk(chunk: list[tuple[int, object]], spec: dict) -> tuple[list[tuple], list[dict]]:
+    """Accepted rows as (location, messages JSON | None, text | None, sample id, near-duplicate key | None,
+    turns), and rejected rows with their reason. Runs in worker processes: plain data in, plain data out."""
+    accepted, rejected = [], []
+    for location, row in chunk:
+        if isinstance(row, bytes):
+            row = parse_jsonl(row)
+        try:
+            if isinstance(row, RowError):
+                raise row
+            accepted.append((location, *normalise(row, spec)))
+        except RowError as err:
+            rejected.append({"file": spec["file"], "line": location, "reason": err.reason, "field": err.field,
+                             "message": err.args[0], "row": preview(row)})
+    return accepted, rejected
+
+
+def normalise(row: object, spec: dict) -> tuple:
+    if spec["role"] == "pretrain":
+        text = to_text(row, spec["format"], spec["text_field"])
+        return None, text, *sample_keys(text, spec["dedupe"]), 0
+    if isinstance(row, str):
+        raise RowError("wrong_format", "plain text where a conversation was expected")
+    conversation = to_conversation(row, spec["format"], spec["mapping"], spec["reasoning"])
+    if spec["system_prompt"] and conversation[0]["role"] != "system":
+        conversation.insert(0, {"role": "system", "content": spec["system_prompt"]})
+    messages = orjson.dumps(conversation).decode()
+    return messages, None, *sample_keys(messages, spec["dedupe"]), len(conversation)
+
+
+def sample_keys(body: str, dedupe: str) -> tuple[str, str | None]:
+    return sample_key(body, "exact"), sample_key(body, "normalized") if dedupe == "normalized" else None
+
+
+def preview(row: object, limit: int = 500) -> str:
+    if isinstance(row, RowError):
+        return row.args[0][:limit]
+    if isinstance(row, bytes):
+        return row[:limit].decode("utf-8", errors="replace")
+    return json.dumps(row, ensure_ascii=False, default=str)[:limit]
+
+
+def ordered_map(fn: Callable, items: Iterable, parallel: bool) -> Iterator:
+    """fn over items in order; in worker processes when `parallel`, with at most two chunks per worker in
+    flight so that a fast reader cannot pull the whole file into memory ahead of the workers."""
+    if not parallel:
+        yield from map(fn, items)
+        return
+    workers = max(1, min(os.cpu_count() or 1, 8))
+    context = get_context("forkserver" if sys.platform != "win32" else "spawn")
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        pending = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
