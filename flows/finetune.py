@@ -12,7 +12,8 @@ from tasks.guard import ShareCursor
 from tasks.ingest import ingest_task
 from tasks.mix import mix_task, stage_shares
 from tasks.plan import plan_task
-from tasks.report import RunSummary, data_report_task, register_task
+from tasks.data_report import data_report_task
+from tasks.report import RunSummary, register_task
 from tasks.tokenize import tokenize_task
 from tasks.tracking import end_open_runs, start_tracking_task, tracking_uri
 from tasks.train import train_task

@@ -25,7 +25,7 @@ from mixtune.cache import file_digest, fingerprint, is_complete, mark_complete, 
 from mixtune.config import PipelineConfig, Source
 from mixtune.logs import run_logger
 from mixtune.paths import cache_dir
-from tasks.readers import PARALLEL_FROM_BYTES, IngestError, chunks, normalise_chunk, ordered_map
+from tasks.readers import PARALLEL_FROM_BYTES, IngestError, check_readable, chunks, normalise_chunk, ordered_map
 from tasks.synthetic import GENERATOR_VERSION, write_synthetic
 
 __all__ = ["IngestError", "IngestResult", "ingest", "ingest_task"]
@@ -48,6 +48,7 @@ def source_fingerprint(source: Source, seed: int) -> dict:
     spec = source.model_dump(exclude={"path"})
     if source.synthetic:
         return {**spec, "generator": GENERATOR_VERSION, "seed": seed}
+    check_readable(Path(source.path))
     return {**spec, "sha256": file_digest(source.path)}
 
 

@@ -169,11 +169,14 @@ def normalise_chunk(chunk: list[tuple[int, object]], spec: dict) -> tuple[list[t
 
 
 def normalise(row: object, spec: dict) -> tuple:
+    plain = spec["file"].endswith(".txt")
+    if plain and spec["role"] != "pretrain":
+        raise RowError("wrong_format", "plain text where a conversation was expected")
+    if not plain and not isinstance(row, dict):
+        raise RowError("not_object", f"row is a JSON {type(row).__name__}, not an object")
     if spec["role"] == "pretrain":
         text = to_text(row, spec["format"], spec["text_field"])
         return None, text, *sample_keys(text, spec["dedupe"]), 0
-    if isinstance(row, str):
-        raise RowError("wrong_format", "plain text where a conversation was expected")
     conversation = to_conversation(row, spec["format"], spec["mapping"], spec["reasoning"])
     if spec["system_prompt"] and conversation[0]["role"] != "system":
         conversation.insert(0, {"role": "system", "content": spec["system_prompt"]})

@@ -1,8 +1,7 @@
-"""Reporting: the data report and the final model go to the parent MLflow run and to Prefect artifacts."""
+"""Registering the run's final model, with the run-level plots, on the parent MLflow run and in Prefect."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from prefect import task
@@ -12,8 +11,6 @@ from pydantic import BaseModel
 from mixtune.config import PipelineConfig
 from mixtune.logs import run_logger
 from tasks import tracking
-from tasks.ingest import IngestResult
-from tasks.tokenize import TokenizedData
 from tasks.train import is_adapter, metric_name
 from tasks.plots import data_uri, loss_plot, share_plot
 from tasks.validate import Losses, StageReport, report_row, stage_curves
@@ -29,31 +26,6 @@ class RunSummary(BaseModel):
     final_stage: int  # 0: the base model (no stage passed the gate)
     stopped_reason: str | None
     plots: list[str] = []
-
-
-def data_report(data: IngestResult, tokens: TokenizedData) -> dict:
-    return {"sources": data.stats, "tokens": tokens.stats}
-
-
-def publish_data_report(config: PipelineConfig, parent_run_id: str, data: IngestResult,
-                        tokens: TokenizedData) -> dict:
-    uri = tracking.tracking_uri(config)
-    report = data_report(data, tokens)
-    folder = Path(data.folder)
-    (folder / "data_report.json").write_text(json.dumps(report, indent=2))
-    tracking.log_artifacts(uri, parent_run_id, folder / "data_report.json", "data")
-    tracking.log_artifacts(uri, parent_run_id, data.quarantine, "data")
-    totals = {f"data_{k}": sum(s[k] for s in data.stats.values())
-              for k in ("rows_read", "accepted", "duplicates", "quarantined")}
-    tracking.log_metrics(uri, parent_run_id, totals, step=0)
-    return report
-
-
-def source_rows(data: IngestResult) -> list[dict]:
-    return [{"source": label, "role": s["role"], "read": s["rows_read"], "accepted": s["accepted"],
-             "duplicates": s["duplicates"], "quarantined": s["quarantined"],
-             "reasons": json.dumps(s["quarantined_by_reason"]), "train": s["train"], "val": s["val"]}
-            for label, s in data.stats.items()]
 
 
 def final_stage(reports: list[StageReport]) -> StageReport | None:
@@ -106,14 +78,6 @@ def register_final(config: PipelineConfig, parent_run_id: str, reports: list[Sta
                       baseline=baseline, stages=reports, final_model=model_dir, final_stage=stage,
                       stopped_reason=stopped,
                       plots=[str(p) for p in plots])
-
-
-@task(name="data-report", retries=2, retry_delay_seconds=[2, 10])
-def data_report_task(config: PipelineConfig, parent_run_id: str, data: IngestResult, tokens: TokenizedData) -> dict:
-    report = publish_data_report(config, parent_run_id, data, tokens)
-    create_table_artifact(source_rows(data), key="data-report",
-                          description="Rows read, accepted, duplicate and quarantined, per source")
-    return report
 
 
 @task(name="register", retries=2, retry_delay_seconds=[2, 10])
