@@ -6,6 +6,7 @@ digest is the source's content hash."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -87,8 +88,10 @@ def log_datasets(uri: str, run_id: str, rows: list[dict]) -> None:
 
     inputs = []
     for row in rows:
-        dataset = MetaDataset(resolve_dataset_source(row["file"]), name=Path(row["source"]).name,
-                              digest=file_digest(row["file"])[:36])
+        with warnings.catch_warnings():  # MLflow registers the local-file source twice and says so each time
+            warnings.simplefilter("ignore", UserWarning)
+            location = resolve_dataset_source(row["file"])
+        dataset = MetaDataset(location, name=Path(row["source"]).name, digest=file_digest(row["file"])[:36])
         inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", row["role"])]))
     MlflowClient(uri).log_inputs(run_id, datasets=inputs)
 

@@ -6,10 +6,12 @@ so ingest can quarantine it with its file and line instead of crashing.
 
 from __future__ import annotations
 
+import re
+
 ROLES = ("system", "user", "assistant")
 TOOL_ROLES = ("tool", "function", "ipython")
 # C0 controls other than tab, newline and carriage return, and DEL: never meaningful in training text.
-CONTROL = dict.fromkeys([*range(0, 9), 11, 12, *range(14, 32), 127])
+CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 CONVERSATION_FORMATS = ("minimind", "openai", "sharegpt", "alpaca")
 
@@ -40,15 +42,15 @@ def detect_format(row: object) -> str:
     raise RowError("unknown_format", f"no known format has keys {sorted(row)[:8]}")
 
 
-def to_conversation(row: object, fmt: str, mapping: dict | None = None,
-                    reasoning: str = "keep") -> list[dict[str, str]]:
+def to_conversation(row: object, fmt: str, mapping: dict | None = None, reasoning: str = "keep",
+                    characters: bool = True) -> list[dict[str, str]]:
     """One row as a checked conversation. `mapping` reads flat records with custom keys:
     {"prompt": key or None, "prompt_template": "...{key}...", "response": key, "system": key, "system_prompt": str}.
     """
     if not isinstance(row, dict):
         raise RowError("not_object", f"row is a JSON {type(row).__name__}, not an object")
     if mapping is not None:
-        return check_conversation(mapped_turns(row, mapping))
+        return check_conversation(mapped_turns(row, mapping), characters)
     if fmt == "auto":
         fmt = detect_format(row)
     if fmt == "alpaca":
@@ -60,7 +62,7 @@ def to_conversation(row: object, fmt: str, mapping: dict | None = None,
         turns = [role_content_turn(t, key, i, reasoning) for i, t in enumerate(turn_list(row, key))]
     else:
         raise RowError("wrong_format", f"a {fmt!r} row where a conversation was expected")
-    return check_conversation(turns)
+    return check_conversation(turns, characters)
 
 
 def field_text(row: dict, key: str) -> str:
@@ -97,18 +99,27 @@ def to_text(row: object, fmt: str, field: str = "text") -> str:
         text = field_text(row, field)
     else:
         raise RowError("wrong_format", f"pre-training rows are {{'{field}': ...}}, got {type(row).__name__}")
-    if not text.strip():
+    if not text or text.isspace():
         raise RowError("empty_content", "empty text", field)
     check_characters(text, field)
     return text
 
 
+def check_turn_characters(turns: list[dict[str, str]], serialised: str) -> None:
+    """A fast pre-check on the conversation's JSON: control characters can only appear there escaped
+    (\\u00XX, \\b, \\f) or as a raw DEL, so the per-turn scan runs only when one of those is present."""
+    if "\\u00" in serialised or "\\b" in serialised or "\\f" in serialised or "\x7f" in serialised:
+        for i, turn in enumerate(turns):
+            check_characters(turn["content"], f"turn[{i}].content")
+
+
 def check_characters(text: str, field: str) -> None:
+    bad = CONTROL.search(text)
+    if bad is None:
+        return
     if "\x00" in text:
         raise RowError("nul_character", f"{field} holds a NUL character", field)
-    if len(text.translate(CONTROL)) != len(text):
-        bad = next(c for c in text if ord(c) in CONTROL)
-        raise RowError("control_character", f"{field} holds control character U+{ord(bad):04X}", field)
+    raise RowError("control_character", f"{field} holds control character U+{ord(bad.group()):04X}", field)
 
 
 def turn_list(row: dict, key: str) -> list:
@@ -164,15 +175,17 @@ def alpaca_turns(row: dict) -> list[dict[str, str]]:
     return turns
 
 
-def check_conversation(turns: list[dict[str, str]]) -> list[dict[str, str]]:
+def check_conversation(turns: list[dict[str, str]], characters: bool = True) -> list[dict[str, str]]:
+    """`characters=False` leaves the control-character scan to the caller (see check_turn_characters)."""
     if not turns:
         raise RowError("empty_conversation", "conversation has no turns")
     for i, turn in enumerate(turns):
         if turn["role"] not in ROLES:
             raise RowError("unknown_role", f"turn {i} has role {turn['role']!r}", f"turn[{i}].role")
-        if not turn["content"].strip():
+        if not turn["content"] or turn["content"].isspace():
             raise RowError("empty_content", f"turn {i} ({turn['role']}) is empty", f"turn[{i}].content")
-        check_characters(turn["content"], f"turn[{i}].content")
+        if characters:
+            check_characters(turn["content"], f"turn[{i}].content")
     if not any(t["role"] == "assistant" for t in turns):
         raise RowError("no_assistant", "conversation has no assistant turn")
     if turns[-1]["role"] != "assistant":

@@ -7,10 +7,9 @@ follows the chunk size, not the file size.
 
 from __future__ import annotations
 
-import hashlib
+import heapq
 import json
-import unicodedata
-from array import array
+import re
 from collections import Counter
 from functools import partial
 from pathlib import Path
@@ -25,7 +24,8 @@ from mixtune.cache import file_digest, fingerprint, is_complete, mark_complete, 
 from mixtune.config import PipelineConfig, Source
 from mixtune.logs import run_logger
 from mixtune.paths import cache_dir
-from tasks.readers import PARALLEL_FROM_BYTES, IngestError, check_readable, chunks, normalise_chunk, ordered_map
+from tasks.readers import (CHUNK_SCHEMA, PARALLEL_FROM_BYTES, IngestError, check_readable, chunks, normalise_chunk,
+                           ordered_map)
 from tasks.synthetic import GENERATOR_VERSION, write_synthetic
 
 __all__ = ["IngestError", "IngestResult", "ingest", "ingest_task"]
@@ -33,7 +33,8 @@ __all__ = ["IngestError", "IngestResult", "ingest", "ingest_task"]
 INGEST_VERSION = 2
 SCRIPT_SAMPLE = 2000
 SCHEMA = pa.schema([("line", pa.int64()), ("messages", pa.string()), ("text", pa.string()),
-                    ("sample_id", pa.string()), ("turns", pa.int32()), ("source", pa.string()), ("tag", pa.string())])
+                    ("sample_id", pa.string()), ("turns", pa.int32()), ("source", pa.string()), ("tag", pa.string()),
+                    ("split", pa.string())])
 
 
 class IngestResult(BaseModel):
@@ -70,7 +71,44 @@ def worker_spec(source: Source, config: PipelineConfig, path: Path) -> dict:
     mapping = source.columns.model_dump() if source.columns else None
     return {"file": str(path), "role": source.role, "format": source.format, "mapping": mapping,
             "reasoning": config.data.reasoning, "system_prompt": source.system_prompt,
-            "text_field": source.text_field, "dedupe": config.data.dedupe}
+            "text_field": source.text_field, "dedupe": config.data.dedupe, "seed": config.run.seed}
+
+
+class ValidationDraw:
+    """The validation split in one pass: a row is held out when its seeded hash is among the smallest of its
+    source. Only the `capacity` smallest seen so far are kept in memory (max_val_samples bounds it); every
+    other row is train for certain, and is written out at once."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.heap, self.counter = capacity, [], 0  # heap of (-hash, n, one-row batch)
+
+    def offer(self, batch: pa.RecordBatch) -> pa.Table:
+        """Takes a batch; returns the rows that are certainly train."""
+        if self.capacity == 0:
+            return pa.Table.from_batches([batch])
+        hashes = batch.column("split_hash").to_numpy()
+        limit = -self.heap[0][0] if len(self.heap) == self.capacity else np.iinfo(np.uint64).max
+        candidate = hashes <= limit
+        if not candidate.any():
+            return pa.Table.from_batches([batch])
+        out = [batch.filter(pa.array(~candidate))]
+        for i in np.flatnonzero(candidate):
+            item = (-int(hashes[i]), self.counter, batch.slice(int(i), 1))
+            self.counter += 1
+            if len(self.heap) < self.capacity:
+                heapq.heappush(self.heap, item)
+            elif item[0] > self.heap[0][0]:
+                out.append(heapq.heapreplace(self.heap, item)[2])
+            else:
+                out.append(item[2])
+        return pa.Table.from_batches(out, schema=batch.schema)
+
+    def final(self, n_val: int) -> tuple[pa.Table, pa.Table]:
+        """(validation rows, remaining train rows): the n_val smallest hashes are validation."""
+        rows = [batch for _, _, batch in sorted(self.heap, key=lambda item: (-item[0], item[1]))]
+        empty = pa.Table.from_batches([], schema=CHUNK_SCHEMA)
+        pick = lambda part: pa.Table.from_batches(part, schema=CHUNK_SCHEMA) if part else empty  # noqa: E731
+        return pick(rows[:n_val]), pick(rows[n_val:])
 
 
 class SourceReader:
@@ -81,7 +119,7 @@ class SourceReader:
         self.path = resolve_source_path(source, config)
         self.reasons, self.turns = Counter(), Counter()
         self.rows_read = self.accepted = self.duplicates = self.near_duplicates = 0
-        self.split_hashes = array("Q")
+        self.held_out = ValidationDraw(0 if source.role == "pretrain" else source.max_val_samples)
         self.script_sample: list[str] = []
         self.first_rejection: dict | None = None
 
@@ -90,13 +128,17 @@ class SourceReader:
         parallel = self.path.stat().st_size >= PARALLEL_FROM_BYTES
         work = partial(normalise_chunk, spec=spec)
         for accepted, rejected in ordered_map(work, chunks(self.path, self.source.text_split), parallel):
-            self.rows_read += len(accepted) + len(rejected)
+            self.rows_read += accepted.num_rows + len(rejected)
             self.quarantine(rejected, quarantine)
             kept = self.deduplicate(accepted)
-            if kept:
-                writer.write_batch(self.batch(kept))
+            if kept.num_rows:
+                self.write(writer, self.held_out.offer(kept), "train")
         self.check_usable()
-        return self.stats()
+        n_val = min(self.source.max_val_samples, round(self.source.val_fraction * self.accepted))
+        val, train = self.held_out.final(n_val)
+        self.write(writer, train, "train")
+        self.write(writer, val, "val")
+        return {**self.stats(), "train": self.accepted - val.num_rows, "val": val.num_rows}
 
     def quarantine(self, rejected: list[dict], out) -> None:
         for row in rejected:
@@ -104,34 +146,37 @@ class SourceReader:
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
         self.first_rejection = self.first_rejection or (rejected[0] if rejected else None)
 
-    def deduplicate(self, accepted: list[tuple]) -> list[tuple]:
-        kept = []
-        for row in accepted:
-            _, messages, text, sid, near, turns = row
+    def deduplicate(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        """First occurrence wins, in file order and across sources."""
+        ids, near = batch.column("sample_id").to_pylist(), batch.column("near_id").to_pylist()
+        keep = []
+        for sid, nid in zip(ids, near):
             if sid in self.seen:
                 self.duplicates += 1
-            elif near is not None and near in self.near_seen:
+                keep.append(False)
+            elif nid is not None and nid in self.near_seen:
                 self.near_duplicates += 1
+                keep.append(False)
             else:
                 self.seen.add(sid)
-                if near is not None:
-                    self.near_seen.add(near)
-                kept.append(row)
-                self.turns[turns] += 1
-                self.split_hashes.append(split_hash(self.config.run.seed, sid))
-                if len(self.script_sample) < SCRIPT_SAMPLE:
-                    self.script_sample.append(messages or text)
-        self.accepted += len(kept)
+                if nid is not None:
+                    self.near_seen.add(nid)
+                keep.append(True)
+        kept = batch if all(keep) else batch.filter(pa.array(keep, pa.bool_()))
+        self.accepted += kept.num_rows
+        self.turns.update(kept.column("turns").to_pylist())
+        if len(self.script_sample) < SCRIPT_SAMPLE:
+            bodies = kept.column("messages" if self.source.role != "pretrain" else "text")
+            self.script_sample += [b[:500] for b in bodies.slice(0, SCRIPT_SAMPLE).to_pylist()]
         return kept
 
-    def batch(self, rows: list[tuple]) -> pa.RecordBatch:
-        columns = list(zip(*rows))
-        n = len(rows)
-        return pa.RecordBatch.from_arrays(
-            [pa.array(columns[0], pa.int64()), pa.array(columns[1], pa.string()), pa.array(columns[2], pa.string()),
-             pa.array(columns[3], pa.string()), pa.array(columns[5], pa.int32()),
-             pa.array([self.source.label] * n, pa.string()), pa.array([self.source.role] * n, pa.string())],
-            schema=SCHEMA)
+    def write(self, writer: pq.ParquetWriter, batch: pa.RecordBatch | pa.Table, split: str) -> None:
+        n = batch.num_rows
+        if n == 0:
+            return
+        columns = [batch.column(name) for name in ("line", "messages", "text", "sample_id", "turns")]
+        constants = [pa.array([value] * n, pa.string()) for value in (self.source.label, self.source.role, split)]
+        writer.write_table(pa.Table.from_arrays([*columns, *constants], schema=SCHEMA))
 
     def check_usable(self) -> None:
         quarantined = sum(self.reasons.values())
@@ -146,17 +191,6 @@ class SourceReader:
             raise IngestError(f"{self.path}: {quarantined:,} of {self.rows_read:,} rows quarantined "
                               f"({quarantined / self.rows_read:.0%} > max_quarantine_fraction {limit:.0%}): {top}")
 
-    def val_threshold(self) -> int:
-        """Rows whose seeded hash is at most this go to validation: the n_val smallest, independent of file order."""
-        source = self.source
-        if source.role == "pretrain" or not self.split_hashes:
-            return -1
-        n_val = min(source.max_val_samples, round(source.val_fraction * len(self.split_hashes)))
-        if n_val == 0:
-            return -1
-        hashes = np.frombuffer(self.split_hashes, dtype=np.uint64)
-        return int(np.partition(hashes, n_val - 1)[n_val - 1])
-
     def stats(self) -> dict:
         return {
             "file": str(self.path), "role": self.source.role, "rows_read": self.rows_read,
@@ -167,20 +201,19 @@ class SourceReader:
         }
 
 
-def split_hash(seed: int, sample_id: str) -> int:
-    return int.from_bytes(hashlib.blake2b(f"{seed}:{sample_id}".encode(), digest_size=8).digest(), "little")
+SCRIPTS = {"LATIN": re.compile(r"[A-Za-z\u00C0-\u024F]"), "CJK": re.compile(r"[\u3040-\u30FF\u3400-\u4DBF\u4E00-\u9FFF\uAC00-\uD7AF]"),
+           "CYRILLIC": re.compile(r"[\u0400-\u04FF]"), "ARABIC": re.compile(r"[\u0600-\u06FF]"),
+           "DEVANAGARI": re.compile(r"[\u0900-\u097F]")}
+LETTER = re.compile(r"[^\W\d_]")
 
 
 def script_mix(texts: list[str]) -> dict[str, float]:
     """Share of letters per writing system in a sample of the source (e.g. LATIN 0.62, CJK 0.38)."""
-    counts = Counter()
-    for text in texts:
-        for char in text:
-            if char.isalpha():
-                name = unicodedata.name(char, "OTHER").split(" ")[0]
-                counts["CJK" if name in ("CJK", "HIRAGANA", "KATAKANA", "HANGUL") else name] += 1
-    total = sum(counts.values()) or 1
-    return {name: round(n / total, 4) for name, n in counts.most_common(5)}
+    sample = "".join(texts)
+    total = len(LETTER.findall(sample)) or 1
+    counts = {name: len(pattern.findall(sample)) for name, pattern in SCRIPTS.items()}
+    counts["OTHER"] = max(total - sum(counts.values()), 0)
+    return {name: round(n / total, 4) for name, n in sorted(counts.items(), key=lambda kv: -kv[1]) if n}
 
 
 def ingest(config: PipelineConfig, key: str | None = None) -> IngestResult:
@@ -192,35 +225,15 @@ def ingest(config: PipelineConfig, key: str | None = None) -> IngestResult:
         result.stats = json.loads((folder / "stats.json").read_text())
         return result
     folder.mkdir(parents=True, exist_ok=True)
-    unsplit, seen, near_seen, thresholds = folder / "unsplit.parquet", set(), set(), {}
-    with pq.ParquetWriter(unsplit, SCHEMA) as writer, open(result.quarantine, "w", encoding="utf-8") as out:
+    seen, near_seen = set(), set()
+    # Dictionary encoding only where values repeat: trying it on long unique texts costs time for nothing.
+    with pq.ParquetWriter(result.samples, SCHEMA, use_dictionary=["source", "tag", "split"]) as writer, \
+            open(result.quarantine, "w", encoding="utf-8") as out:
         for source in config.data.sources:
-            reader = SourceReader(source, config, seen, near_seen)
-            result.stats[source.label] = reader.run(writer, out)
-            thresholds[source.label] = reader.val_threshold()
-    split_counts = write_with_splits(unsplit, Path(result.samples), thresholds, config.run.seed)
-    unsplit.unlink()
-    for label, counts in split_counts.items():
-        result.stats[label].update(counts)
+            result.stats[source.label] = SourceReader(source, config, seen, near_seen).run(writer, out)
     (folder / "stats.json").write_text(json.dumps(result.stats, indent=2, ensure_ascii=False))
     mark_complete(folder)
     return result
-
-
-def write_with_splits(unsplit: Path, target: Path, thresholds: dict[str, int], seed: int) -> dict[str, dict]:
-    """Second pass over the written rows: add the split column, batch by batch."""
-    counts = {label: {"train": 0, "val": 0} for label in thresholds}
-    source_file = pq.ParquetFile(unsplit)
-    schema = SCHEMA.append(pa.field("split", pa.string()))
-    with pq.ParquetWriter(target, schema) as writer:
-        for batch in source_file.iter_batches(batch_size=65536):
-            labels, ids = batch.column("source").to_pylist(), batch.column("sample_id").to_pylist()
-            split = ["val" if split_hash(seed, i) <= thresholds[s] else "train" for s, i in zip(labels, ids)]
-            for s, part in zip(labels, split):
-                counts[s][part] += 1
-            writer.write_batch(pa.RecordBatch.from_arrays([*batch.columns, pa.array(split, pa.string())],
-                                                          schema=schema))
-    return counts
 
 
 def ingest_cache_key(config: PipelineConfig) -> str:

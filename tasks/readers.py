@@ -20,14 +20,19 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import orjson
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.formats import RowError, to_conversation, to_text
+from tasks.formats import RowError, check_turn_characters, to_conversation, to_text
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 CHUNK_ROWS = 4096
+BLOCK_BYTES = 4 << 20  # JSONL is handed to workers in blocks of whole lines
 PARALLEL_FROM_BYTES = 32 << 20  # below this, starting worker processes costs more than it saves
 SURROGATE = re.compile("[\udc80-\udcff]")
+CHUNK_SCHEMA = pa.schema([("line", pa.int64()), ("messages", pa.string()), ("text", pa.string()),
+                          ("sample_id", pa.string()), ("near_id", pa.string()), ("turns", pa.int32()),
+                          ("split_hash", pa.uint64())])
 NOT_WORD = re.compile(r"[\W_]+")
 
 
@@ -50,9 +55,12 @@ def check_readable(path: Path) -> None:
         raise IngestError(f"{path}: file is empty")
 
 
-def chunks(path: Path, text_split: str = "line") -> Iterator[list[tuple[int, object]]]:
+def chunks(path: Path, text_split: str = "line") -> Iterator[list[tuple[int, object]] | tuple[int, bytes]]:
     check_readable(path)
-    readers = {".jsonl": jsonl_lines, ".json": json_records, ".csv": csv_records, ".parquet": parquet_records,
+    if path.suffix == ".jsonl":
+        yield from jsonl_blocks(path)
+        return
+    readers = {".json": json_records, ".csv": csv_records, ".parquet": parquet_records,
                ".txt": (lambda p: text_documents(p, text_split))}
     batch = []
     for item in readers[path.suffix](path):
@@ -64,11 +72,26 @@ def chunks(path: Path, text_split: str = "line") -> Iterator[list[tuple[int, obj
         yield batch
 
 
-def jsonl_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+def jsonl_blocks(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(number of the block's first line, whole lines as one bytes block): the reader does no per-line work,
+    the workers split blocks into lines."""
+    first, rest = 1, b""
     with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if raw.strip():
-                yield number, raw
+        while block := handle.read(BLOCK_BYTES):
+            block = rest + block
+            cut = block.rfind(b"\n") + 1
+            if cut == 0:
+                rest = block
+                continue
+            yield first, block[:cut]
+            first += block.count(b"\n", 0, cut)
+            rest = block[cut:]
+    if rest:
+        yield first, rest
+
+
+def block_lines(first: int, block: bytes) -> list[tuple[int, bytes]]:
+    return [(first + i, raw) for i, raw in enumerate(block.split(b"\n")) if raw.strip()]
 
 
 def json_records(path: Path) -> Iterator[tuple[int, object]]:
@@ -151,21 +174,34 @@ def sample_key(body: str, dedupe: str) -> str:
     return hashlib.blake2b(body.encode("utf-8"), digest_size=8).hexdigest()
 
 
-def normalise_chunk(chunk: list[tuple[int, object]], spec: dict) -> tuple[list[tuple], list[dict]]:
-    """Accepted rows as (location, messages JSON | None, text | None, sample id, near-duplicate key | None,
-    turns), and rejected rows with their reason. Runs in worker processes: plain data in, plain data out."""
-    accepted, rejected = [], []
+def normalise_chunk(chunk: list[tuple[int, object]] | tuple[int, bytes], spec: dict) -> tuple[pa.RecordBatch, list[dict]]:
+    """Accepted rows as one Arrow batch (cheap to hand from a worker process to the parent), and rejected
+    rows with their reason."""
+    if isinstance(chunk, tuple):
+        chunk = block_lines(*chunk)
+    columns = {name: [] for name in CHUNK_SCHEMA.names}
+    rejected = []
     for location, row in chunk:
         if isinstance(row, bytes):
             row = parse_jsonl(row)
         try:
             if isinstance(row, RowError):
                 raise row
-            accepted.append((location, *normalise(row, spec)))
+            values = (location, *normalise(row, spec))
         except RowError as err:
             rejected.append({"file": spec["file"], "line": location, "reason": err.reason, "field": err.field,
                              "message": err.args[0], "row": preview(row)})
-    return accepted, rejected
+            continue
+        for name, value in zip(CHUNK_SCHEMA.names, values):
+            columns[name].append(value)
+        columns["split_hash"].append(split_hash(spec["seed"], values[3]))
+    return pa.RecordBatch.from_pydict(columns, schema=CHUNK_SCHEMA), rejected
+
+
+def split_hash(seed: int, sample_id: str) -> int:
+    """A row's seeded draw for the validation split: depends on its content, not its place in the file.
+    The id is already a hash; an odd multiplier that depends on the seed permutes it (mod 2^64)."""
+    return (int(sample_id, 16) * ((2 * seed + 1) * 0x9E3779B97F4A7C15 | 1)) & 0xFFFFFFFFFFFFFFFF
 
 
 def normalise(row: object, spec: dict) -> tuple:
@@ -177,10 +213,11 @@ def normalise(row: object, spec: dict) -> tuple:
     if spec["role"] == "pretrain":
         text = to_text(row, spec["format"], spec["text_field"])
         return None, text, *sample_keys(text, spec["dedupe"]), 0
-    conversation = to_conversation(row, spec["format"], spec["mapping"], spec["reasoning"])
+    conversation = to_conversation(row, spec["format"], spec["mapping"], spec["reasoning"], characters=False)
     if spec["system_prompt"] and conversation[0]["role"] != "system":
         conversation.insert(0, {"role": "system", "content": spec["system_prompt"]})
     messages = orjson.dumps(conversation).decode()
+    check_turn_characters(conversation, messages)
     return messages, None, *sample_keys(messages, spec["dedupe"]), len(conversation)
 
 

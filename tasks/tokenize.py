@@ -1,9 +1,7 @@
 """Tokenise normalised samples once per (data, tokenizer, max length); every stage and re-run reuses them.
 
-Streams the samples table batch by batch. SFT labels cover assistant answers only (see tasks/chat.py).
-Each piece of a conversation is encoded on its own, in one batch call for the whole batch; that equals
-encoding the whole text whenever piece boundaries are token boundaries, which is checked on the first
-batch, falling back to whole-text encoding with offsets when it is not so.
+Streams the samples table batch by batch. SFT labels cover assistant answers only (see tasks/chat.py and
+Encoder below for how they are found, fast and checked).
 """
 
 from __future__ import annotations
@@ -24,7 +22,7 @@ from transformers import AutoTokenizer
 from mixtune.cache import file_digest, fingerprint, is_complete, mark_complete, prefect_cache_key
 from mixtune.logs import run_logger
 from mixtune.paths import cache_dir
-from tasks.chat import pieces_for
+from tasks.chat import BOS, CHATML, EOS, pieces_for
 
 TOKENIZE_VERSION = 2
 IGNORE = -100
@@ -44,23 +42,65 @@ class TokenizedData(BaseModel):
 
 
 class Encoder:
-    """Turns conversations into (input_ids, labels) and documents into (input_ids, input_ids)."""
+    """Turns conversations into (input_ids, labels) and documents into (input_ids, input_ids).
+
+    Three ways to find the answer tokens, from fastest: `scan` (ChatML only: encode whole texts, then find
+    each `<|im_start|>assistant\\n` header and its `<|im_end|>` in the ids), `pieces` (encode each piece on
+    its own) and `offsets` (encode whole texts with character offsets; right for any tokenizer). The first
+    batch decides: the fastest method that gives exactly what `offsets` gives is used for the rest."""
+
+    METHODS = ("scan", "pieces", "offsets")
 
     def __init__(self, tokenizer):
         self.tokenizer, self.backend = tokenizer, tokenizer.backend_tokenizer
         self.pieces = pieces_for(tokenizer)
-        self.piecewise: bool | None = None  # decided on the first batch
+        self.method: str | None = None
         self.eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        self.header = self.end = self.newline = None
+        if tokenizer.chat_template == CHATML:
+            self.header = self.backend.encode(f"{BOS}assistant\n", add_special_tokens=False).ids
+            self.end, self.newline = tokenizer.convert_tokens_to_ids(EOS), self.backend.encode("\n").ids
 
     def conversations(self, conversations: list[list[dict]]) -> list[tuple[list[int], list[int]]]:
         split = [self.pieces(messages) for messages in conversations]
-        if self.piecewise is None:
-            self.piecewise = self.piecewise_matches(split[:256])
-        return self.encode_pieces(split) if self.piecewise else self.encode_offsets(split)
+        if self.method is None:
+            self.method = self.choose(split[:256])
+        return getattr(self, f"encode_{self.method}")(split)
 
-    def piecewise_matches(self, split: list) -> bool:
-        whole = self.backend.encode_batch_fast(["".join(t for t, _ in p) for p in split], add_special_tokens=False)
-        return [ids for ids, _ in self.encode_pieces(split)] == [e.ids for e in whole]
+    def choose(self, split: list) -> str:
+        reference = self.encode_offsets(split)
+        for method in self.METHODS[:-1]:
+            if (method != "scan" or self.header) and getattr(self, f"encode_{method}")(split) == reference:
+                return method
+        return "offsets"
+
+    def encode_scan(self, split: list) -> list[tuple[list[int], list[int]]]:
+        encoded = self.backend.encode_batch_fast(["".join(t for t, _ in p) for p in split], add_special_tokens=False)
+        header, width = self.header, len(self.header)
+        out = []
+        for encoding in encoded:
+            ids = encoding.ids
+            labels = [IGNORE] * len(ids)
+            start = 0
+            while True:
+                try:
+                    start = ids.index(header[0], start)
+                except ValueError:
+                    break
+                if ids[start:start + width] != header:
+                    start += 1
+                    continue
+                first = start + width
+                try:
+                    last = ids.index(self.end, first) + 1
+                except ValueError:
+                    last = len(ids)
+                if ids[last:last + len(self.newline)] == self.newline:
+                    last += len(self.newline)
+                labels[first:last] = ids[first:last]
+                start = last
+            out.append((ids, labels))
+        return out
 
     def encode_pieces(self, split: list) -> list[tuple[list[int], list[int]]]:
         flat = self.backend.encode_batch_fast([text for pieces in split for text, _ in pieces],
@@ -130,7 +170,8 @@ class TableWriter:
                 if self.overlong == "reject":
                     self.reject(rows, i, "too_long", f"{len(ids)} tokens > max_seq_len {self.max_len}")
                     continue
-            if not any(t != IGNORE for t in labels[:self.max_len]):
+            kept_labels = labels[:self.max_len]
+            if kept_labels.count(IGNORE) == len(kept_labels):
                 self.reject(rows, i, "no_labels", "no answer token left within max_seq_len")
                 continue
             keep.append(i)
@@ -149,7 +190,7 @@ class TableWriter:
             "sample_id": [rows["sample_id"][i] for i in keep], "source": [rows["source"][i] for i in keep],
             "tag": [rows["tag"][i] for i in keep], "split": [rows["split"][i] for i in keep],
             "input_ids": [ids for ids, _ in cut], "labels": [labels for _, labels in cut],
-            "n_tokens": [len(ids) for ids, _ in cut], "n_labels": [sum(t != IGNORE for t in lab) for _, lab in cut],
+            "n_tokens": [len(ids) for ids, _ in cut], "n_labels": [len(lab) - lab.count(IGNORE) for _, lab in cut],
             "full_tokens": [len(pairs[i][0]) for i in keep],
         }, schema=SCHEMA)
 
@@ -185,7 +226,7 @@ def tokenize(samples_path: str, ingest_key: str, tokenizer_dir: str, max_len: in
         pretrain = TableWriter(Path(result.pretrain), max_len, "truncate", rejected)
         for batch in pq.ParquetFile(samples_path).iter_batches(batch_size=BATCH_ROWS):
             encode_batch(batch.to_pydict(), encoder, sft, pretrain)
-        result.stats = {"sft": sft.close(), "pretrain": pretrain.close(), "piecewise": bool(encoder.piecewise)}
+        result.stats = {"sft": sft.close(), "pretrain": pretrain.close(), "label_method": encoder.method}
     (folder / "stats.json").write_text(json.dumps(result.stats, indent=2))
     mark_complete(folder)
     return result

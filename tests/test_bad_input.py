@@ -219,7 +219,7 @@ def test_parallel_reading_gives_the_same_result_as_serial(tmp_path, monkeypatch)
     path.write_text("\n".join(lines) + "\n")
     _, serial = run_ingest(tmp_path / "serial", Source(path=str(path), role="domain"))
     monkeypatch.setattr(ingest_module, "PARALLEL_FROM_BYTES", 0)
-    monkeypatch.setattr(readers, "CHUNK_ROWS", 1000)
+    monkeypatch.setattr(readers, "BLOCK_BYTES", 100_000)
     result, parallel = run_ingest(tmp_path / "parallel", Source(path=str(path), role="domain"))
     assert parallel == serial
     assert (parallel["accepted"], parallel["duplicates"], parallel["quarantined"]) == (3000, 6000, 10)
