@@ -81,9 +81,15 @@ def advise(config: PipelineConfig) -> int:
 def run(config: PipelineConfig) -> int:
     from flows.finetune import finetune
 
+    from tasks.ingest import IngestError
+
     logging.getLogger("mixtune").setLevel(logging.INFO)
     started = time.perf_counter()
-    summary = finetune(config)
+    try:
+        summary = finetune(config)
+    except IngestError as err:
+        print(f"mixtune: unusable input, nothing was trained:\n  {err}", file=sys.stderr)
+        return 2
     print(format_summary(summary, time.perf_counter() - started))
     return 0
 

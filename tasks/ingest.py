@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from mixtune.cache import file_digest, fingerprint, is_complete, mark_complete, prefect_cache_key
 from mixtune.config import PipelineConfig, Source
 from mixtune.logs import run_logger
+from mixtune.retry import retry_unless
 from mixtune.paths import cache_dir
 from tasks.readers import (CHUNK_SCHEMA, PARALLEL_FROM_BYTES, IngestError, check_readable, chunks, normalise_chunk,
                            ordered_map)
@@ -242,7 +243,7 @@ def ingest_cache_key(config: PipelineConfig) -> str:
 
 
 @task(name="ingest", retries=2, retry_delay_seconds=[2, 10], persist_result=True, result_serializer="json",
-      cache_key_fn=lambda _ctx, params: ingest_cache_key(params["config"]))
+      cache_key_fn=lambda _ctx, params: ingest_cache_key(params["config"]), retry_condition_fn=retry_unless(IngestError))
 def ingest_task(config: PipelineConfig) -> IngestResult:
     result = ingest(config)
     log = run_logger()
