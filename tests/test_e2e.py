@@ -94,13 +94,13 @@ def test_second_run_reuses_ingest_and_pretraining(prefect_harness, tmp_path):
 
 def test_forgetting_guard_stops_and_keeps_the_model_before_the_breach(prefect_harness, tmp_path):
     # A base with some general ability to lose: longer pre-training than the other tiny runs.
-    config = tiny_config(tmp_path, pretrain={"epochs": 8}, train={"learning_rate": 3e-3},
+    config = tiny_config(tmp_path, pretrain={"epochs": 8}, train={"learning_rate": 1e-3},
                          schedule={"shares": [0.0, 1.0, 1.0], "samples_per_stage": 240},
-                         validation={"forgetting_budget": 0.05, "on_forgetting": "stop"})
+                         validation={"forgetting_budget": 0.15, "on_forgetting": "stop"})
     summary = finetune(config)
     assert [r.gate.decision for r in summary.stages] == ["continue", "stop"]
     breach = summary.stages[1]
-    assert breach.gate.general_drift > 0.05
+    assert breach.gate.general_drift > 0.15
     client = MlflowClient(summary.tracking_uri)
     runs = stage_runs(client, summary.parent_run_id)
     assert sorted(runs) == [1, 2]
