@@ -5,10 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def output_root(output_dir: str) -> Path:
-    return Path(output_dir)
-
-
 def cache_dir(output_dir: str, stage: str, key: str) -> Path:
     return Path(output_dir) / "cache" / f"{stage}-{key}"
 
