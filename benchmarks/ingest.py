@@ -32,7 +32,7 @@ protein cell market price language number function return result patient dose st
 def generate(path: Path, clean: Path, rows: int, seed: int = 0) -> None:
     """~300 tokens per row; 1% exact duplicates and 0.1% broken lines, as real dumps have. `clean` is the
     same file without the broken lines, for the pandas baseline (which stops at the first one)."""
-    rng = random.Random(seed)
+    rng, earlier = random.Random(seed), ""
     with path.open("w", encoding="utf-8") as out, clean.open("w", encoding="utf-8") as tidy:
         for i in range(rows):
             if i % 1000 == 999:

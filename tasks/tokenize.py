@@ -180,7 +180,7 @@ class TableWriter:
 
     def reject(self, rows: dict, i: int, reason: str, message: str) -> None:
         self.counts[rows["source"][i]][reason] += 1
-        record = {"file": rows["file"][i] if "file" in rows else rows["source"][i], "line": rows["line"][i],
+        record = {"file": rows["source"][i], "line": rows["line"][i],
                   "reason": reason, "field": None, "message": message, "sample_id": rows["sample_id"][i]}
         self.rejected_out.write(json.dumps(record, ensure_ascii=False) + "\n")
 
