@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import flow
 from prefect.runtime import flow_run
 
-from mixtune.config import PipelineConfig
+from mixtune.config import PipelineConfig, resolve_paths
+from mixtune.logs import run_logger
 from mixtune.paths import run_dir
+from mixtune.preflight import check_tracking_server
 from tasks.base_model import pretrain_task, tokenizer_task
+from tasks.champion import challenge_task, skip_task, unchanged_task
 from tasks.guard import ShareCursor
 from tasks.ingest import ingest_task
 from tasks.mix import mix_task, stage_shares
@@ -15,23 +20,39 @@ from tasks.plan import plan_task
 from tasks.data_report import data_report_task
 from tasks.report import RunSummary, register_task
 from tasks.tokenize import tokenize_task
-from tasks.tracking import end_open_runs, start_tracking_task, tracking_uri
+from tasks.tracking import end_runs_of_flow_run, start_tracking_task, tracking_uri
 from tasks.train import train_task
 from tasks.validate import baseline_task, gate_task, probe_prompts, validate_task
 
 PROBES_PER_SET = 3
 
 
-@flow(name="finetune")
+def end_tracking(status: str):
+    """A Prefect state hook: whatever ends the flow run (failure, crash, cancellation), its MLflow runs end
+    with `status` instead of staying RUNNING. Runs in the flow's process, or in the runner's on cancellation."""
+    def hook(_flow, run, _state) -> None:
+        try:
+            config = PipelineConfig.model_validate(run.parameters["config"])
+            end_runs_of_flow_run(config, str(run.id), status)
+        except Exception as err:  # a hook must not hide the failure that called it
+            run_logger().warning("could not end the MLflow runs of flow run %s: %s", run.id, err)
+    return hook
+
+
+@flow(name="finetune", on_failure=[end_tracking("FAILED")], on_crashed=[end_tracking("FAILED")],
+      on_cancellation=[end_tracking("KILLED")])
 def finetune(config: PipelineConfig) -> RunSummary:
-    """Ingest, plan, pre-train a scratch model, then per stage: mix domain into general data, train,
-    validate on domain and general data, and let the gate continue, hold, back off or stop."""
+    """Check inputs against the last successful run; ingest, plan, pre-train a scratch model, then per stage:
+    mix domain into general data, train, validate on domain and general data, and let the gate continue, hold,
+    back off or stop. The final model then challenges the registered champion."""
+    config = resolve_paths(config, Path.cwd(), "flow parameter config")
+    check_tracking_server(tracking_uri(config))
     parent = start_tracking_task(config, flow_run.id)
-    try:
-        return run_pipeline(config, parent)
-    except BaseException:
-        end_open_runs(tracking_uri(config), parent, "FAILED")
-        raise
+    previous = unchanged_task(config, parent)
+    if previous:
+        return RunSummary(parent_run_id=parent, tracking_uri=tracking_uri(config),
+                          experiment=config.tracking.experiment, verdict=skip_task(config, parent, previous))
+    return run_pipeline(config, parent)
 
 
 def run_pipeline(config: PipelineConfig, parent: str) -> RunSummary:
@@ -56,4 +77,6 @@ def run_pipeline(config: PipelineConfig, parent: str) -> RunSummary:
         report = gate_task(config, mix, trained, losses, baseline, cursor)
         reports.append(report)
         cursor, model = cursor.after(report.gate.decision), trained.model_dir
-    return register_task(config, parent, reports, baseline, base)
+    summary = register_task(config, parent, reports, baseline, base)
+    verdict = challenge_task(config, parent, summary.final_model, base, tokens.sft, data, str(stages_dir))
+    return summary.model_copy(update={"verdict": verdict})

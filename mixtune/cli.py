@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,7 +32,24 @@ def parser() -> argparse.ArgumentParser:
         description="Ingest (cached) and print MiniMind's fine-tuning rules applied to your data: method, epochs, staged "
                     "schedule, continued pre-training, and how often each source would be seen per stage. "
                     "With `plan: auto` in the config, `mixtune run` uses exactly this advice.")
-    for sub in (run, check, advise):
+    serve = commands.add_parser(
+        "serve", help="serve the finetune flow as Prefect deployments (cron from deploy.cron, and manual)",
+        description="Register <deploy.name>-manual (and <deploy.name>-scheduled when deploy.cron is set) on the "
+                    "Prefect server at PREFECT_API_URL and run their flow runs from this process until stopped. "
+                    "The config becomes the deployments' default parameters: the Prefect UI's form.")
+    deploy = commands.add_parser(
+        "deploy", help="register the deployments on a Prefect work pool, for `prefect worker start` to run",
+        description="Like serve, but the flow runs go to a process work pool and any worker on it runs them.")
+    deploy.add_argument("--pool", default="mixtune", help="process work pool (created if missing; default %(default)s)")
+    compare = commands.add_parser(
+        "compare", help="table and plot of an experiment's runs: losses, drift, decision, champion",
+        description="Print the experiment's pipeline runs (method, schedule, final domain and general val loss, "
+                    "change vs base, tokens/s, retraining decision, champion) and write a PNG of domain gain "
+                    "against general drift.")
+    compare.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment of the config)")
+    compare.add_argument("--tracking-uri", help="MLflow tracking URI (default: the config's)")
+    compare.add_argument("--out", help="PNG path (default: <output_dir>/compare-<experiment>.png)")
+    for sub in (run, check, advise, serve, deploy, compare):
         sub.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help="pipeline YAML (default: %(default)s)")
         sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                          help="override one field, e.g. --set train.learning_rate=1e-4 (repeatable)")
@@ -49,7 +67,26 @@ def main(argv: list[str] | None = None) -> int:
         return check(config)
     if args.command == "advise":
         return advise(config)
+    if args.command == "compare":
+        return compare(config, args)
+    from mixtune.preflight import Unreachable
+
+    try:
+        preflight(config)
+    except Unreachable as err:
+        print(f"mixtune: {err}", file=sys.stderr)
+        return 2
+    if args.command in ("serve", "deploy"):
+        return serve(config, args)
     return run(config)
+
+
+def preflight(config: PipelineConfig) -> None:
+    from mixtune.preflight import check_prefect_api, check_tracking_server
+    from tasks.tracking import tracking_uri
+
+    check_prefect_api()
+    check_tracking_server(tracking_uri(config))
 
 
 def check(config: PipelineConfig) -> int:
@@ -94,7 +131,46 @@ def run(config: PipelineConfig) -> int:
     return 0
 
 
+def serve(config: PipelineConfig, args) -> int:
+    if not os.environ.get("PREFECT_API_URL"):
+        print("mixtune: deployments need a Prefect server: run `prefect server start` and set "
+              "PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)", file=sys.stderr)
+        return 2
+    from flows.deployments import deploy_to_pool, serve_deployments
+
+    if args.command == "deploy":
+        for name in deploy_to_pool(config, args.pool):
+            print(f"deployment {name} on work pool {args.pool}")
+        return 0
+    serve_deployments(config)
+    return 0
+
+
+def compare(config: PipelineConfig, args) -> int:
+    from mixtune.compare import compare as compare_runs
+    from tasks.tracking import tracking_uri
+
+    experiment = args.experiment or config.tracking.experiment
+    out = Path(args.out) if args.out else Path(config.run.output_dir) / f"compare-{experiment}.png"
+    table, plot = compare_runs(args.tracking_uri or tracking_uri(config), experiment, out, config.registry.alias)
+    print(table)
+    if plot:
+        print(f"\nplot (domain gain vs general drift): {plot}")
+    return 0
+
+
+def format_verdict(verdict) -> str:
+    lines = [f"retraining: {verdict.decision}: {verdict.reason}"]
+    if verdict.champion_version:
+        lines.append(f"registered model {verdict.model_name}: alias {verdict.alias} -> version "
+                     f"{verdict.champion_version}")
+    return "\n".join(lines)
+
+
 def format_summary(summary, seconds: float) -> str:
+    if summary.baseline is None:
+        return "\n".join([format_verdict(summary.verdict), "nothing trained (set registry.skip_unchanged=false "
+                          "to train anyway)", f"wall time: {seconds:.0f} s"])
     headers = ["stage", "target", "realised", "domain val", "general val", "drift", "steps", "decision"]
     rows = [["base", "", "", f"{summary.baseline.domain:.4f}", f"{summary.baseline.general:.4f}", "", "", ""]]
     for r in summary.stages:
@@ -113,6 +189,8 @@ def format_summary(summary, seconds: float) -> str:
         out.append(f"final model: the base model, {summary.final_model} (no stage passed the gate)")
     else:
         out.append(f"final model: {summary.final_model} (stage {summary.final_stage})")
+    if summary.verdict:
+        out.append(format_verdict(summary.verdict))
     out.append(f"wall time: {seconds:.0f} s")
     out.append(f"MLflow run {summary.parent_run_id}; open the UI with:")
     out.append(f"  {mlflow_command()} ui --backend-store-uri {summary.tracking_uri} --workers 1")

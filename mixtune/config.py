@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -213,6 +214,42 @@ class Tracking(Strict):
     log_models: bool = Field(True, description="Log each stage's model or adapter as MLflow artifacts.")
 
 
+class Registry(Strict):
+    """Retraining: a run whose inputs did not change ends early; a trained challenger replaces the champion
+    only when it is better on domain data and within the forgetting budget on general data."""
+
+    model_name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.-]+$", description="MLflow registered model; default mixtune-<run.name>.")
+    alias: str = Field("champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$",
+                       description="Registry alias that marks the model to ship; moved only on promotion.")
+    skip_unchanged: bool = Field(
+        True, description="End without training when data and recipe hash like the last successful run's.")
+    min_improvement: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Relative domain loss drop over the champion needed to promote.")
+
+
+class Deploy(Strict):
+    """The Prefect deployments that `mixtune serve` and `mixtune deploy` register."""
+
+    name: str = Field("mixtune", pattern=r"^[A-Za-z0-9_.-]+$",
+                      description="Deployments are <name>-scheduled (cron) and <name>-manual (UI/API triggers).")
+    cron: str | None = Field(None, description="Retraining schedule, e.g. '0 3 * * *'; unset: manual runs only.")
+    timezone: str = Field("UTC", description="Time zone the cron schedule is read in.")
+
+    @model_validator(mode="after")
+    def _valid_schedule(self) -> Deploy:
+        try:
+            ZoneInfo(self.timezone)
+        except (ValueError, ZoneInfoNotFoundError):
+            raise ValueError(f"unknown time zone {self.timezone!r}") from None
+        if self.cron is not None:
+            # Prefect's own check, imported only when a cron is set: the CLI must reject bad configs fast.
+            from prefect._internal.schemas.validators import validate_cron_string
+
+            validate_cron_string(self.cron)
+        return self
+
+
 class Run(Strict):
     """Naming, output folder and seed."""
 
@@ -232,13 +269,17 @@ class PipelineConfig(Strict):
     train: Train = Field(default_factory=Train)
     validation: Validation = Field(default_factory=Validation)
     tracking: Tracking = Field(default_factory=Tracking)
+    registry: Registry = Field(default_factory=Registry)
+    deploy: Deploy = Field(default_factory=Deploy)
     plan: Literal["manual", "auto"] = Field(
         "manual", description="auto: method, epochs and schedule come from the advisor's rules.")
     goal: Literal["behaviour", "knowledge"] = Field(
         "behaviour", description="knowledge: continued pre-training first (SFT does not add knowledge).")
     advisor: Advisor = Field(default_factory=Advisor)
 
-
+    @property
+    def registered_model(self) -> str:
+        return self.registry.model_name or f"mixtune-{self.run.name}"
 
 class ConfigError(ValueError):
     """A config that cannot run; the message names the file and every bad field's path."""

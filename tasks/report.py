@@ -11,6 +11,7 @@ from pydantic import BaseModel
 from mixtune.config import PipelineConfig
 from mixtune.logs import run_logger
 from tasks import tracking
+from tasks.champion import Verdict
 from tasks.train import is_adapter, metric_name
 from tasks.plots import data_uri, loss_plot, share_plot
 from tasks.validate import Losses, StageReport, report_row, stage_curves
@@ -20,12 +21,13 @@ class RunSummary(BaseModel):
     parent_run_id: str
     tracking_uri: str
     experiment: str
-    baseline: Losses
-    stages: list[StageReport]
-    final_model: str
-    final_stage: int  # 0: the base model (no stage passed the gate)
-    stopped_reason: str | None
+    baseline: Losses | None = None  # None: the run was skipped, nothing was trained
+    stages: list[StageReport] = []
+    final_model: str | None = None
+    final_stage: int = 0  # 0: the base model (no stage passed the gate)
+    stopped_reason: str | None = None
     plots: list[str] = []
+    verdict: Verdict | None = None
 
 
 def final_stage(reports: list[StageReport]) -> StageReport | None:
@@ -51,7 +53,7 @@ def publish_plots(uri: str, parent_run_id: str, reports: list[StageReport], base
 def register_final(config: PipelineConfig, parent_run_id: str, reports: list[StageReport],
                    baseline: Losses, base_dir: str) -> RunSummary:
     """The best model so far becomes the run's final model: the best stage that passed the gate, or the
-    base model itself when none did."""
+    base model itself when none did. The parent run stays open for the retraining verdict."""
     uri = tracking.tracking_uri(config)
     final = final_stage(reports)
     model_dir, stage, losses = (final.model_dir, final.stage, final.losses) if final else (base_dir, 0, baseline)
@@ -62,7 +64,11 @@ def register_final(config: PipelineConfig, parent_run_id: str, reports: list[Sta
     tracking.log_metrics(uri, parent_run_id, {"final_domain_val_loss": losses.domain,
                                               "final_general_val_loss": losses.general}, step=stage)
     plots = publish_plots(uri, parent_run_id, reports, baseline, config.validation.forgetting_budget)
-    tracking.set_tags(uri, parent_run_id, {"mixtune.final_stage": stage,
+    speeds = [r.tokens_per_second for r in reports if r.tokens_per_second]
+    if speeds:
+        tracking.log_metrics(uri, parent_run_id, {"tokens_per_second": sum(speeds) / len(speeds)}, step=stage)
+    tracking.set_tags(uri, parent_run_id, {"mixtune.final_stage": stage, "mixtune.method": config.train.method,
+                                           "mixtune.schedule": " ".join(f"{r.target_share:.2f}" for r in reports),
                                            "mixtune.stopped_reason": stopped or "",
                                            "mixtune.guard_actions": "; ".join(guarded)})
     seen: dict[str, float] = {}
@@ -73,7 +79,6 @@ def register_final(config: PipelineConfig, parent_run_id: str, reports: list[Sta
             "stage_domain_val_loss": report.losses.domain, "stage_general_val_loss": report.losses.general,
             "stage_realised_domain_share": report.realised_share,
             **{f"cumulative_epochs/{metric_name(s)}": e for s, e in seen.items()}}, step=report.stage)
-    tracking.end_run(uri, parent_run_id)
     return RunSummary(parent_run_id=parent_run_id, tracking_uri=uri, experiment=config.tracking.experiment,
                       baseline=baseline, stages=reports, final_model=model_dir, final_stage=stage,
                       stopped_reason=stopped,

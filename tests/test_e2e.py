@@ -79,7 +79,8 @@ def test_second_run_reuses_ingest_and_pretraining(prefect_harness, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    config = tiny_config(tmp_path, schedule={"stages": 2, "samples_per_stage": 80})
+    config = tiny_config(tmp_path, schedule={"stages": 2, "samples_per_stage": 80},
+                         registry={"skip_unchanged": False})
     first, second = finetune(config), finetune(config)
     client = MlflowClient(second.tracking_uri)
     assert sorted(stage_runs(client, first.parent_run_id)) == sorted(stage_runs(client, second.parent_run_id))

@@ -1,0 +1,54 @@
+"""The finetune flow as Prefect deployments: `<name>-manual` for UI and API triggers, `<name>-scheduled` on
+the config's cron. Their default parameters are the loaded config, so the Prefect UI shows the pipeline.yaml
+values in a form built from the schema (field descriptions included), and the server rejects a bad value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import serve
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.exceptions import ObjectAlreadyExists
+from prefect.schedules import Cron
+
+from flows.finetune import finetune
+from mixtune.config import PipelineConfig
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+ENTRYPOINT = "flows/finetune.py:finetune"
+
+
+def deployment_specs(config: PipelineConfig) -> list[dict]:
+    common = {"parameters": {"config": config.model_dump(mode="json")}, "tags": ["mixtune", config.run.name],
+              "version": config.registered_model}
+    specs = [{"name": f"{config.deploy.name}-manual", **common,
+              "description": "Run the pipeline now: change any field of the form, or none."}]
+    if config.deploy.cron:
+        specs.append({"name": f"{config.deploy.name}-scheduled", **common,
+                      "schedules": [Cron(config.deploy.cron, timezone=config.deploy.timezone)],
+                      "description": f"Retrain on '{config.deploy.cron}' ({config.deploy.timezone}); a tick "
+                                     "whose data did not change records 'no new data' and trains nothing."})
+    return specs
+
+
+def serve_deployments(config: PipelineConfig) -> None:
+    """Blocks: this process polls the server and runs each flow run in a subprocess."""
+    serve(*(finetune.to_deployment(**spec) for spec in deployment_specs(config)))
+
+
+def ensure_process_pool(pool: str) -> None:
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+        except ObjectAlreadyExists:
+            pass
+
+
+def deploy_to_pool(config: PipelineConfig, pool: str) -> list[str]:
+    """For `prefect worker start --pool <pool>`: the worker runs the flow from this project folder."""
+    ensure_process_pool(pool)
+    source = finetune.from_source(source=str(PROJECT_ROOT), entrypoint=ENTRYPOINT)
+    for spec in deployment_specs(config):
+        source.deploy(work_pool_name=pool, build=False, push=False, print_next_steps=False, **spec)
+    return [spec["name"] for spec in deployment_specs(config)]

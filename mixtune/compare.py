@@ -1,0 +1,101 @@
+"""`mixtune compare`: the runs of an experiment side by side, and the learning-forgetting trade-off as a plot.
+
+Everything comes from `mlflow.search_runs`: the parent runs carry the same tags and metrics whatever their
+method, so this table, MLflow's own compare view and a notebook all line up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import mlflow  # noqa: E402
+import pandas as pd  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+COLUMNS = {
+    "tags.mlflow.runName": "run", "tags.mixtune.method": "method", "tags.mixtune.schedule": "schedule",
+    "metrics.final_domain_val_loss": "domain val", "metrics.final_general_val_loss": "general val",
+    "metrics.tokens_per_second": "tokens/s", "tags.mixtune.verdict": "decision",
+}
+
+
+def pipeline_runs(uri: str, experiment: str) -> pd.DataFrame:
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=[experiment], filter_string="tags.`mixtune.kind` = 'pipeline'",
+                              order_by=["attributes.start_time ASC"], output_format="pandas")
+    for column in [*COLUMNS, "metrics.base_domain_val_loss", "metrics.base_general_val_loss",
+                   "tags.mixtune.registered_model", "params.validation.forgetting_budget"]:
+        if column not in runs:
+            runs[column] = None
+    return runs
+
+
+def champion_runs(uri: str, runs: pd.DataFrame, alias: str) -> set[str]:
+    client, found = MlflowClient(uri), set()
+    for name in runs["tags.mixtune.registered_model"].dropna().unique():
+        try:
+            found.add(client.get_model_version_by_alias(name, alias).run_id)
+        except MlflowException:
+            continue
+    return found
+
+
+def comparison(runs: pd.DataFrame, champions: set[str]) -> pd.DataFrame:
+    """One row per pipeline run: what it trained, where it ended, and how far it moved from its base model."""
+    table = runs[list(COLUMNS)].rename(columns=COLUMNS)
+    domain_base = pd.to_numeric(runs["metrics.base_domain_val_loss"], errors="coerce")
+    general_base = pd.to_numeric(runs["metrics.base_general_val_loss"], errors="coerce")
+    table["domain gain"] = (domain_base - table["domain val"]) / domain_base
+    table["general drift"] = (table["general val"] - general_base) / general_base
+    table["champion"] = ["*" if run_id in champions else "" for run_id in runs["run_id"]]
+    table["run_id"] = runs["run_id"]
+    return table.reset_index(drop=True)
+
+
+def format_table(table: pd.DataFrame) -> str:
+    shown = table.drop(columns=["run_id"]).copy()
+    for column, fmt in (("domain val", "{:.4f}"), ("general val", "{:.4f}"), ("domain gain", "{:+.1%}"),
+                        ("general drift", "{:+.1%}"), ("tokens/s", "{:,.0f}")):
+        shown[column] = [fmt.format(v) if pd.notna(v) else "-" for v in pd.to_numeric(shown[column], errors="coerce")]
+    return shown.fillna("-").to_string(index=False)
+
+
+def trade_off_plot(table: pd.DataFrame, budget: float | None, path: Path, title: str) -> Path | None:
+    """x: general drift (forgetting), y: domain gain (learning). Up and to the left is better."""
+    points = table.dropna(subset=["domain gain", "general drift"])
+    if points.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for method, group in points.groupby("method", dropna=False):
+        ax.scatter(group["general drift"] * 100, group["domain gain"] * 100, s=60, label=str(method))
+    for _, row in points.iterrows():
+        mark = " (champion)" if row["champion"] else ""
+        ax.annotate(f"{row['run']}{mark}", (row["general drift"] * 100, row["domain gain"] * 100),
+                    textcoords="offset points", xytext=(6, 4), fontsize=8)
+    if budget is not None:
+        ax.axvline(budget * 100, color="red", linestyle="--", linewidth=1, label=f"forgetting budget {budget:.0%}")
+    ax.axvline(0, color="grey", linewidth=0.5)
+    ax.set_xlabel("general drift: general val loss vs the base model (%)")
+    ax.set_ylabel("domain gain: domain val loss drop vs the base model (%)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def compare(uri: str, experiment: str, out: Path, alias: str = "champion") -> tuple[str, Path | None]:
+    runs = pipeline_runs(uri, experiment)
+    if runs.empty:
+        return f"no mixtune runs in experiment {experiment!r} at {uri}", None
+    table = comparison(runs, champion_runs(uri, runs, alias))
+    budgets = pd.to_numeric(runs["params.validation.forgetting_budget"], errors="coerce").dropna()
+    plot = trade_off_plot(table, budgets.iloc[-1] if len(budgets) else None, out,
+                          f"{experiment}: learning vs forgetting ({len(table)} runs)")
+    return format_table(table), plot

@@ -1,0 +1,43 @@
+"""Servers a run needs, checked before any work: an unreachable MLflow or Prefect API fails in seconds with
+its URL in the message, instead of after minutes of client retries (or, worse, after training)."""
+
+from __future__ import annotations
+
+import os
+
+import httpx
+
+TIMEOUT_S = 5.0
+
+
+class Unreachable(RuntimeError):
+    """A server the run needs does not answer, or refuses the credentials given."""
+
+
+def probe(what: str, url: str, path: str, hint: str, auth: tuple[str, str] | None = None) -> None:
+    try:
+        with httpx.Client(timeout=TIMEOUT_S, auth=auth) as client:
+            response = client.get(url.rstrip("/") + path)
+    except httpx.HTTPError as err:
+        raise Unreachable(f"{what} at {url} is unreachable ({type(err).__name__}: {err}). {hint}") from None
+    if response.status_code in (401, 403):
+        raise Unreachable(f"{what} at {url} refused the credentials (HTTP {response.status_code}). {hint}")
+    if response.status_code >= 400:
+        raise Unreachable(f"{what} at {url} answered HTTP {response.status_code}: is it the right URL? {hint}")
+
+
+def check_tracking_server(uri: str) -> None:
+    """Only http(s) tracking URIs are servers; a sqlite or file store is local and needs no check."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    probe("MLflow tracking server", uri, "/api/2.0/mlflow/experiments/search?max_results=1",
+          "Start it, fix tracking.tracking_uri / MLFLOW_TRACKING_URI, or set MLFLOW_TRACKING_USERNAME/PASSWORD.",
+          auth=(user, password) if user and password else None)
+
+
+def check_prefect_api(url: str | None = None) -> None:
+    """PREFECT_API_URL, when set, must answer; unset means Prefect's ephemeral local server (nothing to check)."""
+    url = url or os.environ.get("PREFECT_API_URL")
+    if url:
+        probe("Prefect API", url, "/health", "Start it (`prefect server start`) or fix PREFECT_API_URL.")

@@ -1,0 +1,91 @@
+"""Retraining semantics: skip unchanged inputs, challenger vs champion, the registry alias, failure hygiene."""
+
+import pytest
+from mlflow.tracking import MlflowClient
+from prefect import task
+
+import flows.finetune
+from flows.finetune import finetune
+from tasks.champion import decide, nats_per_byte, target_counts
+from tasks.validate import Losses, evaluate
+from tests.conftest import tiny_config
+
+FAST = {"schedule": {"stages": 2, "samples_per_stage": 80}}
+
+
+def champion_of(client: MlflowClient, name: str) -> int:
+    return int(client.get_model_version_by_alias(name, "champion").version)
+
+
+def test_decide_first_promote_and_the_two_rejections():
+    assert decide(Losses(domain=1.0, general=1.0), None, 0.1, 0.0)[0] == "first"
+    champion = Losses(domain=2.0, general=1.0)
+    assert decide(Losses(domain=1.9, general=1.05), champion, 0.1, 0.0)[0] == "promote"
+    worse, reason = decide(Losses(domain=2.1, general=1.0), champion, 0.1, 0.0)
+    assert worse == "reject" and "not better on domain" in reason
+    forgot, reason = decide(Losses(domain=1.5, general=1.2), champion, 0.1, 0.0)
+    assert forgot == "reject" and "forgetting budget" in reason
+    assert decide(Losses(domain=1.9, general=1.0), champion, 0.1, 0.1)[0] == "reject"  # 5% < 10% required
+
+
+def test_retraining_first_champion_then_skip_then_a_decision_the_alias_follows(prefect_harness, tmp_path):
+    config = tiny_config(tmp_path, **FAST)
+    first = finetune(config)
+    client = MlflowClient(first.tracking_uri)
+    name = config.registered_model
+    assert first.verdict.decision == "first" and first.verdict.version == 1
+    assert champion_of(client, name) == 1
+
+    unchanged = finetune(tiny_config(tmp_path, **FAST))
+    assert unchanged.verdict.decision == "skip" and unchanged.stages == []
+    assert unchanged.verdict.previous_run == first.parent_run_id
+    skipped = client.get_run(unchanged.parent_run_id)
+    assert skipped.info.status == "FINISHED" and skipped.data.tags["mixtune.verdict"] == "skip"
+    assert "no new data" in skipped.data.tags["mixtune.verdict_reason"]
+    assert not client.search_runs([skipped.info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{unchanged.parent_run_id}'")
+    assert champion_of(client, name) == 1
+
+    more_domain = {"sources": [{"synthetic": "general", "samples": 800, "role": "general"},
+                               {"synthetic": "domain", "samples": 600, "role": "domain", "val_fraction": 0.15}]}
+    third = finetune(tiny_config(tmp_path, data=more_domain, **FAST))
+    verdict = third.verdict
+    assert verdict.decision in ("promote", "reject") and verdict.version == 2
+    assert verdict.champion is not None and verdict.challenger is not None
+    assert champion_of(client, name) == (2 if verdict.decision == "promote" else 1)
+    metrics = client.get_run(third.parent_run_id).data.metrics
+    assert metrics["challenger_domain_nats_per_byte"] == pytest.approx(verdict.challenger.domain)
+    assert metrics["champion_general_nats_per_byte"] == pytest.approx(verdict.champion.general)
+
+    # A bar no model clears: the challenger is registered for the record, and the alias stays where it was.
+    holder = champion_of(client, name)
+    even_more = {"sources": [more_domain["sources"][0], {**more_domain["sources"][1], "samples": 700}]}
+    fourth = finetune(tiny_config(tmp_path, data=even_more, registry={"min_improvement": 0.99}, **FAST))
+    assert fourth.verdict.decision == "reject" and fourth.verdict.version == 3
+    assert champion_of(client, name) == holder == fourth.verdict.champion_version
+    version = client.get_model_version(name, "3")
+    assert version.tags["mixtune.decision"] == "reject" and version.run_id == fourth.parent_run_id
+
+
+def test_nats_per_byte_is_the_token_loss_rescaled_by_the_text_it_scores(prefect_harness, tmp_path):
+    summary = finetune(tiny_config(tmp_path, schedule={"stages": 1, "samples_per_stage": 48}))
+    sft = next(tmp_path.glob("cache/tokens-*/sft.parquet"))
+    per_token, per_byte = evaluate(summary.final_model, summary.final_model, str(sft), 32), nats_per_byte(
+        summary.final_model, str(sft), 32)
+    for tag, (tokens, n_bytes) in target_counts(str(sft), summary.final_model).items():
+        assert n_bytes > tokens > 0  # BPE tokens of this data are more than one byte long on average
+        assert getattr(per_byte, tag) == pytest.approx(getattr(per_token, tag) * tokens / n_bytes)
+
+
+def test_a_failing_stage_ends_its_mlflow_runs_failed(prefect_harness, tmp_path, monkeypatch):
+    @task(name="validate")
+    def broken_validation(*args, **kwargs):
+        raise RuntimeError("validation blew up")
+
+    monkeypatch.setattr(flows.finetune, "validate_task", broken_validation)
+    config = tiny_config(tmp_path, **FAST)
+    with pytest.raises(RuntimeError, match="blew up"):
+        finetune(config)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("mixtune").experiment_id])
+    assert {r.info.status for r in runs} == {"FAILED"} and len(runs) == 2  # the parent and stage 1
