@@ -9,6 +9,7 @@ from pathlib import Path
 from prefect import serve
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.deployments.runner import EntrypointType
 from prefect.exceptions import ObjectAlreadyExists
 from prefect.schedules import Cron
 
@@ -34,7 +35,9 @@ def deployment_specs(config: PipelineConfig) -> list[dict]:
 
 def serve_deployments(config: PipelineConfig) -> None:
     """Blocks: this process polls the server and runs each flow run in a subprocess."""
-    serve(*(finetune.to_deployment(**spec) for spec in deployment_specs(config)))
+    # By module path, so the served runs import the installed package whatever folder serve started in.
+    serve(*(finetune.to_deployment(entrypoint_type=EntrypointType.MODULE_PATH, **spec)
+            for spec in deployment_specs(config)))
 
 
 def ensure_process_pool(pool: str) -> None:

@@ -33,6 +33,7 @@ def end_tracking(status: str):
     def hook(_flow, run, _state) -> None:
         try:
             config = PipelineConfig.model_validate(run.parameters["config"])
+            check_tracking_server(tracking_uri(config))  # a server that is down: say so now, not after retries
             end_runs_of_flow_run(config, str(run.id), status)
         except Exception as err:  # a hook must not hide the failure that called it
             run_logger().warning("could not end the MLflow runs of flow run %s: %s", run.id, err)

@@ -1,6 +1,6 @@
 """`mixtune compare`: the runs of an experiment side by side, and the learning-forgetting trade-off as a plot.
 
-Everything comes from `mlflow.search_runs`: the parent runs carry the same tags and metrics whatever their
+Everything comes from one MLflow run search: the parent runs carry the same tags and metrics whatever their
 method, so this table, MLflow's own compare view and a notebook all line up."""
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import mlflow  # noqa: E402
 import pandas as pd  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
@@ -24,9 +23,16 @@ COLUMNS = {
 
 
 def pipeline_runs(uri: str, experiment: str) -> pd.DataFrame:
-    mlflow.set_tracking_uri(uri)
-    runs = mlflow.search_runs(experiment_names=[experiment], filter_string="tags.`mixtune.kind` = 'pipeline'",
-                              order_by=["attributes.start_time ASC"], output_format="pandas")
+    """mlflow.search_runs' table (run_id, status, metrics.*, params.*, tags.*), read through a client: the
+    fluent call would set the process-wide tracking URI (and MLFLOW_TRACKING_URI) as a side effect."""
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id], filter_string="tags.`mixtune.kind` = 'pipeline'",
+                              order_by=["attributes.start_time ASC"], max_results=50_000) if found else []
+    runs = pd.DataFrame([{"run_id": r.info.run_id, "status": r.info.status, "start_time": r.info.start_time,
+                          **{f"metrics.{k}": v for k, v in r.data.metrics.items()},
+                          **{f"params.{k}": v for k, v in r.data.params.items()},
+                          **{f"tags.{k}": v for k, v in r.data.tags.items()}} for r in runs])
     for column in [*COLUMNS, "metrics.base_domain_val_loss", "metrics.base_general_val_loss",
                    "tags.mixtune.registered_model", "params.validation.forgetting_budget"]:
         if column not in runs:

@@ -1,11 +1,13 @@
 """Retraining semantics: skip unchanged inputs, challenger vs champion, the registry alias, failure hygiene."""
 
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 from prefect import task
 
 import flows.finetune
 from flows.finetune import finetune
+from mixtune.compare import compare, comparison, pipeline_runs
 from tasks.champion import decide, nats_per_byte, target_counts
 from tasks.validate import Losses, evaluate
 from tests.conftest import tiny_config
@@ -65,6 +67,14 @@ def test_retraining_first_champion_then_skip_then_a_decision_the_alias_follows(p
     assert champion_of(client, name) == holder == fourth.verdict.champion_version
     version = client.get_model_version(name, "3")
     assert version.tags["mixtune.decision"] == "reject" and version.run_id == fourth.parent_run_id
+
+    text, plot = compare(first.tracking_uri, "mixtune", tmp_path / "compare.png")
+    table = comparison(pipeline_runs(first.tracking_uri, "mixtune"), {third.parent_run_id if holder == 2
+                                                                      else first.parent_run_id})
+    assert list(table["decision"]) == ["first", "skip", verdict.decision, "reject"]
+    assert list(table["champion"]) == ["" if holder == 2 else "*", "", "*" if holder == 2 else "", ""]
+    assert table["domain gain"].notna().sum() == 3 and pd.isna(table.loc[1, "domain val"])  # the skip trained nothing
+    assert "first" in text and "skip" in text and plot.stat().st_size > 10_000
 
 
 def test_nats_per_byte_is_the_token_loss_rescaled_by_the_text_it_scores(prefect_harness, tmp_path):

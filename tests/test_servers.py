@@ -1,0 +1,173 @@
+"""Integration with real servers on 127.0.0.1: `prefect server start` with a served deployment, an MLflow
+server with basic auth, a flow process killed mid-stage, and servers that do not answer."""
+
+import copy
+import json
+import os
+import secrets
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from flows.finetune import finetune
+from mixtune.preflight import Unreachable, check_tracking_server
+from tests.conftest import tiny_config, tiny_raw_config
+from tests.servers import BIN, QUIET_ENV, free_port, launch, mlflow_server, prefect_server, stop
+
+pytestmark = pytest.mark.e2e
+FAST = {"schedule": {"stages": 2, "samples_per_stage": 80}}
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    with prefect_server(tmp_path_factory.mktemp("prefect-server")) as url:
+        yield url
+
+
+def write_config(folder: Path, **sections) -> Path:
+    path = folder / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(tiny_raw_config(folder / "runs", **sections)))
+    return path
+
+
+def wait_for(probe, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = probe()
+        if found:
+            return found
+        time.sleep(1)
+    raise TimeoutError(f"waited {timeout:.0f} s for {what}")
+
+
+def deployment(api: httpx.Client, name: str) -> dict | None:
+    response = api.get(f"/deployments/name/finetune/{name}")
+    return response.json() if response.status_code == 200 else None
+
+
+def test_served_deployment_runs_with_one_changed_parameter_and_the_server_rejects_a_bad_one(prefect_api, tmp_path):
+    config_path = write_config(tmp_path, deploy={"name": "it", "cron": "0 3 * * *"},
+                               schedule={"stages": 1, "samples_per_stage": 48})
+    env = {"PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(tmp_path / "prefect-client")}
+    served = launch([str(BIN / "mixtune"), "serve", str(config_path)], env, tmp_path / "serve.log", cwd=tmp_path)
+    api = httpx.Client(base_url=prefect_api, timeout=10)
+    try:
+        manual = wait_for(lambda: deployment(api, "it-manual"), 90, "the served deployment")
+        scheduled = deployment(api, "it-scheduled")
+        assert scheduled["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
+        assert "Peak learning rate of each stage." in json.dumps(manual["parameter_openapi_schema"])
+        form = manual["parameters"]["config"]  # the UI form's defaults: the loaded pipeline.yaml
+        assert form["schedule"]["samples_per_stage"] == 48
+
+        bad = copy.deepcopy(form)
+        bad["train"]["learning_rate"] = -1
+        rejected = api.post(f"/deployments/{manual['id']}/create_flow_run", json={"parameters": {"config": bad}})
+        assert rejected.status_code == 409 and "learning_rate" in rejected.text, rejected.text
+
+        changed = copy.deepcopy(form)
+        changed["train"]["learning_rate"] = 0.002
+        created = api.post(f"/deployments/{manual['id']}/create_flow_run", json={"parameters": {"config": changed}})
+        assert created.status_code == 201, created.text
+        run_id = created.json()["id"]
+        state = wait_for(lambda: (s := api.get(f"/flow_runs/{run_id}").json()["state"]["type"]) in TERMINAL and s,
+                         300, "the triggered flow run")
+        assert state == "COMPLETED", (tmp_path / "serve.log").read_text()[-4000:]
+    finally:
+        stop(served)
+    client = MlflowClient(f"sqlite:///{tmp_path}/runs/mlflow.db")
+    experiment = client.get_experiment_by_name("mixtune").experiment_id
+    [run] = client.search_runs([experiment], f"tags.`mixtune.flow_run_id` = '{run_id}'")
+    assert run.data.params["train.learning_rate"] == "0.002" and run.info.status == "FINISHED"
+
+
+def test_deploy_registers_on_a_process_work_pool(prefect_api, tmp_path):
+    config_path = write_config(tmp_path, deploy={"name": "pooled"})
+    env = {**os.environ, **QUIET_ENV, "PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(tmp_path / "home")}
+    done = subprocess.run([str(BIN / "mixtune"), "deploy", str(config_path), "--pool", "it-pool"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    api = httpx.Client(base_url=prefect_api, timeout=10)
+    pooled = deployment(api, "pooled-manual")
+    assert pooled["work_pool_name"] == "it-pool" and pooled["entrypoint"] == "flows/finetune.py:finetune"
+    assert api.get("/work_pools/it-pool").json()["type"] == "process"
+
+
+def running_runs(db: Path) -> list:
+    if not db.exists():
+        return []
+    client = MlflowClient(f"sqlite:///{db}")
+    experiment = client.get_experiment_by_name("mixtune")
+    return client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'") if experiment else []
+
+
+def test_a_killed_flow_process_leaves_no_running_mlflow_run_after_the_next_start(prefect_api, prefect_harness,
+                                                                                tmp_path):
+    config_path = write_config(tmp_path, schedule={"stages": 1, "samples_per_stage": 4000})
+    env = {"PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(tmp_path / "home")}
+    process = launch([str(BIN / "mixtune"), "run", str(config_path)], env, tmp_path / "run.log")
+    db = tmp_path / "runs" / "mlflow.db"
+    try:
+        # Read MLflow only once the stage has begun: the database is then made (two writers could race on it).
+        wait_for(lambda: list((tmp_path / "runs").glob("test/*/stage-1/mix.parquet")), 240, "stage 1's mix")
+        wait_for(lambda: any("mixtune.stage" in r.data.tags for r in running_runs(db)), 120, "a running stage")
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
+    orphans = {r.info.run_id for r in running_runs(db)}
+    assert len(orphans) == 2  # the parent and its stage, as SIGKILL left them
+
+    finetune(tiny_config(tmp_path / "runs", **FAST))
+    client = MlflowClient(f"sqlite:///{db}")
+    assert running_runs(db) == []
+    assert {client.get_run(r).info.status for r in orphans} == {"KILLED"}
+
+
+def test_a_whole_run_logs_to_an_mlflow_server_with_basic_auth(prefect_harness, tmp_path, monkeypatch):
+    user = os.environ.get("MIXTUNE_TEST_MLFLOW_USER", "mixtune-admin")
+    password = os.environ.get("MIXTUNE_TEST_MLFLOW_PASSWORD") or secrets.token_urlsafe(18)
+    with mlflow_server(tmp_path / "mlflow", user, password) as uri:
+        anonymous = httpx.get(f"{uri}/api/2.0/mlflow/experiments/search", params={"max_results": 1})
+        assert anonymous.status_code == 401
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-the-password")
+        with pytest.raises(Unreachable, match="refused the credentials"):
+            check_tracking_server(uri)
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+
+        summary = finetune(tiny_config(tmp_path / "runs", tracking={"tracking_uri": uri}, **FAST))
+        client = MlflowClient(uri)
+        parent = client.get_run(summary.parent_run_id)
+        children = client.search_runs([parent.info.experiment_id],
+                                      f"tags.`mlflow.parentRunId` = '{summary.parent_run_id}'")
+        assert parent.info.status == "FINISHED" and len(children) == 2
+        assert {c.info.status for c in children} == {"FINISHED"}
+        assert parent.data.metrics["final_domain_val_loss"] == pytest.approx(summary.stages[-1].losses.domain) or \
+            summary.final_stage < 2
+        assert "final_model" in {a.path for a in client.list_artifacts(summary.parent_run_id)}
+        assert client.get_model_version_by_alias("mixtune-test", "champion").run_id == summary.parent_run_id
+
+
+def test_unreachable_servers_fail_within_seconds_naming_the_url(prefect_harness, tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}"
+    env = {**os.environ, **QUIET_ENV, "PREFECT_HOME": str(tmp_path / "home")}
+    (tmp_path / "mlflow").mkdir(), (tmp_path / "prefect").mkdir()
+    cases = [(write_config(tmp_path / "mlflow", tracking={"tracking_uri": dead}), env, dead),
+             (write_config(tmp_path / "prefect"), {**env, "PREFECT_API_URL": f"{dead}/api"}, f"{dead}/api")]
+    for config_path, case_env, url in cases:
+        started = time.monotonic()
+        done = subprocess.run([str(BIN / "mixtune"), "run", str(config_path)], env=case_env, capture_output=True,
+                              text=True, timeout=60)
+        assert time.monotonic() - started < 10
+        assert done.returncode == 2 and url in done.stderr and "unreachable" in done.stderr, done.stderr
+        assert not (config_path.parent / "runs").exists()  # before any work
+    started = time.monotonic()
+    with pytest.raises(Unreachable, match=dead):  # a deployment's run: the flow checks before its first task
+        finetune(tiny_config(tmp_path / "runs", tracking={"tracking_uri": dead}))
+    assert time.monotonic() - started < 10
