@@ -10,7 +10,7 @@ from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Role = Literal["general", "domain", "pretrain"]
 Format = Literal["auto", "minimind", "openai", "sharegpt", "alpaca", "text"]
@@ -236,18 +236,24 @@ class Deploy(Strict):
     cron: str | None = Field(None, description="Retraining schedule, e.g. '0 3 * * *'; unset: manual runs only.")
     timezone: str = Field("UTC", description="Time zone the cron schedule is read in.")
 
-    @model_validator(mode="after")
-    def _valid_schedule(self) -> Deploy:
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, zone: str) -> str:
         try:
-            ZoneInfo(self.timezone)
+            ZoneInfo(zone)
         except (ValueError, ZoneInfoNotFoundError):
-            raise ValueError(f"unknown time zone {self.timezone!r}") from None
-        if self.cron is not None:
-            # Prefect's own check, imported only when a cron is set: the CLI must reject bad configs fast.
-            from prefect._internal.schemas.validators import validate_cron_string
+            raise ValueError(f"unknown time zone {zone!r}") from None
+        return zone
 
-            validate_cron_string(self.cron)
-        return self
+    @field_validator("cron")
+    @classmethod
+    def _valid_cron(cls, cron: str | None) -> str | None:
+        if cron is None:
+            return cron
+        # Prefect's own check, imported only when a cron is set: the CLI must reject bad configs fast.
+        from prefect._internal.schemas.validators import validate_cron_string
+
+        return validate_cron_string(cron)
 
 
 class Run(Strict):

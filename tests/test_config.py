@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 import time
@@ -34,6 +35,9 @@ def test_default_pipeline_yaml_is_valid():
      "data.sources.2.path: file not found"),
     (lambda raw: raw["schedule"].update(shares=[0.1, 1.5]), "schedule"),
     (lambda raw: raw["data"].update(sources=[{"synthetic": "general", "role": "general"}]), "role domain"),
+    (lambda raw: raw.update(deploy={"cron": "61 * * * *"}), "deploy.cron: Value error, Invalid cron string"),
+    (lambda raw: raw.update(deploy={"timezone": "Mars/Olympus"}), "deploy.timezone: Value error, unknown time zone 'Mars/Olympus'"),
+    (lambda raw: raw.update(registry={"alias": "not an alias"}), "registry.alias"),
 ])
 def test_bad_config_names_the_field(tmp_path, mutate, expected):
     path = write_config(tmp_path, mutate)
@@ -72,8 +76,23 @@ def test_cli_rejects_bad_config_fast_and_trains_nothing(tmp_path, mutate, expect
 def test_cli_help_lists_every_command():
     done = subprocess.run([sys.executable, "-m", "mixtune.cli", "--help"], capture_output=True, text=True)
     assert done.returncode == 0
-    for command in ("run", "check"):
+    for command in ("run", "check", "advise", "serve", "deploy", "compare"):
         assert command in done.stdout
+
+
+def test_serve_without_a_prefect_server_says_how_to_start_one(tmp_path):
+    path = write_config(tmp_path, lambda raw: None)
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    done = subprocess.run([sys.executable, "-m", "mixtune.cli", "serve", str(path)], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=60, env=env)
+    assert done.returncode == 2 and "prefect server start" in done.stderr and "PREFECT_API_URL" in done.stderr
+
+
+def test_compare_on_an_empty_experiment_says_so(tmp_path):
+    path = write_config(tmp_path, lambda raw: None)
+    done = subprocess.run([sys.executable, "-m", "mixtune.cli", "compare", str(path), "--experiment", "nothing"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 0 and "no mixtune runs in experiment 'nothing'" in done.stdout, done.stderr
 
 
 def schema_fields(model, prefix=""):
