@@ -30,13 +30,13 @@ PROBES_PER_SET = 3
 def end_tracking(status: str):
     """A Prefect state hook: whatever ends the flow run (failure, crash, cancellation), its MLflow runs end
     with `status` instead of staying RUNNING. Runs in the flow's process, or in the runner's on cancellation."""
-    def hook(_flow, run, _state) -> None:
+    def hook(flow, flow_run, state) -> None:  # these names: Prefect's runner passes them as keywords
         try:
-            config = PipelineConfig.model_validate(run.parameters["config"])
+            config = PipelineConfig.model_validate(flow_run.parameters["config"])
             check_tracking_server(tracking_uri(config))  # a server that is down: say so now, not after retries
-            end_runs_of_flow_run(config, str(run.id), status)
+            end_runs_of_flow_run(config, str(flow_run.id), status)
         except Exception as err:  # a hook must not hide the failure that called it
-            run_logger().warning("could not end the MLflow runs of flow run %s: %s", run.id, err)
+            run_logger().warning("could not end the MLflow runs of flow run %s: %s", flow_run.id, err)
     return hook
 
 

@@ -76,15 +76,33 @@ def test_served_deployment_runs_with_one_changed_parameter_and_the_server_reject
         created = api.post(f"/deployments/{manual['id']}/create_flow_run", json={"parameters": {"config": changed}})
         assert created.status_code == 201, created.text
         run_id = created.json()["id"]
-        state = wait_for(lambda: (s := api.get(f"/flow_runs/{run_id}").json()["state"]["type"]) in TERMINAL and s,
-                         300, "the triggered flow run")
-        assert state == "COMPLETED", (tmp_path / "serve.log").read_text()[-4000:]
+        assert end_state(api, run_id) == "COMPLETED", (tmp_path / "serve.log").read_text()[-4000:]
+        client = MlflowClient(f"sqlite:///{tmp_path}/runs/mlflow.db")
+        experiment = client.get_experiment_by_name("mixtune").experiment_id
+        [run] = client.search_runs([experiment], f"tags.`mixtune.flow_run_id` = '{run_id}'")
+        assert run.data.params["train.learning_rate"] == "0.002" and run.info.status == "FINISHED"
+
+        # Cancelled from the UI mid-stage: the runner's cancellation hook ends the MLflow runs KILLED.
+        long = copy.deepcopy(form)
+        long["schedule"]["samples_per_stage"] = 4000
+        run_id = api.post(f"/deployments/{manual['id']}/create_flow_run",
+                          json={"parameters": {"config": long}}).json()["id"]
+        query = f"tags.`mixtune.flow_run_id` = '{run_id}'"
+        parent = wait_for(lambda: client.search_runs([experiment], query), 180, "the long run's MLflow run")[0]
+        stage = f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+        wait_for(lambda: client.search_runs([experiment], stage), 180, "its stage to start")
+        api.post(f"/flow_runs/{run_id}/set_state", json={"state": {"type": "CANCELLING"}, "force": True})
+        assert end_state(api, run_id) == "CANCELLED"
+        ended = [client.get_run(parent.info.run_id), *client.search_runs([experiment], stage)]
+        wait_for(lambda: all(client.get_run(r.info.run_id).info.status == "KILLED" for r in ended), 30,
+                 "the cancelled run's MLflow runs to end KILLED")
     finally:
         stop(served)
-    client = MlflowClient(f"sqlite:///{tmp_path}/runs/mlflow.db")
-    experiment = client.get_experiment_by_name("mixtune").experiment_id
-    [run] = client.search_runs([experiment], f"tags.`mixtune.flow_run_id` = '{run_id}'")
-    assert run.data.params["train.learning_rate"] == "0.002" and run.info.status == "FINISHED"
+
+
+def end_state(api: httpx.Client, run_id: str) -> str:
+    return wait_for(lambda: (s := api.get(f"/flow_runs/{run_id}").json()["state"]["type"]) in TERMINAL and s,
+                    300, f"flow run {run_id} to end")
 
 
 def test_deploy_registers_on_a_process_work_pool(prefect_api, tmp_path):
