@@ -62,6 +62,22 @@ def comparison(runs: pd.DataFrame, champions: set[str]) -> pd.DataFrame:
     return table.reset_index(drop=True)
 
 
+def stage_paths(uri: str, runs: pd.DataFrame) -> dict[str, list[tuple[float, float]]]:
+    """Per run, (general drift, domain gain) after each stage: where a run went, not only where it ended; a
+    stage the gate refused (past the forgetting budget) shows here though the run's final model is earlier."""
+    client, paths = MlflowClient(uri), {}
+    for _, run in runs.dropna(subset=["metrics.base_domain_val_loss", "metrics.base_general_val_loss"]).iterrows():
+        history = {name: dict((m.step, m.value) for m in client.get_metric_history(run["run_id"], name))
+                   for name in ("stage_domain_val_loss", "stage_general_val_loss")}
+        domain_base, general_base = run["metrics.base_domain_val_loss"], run["metrics.base_general_val_loss"]
+        paths[run["run_id"]] = [(0.0, 0.0)] + [
+            ((history["stage_general_val_loss"][step] - general_base) / general_base,
+             (domain_base - domain) / domain_base)
+            for step, domain in sorted(history["stage_domain_val_loss"].items())
+            if step in history["stage_general_val_loss"]]
+    return paths
+
+
 def format_table(table: pd.DataFrame) -> str:
     shown = table.drop(columns=["run_id"]).copy()
     for column, fmt in (("domain val", "{:.4f}"), ("general val", "{:.4f}"), ("domain gain", "{:+.1%}"),
@@ -70,14 +86,20 @@ def format_table(table: pd.DataFrame) -> str:
     return shown.fillna("-").to_string(index=False)
 
 
-def trade_off_plot(table: pd.DataFrame, budget: float | None, path: Path, title: str) -> Path | None:
-    """x: general drift (forgetting), y: domain gain (learning). Up and to the left is better."""
+def trade_off_plot(table: pd.DataFrame, paths: dict[str, list[tuple[float, float]]], budget: float | None,
+                   path: Path, title: str) -> Path | None:
+    """x: general drift (forgetting), y: domain gain (learning); up and to the left is better. Big markers:
+    each run's final model; thin lines: its stages, from the base model at (0, 0)."""
     points = table.dropna(subset=["domain gain", "general drift"])
     if points.empty:
         return None
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
     for method, group in points.groupby("method", dropna=False):
-        ax.scatter(group["general drift"] * 100, group["domain gain"] * 100, s=60, label=str(method))
+        dots = ax.scatter(group["general drift"] * 100, group["domain gain"] * 100, s=70, label=f"{method}: final")
+        for run_id in group["run_id"]:
+            xs, ys = zip(*paths.get(run_id, [(0.0, 0.0)]))
+            ax.plot([x * 100 for x in xs], [y * 100 for y in ys], color=dots.get_facecolor()[0], linewidth=0.8,
+                    marker=".", alpha=0.6)
     for _, row in points.iterrows():
         mark = " (champion)" if row["champion"] else ""
         ax.annotate(f"{row['run']}{mark}", (row["general drift"] * 100, row["domain gain"] * 100),
@@ -102,6 +124,6 @@ def compare(uri: str, experiment: str, out: Path, alias: str = "champion") -> tu
         return f"no mixtune runs in experiment {experiment!r} at {uri}", None
     table = comparison(runs, champion_runs(uri, runs, alias))
     budgets = pd.to_numeric(runs["params.validation.forgetting_budget"], errors="coerce").dropna()
-    plot = trade_off_plot(table, budgets.iloc[-1] if len(budgets) else None, out,
+    plot = trade_off_plot(table, stage_paths(uri, runs), budgets.iloc[-1] if len(budgets) else None, out,
                           f"{experiment}: learning vs forgetting ({len(table)} runs)")
     return format_table(table), plot

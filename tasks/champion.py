@@ -83,11 +83,11 @@ def decide(challenger: Losses, champion: Losses | None, budget: float,
            min_improvement: float) -> tuple[Decision, str]:
     if champion is None:
         return "first", "no champion yet: the first trained model becomes it"
-    gain = (champion.domain - challenger.domain) / champion.domain
+    change = (challenger.domain - champion.domain) / champion.domain
     drift = (challenger.general - champion.general) / champion.general
-    numbers = f"domain {gain:+.2%} better, general {drift:+.2%} vs the champion"
-    if gain <= min_improvement:
-        return "reject", f"{numbers}: not better on domain data (needs > {min_improvement:.2%})"
+    numbers = f"domain loss {change:+.2%}, general loss {drift:+.2%} against the champion"
+    if -change <= min_improvement:
+        return "reject", f"{numbers}: not lower on domain data (needs below {-min_improvement:+.2%})"
     if drift > budget:
         return "reject", f"{numbers}: general loss beyond the {budget:.0%} forgetting budget"
     return "promote", f"{numbers}: within the {budget:.0%} forgetting budget"

@@ -24,7 +24,7 @@ def test_decide_first_promote_and_the_two_rejections():
     champion = Losses(domain=2.0, general=1.0)
     assert decide(Losses(domain=1.9, general=1.05), champion, 0.1, 0.0)[0] == "promote"
     worse, reason = decide(Losses(domain=2.1, general=1.0), champion, 0.1, 0.0)
-    assert worse == "reject" and "not better on domain" in reason
+    assert worse == "reject" and "not lower on domain data" in reason
     forgot, reason = decide(Losses(domain=1.5, general=1.2), champion, 0.1, 0.0)
     assert forgot == "reject" and "forgetting budget" in reason
     assert decide(Losses(domain=1.9, general=1.0), champion, 0.1, 0.1)[0] == "reject"  # 5% < 10% required
