@@ -19,6 +19,16 @@ def champion_of(client: MlflowClient, name: str) -> int:
     return int(client.get_model_version_by_alias(name, "champion").version)
 
 
+def prefect_verdict(flow_run_id: str) -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        [artifact] = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["retrain-verdict"]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return artifact.data
+
+
 def test_decide_first_promote_and_the_two_rejections():
     assert decide(Losses(domain=1.0, general=1.0), None, 0.1, 0.0)[0] == "first"
     champion = Losses(domain=2.0, general=1.0)
@@ -47,6 +57,7 @@ def test_retraining_first_champion_then_skip_then_a_decision_the_alias_follows(p
     assert not client.search_runs([skipped.info.experiment_id],
                                   f"tags.`mlflow.parentRunId` = '{unchanged.parent_run_id}'")
     assert champion_of(client, name) == 1
+    assert "no new data" in prefect_verdict(skipped.data.tags["mixtune.flow_run_id"])
 
     more_domain = {"sources": [{"synthetic": "general", "samples": 800, "role": "general"},
                                {"synthetic": "domain", "samples": 600, "role": "domain", "val_fraction": 0.15}]}
