@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mixtune: {err}", file=sys.stderr)
         return 2
     if args.command in ("serve", "deploy"):
-        return serve(config, args)
+        return deployments(config, args)
     return run(config)
 
 
@@ -131,7 +131,7 @@ def run(config: PipelineConfig) -> int:
     return 0
 
 
-def serve(config: PipelineConfig, args) -> int:
+def deployments(config: PipelineConfig, args) -> int:
     if not os.environ.get("PREFECT_API_URL"):
         print("mixtune: deployments need a Prefect server: run `prefect server start` and set "
               "PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)", file=sys.stderr)
