@@ -21,8 +21,7 @@ ENTRYPOINT = "flows/finetune.py:finetune"
 
 
 def deployment_specs(config: PipelineConfig) -> list[dict]:
-    common = {"parameters": {"config": config.model_dump(mode="json")}, "tags": ["mixtune", config.run.name],
-              "version": config.registered_model}
+    common = {"parameters": {"config": config.model_dump(mode="json")}, "tags": ["mixtune", config.run.name]}
     specs = [{"name": f"{config.deploy.name}-manual", **common,
               "description": "Run the pipeline now: change any field of the form, or none."}]
     if config.deploy.cron:
