@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow
+from pydantic import ValidationError
 from prefect.runtime import flow_run
 
 from mixtune.config import PipelineConfig, resolve_paths
@@ -33,10 +34,14 @@ def end_tracking(status: str):
     def hook(flow, flow_run, state) -> None:  # these names: Prefect's runner passes them as keywords
         try:
             config = PipelineConfig.model_validate(flow_run.parameters["config"])
+        except ValidationError:
+            return  # parameters the flow refused: it never started an MLflow run
+        try:
             check_tracking_server(tracking_uri(config))  # a server that is down: say so now, not after retries
             end_runs_of_flow_run(config, str(flow_run.id), status)
         except Exception as err:  # a hook must not hide the failure that called it
             run_logger().warning("could not end the MLflow runs of flow run %s: %s", flow_run.id, err)
+    hook.__name__ = f"end_mlflow_runs_{status.lower()}"  # how Prefect's log names it
     return hook
 
 

@@ -148,11 +148,20 @@ def deployments(config: PipelineConfig, args) -> int:
 
 def compare(config: PipelineConfig, args) -> int:
     from mixtune.compare import compare as compare_runs
+    from mixtune.preflight import Unreachable, check_tracking_server
     from tasks.tracking import tracking_uri
 
-    experiment = args.experiment or config.tracking.experiment
+    uri, experiment = args.tracking_uri or tracking_uri(config), args.experiment or config.tracking.experiment
+    try:
+        check_tracking_server(uri)
+    except Unreachable as err:
+        print(f"mixtune: {err}", file=sys.stderr)
+        return 2
     out = Path(args.out) if args.out else Path(config.run.output_dir) / f"compare-{experiment}.png"
-    table, plot = compare_runs(args.tracking_uri or tracking_uri(config), experiment, out, config.registry.alias)
+    table, plot = compare_runs(uri, experiment, out, config.registry.alias)
+    if table is None:
+        print(f"mixtune: no mixtune runs in experiment {experiment!r} at {uri}", file=sys.stderr)
+        return 1
     print(table)
     if plot:
         print(f"\nplot (domain gain vs general drift): {plot}")
@@ -170,7 +179,8 @@ def format_verdict(verdict) -> str:
 def format_summary(summary, seconds: float) -> str:
     if summary.baseline is None:
         return "\n".join([format_verdict(summary.verdict), "nothing trained (set registry.skip_unchanged=false "
-                          "to train anyway)", f"wall time: {seconds:.0f} s"])
+                          "to train anyway)", f"wall time: {seconds:.0f} s",
+                          f"MLflow run {summary.parent_run_id} in {summary.tracking_uri}"])
     headers = ["stage", "target", "realised", "domain val", "general val", "drift", "steps", "decision"]
     rows = [["base", "", "", f"{summary.baseline.domain:.4f}", f"{summary.baseline.general:.4f}", "", "", ""]]
     for r in summary.stages:

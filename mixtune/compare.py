@@ -16,7 +16,7 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 COLUMNS = {
-    "tags.mlflow.runName": "run", "tags.mixtune.method": "method", "tags.mixtune.schedule": "schedule",
+    "tags.mlflow.runName": "run", "status": "status", "tags.mixtune.method": "method", "tags.mixtune.schedule": "schedule",
     "metrics.final_domain_val_loss": "domain val", "metrics.final_general_val_loss": "general val",
     "metrics.tokens_per_second": "tokens/s", "tags.mixtune.verdict": "decision",
 }
@@ -119,11 +119,13 @@ def trade_off_plot(table: pd.DataFrame, paths: dict[str, list[tuple[float, float
 
 
 def compare(uri: str, experiment: str, out: Path, alias: str = "champion") -> tuple[str, Path | None]:
+    """The table as text and the plot's path; no runs: (None, None)."""
     runs = pipeline_runs(uri, experiment)
     if runs.empty:
-        return f"no mixtune runs in experiment {experiment!r} at {uri}", None
+        return None, None
     table = comparison(runs, champion_runs(uri, runs, alias))
     budgets = pd.to_numeric(runs["params.validation.forgetting_budget"], errors="coerce").dropna()
     plot = trade_off_plot(table, stage_paths(uri, runs), budgets.iloc[-1] if len(budgets) else None, out,
-                          f"{experiment}: learning vs forgetting ({len(table)} runs)")
+                          f"{experiment}: learning vs forgetting ({table['domain gain'].notna().sum()} runs "
+                          "that trained)")
     return format_table(table), plot

@@ -6,13 +6,14 @@ Relative paths in a YAML file resolve against that file's folder, so a config ca
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Role = Literal["general", "domain", "pretrain"]
+Share = Annotated[float, Field(ge=0.0, le=1.0)]  # bounds in the JSON schema too: the Prefect server checks them
 Format = Literal["auto", "minimind", "openai", "sharegpt", "alpaca", "text"]
 
 
@@ -124,7 +125,7 @@ class Schedule(Strict):
     stages: int = Field(4, ge=1, le=64, description="Number of stages, each a new mix and a training run.")
     shape: Literal["linear", "step", "cosine"] = Field(
         "linear", description="linear: even steps; cosine: slow start and end; step: start, then end halfway.")
-    shares: list[float] | None = Field(
+    shares: list[Share] | None = Field(
         None, description="An explicit list of per-stage shares; overrides start/end/stages/shape."
     )
     samples_per_stage: int = Field(800, gt=0, description="Training samples drawn for each stage.")
@@ -219,7 +220,8 @@ class Registry(Strict):
     only when it is better on domain data and within the forgetting budget on general data."""
 
     model_name: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9_.-]+$", description="MLflow registered model; default mixtune-<run.name>.")
+        None, pattern=r"^[A-Za-z0-9_.-]+$",
+        description="MLflow registered model; default: the experiment's name, so its runs compete for one champion.")
     alias: str = Field("champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$",
                        description="Registry alias that marks the model to ship; moved only on promotion.")
     skip_unchanged: bool = Field(
@@ -285,7 +287,7 @@ class PipelineConfig(Strict):
 
     @property
     def registered_model(self) -> str:
-        return self.registry.model_name or f"mixtune-{self.run.name}"
+        return self.registry.model_name or self.tracking.experiment
 
 class ConfigError(ValueError):
     """A config that cannot run; the message names the file and every bad field's path."""

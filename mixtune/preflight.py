@@ -7,6 +7,7 @@ import os
 
 import httpx
 
+CREDENTIALS_HINT = {"MLflow tracking server": "Set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD."}
 TIMEOUT_S = 4.0  # with imports, the whole command still ends well within 10 s
 
 
@@ -21,7 +22,8 @@ def probe(what: str, url: str, path: str, hint: str, auth: tuple[str, str] | Non
     except httpx.HTTPError as err:
         raise Unreachable(f"{what} at {url} is unreachable ({type(err).__name__}: {err}). {hint}") from None
     if response.status_code in (401, 403):
-        raise Unreachable(f"{what} at {url} refused the credentials (HTTP {response.status_code}). {hint}")
+        raise Unreachable(f"{what} at {url} refused the credentials (HTTP {response.status_code}). "
+                          f"{CREDENTIALS_HINT.get(what, '')}")
     if response.status_code >= 400:
         raise Unreachable(f"{what} at {url} answered HTTP {response.status_code}: is it the right URL? {hint}")
 
@@ -32,7 +34,7 @@ def check_tracking_server(uri: str) -> None:
         return
     user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
     probe("MLflow tracking server", uri, "/api/2.0/mlflow/experiments/search?max_results=1",
-          "Start it, fix tracking.tracking_uri / MLFLOW_TRACKING_URI, or set MLFLOW_TRACKING_USERNAME/PASSWORD.",
+          "Start it, or fix tracking.tracking_uri / MLFLOW_TRACKING_URI.",
           auth=(user, password) if user and password else None)
 
 

@@ -61,22 +61,28 @@ def input_hash(config: PipelineConfig) -> str:
     return fingerprint(ingest_key(config), recipe, origin, config.run.seed)
 
 
-def last_success(client: MlflowClient, experiment_id: str, model_name: str):
+def last_trained(client: MlflowClient, experiment_id: str, model_name: str):
+    """The newest run of this registered model that finished and trained (a skip trained nothing)."""
     runs = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{MODEL_TAG}` = '{model_name}' and attributes.status = 'FINISHED'",
+        [experiment_id], filter_string=f"tags.`{MODEL_TAG}` = '{model_name}' and attributes.status = 'FINISHED' "
+                                       f"and tags.`{VERDICT_TAG}` != 'skip'",
         order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None
 
 
 def unchanged_since(config: PipelineConfig, parent_run_id: str) -> str | None:
-    """The previous successful run with the same inputs, if any; this run is tagged with its hash either way."""
+    """A successful run with the same inputs: the last one that trained, or the champion's. The champion counts
+    too, so a manual experiment in between (rejected or not) does not make the next scheduled tick retrain
+    what made the champion. This run is tagged with its hash either way."""
     uri, digest = tracking.tracking_uri(config), input_hash(config)
     client = MlflowClient(uri)
-    previous = last_success(client, client.get_run(parent_run_id).info.experiment_id, config.registered_model)
     tracking.set_tags(uri, parent_run_id, {INPUT_HASH_TAG: digest, MODEL_TAG: config.registered_model})
-    if config.registry.skip_unchanged and previous and previous.data.tags.get(INPUT_HASH_TAG) == digest:
-        return previous.info.run_id
-    return None
+    if not config.registry.skip_unchanged:
+        return None
+    holder = champion_version(client, config.registered_model, config.registry.alias)
+    candidates = [last_trained(client, client.get_run(parent_run_id).info.experiment_id, config.registered_model),
+                  client.get_run(holder.run_id) if holder else None]
+    return next((run.info.run_id for run in candidates if run and run.data.tags.get(INPUT_HASH_TAG) == digest), None)
 
 
 def decide(challenger: Losses, champion: Losses | None, budget: float,
@@ -87,7 +93,8 @@ def decide(challenger: Losses, champion: Losses | None, budget: float,
     drift = (challenger.general - champion.general) / champion.general
     numbers = f"domain loss {change:+.2%}, general loss {drift:+.2%} against the champion"
     if -change <= min_improvement:
-        return "reject", f"{numbers}: not lower on domain data (needs below {-min_improvement:+.2%})"
+        needed = f"more than {min_improvement:.2%} lower" if min_improvement else "lower"
+        return "reject", f"{numbers}: domain loss not {needed}"
     if drift > budget:
         return "reject", f"{numbers}: general loss beyond the {budget:.0%} forgetting budget"
     return "promote", f"{numbers}: within the {budget:.0%} forgetting budget"

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from peft import LoraConfig, PeftModel, get_peft_model
 from prefect import task
 from pydantic import BaseModel
-from transformers import AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallback
+from transformers import AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from mixtune.cache import is_complete, mark_complete
@@ -53,6 +53,7 @@ def load_for_training(config: PipelineConfig, init_dir: str, base_dir: str):
     if is_adapter(init_dir):
         return PeftModel.from_pretrained(base, init_dir, is_trainable=True)
     lora = config.train.lora
+    set_seed(config.run.seed)  # the adapter's initial weights are random: the same config, the same adapter
     return get_peft_model(base, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                            target_modules=lora.target_modules, task_type="CAUSAL_LM"))
 

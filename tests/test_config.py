@@ -92,7 +92,7 @@ def test_compare_on_an_empty_experiment_says_so(tmp_path):
     path = write_config(tmp_path, lambda raw: None)
     done = subprocess.run([sys.executable, "-m", "mixtune.cli", "compare", str(path), "--experiment", "nothing"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert done.returncode == 0 and "no mixtune runs in experiment 'nothing'" in done.stdout, done.stderr
+    assert done.returncode == 1 and "no mixtune runs in experiment 'nothing'" in done.stderr, done.stderr
 
 
 def schema_fields(model, prefix=""):

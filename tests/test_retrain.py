@@ -34,7 +34,7 @@ def test_decide_first_promote_and_the_two_rejections():
     champion = Losses(domain=2.0, general=1.0)
     assert decide(Losses(domain=1.9, general=1.05), champion, 0.1, 0.0)[0] == "promote"
     worse, reason = decide(Losses(domain=2.1, general=1.0), champion, 0.1, 0.0)
-    assert worse == "reject" and "not lower on domain data" in reason
+    assert worse == "reject" and "domain loss not lower" in reason
     forgot, reason = decide(Losses(domain=1.5, general=1.2), champion, 0.1, 0.0)
     assert forgot == "reject" and "forgetting budget" in reason
     assert decide(Losses(domain=1.9, general=1.0), champion, 0.1, 0.1)[0] == "reject"  # 5% < 10% required
@@ -79,11 +79,16 @@ def test_retraining_first_champion_then_skip_then_a_decision_the_alias_follows(p
     version = client.get_model_version(name, "3")
     assert version.tags["mixtune.decision"] == "reject" and version.run_id == fourth.parent_run_id
 
+    # The champion's inputs again, after another run trained: still no new data for the champion's recipe.
+    champion_run = third if holder == 2 else first
+    again = finetune(tiny_config(tmp_path, **({"data": more_domain} if holder == 2 else {}), **FAST))
+    assert again.verdict.decision == "skip" and again.verdict.previous_run == champion_run.parent_run_id
+
     text, plot = compare(first.tracking_uri, "mixtune", tmp_path / "compare.png")
     table = comparison(pipeline_runs(first.tracking_uri, "mixtune"), {third.parent_run_id if holder == 2
                                                                       else first.parent_run_id})
-    assert list(table["decision"]) == ["first", "skip", verdict.decision, "reject"]
-    assert list(table["champion"]) == ["" if holder == 2 else "*", "", "*" if holder == 2 else "", ""]
+    assert list(table["decision"]) == ["first", "skip", verdict.decision, "reject", "skip"]
+    assert list(table["champion"]) == ["" if holder == 2 else "*", "", "*" if holder == 2 else "", "", ""]
     assert table["domain gain"].notna().sum() == 3 and pd.isna(table.loc[1, "domain val"])  # the skip trained nothing
     assert "first" in text and "skip" in text and plot.stat().st_size > 10_000
 

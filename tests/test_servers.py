@@ -169,7 +169,7 @@ def test_a_whole_run_logs_to_an_mlflow_server_with_basic_auth(prefect_harness, t
         assert parent.data.metrics["final_domain_val_loss"] == pytest.approx(summary.stages[-1].losses.domain) or \
             summary.final_stage < 2
         assert "final_model" in {a.path for a in client.list_artifacts(summary.parent_run_id)}
-        assert client.get_model_version_by_alias("mixtune-test", "champion").run_id == summary.parent_run_id
+        assert client.get_model_version_by_alias("mixtune", "champion").run_id == summary.parent_run_id
 
 
 def test_unreachable_servers_fail_within_seconds_naming_the_url(prefect_harness, tmp_path):
@@ -185,6 +185,10 @@ def test_unreachable_servers_fail_within_seconds_naming_the_url(prefect_harness,
         assert time.monotonic() - started < 10
         assert done.returncode == 2 and url in done.stderr and "unreachable" in done.stderr, done.stderr
         assert not (config_path.parent / "runs").exists()  # before any work
+    started = time.monotonic()
+    done = subprocess.run([str(BIN / "mixtune"), "compare", str(cases[1][0]), "--tracking-uri", dead], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and dead in done.stderr and time.monotonic() - started < 10
     started = time.monotonic()
     with pytest.raises(Unreachable, match=dead):  # a deployment's run: the flow checks before its first task
         finetune(tiny_config(tmp_path / "runs", tracking={"tracking_uri": dead}))
