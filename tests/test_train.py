@@ -106,3 +106,17 @@ def test_resume_refuses_a_checkpoint_of_another_mix(prepared, tmp_path, monkeypa
     other = mix_stage(sft[sft["split"] == "train"], 1, 0.5, 160, seed=0, manifest=mix.manifest)
     with pytest.raises(RuntimeError, match="another mix manifest"):
         train_stage(config, other, tokens.sft, base, base, str(tmp_path / "stage-1"), parent)
+
+
+def test_lora_adapters_start_from_the_same_weights_for_the_same_seed(prepared):
+    import torch
+
+    from tasks.train import load_for_training
+
+    config, _, base = prepared
+    lora = config.model_copy(update={"train": config.train.model_copy(update={"method": "lora"})})
+    torch.manual_seed(1)
+    first = {k: v.clone() for k, v in load_for_training(lora, base, base).named_parameters() if "lora_" in k}
+    torch.manual_seed(2)  # whatever ran before must not matter
+    second = dict(load_for_training(lora, base, base).named_parameters())
+    assert first and all(torch.equal(value, second[name]) for name, value in first.items())
