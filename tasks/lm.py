@@ -4,6 +4,7 @@ validation reports, and a transformers Trainer that evaluates with that same los
 from __future__ import annotations
 
 import logging
+import warnings
 
 import pandas as pd
 import torch
@@ -28,6 +29,8 @@ class HarmlessNotices(logging.Filter):
 for _name in ("transformers.trainer", "transformers.trainer_utils"):
     transformers_logging.get_logger(_name).addFilter(HarmlessNotices())
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+# peft asks transformers 5 for the old name on every LoRA stage; nothing a user can act on.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 class TokenDataset(torch.utils.data.Dataset):
