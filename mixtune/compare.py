@@ -100,10 +100,14 @@ def trade_off_plot(table: pd.DataFrame, paths: dict[str, list[tuple[float, float
             xs, ys = zip(*paths.get(run_id, [(0.0, 0.0)]))
             ax.plot([x * 100 for x in xs], [y * 100 for y in ys], color=dots.get_facecolor()[0], linewidth=0.8,
                     marker=".", alpha=0.6)
+    stacked: dict[tuple[float, float], int] = {}  # runs that end at one point get their labels stacked
     for _, row in points.iterrows():
         mark = " (champion)" if row["champion"] else ""
-        ax.annotate(f"{row['run']}{mark}", (row["general drift"] * 100, row["domain gain"] * 100),
-                    textcoords="offset points", xytext=(6, 4), fontsize=8)
+        where = (row["general drift"] * 100, row["domain gain"] * 100)
+        key = (round(where[0], 1), round(where[1], 1))
+        stacked[key] = stacked.get(key, -1) + 1
+        ax.annotate(f"{row['run']}{mark}", where, textcoords="offset points", xytext=(6, 4 - 10 * stacked[key]),
+                    fontsize=8)
     if budget is not None:
         ax.axvline(budget * 100, color="red", linestyle="--", linewidth=1, label=f"forgetting budget {budget:.0%}")
     ax.axvline(0, color="grey", linewidth=0.5)
