@@ -23,6 +23,11 @@ from tests.servers import BIN, QUIET_ENV, free_port, launch, mlflow_server, pref
 pytestmark = pytest.mark.e2e
 FAST = {"schedule": {"stages": 2, "samples_per_stage": 80}}
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+# A stage long enough (250 steps) to be caught mid-way: the data must be large enough that the plan's epoch
+# budget does not shrink the stage (on the default tiny data it would cut 4,000 samples to 1,320).
+LONG_STAGE = {"data": {"sources": [{"synthetic": "general", "samples": 6000, "role": "general"},
+                                   {"synthetic": "domain", "samples": 3000, "role": "domain", "val_fraction": 0.15}]},
+              "schedule": {"stages": 1, "samples_per_stage": 4000}}
 
 
 @pytest.fixture(scope="module")
@@ -84,13 +89,15 @@ def test_served_deployment_runs_with_one_changed_parameter_and_the_server_reject
 
         # Cancelled from the UI mid-stage: the runner's cancellation hook ends the MLflow runs KILLED.
         long = copy.deepcopy(form)
-        long["schedule"]["samples_per_stage"] = 4000
+        long["data"]["sources"] = LONG_STAGE["data"]["sources"]
+        long["schedule"].update(LONG_STAGE["schedule"])
         run_id = api.post(f"/deployments/{manual['id']}/create_flow_run",
                           json={"parameters": {"config": long}}).json()["id"]
         query = f"tags.`mixtune.flow_run_id` = '{run_id}'"
         parent = wait_for(lambda: client.search_runs([experiment], query), 180, "the long run's MLflow run")[0]
         stage = f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
         wait_for(lambda: client.search_runs([experiment], stage), 180, "its stage to start")
+        assert client.get_run(parent.info.run_id).info.status == "RUNNING"  # cancelled mid-stage, not after
         api.post(f"/flow_runs/{run_id}/set_state", json={"state": {"type": "CANCELLING"}, "force": True})
         assert end_state(api, run_id) == "CANCELLED"
         ended = [client.get_run(parent.info.run_id), *client.search_runs([experiment], stage)]
@@ -127,7 +134,7 @@ def running_runs(db: Path) -> list:
 
 def test_a_killed_flow_process_leaves_no_running_mlflow_run_after_the_next_start(prefect_api, prefect_harness,
                                                                                 tmp_path):
-    config_path = write_config(tmp_path, schedule={"stages": 1, "samples_per_stage": 4000})
+    config_path = write_config(tmp_path, **LONG_STAGE)
     env = {"PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(tmp_path / "home")}
     process = launch([str(BIN / "mixtune"), "run", str(config_path)], env, tmp_path / "run.log")
     db = tmp_path / "runs" / "mlflow.db"
