@@ -50,7 +50,7 @@ def ensure_process_pool(pool: str) -> None:
 def deploy_to_pool(config: PipelineConfig, pool: str) -> list[str]:
     """For `prefect worker start --pool <pool>`: the worker runs the flow from this project folder."""
     ensure_process_pool(pool)
-    source = finetune.from_source(source=str(PROJECT_ROOT), entrypoint=ENTRYPOINT)
-    for spec in deployment_specs(config):
+    source, specs = finetune.from_source(source=str(PROJECT_ROOT), entrypoint=ENTRYPOINT), deployment_specs(config)
+    for spec in specs:
         source.deploy(work_pool_name=pool, build=False, push=False, print_next_steps=False, **spec)
-    return [spec["name"] for spec in deployment_specs(config)]
+    return [spec["name"] for spec in specs]

@@ -84,5 +84,6 @@ def run_pipeline(config: PipelineConfig, parent: str) -> RunSummary:
         reports.append(report)
         cursor, model = cursor.after(report.gate.decision), trained.model_dir
     summary = register_task(config, parent, reports, baseline, base)
-    verdict = challenge_task(config, parent, summary.final_model, base, tokens.sft, data, str(stages_dir))
+    verdict = challenge_task(config, parent, summary.final_model, summary.final_losses, base, tokens.sft, data,
+                             str(stages_dir))
     return summary.model_copy(update={"verdict": verdict})

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import uuid
+from functools import lru_cache
 from pathlib import Path
 
 COMPLETE_MARKER = "_complete"
@@ -16,7 +18,15 @@ def fingerprint(*parts: object) -> str:
     return hashlib.sha256(blob).hexdigest()[:20]
 
 
-def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes, computed once per process while the file is unchanged: one run asks for a
+    data file's digest several times (the input check, ingest's cache key, the data report)."""
+    stat = os.stat(path)
+    return _digest(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=1024)
+def _digest(path: str, size: int, mtime_ns: int, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while block := handle.read(chunk):

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-from mlflow.exceptions import MlflowException  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
+from tasks.plots import plt, save  # tasks.plots selects the Agg backend before pyplot loads
 
 COLUMNS = {
     "tags.mlflow.runName": "run", "status": "status", "tags.mixtune.method": "method", "tags.mixtune.schedule": "schedule",
@@ -115,11 +113,7 @@ def trade_off_plot(table: pd.DataFrame, paths: dict[str, list[tuple[float, float
     ax.set_ylabel("domain gain: domain val loss drop vs the base model (%)")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def compare(uri: str, experiment: str, out: Path, alias: str = "champion") -> tuple[str, Path | None]:

@@ -13,7 +13,6 @@ import shutil
 from pathlib import Path
 from typing import Literal
 
-import pyarrow.parquet as pq
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from prefect import task
@@ -28,7 +27,7 @@ from mixtune.paths import cache_dir
 from tasks import tracking
 from tasks.ingest import IngestResult, ingest_key
 from tasks.tokenize import IGNORE, tokenize
-from tasks.train import is_adapter
+from tasks.train import is_adapter, validation_sets
 from tasks.validate import Losses, evaluate, load_model
 
 INPUT_HASH_TAG = "mixtune.input_hash"
@@ -103,19 +102,21 @@ def decide(challenger: Losses, champion: Losses | None, budget: float,
 def target_counts(sft_path: str, tokenizer_dir: str) -> dict[str, tuple[int, int]]:
     """Per validation set: scored tokens (as mean_token_loss counts them) and the UTF-8 bytes they spell."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    val = pq.read_table(sft_path, columns=["tag", "labels"], filters=[("split", "==", "val")]).to_pandas()
     counts = {}
-    for tag in ("domain", "general"):
-        targets = [[t for t in labels[1:] if t != IGNORE] for labels in val.loc[val["tag"] == tag, "labels"]]
+    for tag, dataset in validation_sets(sft_path).items():
+        targets = [[t for t in labels[1:] if t != IGNORE] for labels in dataset.labels]
         n_bytes = sum(len(tokenizer.decode(ids).encode("utf-8")) for ids in targets)
         counts[tag] = (sum(map(len, targets)), max(n_bytes, 1))
     return counts
 
 
-def nats_per_byte(model_dir: str, sft_path: str, batch_size: int) -> Losses:
-    per_token = evaluate(model_dir, model_dir, sft_path, batch_size)
-    counts = target_counts(sft_path, model_dir)
+def per_byte(per_token: Losses, sft_path: str, tokenizer_dir: str) -> Losses:
+    counts = target_counts(sft_path, tokenizer_dir)
     return Losses(**{tag: getattr(per_token, tag) * tokens / n_bytes for tag, (tokens, n_bytes) in counts.items()})
+
+
+def nats_per_byte(model_dir: str, sft_path: str, batch_size: int) -> Losses:
+    return per_byte(evaluate(model_dir, model_dir, sft_path, batch_size), sft_path, model_dir)
 
 
 def standalone_model(final_dir: str, base_dir: str, folder: Path) -> str:
@@ -141,13 +142,13 @@ def champion_version(client: MlflowClient, name: str, alias: str):
 def fetch_version(client: MlflowClient, version, output_dir: str) -> str:
     """The champion's files, downloaded once per version."""
     folder = cache_dir(output_dir, "champion", fingerprint(version.name, version.version, version.run_id))
+    artifact = version.tags.get("mixtune.artifact_path", "final_model")
     if not is_complete(folder):
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-        artifact = version.tags.get("mixtune.artifact_path", "final_model")
         client.download_artifacts(version.run_id, artifact, str(folder))
         mark_complete(folder)
-    return str(folder / version.tags.get("mixtune.artifact_path", "final_model"))
+    return str(folder / artifact)
 
 
 def champion_losses(config: PipelineConfig, data: IngestResult, champion_dir: str) -> Losses:
@@ -170,13 +171,14 @@ def register_version(client: MlflowClient, name: str, run_id: str, model_dir: st
     return int(client.create_model_version(name, f"runs:/{run_id}/{artifact_path}", run_id=run_id, tags=tags).version)
 
 
-def challenge(config: PipelineConfig, parent_run_id: str, final_model: str, base_dir: str, sft_path: str,
-              data: IngestResult, work_dir: Path) -> Verdict:
-    """Challenger vs champion on the same validation conversations; the alias moves only on first/promote."""
+def challenge(config: PipelineConfig, parent_run_id: str, final_model: str, final_losses: Losses, base_dir: str,
+              sft_path: str, data: IngestResult, work_dir: Path) -> Verdict:
+    """Challenger vs champion on the same validation conversations; the alias moves only on first/promote.
+    The challenger's per-token losses on these sets were measured when it was validated: only rescaled here."""
     uri, name, alias = tracking.tracking_uri(config), config.registered_model, config.registry.alias
     client = MlflowClient(uri)
     challenger_dir = standalone_model(final_model, base_dir, work_dir / "merged_model")
-    challenger = nats_per_byte(challenger_dir, sft_path, config.validation.batch_size)
+    challenger = per_byte(final_losses, sft_path, challenger_dir)
     holder = champion_version(client, name, alias)
     champion = champion_losses(config, data, fetch_version(client, holder, config.run.output_dir)) if holder else None
     decision, reason = decide(challenger, champion, config.validation.forgetting_budget,
@@ -245,8 +247,8 @@ def skip_task(config: PipelineConfig, parent_run_id: str, previous_run: str) -> 
 
 # No retries: a second attempt would meet the version this one may already have promoted.
 @task(name="challenge")
-def challenge_task(config: PipelineConfig, parent_run_id: str, final_model: str, base_dir: str, sft_path: str,
-                   data: IngestResult, work_dir: str) -> Verdict:
-    verdict = challenge(config, parent_run_id, final_model, base_dir, sft_path, data, Path(work_dir))
+def challenge_task(config: PipelineConfig, parent_run_id: str, final_model: str, final_losses: Losses,
+                   base_dir: str, sft_path: str, data: IngestResult, work_dir: str) -> Verdict:
+    verdict = challenge(config, parent_run_id, final_model, final_losses, base_dir, sft_path, data, Path(work_dir))
     record_verdict(config, parent_run_id, verdict)
     return verdict

@@ -25,6 +25,7 @@ class RunSummary(BaseModel):
     stages: list[StageReport] = []
     final_model: str | None = None
     final_stage: int = 0  # 0: the base model (no stage passed the gate)
+    final_losses: Losses | None = None  # the final model's per-token validation losses
     stopped_reason: str | None = None
     plots: list[str] = []
     verdict: Verdict | None = None
@@ -81,8 +82,7 @@ def register_final(config: PipelineConfig, parent_run_id: str, reports: list[Sta
             **{f"cumulative_epochs/{metric_name(s)}": e for s, e in seen.items()}}, step=report.stage)
     return RunSummary(parent_run_id=parent_run_id, tracking_uri=uri, experiment=config.tracking.experiment,
                       baseline=baseline, stages=reports, final_model=model_dir, final_stage=stage,
-                      stopped_reason=stopped,
-                      plots=[str(p) for p in plots])
+                      final_losses=losses, stopped_reason=stopped, plots=[str(p) for p in plots])
 
 
 @task(name="register", retries=2, retry_delay_seconds=[2, 10])

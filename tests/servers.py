@@ -51,9 +51,9 @@ def stop(process: subprocess.Popen, grace: float = 15.0) -> None:
 
 
 def launch(command: list[str], env: dict, log: Path, cwd: Path | None = None) -> subprocess.Popen:
-    handle = open(log, "w")
-    return subprocess.Popen(command, env={**os.environ, **QUIET_ENV, **env}, stdout=handle, stderr=subprocess.STDOUT,
-                            cwd=cwd, start_new_session=True)
+    with open(log, "w") as handle:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(command, env={**os.environ, **QUIET_ENV, **env}, stdout=handle,
+                                stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True)
 
 
 @contextmanager
