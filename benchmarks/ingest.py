@@ -23,10 +23,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-WORDS = [w.strip() for w in """the of and to in is was for on that with as by at from his her an were are which this
+WORDS = [
+    w.strip()
+    for w in """the of and to in is was for on that with as by at from his her an were are which this
 be or has had not but its they their one two new first after also who more other into time can may than over
 only most some when state system model data train value river mountain city music history science energy water
-protein cell market price language number function return result patient dose study theory""".split()]
+protein cell market price language number function return result patient dose study theory""".split()
+]
 
 
 def generate(path: Path, clean: Path, rows: int, seed: int = 0) -> None:
@@ -43,8 +46,9 @@ def generate(path: Path, clean: Path, rows: int, seed: int = 0) -> None:
             else:
                 question = " ".join(rng.choices(WORDS, k=60)) + f" #{i}"
                 answer = " ".join(rng.choices(WORDS, k=200))
-                row = {"conversations": [{"role": "user", "content": question},
-                                         {"role": "assistant", "content": answer}]}
+                row = {
+                    "conversations": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+                }
                 line = json.dumps(row) + "\n"
             if i % 100 == 0:
                 earlier = line
@@ -88,28 +92,43 @@ def phase_pandas(path: str) -> dict:
 
 
 def phase_ingest(path: str, workdir: str) -> dict:
-    from mixtune.config import validate_config
+    from mixtune.core.config import validate_config
     from tasks.ingest import ingest
 
     general = Path(workdir) / "general.jsonl"
-    general.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
-                                                {"role": "assistant", "content": "hello"}]}) + "\n")
-    raw = {"run": {"output_dir": str(Path(workdir) / "runs")}, "data": {"max_quarantine_fraction": 1.0, "sources": [
-        {"path": str(general), "role": "general", "val_fraction": 0},
-        {"path": path, "role": "domain", "max_val_samples": 2000}]}}
+    general.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}) + "\n"
+    )
+    raw = {
+        "run": {"output_dir": str(Path(workdir) / "runs")},
+        "data": {
+            "max_quarantine_fraction": 1.0,
+            "sources": [
+                {"path": str(general), "role": "general", "val_fraction": 0},
+                {"path": path, "role": "domain", "max_val_samples": 2000},
+            ],
+        },
+    }
     config = validate_config(raw, "benchmark", base_dir=Path(workdir))
     started = time.perf_counter()
     result = ingest(config)
     seconds = time.perf_counter() - started
     stats = result.stats[path]
-    return {"rows": stats["rows_read"], "seconds": seconds, "accepted": stats["accepted"],
-            "duplicates": stats["duplicates"], "quarantined": stats["quarantined"], "samples": result.samples,
-            "key": result.key}
+    return {
+        "rows": stats["rows_read"],
+        "seconds": seconds,
+        "accepted": stats["accepted"],
+        "duplicates": stats["duplicates"],
+        "quarantined": stats["quarantined"],
+        "samples": result.samples,
+        "key": result.key,
+    }
 
 
 def train_tokenizer(samples: str, workdir: str) -> str:
-    from tasks.base_model import train_tokenizer as train
     import pyarrow.parquet as pq
+
+    from tasks.base_model import train_tokenizer as train
 
     texts = []
     for batch in pq.ParquetFile(samples).iter_batches(batch_size=20000, columns=["messages"]):
@@ -152,16 +171,25 @@ def phase_raw_encode(samples: str, tokenizer_dir: str) -> dict:
 
 def run_phase(name: str, *args: str) -> dict:
     """Each phase in a fresh interpreter: its peak RSS is its own (workers reported separately)."""
-    done = subprocess.run([sys.executable, __file__, "--phase", name, *args], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    done = subprocess.run(
+        [sys.executable, __file__, "--phase", name, *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     if done.returncode:
         raise RuntimeError(f"phase {name} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def phase_main(name: str, args: list[str]) -> None:
-    phases = {"pandas": phase_pandas, "ingest": phase_ingest, "tokenize": phase_tokenize, "raw": phase_raw_encode,
-              "tokenizer": lambda *a: {"folder": train_tokenizer(*a)}}
+    phases = {
+        "pandas": phase_pandas,
+        "ingest": phase_ingest,
+        "tokenize": phase_tokenize,
+        "raw": phase_raw_encode,
+        "tokenizer": lambda *a: {"folder": train_tokenizer(*a)},
+    }
     rss = TreeRSS()
     result = phases[name](*args)
     result.update(peak_rss_mib=rss.finish())
@@ -196,16 +224,24 @@ def report(rows: int, size_mib: float, ingest: dict, pandas: dict, tokenize: dic
     ours, baseline = tokenize["tokens"] / tokenize["seconds"], raw["tokens"] / raw["seconds"]
     peak = max(ingest["peak_rss_mib"], tokenize["peak_rss_mib"])
     print(f"cores: {os.cpu_count()}   file: {rows:,} rows, {size_mib:,.0f} MiB")
-    print(f"ingest (parse+validate+dedupe+write): {ingest_rate:,.0f} rows/s  "
-          f"[accepted {ingest['accepted']:,}, duplicates {ingest['duplicates']:,}, quarantined {ingest['quarantined']:,}]"
-          f"  peak RSS {ingest['peak_rss_mib']:,.0f} MiB (with its worker processes)")
-    print(f"pandas read_json(lines=True) baseline (same file less its broken lines, which stop it): "
-          f"{pandas_rate:,.0f} rows/s  peak RSS {pandas['peak_rss_mib']:,.0f} MiB"
-          f"  -> mixtune ingest is {ingest_rate / pandas_rate:.2f}x its rate")
-    print(f"tokenise (labels, write): {ours:,.0f} tokens/s ({tokenize['tokens']:,} tokens, labels by "
-          f"{tokenize['method']})  peak RSS {tokenize['peak_rss_mib']:,.0f} MiB")
-    print(f"raw tokenizers encode_batch_fast, same texts: {baseline:,.0f} tokens/s  -> mixtune at "
-          f"{ours / baseline:.0%} of raw")
+    print(
+        f"ingest (parse+validate+dedupe+write): {ingest_rate:,.0f} rows/s  "
+        f"[accepted {ingest['accepted']:,}, duplicates {ingest['duplicates']:,}, quarantined {ingest['quarantined']:,}]"
+        f"  peak RSS {ingest['peak_rss_mib']:,.0f} MiB (with its worker processes)"
+    )
+    print(
+        f"pandas read_json(lines=True) baseline (same file less its broken lines, which stop it): "
+        f"{pandas_rate:,.0f} rows/s  peak RSS {pandas['peak_rss_mib']:,.0f} MiB"
+        f"  -> mixtune ingest is {ingest_rate / pandas_rate:.2f}x its rate"
+    )
+    print(
+        f"tokenise (labels, write): {ours:,.0f} tokens/s ({tokenize['tokens']:,} tokens, labels by "
+        f"{tokenize['method']})  peak RSS {tokenize['peak_rss_mib']:,.0f} MiB"
+    )
+    print(
+        f"raw tokenizers encode_batch_fast, same texts: {baseline:,.0f} tokens/s  -> mixtune at "
+        f"{ours / baseline:.0%} of raw"
+    )
     print(f"peak RSS of ingest or tokenise / file size: {peak / size_mib:.2f}x (goal <= 2x)")
 
 

@@ -1,1 +1,1 @@
-import mixtune  # noqa: F401  (offline and telemetry defaults before Prefect is imported)
+import mixtune.core  # noqa: F401  (offline and telemetry defaults before Prefect is imported)

@@ -4,6 +4,7 @@ values in a form built from the schema (field descriptions included), and the se
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from prefect import serve
@@ -14,7 +15,7 @@ from prefect.exceptions import ObjectAlreadyExists
 from prefect.schedules import Cron
 
 from flows.finetune import finetune
-from mixtune.config import PipelineConfig
+from mixtune.core.config import PipelineConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 ENTRYPOINT = "flows/finetune.py:finetune"
@@ -22,29 +23,40 @@ ENTRYPOINT = "flows/finetune.py:finetune"
 
 def deployment_specs(config: PipelineConfig) -> list[dict]:
     common = {"parameters": {"config": config.model_dump(mode="json")}, "tags": ["mixtune", config.run.name]}
-    specs = [{"name": f"{config.deploy.name}-manual", **common,
-              "description": "Run the pipeline now: change any field of the form, or none."}]
+    specs = [
+        {
+            "name": f"{config.deploy.name}-manual",
+            **common,
+            "description": "Run the pipeline now: change any field of the form, or none.",
+        }
+    ]
     if config.deploy.cron:
-        specs.append({"name": f"{config.deploy.name}-scheduled", **common,
-                      "schedules": [Cron(config.deploy.cron, timezone=config.deploy.timezone)],
-                      "description": f"Retrain on '{config.deploy.cron}' ({config.deploy.timezone}); a tick "
-                                     "whose data did not change records 'no new data' and trains nothing."})
+        specs.append(
+            {
+                "name": f"{config.deploy.name}-scheduled",
+                **common,
+                "schedules": [Cron(config.deploy.cron, timezone=config.deploy.timezone)],
+                "description": f"Retrain on '{config.deploy.cron}' ({config.deploy.timezone}); a tick "
+                "whose data did not change records 'no new data' and trains nothing.",
+            }
+        )
     return specs
 
 
 def serve_deployments(config: PipelineConfig) -> None:
     """Blocks: this process polls the server and runs each flow run in a subprocess."""
     # By module path, so the served runs import the installed package whatever folder serve started in.
-    serve(*(finetune.to_deployment(entrypoint_type=EntrypointType.MODULE_PATH, **spec)
-            for spec in deployment_specs(config)))
+    serve(
+        *(
+            finetune.to_deployment(entrypoint_type=EntrypointType.MODULE_PATH, **spec)
+            for spec in deployment_specs(config)
+        )
+    )
 
 
 def ensure_process_pool(pool: str) -> None:
-    with get_client(sync_client=True) as client:
-        try:
-            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
-        except ObjectAlreadyExists:
-            pass
+    with get_client(sync_client=True) as client, contextlib.suppress(ObjectAlreadyExists):
+        client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
 
 
 def deploy_to_pool(config: PipelineConfig, pool: str) -> list[str]:

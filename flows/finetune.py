@@ -5,25 +5,30 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow
-from pydantic import ValidationError
 from prefect.runtime import flow_run
+from pydantic import ValidationError
 
-from mixtune.config import PipelineConfig, resolve_paths
-from mixtune.logs import run_logger
-from mixtune.paths import run_dir
-from mixtune.preflight import check_tracking_server
+from mixtune.core.config import PipelineConfig, resolve_paths
+from mixtune.core.logs import run_logger
+from mixtune.core.paths import run_dir, stage_dir, tracking_uri
+from mixtune.core.preflight import check_tracking_server
 from tasks.base_model import pretrain_task, tokenizer_task
-from tasks.champion import challenge_task, skip_task, unchanged_task
+from tasks.champion import challenge_task, champion_task
+from tasks.data_report import data_report_task
+from tasks.gate import gate_task
 from tasks.guard import ShareCursor
 from tasks.ingest import ingest_task
-from tasks.mix import mix_task, stage_shares
+from tasks.inputs import skip_task, unchanged_task
+from tasks.mix import mix_task
 from tasks.plan import plan_task
-from tasks.data_report import data_report_task
-from tasks.report import RunSummary, register_task
+from tasks.probes import probe_prompts
+from tasks.records import RunSummary
+from tasks.report import publish_task
+from tasks.schedule import stage_shares
 from tasks.tokenize import tokenize_task
-from tasks.tracking import end_runs_of_flow_run, start_tracking_task, tracking_uri
+from tasks.tracking import Tracker, end_run_task, end_runs_of_flow_run, open_stage_task, start_tracking_task
 from tasks.train import train_task
-from tasks.validate import baseline_task, gate_task, probe_prompts, validate_task
+from tasks.validate import baseline_task, validate_task
 
 PROBES_PER_SET = 3
 
@@ -31,6 +36,7 @@ PROBES_PER_SET = 3
 def end_tracking(status: str):
     """A Prefect state hook: whatever ends the flow run (failure, crash, cancellation), its MLflow runs end
     with `status` instead of staying RUNNING. Runs in the flow's process, or in the runner's on cancellation."""
+
     def hook(flow, flow_run, state) -> None:  # these names: Prefect's runner passes them as keywords
         try:
             config = PipelineConfig.model_validate(flow_run.parameters["config"])
@@ -41,49 +47,78 @@ def end_tracking(status: str):
             end_runs_of_flow_run(config, str(flow_run.id), status)
         except Exception as err:  # a hook must not hide the failure that called it
             run_logger().warning("could not end the MLflow runs of flow run %s: %s", flow_run.id, err)
+
     hook.__name__ = f"end_mlflow_runs_{status.lower()}"  # how Prefect's log names it
     return hook
 
 
-@flow(name="finetune", on_failure=[end_tracking("FAILED")], on_crashed=[end_tracking("FAILED")],
-      on_cancellation=[end_tracking("KILLED")])
+@flow(
+    name="finetune",
+    on_failure=[end_tracking("FAILED")],
+    on_crashed=[end_tracking("FAILED")],
+    on_cancellation=[end_tracking("KILLED")],
+)
 def finetune(config: PipelineConfig) -> RunSummary:
     """Check inputs against the last successful run; ingest, plan, pre-train a scratch model, then per stage:
     mix domain into general data, train, validate on domain and general data, and let the gate continue, hold,
     back off or stop. The final model then challenges the registered champion."""
     config = resolve_paths(config, Path.cwd(), "flow parameter config")
     check_tracking_server(tracking_uri(config))
-    parent = start_tracking_task(config, flow_run.id)
-    previous = unchanged_task(config, parent)
+    tracker = start_tracking_task(config, flow_run.id)
+    previous = unchanged_task(config, tracker)
     if previous:
-        return RunSummary(parent_run_id=parent, tracking_uri=tracking_uri(config),
-                          experiment=config.tracking.experiment, verdict=skip_task(config, parent, previous))
-    return run_pipeline(config, parent)
+        summary = RunSummary(
+            parent_run_id=tracker.parent_run_id,
+            tracking_uri=tracker.uri,
+            experiment=config.tracking.experiment,
+            verdict=skip_task(config, tracker, previous),
+        )
+    else:
+        summary = run_pipeline(config, tracker)
+    end_run_task(tracker)
+    return summary
 
 
-def run_pipeline(config: PipelineConfig, parent: str) -> RunSummary:
+def run_pipeline(config: PipelineConfig, tracker: Tracker) -> RunSummary:
     data = ingest_task(config)
-    config = plan_task(config, data.stats, parent).config
+    config = plan_task(config, data.stats, tracker).config
     tokenizer_dir = tokenizer_task(config, data.samples, data.key)
-    tokens = tokenize_task(data.samples, data.key, tokenizer_dir, config.model.max_seq_len, config.run.output_dir,
-                           config.data.overlong)
-    data_report_task(config, parent, data, tokens)
+    tokens = tokenize_task(
+        data.samples, data.key, tokenizer_dir, config.model.max_seq_len, config.run.output_dir, config.data.overlong
+    )
+    data_report_task(config, tracker, data, tokens)
     base = pretrain_task(config, tokenizer_dir, tokens.pretrain, tokens.key)
     probes = probe_prompts(tokens.sft, data.samples, PROBES_PER_SET)
-    baseline = baseline_task(config, base, tokens.sft, probes, parent)
+    baseline = baseline_task(config, base, tokens.sft, probes, tracker)
 
-    stages_dir = run_dir(config.run.output_dir, config.run.name, flow_run.id)
+    run_folder = run_dir(config.run.output_dir, config.run.name, flow_run.id)
     cursor, model, reports = ShareCursor(shares=stage_shares(config.schedule)), base, []
     while cursor.share is not None:
-        folder = stages_dir / f"stage-{cursor.stage}"
-        mix = mix_task(tokens.sft, cursor.stage, cursor.share, config.schedule.samples_per_stage, config.run.seed,
-                       str(folder / "mix.parquet"), config.train.epochs)
-        trained = train_task(config, mix, tokens.sft, model, base, str(folder), parent)
-        losses = validate_task(config, trained, tokens.sft, base, probes, parent)
-        report = gate_task(config, mix, trained, losses, baseline, cursor)
+        folder = stage_dir(run_folder, cursor.stage)
+        stage_run = open_stage_task(tracker, cursor.stage, config.train.method)
+        mix = mix_task(
+            tokens.sft,
+            cursor.stage,
+            cursor.share,
+            config.schedule.samples_per_stage,
+            config.run.seed,
+            str(folder / "mix.parquet"),
+            config.train.epochs,
+        )
+        trained = train_task(config, mix, tokens.sft, model, base, str(folder), stage_run)
+        losses = validate_task(config, trained, tokens.sft, base, probes, stage_run)
+        report = gate_task(config, mix, trained, losses, baseline, cursor, stage_run)
+        end_run_task(stage_run)
         reports.append(report)
         cursor, model = cursor.after(report.gate.decision), trained.model_dir
-    summary = register_task(config, parent, reports, baseline, base)
-    verdict = challenge_task(config, parent, summary.final_model, summary.final_losses, base, tokens.sft, data,
-                             str(stages_dir))
+    summary = publish_task(config, tracker, reports, baseline, base, str(run_folder))
+
+    champion, champion_sft = champion_task(config, tracker), None
+    if champion:  # the champion reads this run's validation conversations through its own tokenizer
+        champion_sft = tokenize_task(
+            data.samples, data.key, champion, config.model.max_seq_len, config.run.output_dir, config.data.overlong
+        ).sft
+    verdict = challenge_task(
+        config, tracker, summary.final_model, summary.final_losses, base, tokens.sft, champion_sft, str(run_folder)
+    )
     return summary.model_copy(update={"verdict": verdict})

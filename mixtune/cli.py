@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from mixtune.config import ConfigError, PipelineConfig, load_config
+from mixtune.core.config import ConfigError, PipelineConfig, load_config
 
 DEFAULT_CONFIG = "pipeline.yaml"
 
@@ -19,40 +19,60 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="mixtune",
         description="Fine-tune small causal LMs the MiniMind way: domain data mixed into general data on a "
-                    "rising schedule, full SFT or LoRA, validation on domain and general sets after every stage.",
+        "rising schedule, full SFT or LoRA, validation on domain and general sets after every stage.",
     )
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    run = commands.add_parser("run", help="run the finetune flow locally (ephemeral Prefect, MLflow tracking)",
-                              description="Run the whole pipeline: ingest, pre-train (scratch models), then "
-                                          "mix / train / validate / gate per stage. Prints a per-stage table.")
-    check = commands.add_parser("check", help="validate a config and its input files, print the stage plan",
-                                description="Check the config and that every input exists; no training.")
+    run = commands.add_parser(
+        "run",
+        help="run the finetune flow locally (ephemeral Prefect, MLflow tracking)",
+        description="Run the whole pipeline: ingest, pre-train (scratch models), then "
+        "mix / train / validate / gate per stage. Prints a per-stage table.",
+    )
+    check = commands.add_parser(
+        "check",
+        help="validate a config and its input files, print the stage plan",
+        description="Check the config and that every input exists; no training.",
+    )
     advise = commands.add_parser(
-        "advise", help="ingest the data and recommend method, epochs and schedule, with the rule behind each",
-        description="Ingest (cached) and print MiniMind's fine-tuning rules applied to your data: method, epochs, staged "
-                    "schedule, continued pre-training, and how often each source would be seen per stage. "
-                    "With `plan: auto` in the config, `mixtune run` uses exactly this advice.")
+        "advise",
+        help="ingest the data and recommend method, epochs and schedule, with the rule behind each",
+        description="Ingest (cached) and print MiniMind's fine-tuning rules applied to your data: method, epochs, "
+        "staged schedule, continued pre-training, and how often each source would be seen per stage. "
+        "With `plan: auto` in the config, `mixtune run` uses exactly this advice.",
+    )
     serve = commands.add_parser(
-        "serve", help="serve the finetune flow as Prefect deployments (cron from deploy.cron, and manual)",
+        "serve",
+        help="serve the finetune flow as Prefect deployments (cron from deploy.cron, and manual)",
         description="Register <deploy.name>-manual (and <deploy.name>-scheduled when deploy.cron is set) on the "
-                    "Prefect server at PREFECT_API_URL and run their flow runs from this process until stopped. "
-                    "The config becomes the deployments' default parameters: the Prefect UI's form.")
+        "Prefect server at PREFECT_API_URL and run their flow runs from this process until stopped. "
+        "The config becomes the deployments' default parameters: the Prefect UI's form.",
+    )
     deploy = commands.add_parser(
-        "deploy", help="register the deployments on a Prefect work pool, for `prefect worker start` to run",
-        description="Like serve, but the flow runs go to a process work pool and any worker on it runs them.")
+        "deploy",
+        help="register the deployments on a Prefect work pool, for `prefect worker start` to run",
+        description="Like serve, but the flow runs go to a process work pool and any worker on it runs them.",
+    )
     deploy.add_argument("--pool", default="mixtune", help="process work pool (created if missing; default %(default)s)")
     compare = commands.add_parser(
-        "compare", help="table and plot of an experiment's runs: losses, drift, decision, champion",
+        "compare",
+        help="table and plot of an experiment's runs: losses, drift, decision, champion",
         description="Print the experiment's pipeline runs (method, schedule, final domain and general val loss, "
-                    "change vs base, tokens/s, retraining decision, champion) and write a PNG of domain gain "
-                    "against general drift.")
+        "change vs base, tokens/s, retraining decision, champion) and write a PNG of domain gain "
+        "against general drift.",
+    )
     compare.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment of the config)")
     compare.add_argument("--tracking-uri", help="MLflow tracking URI (default: the config's)")
     compare.add_argument("--out", help="PNG path (default: <output_dir>/compare-<experiment>.png)")
     for sub in (run, check, advise, serve, deploy, compare):
         sub.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help="pipeline YAML (default: %(default)s)")
-        sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                         help="override one field, e.g. --set train.learning_rate=1e-4 (repeatable)")
+        sub.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override one field, e.g. --set train.learning_rate=1e-4 (repeatable)",
+        )
     return top
 
 
@@ -69,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         return advise(config)
     if args.command == "compare":
         return compare(config, args)
-    from mixtune.preflight import Unreachable
+    from mixtune.core.preflight import Unreachable
 
     try:
         preflight(config)
@@ -82,19 +102,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def preflight(config: PipelineConfig) -> None:
-    from mixtune.preflight import check_prefect_api, check_tracking_server
-    from tasks.tracking import tracking_uri
+    from mixtune.core.paths import tracking_uri
+    from mixtune.core.preflight import check_prefect_api, check_tracking_server
 
     check_prefect_api()
     check_tracking_server(tracking_uri(config))
 
 
 def check(config: PipelineConfig) -> int:
-    from tasks.mix import stage_shares
+    from tasks.schedule import stage_shares
 
     shares = ", ".join(f"{s:.3f}" for s in stage_shares(config.schedule))
-    print(f"config OK: {len(config.data.sources)} source(s), method {config.train.method}, "
-          f"domain share per stage: {shares}")
+    print(
+        f"config OK: {len(config.data.sources)} source(s), method {config.train.method}, "
+        f"domain share per stage: {shares}"
+    )
     return 0
 
 
@@ -108,8 +130,10 @@ def advise(config: PipelineConfig) -> int:
         print(f"mixtune: {err}", file=sys.stderr)
         return 2
     for label, s in data.stats.items():
-        print(f"{label}: {s['role']}, {s['accepted']:,} accepted ({s['train']:,} train / {s['val']:,} val), "
-              f"{s['duplicates']:,} duplicate, {s['quarantined']:,} quarantined")
+        print(
+            f"{label}: {s['role']}, {s['accepted']:,} accepted ({s['train']:,} train / {s['val']:,} val), "
+            f"{s['duplicates']:,} duplicate, {s['quarantined']:,} quarantined"
+        )
     print()
     print(make_plan(config, data.stats).text)
     return 0
@@ -117,7 +141,6 @@ def advise(config: PipelineConfig) -> int:
 
 def run(config: PipelineConfig) -> int:
     from flows.finetune import finetune
-
     from tasks.ingest import IngestError
 
     logging.getLogger("mixtune").setLevel(logging.INFO)
@@ -133,8 +156,11 @@ def run(config: PipelineConfig) -> int:
 
 def deployments(config: PipelineConfig, args) -> int:
     if not os.environ.get("PREFECT_API_URL"):
-        print("mixtune: deployments need a Prefect server: run `prefect server start` and set "
-              "PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)", file=sys.stderr)
+        print(
+            "mixtune: deployments need a Prefect server: run `prefect server start` and set "
+            "PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)",
+            file=sys.stderr,
+        )
         return 2
     from flows.deployments import deploy_to_pool, serve_deployments
 
@@ -148,8 +174,8 @@ def deployments(config: PipelineConfig, args) -> int:
 
 def compare(config: PipelineConfig, args) -> int:
     from mixtune.compare import compare as compare_runs
-    from mixtune.preflight import Unreachable, check_tracking_server
-    from tasks.tracking import tracking_uri
+    from mixtune.core.paths import tracking_uri
+    from mixtune.core.preflight import Unreachable, check_tracking_server
 
     uri, experiment = args.tracking_uri or tracking_uri(config), args.experiment or config.tracking.experiment
     try:
@@ -171,22 +197,37 @@ def compare(config: PipelineConfig, args) -> int:
 def format_verdict(verdict) -> str:
     lines = [f"retraining: {verdict.decision}: {verdict.reason}"]
     if verdict.champion_version:
-        lines.append(f"registered model {verdict.model_name}: alias {verdict.alias} -> version "
-                     f"{verdict.champion_version}")
+        lines.append(
+            f"registered model {verdict.model_name}: alias {verdict.alias} -> version {verdict.champion_version}"
+        )
     return "\n".join(lines)
 
 
 def format_summary(summary, seconds: float) -> str:
     if summary.baseline is None:
-        return "\n".join([format_verdict(summary.verdict), "nothing trained (set registry.skip_unchanged=false "
-                          "to train anyway)", f"wall time: {seconds:.0f} s",
-                          f"MLflow run {summary.parent_run_id} in {summary.tracking_uri}"])
+        return "\n".join(
+            [
+                format_verdict(summary.verdict),
+                "nothing trained (set registry.skip_unchanged=false to train anyway)",
+                f"wall time: {seconds:.0f} s",
+                f"MLflow run {summary.parent_run_id} in {summary.tracking_uri}",
+            ]
+        )
     headers = ["stage", "target", "realised", "domain val", "general val", "drift", "steps", "decision"]
     rows = [["base", "", "", f"{summary.baseline.domain:.4f}", f"{summary.baseline.general:.4f}", "", "", ""]]
     for r in summary.stages:
-        rows.append([str(r.stage), f"{r.target_share:.3f}", f"{r.realised_share:.3f}", f"{r.losses.domain:.4f}",
-                     f"{r.losses.general:.4f}", f"{r.gate.general_drift:+.1%}",
-                     f"{r.steps}{'*' if r.stopped_early else ''}", r.gate.decision])
+        rows.append(
+            [
+                str(r.stage),
+                f"{r.target_share:.3f}",
+                f"{r.realised_share:.3f}",
+                f"{r.losses.domain:.4f}",
+                f"{r.losses.general:.4f}",
+                f"{r.gate.general_drift:+.1%}",
+                f"{r.steps}{'*' if r.stopped_early else ''}",
+                r.gate.decision,
+            ]
+        )
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
     out = ["", line(headers), line(["-" * w for w in widths]), *map(line, rows), ""]

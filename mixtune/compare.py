@@ -8,44 +8,53 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 
+from tasks import tracking
 from tasks.plots import plt, save  # tasks.plots selects the Agg backend before pyplot loads
 
 COLUMNS = {
-    "tags.mlflow.runName": "run", "status": "status", "tags.mixtune.method": "method", "tags.mixtune.schedule": "schedule",
-    "metrics.final_domain_val_loss": "domain val", "metrics.final_general_val_loss": "general val",
-    "metrics.tokens_per_second": "tokens/s", "tags.mixtune.verdict": "decision",
+    "tags.mlflow.runName": "run",
+    "status": "status",
+    "tags.mixtune.method": "method",
+    "tags.mixtune.schedule": "schedule",
+    "metrics.final_domain_val_loss": "domain val",
+    "metrics.final_general_val_loss": "general val",
+    "metrics.tokens_per_second": "tokens/s",
+    "tags.mixtune.verdict": "decision",
 }
 
 
 def pipeline_runs(uri: str, experiment: str) -> pd.DataFrame:
     """mlflow.search_runs' table (run_id, status, metrics.*, params.*, tags.*), read through a client: the
     fluent call would set the process-wide tracking URI (and MLFLOW_TRACKING_URI) as a side effect."""
-    client = MlflowClient(uri)
-    found = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([found.experiment_id], filter_string="tags.`mixtune.kind` = 'pipeline'",
-                              order_by=["attributes.start_time ASC"], max_results=50_000) if found else []
-    runs = pd.DataFrame([{"run_id": r.info.run_id, "status": r.info.status, "start_time": r.info.start_time,
-                          **{f"metrics.{k}": v for k, v in r.data.metrics.items()},
-                          **{f"params.{k}": v for k, v in r.data.params.items()},
-                          **{f"tags.{k}": v for k, v in r.data.tags.items()}} for r in runs])
-    for column in [*COLUMNS, "metrics.base_domain_val_loss", "metrics.base_general_val_loss",
-                   "tags.mixtune.registered_model", "params.validation.forgetting_budget"]:
+    runs = pd.DataFrame(
+        [
+            {
+                "run_id": r.info.run_id,
+                "status": r.info.status,
+                "start_time": r.info.start_time,
+                **{f"metrics.{k}": v for k, v in r.data.metrics.items()},
+                **{f"params.{k}": v for k, v in r.data.params.items()},
+                **{f"tags.{k}": v for k, v in r.data.tags.items()},
+            }
+            for r in tracking.pipeline_runs(uri, experiment)
+        ]
+    )
+    for column in [
+        *COLUMNS,
+        "metrics.base_domain_val_loss",
+        "metrics.base_general_val_loss",
+        "tags.mixtune.registered_model",
+        "params.validation.forgetting_budget",
+    ]:
         if column not in runs:
             runs[column] = None
     return runs
 
 
 def champion_runs(uri: str, runs: pd.DataFrame, alias: str) -> set[str]:
-    client, found = MlflowClient(uri), set()
-    for name in runs["tags.mixtune.registered_model"].dropna().unique():
-        try:
-            found.add(client.get_model_version_by_alias(name, alias).run_id)
-        except MlflowException:
-            continue
-    return found
+    names = runs["tags.mixtune.registered_model"].dropna().unique()
+    return {run_id for name in names if (run_id := tracking.alias_run_id(uri, name, alias))}
 
 
 def comparison(runs: pd.DataFrame, champions: set[str]) -> pd.DataFrame:
@@ -63,29 +72,38 @@ def comparison(runs: pd.DataFrame, champions: set[str]) -> pd.DataFrame:
 def stage_paths(uri: str, runs: pd.DataFrame) -> dict[str, list[tuple[float, float]]]:
     """Per run, (general drift, domain gain) after each stage: where a run went, not only where it ended; a
     stage the gate refused (past the forgetting budget) shows here though the run's final model is earlier."""
-    client, paths = MlflowClient(uri), {}
+    paths = {}
     for _, run in runs.dropna(subset=["metrics.base_domain_val_loss", "metrics.base_general_val_loss"]).iterrows():
-        history = {name: dict((m.step, m.value) for m in client.get_metric_history(run["run_id"], name))
-                   for name in ("stage_domain_val_loss", "stage_general_val_loss")}
+        curves = tracking.metric_curves(uri, run["run_id"], ["stage_domain_val_loss", "stage_general_val_loss"])
+        history = {name: dict(points) for name, points in curves.items()}
         domain_base, general_base = run["metrics.base_domain_val_loss"], run["metrics.base_general_val_loss"]
         paths[run["run_id"]] = [(0.0, 0.0)] + [
-            ((history["stage_general_val_loss"][step] - general_base) / general_base,
-             (domain_base - domain) / domain_base)
+            (
+                (history["stage_general_val_loss"][step] - general_base) / general_base,
+                (domain_base - domain) / domain_base,
+            )
             for step, domain in sorted(history["stage_domain_val_loss"].items())
-            if step in history["stage_general_val_loss"]]
+            if step in history["stage_general_val_loss"]
+        ]
     return paths
 
 
 def format_table(table: pd.DataFrame) -> str:
     shown = table.drop(columns=["run_id"]).copy()
-    for column, fmt in (("domain val", "{:.4f}"), ("general val", "{:.4f}"), ("domain gain", "{:+.1%}"),
-                        ("general drift", "{:+.1%}"), ("tokens/s", "{:,.0f}")):
+    for column, fmt in (
+        ("domain val", "{:.4f}"),
+        ("general val", "{:.4f}"),
+        ("domain gain", "{:+.1%}"),
+        ("general drift", "{:+.1%}"),
+        ("tokens/s", "{:,.0f}"),
+    ):
         shown[column] = [fmt.format(v) if pd.notna(v) else "-" for v in pd.to_numeric(shown[column], errors="coerce")]
     return shown.fillna("-").to_string(index=False)
 
 
-def trade_off_plot(table: pd.DataFrame, paths: dict[str, list[tuple[float, float]]], budget: float | None,
-                   path: Path, title: str) -> Path | None:
+def trade_off_plot(
+    table: pd.DataFrame, paths: dict[str, list[tuple[float, float]]], budget: float | None, path: Path, title: str
+) -> Path | None:
     """x: general drift (forgetting), y: domain gain (learning); up and to the left is better. Big markers:
     each run's final model; thin lines: its stages, from the base model at (0, 0)."""
     points = table.dropna(subset=["domain gain", "general drift"])
@@ -96,16 +114,23 @@ def trade_off_plot(table: pd.DataFrame, paths: dict[str, list[tuple[float, float
         dots = ax.scatter(group["general drift"] * 100, group["domain gain"] * 100, s=70, label=f"{method}: final")
         for run_id in group["run_id"]:
             xs, ys = zip(*paths.get(run_id, [(0.0, 0.0)]))
-            ax.plot([x * 100 for x in xs], [y * 100 for y in ys], color=dots.get_facecolor()[0], linewidth=0.8,
-                    marker=".", alpha=0.6)
+            ax.plot(
+                [x * 100 for x in xs],
+                [y * 100 for y in ys],
+                color=dots.get_facecolor()[0],
+                linewidth=0.8,
+                marker=".",
+                alpha=0.6,
+            )
     stacked: dict[tuple[float, float], int] = {}  # runs that end at one point get their labels stacked
     for _, row in points.iterrows():
         mark = " (champion)" if row["champion"] else ""
         where = (row["general drift"] * 100, row["domain gain"] * 100)
         key = (round(where[0], 1), round(where[1], 1))
         stacked[key] = stacked.get(key, -1) + 1
-        ax.annotate(f"{row['run']}{mark}", where, textcoords="offset points", xytext=(6, 4 - 10 * stacked[key]),
-                    fontsize=8)
+        ax.annotate(
+            f"{row['run']}{mark}", where, textcoords="offset points", xytext=(6, 4 - 10 * stacked[key]), fontsize=8
+        )
     if budget is not None:
         ax.axvline(budget * 100, color="red", linestyle="--", linewidth=1, label=f"forgetting budget {budget:.0%}")
     ax.axvline(0, color="grey", linewidth=0.5)
@@ -123,7 +148,11 @@ def compare(uri: str, experiment: str, out: Path, alias: str = "champion") -> tu
         return None, None
     table = comparison(runs, champion_runs(uri, runs, alias))
     budgets = pd.to_numeric(runs["params.validation.forgetting_budget"], errors="coerce").dropna()
-    plot = trade_off_plot(table, stage_paths(uri, runs), budgets.iloc[-1] if len(budgets) else None, out,
-                          f"{experiment}: learning vs forgetting ({table['domain gain'].notna().sum()} runs "
-                          "that trained)")
+    plot = trade_off_plot(
+        table,
+        stage_paths(uri, runs),
+        budgets.iloc[-1] if len(budgets) else None,
+        out,
+        f"{experiment}: learning vs forgetting ({table['domain gain'].notna().sum()} runs that trained)",
+    )
     return format_table(table), plot

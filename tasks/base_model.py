@@ -14,24 +14,42 @@ from prefect import task
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from mixtune.cache import fingerprint, is_complete, prefect_cache_key, mark_complete
-from mixtune.config import PipelineConfig
-from mixtune.logs import run_logger
-from mixtune.paths import cache_dir
+from mixtune.core.cache import Entry, entry_dir, fingerprint, is_complete, mark_complete, prefect_cache_key
+from mixtune.core.config import PipelineConfig
+from mixtune.core.logs import run_logger
 from tasks.callbacks import ProgressCallback
 from tasks.chat import BOS, CHATML, EOS, PAD
-from tasks.lm import PadCollator, TokenDataset, TokenLossTrainer, training_arguments
+from tasks.lm import PadCollator, TokenLossTrainer, training_arguments
+from tasks.tables import TokenDataset
 
 BASE_VERSION = 2
 TOKENIZER_TEXT_BUDGET = 50_000_000  # characters: enough for a small BPE; a 1M-row file need not be held whole
 # MiniMind's shapes on Llama classes (RMSNorm, SwiGLU, RoPE, grouped KV heads, tied embeddings).
 PRESETS = {
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=192, vocab_size=1024),
-    "small": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                  intermediate_size=384, vocab_size=2048),
-    "minimind2-small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
-                            intermediate_size=1408, vocab_size=6400),
+    "tiny": dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=192,
+        vocab_size=1024,
+    ),
+    "small": dict(
+        hidden_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=384,
+        vocab_size=2048,
+    ),
+    "minimind2-small": dict(
+        hidden_size=512,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        intermediate_size=1408,
+        vocab_size=6400,
+    ),
 }
 
 
@@ -59,11 +77,16 @@ def train_tokenizer(texts: list[str], vocab_size: int, folder: Path) -> PreTrain
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, BOS, EOS],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     bpe.train_from_iterator(texts, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-                                        unk_token=PAD, chat_template=CHATML)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=PAD, chat_template=CHATML
+    )
     tokenizer.save_pretrained(folder)
     return tokenizer
 
@@ -88,7 +111,7 @@ def prepare_tokenizer(config: PipelineConfig, samples_path: str, ingest_key: str
     """The tokenizer folder: the user's model folder, or a BPE trained here (cached by the data's hash)."""
     if not is_scratch(config):
         return config.model.path
-    folder = cache_dir(config.run.output_dir, "tokenizer", tokenizer_key(config, ingest_key))
+    folder = entry_dir(config.run.output_dir, Entry.TOKENIZER, tokenizer_key(config, ingest_key))
     if not is_complete(folder):
         folder.mkdir(parents=True, exist_ok=True)
         train_tokenizer(corpus_texts(samples_path), preset_shapes(config)["vocab_size"], folder)
@@ -100,8 +123,12 @@ def build_model(config: PipelineConfig, tokenizer) -> LlamaForCausalLM:
     shapes = preset_shapes(config)
     shapes["vocab_size"] = len(tokenizer)
     model_config = LlamaConfig(
-        **shapes, max_position_embeddings=config.model.max_seq_len, rope_theta=1e6, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        **shapes,
+        max_position_embeddings=config.model.max_seq_len,
+        rope_theta=1e6,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(config.run.seed)
@@ -117,11 +144,13 @@ def prepare_base(config: PipelineConfig, tokenizer_dir: str, pretrain_table: str
     """The folder of the model every stage starts from."""
     if not needs_pretraining(config):
         return config.model.path
-    folder = cache_dir(config.run.output_dir, "base", pretrain_key(config, tokens_key))
+    folder = entry_dir(config.run.output_dir, Entry.BASE, pretrain_key(config, tokens_key))
     if is_complete(folder):
         return str(folder)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
-    model = AutoModelForCausalLM.from_pretrained(config.model.path) if config.model.path else build_model(config, tokenizer)
+    model = (
+        AutoModelForCausalLM.from_pretrained(config.model.path) if config.model.path else build_model(config, tokenizer)
+    )
     pretrain(model, tokenizer, pd.read_parquet(pretrain_table), config, folder)
     mark_complete(folder)
     return str(folder)
@@ -132,32 +161,60 @@ def pretrain(model, tokenizer, table: pd.DataFrame, config: PipelineConfig, fold
         raise ValueError("pre-training needs general or pretrain text, and the ingested data has none")
     p = config.pretrain
     args = training_arguments(
-        str(folder / "checkpoints"), epochs=p.epochs, learning_rate=p.learning_rate, batch_size=p.batch_size,
-        eval_batch_size=config.validation.batch_size, seed=config.run.seed, precision=config.train.precision,
-        lr_scheduler_type="cosine", warmup_steps=0.05, logging_steps=config.train.logging_steps,
-        save_strategy="no", weight_decay=0.01, order="random",
+        str(folder / "checkpoints"),
+        epochs=p.epochs,
+        learning_rate=p.learning_rate,
+        batch_size=p.batch_size,
+        eval_batch_size=config.validation.batch_size,
+        seed=config.run.seed,
+        precision=config.train.precision,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.05,
+        logging_steps=config.train.logging_steps,
+        save_strategy="no",
+        weight_decay=0.01,
+        order="random",
     )
-    trainer = TokenLossTrainer(model=model, args=args, train_dataset=TokenDataset(table),
-                               data_collator=PadCollator(tokenizer.pad_token_id),
-                               callbacks=[ProgressCallback("pretrain", run_logger().info)])
+    trainer = TokenLossTrainer(
+        model=model,
+        args=args,
+        train_dataset=TokenDataset(table),
+        data_collator=PadCollator(tokenizer.pad_token_id),
+        callbacks=[ProgressCallback("pretrain", run_logger().info)],
+    )
     trainer.train()
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
 
-@task(name="tokenizer", retries=2, retry_delay_seconds=[2, 10], persist_result=True, result_serializer="json",
-      cache_key_fn=lambda _ctx, p: prefect_cache_key(
-          "tokenizer", k := tokenizer_key(p["config"], p["ingest_key"]),
-          cache_dir(p["config"].run.output_dir, "tokenizer", k))
-      if is_scratch(p["config"]) else None)
+@task(
+    name="tokenizer",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    persist_result=True,
+    result_serializer="json",
+    cache_key_fn=lambda _ctx, p: (
+        prefect_cache_key(Entry.TOKENIZER, tokenizer_key(p["config"], p["ingest_key"]), p["config"].run.output_dir)
+        if is_scratch(p["config"])
+        else None
+    ),
+)
 def tokenizer_task(config: PipelineConfig, samples_path: str, ingest_key: str) -> str:
     return prepare_tokenizer(config, samples_path, ingest_key)
 
 
-@task(name="pretrain", retries=2, retry_delay_seconds=[5, 30], persist_result=True, result_serializer="json",
-      cache_key_fn=lambda _ctx, p: prefect_cache_key(
-          "base", k := pretrain_key(p["config"], p["tokens_key"]), cache_dir(p["config"].run.output_dir, "base", k))
-      if needs_pretraining(p["config"]) else None)
+@task(
+    name="pretrain",
+    retries=2,
+    retry_delay_seconds=[5, 30],
+    persist_result=True,
+    result_serializer="json",
+    cache_key_fn=lambda _ctx, p: (
+        prefect_cache_key(Entry.BASE, pretrain_key(p["config"], p["tokens_key"]), p["config"].run.output_dir)
+        if needs_pretraining(p["config"])
+        else None
+    ),
+)
 def pretrain_task(config: PipelineConfig, tokenizer_dir: str, pretrain_table: str, tokens_key: str) -> str:
     folder = prepare_base(config, tokenizer_dir, pretrain_table, tokens_key)
     run_logger().info("base model: %s", folder)

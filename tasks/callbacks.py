@@ -11,8 +11,9 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from mixtune.cache import file_digest
+from mixtune.core.cache import file_digest
 from tasks.guard import OverfitTracker
+
 
 class ProgressCallback(TrainerCallback):
     """One line per logging step with loss, learning rate and tokens/s; also hands the same numbers to `sink`
@@ -58,14 +59,22 @@ class ProgressCallback(TrainerCallback):
             self.sink(metrics, state.global_step)
 
 
-METRIC_NAMES = {"loss": "train_loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm",
-                "eval_domain_loss": "domain_val_loss", "eval_general_loss": "general_val_loss",
-                "eval_loss": "val_loss"}
+METRIC_NAMES = {
+    "loss": "train_loss",
+    "learning_rate": "learning_rate",
+    "grad_norm": "grad_norm",
+    "eval_domain_loss": "domain_val_loss",
+    "eval_general_loss": "general_val_loss",
+    "eval_loss": "val_loss",
+}
 
 
 def rename_metrics(logs: dict) -> dict[str, float]:
-    return {METRIC_NAMES[k]: float(v) for k, v in logs.items()
-            if k in METRIC_NAMES and isinstance(v, (int, float)) and math.isfinite(v)}
+    return {
+        METRIC_NAMES[k]: float(v)
+        for k, v in logs.items()
+        if k in METRIC_NAMES and isinstance(v, (int, float)) and math.isfinite(v)
+    }
 
 
 class EvaluateAtEnd(TrainerCallback):
@@ -89,8 +98,11 @@ class SamplerPosition(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        position = {"manifest_sha256": self.manifest_digest, "global_step": state.global_step,
-                    "samples_consumed": state.global_step * self.samples_per_step}
+        position = {
+            "manifest_sha256": self.manifest_digest,
+            "global_step": state.global_step,
+            "samples_consumed": state.global_step * self.samples_per_step,
+        }
         (folder / self.FILE).write_text(json.dumps(position, indent=2))
 
     def check_resume(self, checkpoint: str) -> int:

@@ -2,8 +2,8 @@
 
 Labels come from the tokenizer's own chat template: the text between "prompt up to turn i" and
 "conversation through turn i" is turn i's answer. For mixtune's own ChatML template the same pieces are
-built directly in Python, which is much faster than rendering Jinja several times per sample; a test
-checks that both give identical pieces.
+built directly in Python, which is much faster than rendering Jinja several times per sample;
+tests/test_chat.py checks that both give identical pieces.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def template_pieces(tokenizer, messages: list[dict]) -> Pieces:
         through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if not full.startswith(through) or start < done:
             raise ValueError("the tokenizer's chat template does not render a conversation's prefix as a prefix")
-        pieces += [(full[done:start], False), (full[start:len(through)], True)]
+        pieces += [(full[done:start], False), (full[start : len(through)], True)]
         done = len(through)
     pieces.append((full[done:], False))
     return merge(pieces)

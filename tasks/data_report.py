@@ -9,19 +9,14 @@ import json
 import warnings
 from pathlib import Path
 
-import matplotlib
+from prefect import task
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from prefect import task  # noqa: E402
-from prefect.artifacts import create_image_artifact, create_markdown_artifact  # noqa: E402
-
-from mixtune.cache import file_digest  # noqa: E402
-from mixtune.config import PipelineConfig  # noqa: E402
-from tasks import tracking  # noqa: E402
-from tasks.ingest import IngestResult  # noqa: E402
-from tasks.plots import data_uri, save  # noqa: E402
-from tasks.tokenize import TokenizedData  # noqa: E402
+from mixtune.core.cache import file_digest
+from mixtune.core.config import PipelineConfig
+from tasks import artifacts
+from tasks.plots import plt, save  # tasks.plots selects the Agg backend before pyplot loads
+from tasks.records import IngestResult, TokenizedData
+from tasks.tracking import Tracker
 
 TOKENIZE_REASONS = ("too_long", "no_labels")
 
@@ -33,11 +28,20 @@ def source_report(label: str, ingest: dict, tokens: dict | None) -> dict:
     late = {reason: tokens.get(reason, 0) for reason in TOKENIZE_REASONS if tokens.get(reason)}
     reasons = {**ingest["quarantined_by_reason"], **late}
     return {
-        "source": label, "role": ingest["role"], "file": ingest["file"], "rows_read": ingest["rows_read"],
-        "accepted": ingest["accepted"] - sum(late.values()), "duplicates": ingest["duplicates"],
-        "near_duplicates": ingest.get("near_duplicates", 0), "quarantined": ingest["quarantined"] + sum(late.values()),
-        "quarantined_by_reason": reasons, "train": ingest["train"], "val": ingest["val"], "turns": ingest["turns"],
-        "scripts": ingest["scripts"], "tokens": {k: v for k, v in tokens.items() if k not in TOKENIZE_REASONS},
+        "source": label,
+        "role": ingest["role"],
+        "file": ingest["file"],
+        "rows_read": ingest["rows_read"],
+        "accepted": ingest["accepted"] - sum(late.values()),
+        "duplicates": ingest["duplicates"],
+        "near_duplicates": ingest.get("near_duplicates", 0),
+        "quarantined": ingest["quarantined"] + sum(late.values()),
+        "quarantined_by_reason": reasons,
+        "train": ingest["train"],
+        "val": ingest["val"],
+        "turns": ingest["turns"],
+        "scripts": ingest["scripts"],
+        "tokens": {k: v for k, v in tokens.items() if k not in TOKENIZE_REASONS},
     }
 
 
@@ -50,8 +54,10 @@ def build_report(data: IngestResult, tokens: TokenizedData) -> list[dict]:
 
 
 def markdown(rows: list[dict], max_len: int) -> str:
-    head = ("| source | role | read | accepted | duplicates | quarantined (by reason) | turns | tokens p50 / p90 / p99 / max "
-            f"| over {max_len} | scripts |")
+    head = (
+        "| source | role | read | accepted | duplicates | quarantined (by reason) | turns "
+        f"| tokens p50 / p90 / p99 / max | over {max_len} | scripts |"
+    )
     lines = ["# Data report", "", head, "|" + " --- |" * 10]
     for r in rows:
         t = r["tokens"]
@@ -60,8 +66,10 @@ def markdown(rows: list[dict], max_len: int) -> str:
         reasons = ", ".join(f"{k} {v}" for k, v in r["quarantined_by_reason"].items())
         turns = ", ".join(f"{k}: {v}" for k, v in r["turns"].items()) if r["role"] != "pretrain" else "–"
         scripts = ", ".join(f"{k} {v:.0%}" for k, v in r["scripts"].items())
-        lines.append(f"| {r['source']} | {r['role']} | {r['rows_read']:,} | {r['accepted']:,} | {r['duplicates']:,} "
-                     f"| {r['quarantined']:,} ({reasons or 'none'}) | {turns} | {lengths} | {over} | {scripts} |")
+        lines.append(
+            f"| {r['source']} | {r['role']} | {r['rows_read']:,} | {r['accepted']:,} | {r['duplicates']:,} "
+            f"| {r['quarantined']:,} ({reasons or 'none'}) | {turns} | {lengths} | {over} | {scripts} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -71,20 +79,24 @@ def histogram(rows: list[dict], path: Path) -> Path:
     for ax, r in zip(axes[:, 0], shown):
         hist = r["tokens"]["histogram"]
         edges = hist["edges"]
-        ax.bar(edges[:-1], hist["counts"], width=[b - a for a, b in zip(edges, edges[1:])], align="edge",
-               color="#1f77b4" if r["role"] == "general" else "#d62728" if r["role"] == "domain" else "#777777")
+        ax.bar(
+            edges[:-1],
+            hist["counts"],
+            width=[b - a for a, b in zip(edges, edges[1:])],
+            align="edge",
+            color="#1f77b4" if r["role"] == "general" else "#d62728" if r["role"] == "domain" else "#777777",
+        )
         ax.set_title(f"{Path(r['source']).name} ({r['role']})", fontsize=9, loc="left")
         ax.tick_params(labelsize=8)
     axes[-1, 0].set_xlabel("tokens per sample (before truncation)")
     return save(fig, path)
 
 
-def log_datasets(uri: str, run_id: str, rows: list[dict]) -> None:
+def log_datasets(tracker: Tracker, rows: list[dict]) -> None:
     """Each source as an MLflow dataset input: its digest is the content hash the ingest cache keys on."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
-    from mlflow.tracking import MlflowClient
 
     inputs = []
     for row in rows:
@@ -93,28 +105,33 @@ def log_datasets(uri: str, run_id: str, rows: list[dict]) -> None:
             location = resolve_dataset_source(row["file"])
         dataset = MetaDataset(location, name=Path(row["source"]).name, digest=file_digest(row["file"])[:36])
         inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", row["role"])]))
-    MlflowClient(uri).log_inputs(run_id, datasets=inputs)
+    tracker.log_inputs(inputs)
 
 
-def publish(config: PipelineConfig, parent_run_id: str, data: IngestResult, tokens: TokenizedData) -> tuple[str, Path]:
-    uri, folder = tracking.tracking_uri(config), Path(tokens.folder)
+def publish(config: PipelineConfig, tracker: Tracker, data: IngestResult, tokens: TokenizedData) -> tuple[str, Path]:
+    folder = Path(tokens.folder)
     rows = build_report(data, tokens)
     text = markdown(rows, config.model.max_seq_len)
     (folder / "data_report.json").write_text(json.dumps(rows, indent=2, ensure_ascii=False))
     (folder / "data_report.md").write_text(text)
     plot = histogram(rows, folder / "token_lengths.png")
-    for path in (folder / "data_report.json", folder / "data_report.md", plot, Path(data.quarantine),
-                 Path(tokens.rejected)):
-        tracking.log_artifacts(uri, parent_run_id, path, "data")
+    for path in (
+        folder / "data_report.json",
+        folder / "data_report.md",
+        plot,
+        Path(data.quarantine),
+        Path(tokens.rejected),
+    ):
+        tracker.log_artifacts(path, "data")
     totals = {f"data_{k}": sum(r[k] for r in rows) for k in ("rows_read", "accepted", "duplicates", "quarantined")}
-    tracking.log_metrics(uri, parent_run_id, totals, step=0)
-    log_datasets(uri, parent_run_id, rows)
+    tracker.log_metrics(totals, step=0)
+    log_datasets(tracker, rows)
     return text, plot
 
 
 @task(name="data-report", retries=2, retry_delay_seconds=[2, 10])
-def data_report_task(config: PipelineConfig, parent_run_id: str, data: IngestResult, tokens: TokenizedData) -> str:
-    text, plot = publish(config, parent_run_id, data, tokens)
-    create_markdown_artifact(text, key="data-report", description="What became of every row, per source")
-    create_image_artifact(data_uri(plot), key="token-lengths", description="Tokens per sample, per source")
+def data_report_task(config: PipelineConfig, tracker: Tracker, data: IngestResult, tokens: TokenizedData) -> str:
+    text, plot = publish(config, tracker, data, tokens)
+    artifacts.markdown("data-report", text, "What became of every row, per source")
+    artifacts.image("token-lengths", plot, "Tokens per sample, per source")
     return text

@@ -13,7 +13,6 @@ TOOL_ROLES = ("tool", "function", "ipython")
 # C0 controls other than tab, newline and carriage return, and DEL: never meaningful in training text.
 CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-CONVERSATION_FORMATS = ("minimind", "openai", "sharegpt", "alpaca")
 
 
 class RowError(ValueError):
@@ -42,8 +41,9 @@ def detect_format(row: object) -> str:
     raise RowError("unknown_format", f"no known format has keys {sorted(row)[:8]}")
 
 
-def to_conversation(row: object, fmt: str, mapping: dict | None = None, reasoning: str = "keep",
-                    characters: bool = True) -> list[dict[str, str]]:
+def to_conversation(
+    row: object, fmt: str, mapping: dict | None = None, reasoning: str = "keep", characters: bool = True
+) -> list[dict[str, str]]:
     """One row as a checked conversation. `mapping` reads flat records with custom keys:
     {"prompt": key or None, "prompt_template": "...{key}...", "response": key, "system": key, "system_prompt": str}.
     """
@@ -84,7 +84,10 @@ def mapped_turns(row: dict, mapping: dict) -> list[dict[str, str]]:
             raise RowError("missing_field", f"prompt_template needs field {err}", str(err.args[0])) from None
     else:
         prompt = field_text(row, mapping["prompt"])
-    turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": field_text(row, mapping["response"])}]
+    turns = [
+        {"role": "user", "content": prompt},
+        {"role": "assistant", "content": field_text(row, mapping["response"])},
+    ]
     system = field_text(row, mapping["system"]) if mapping.get("system") else mapping.get("system_prompt")
     if system:
         turns.insert(0, {"role": "system", "content": system})

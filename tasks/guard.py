@@ -14,19 +14,32 @@ class GateDecision(BaseModel):
     reason: str
 
 
-def gate(general_loss: float, base_general_loss: float, budget: float, on_forgetting: str = "stop",
-         actions_taken: int = 0, max_actions: int = 0) -> GateDecision:
+def gate(
+    general_loss: float,
+    base_general_loss: float,
+    budget: float,
+    on_forgetting: str = "stop",
+    actions_taken: int = 0,
+    max_actions: int = 0,
+) -> GateDecision:
     drift = general_loss / base_general_loss - 1.0
-    numbers = (f"general val loss {general_loss:.4f} vs the base model's {base_general_loss:.4f}: "
-               f"{drift:+.1%}, budget {budget:.0%}")
+    numbers = (
+        f"general val loss {general_loss:.4f} vs the base model's {base_general_loss:.4f}: "
+        f"{drift:+.1%}, budget {budget:.0%}"
+    )
     if drift <= budget:
         return GateDecision(decision="continue", general_drift=drift, reason=f"{numbers}; within budget")
     if on_forgetting == "stop":
         return GateDecision(decision="stop", general_drift=drift, reason=f"{numbers}; forgetting: stop")
     if actions_taken >= max_actions:
-        return GateDecision(decision="stop", general_drift=drift, reason=(
-            f"{numbers}; forgetting again after {actions_taken} {on_forgetting} action(s) "
-            f"(max_guard_actions {max_actions}): stop"))
+        return GateDecision(
+            decision="stop",
+            general_drift=drift,
+            reason=(
+                f"{numbers}; forgetting again after {actions_taken} {on_forgetting} action(s) "
+                f"(max_guard_actions {max_actions}): stop"
+            ),
+        )
     action = "repeat the domain share" if on_forgetting == "hold" else "step the domain share back one stage"
     return GateDecision(decision=on_forgetting, general_drift=drift, reason=f"{numbers}; forgetting: {action}")
 

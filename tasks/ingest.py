@@ -18,46 +18,31 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import task
-from pydantic import BaseModel
 
-from mixtune.cache import file_digest, fingerprint, is_complete, mark_complete, prefect_cache_key
-from mixtune.config import PipelineConfig, Source
-from mixtune.logs import run_logger
-from mixtune.retry import retry_unless
-from mixtune.paths import cache_dir
-from tasks.readers import (CHUNK_SCHEMA, PARALLEL_FROM_BYTES, IngestError, check_readable, chunks, normalise_chunk,
-                           ordered_map)
-from tasks.synthetic import GENERATOR_VERSION, write_synthetic
+from mixtune.core.cache import Entry, entry_dir, is_complete, mark_complete, prefect_cache_key
+from mixtune.core.config import PipelineConfig, Source
+from mixtune.core.logs import run_logger
+from mixtune.core.retry import retry_unless
+from tasks.keys import ingest_key
+from tasks.readers import CHUNK_SCHEMA, PARALLEL_FROM_BYTES, IngestError, chunks, normalise_chunk, ordered_map
+from tasks.records import IngestResult
+from tasks.synthetic import write_synthetic
 
 __all__ = ["IngestError", "IngestResult", "ingest", "ingest_task"]
 
-INGEST_VERSION = 2
 SCRIPT_SAMPLE = 2000
-SCHEMA = pa.schema([("line", pa.int64()), ("messages", pa.string()), ("text", pa.string()),
-                    ("sample_id", pa.string()), ("turns", pa.int32()), ("source", pa.string()), ("tag", pa.string()),
-                    ("split", pa.string())])
-
-
-class IngestResult(BaseModel):
-    key: str
-    folder: str
-    samples: str
-    quarantine: str
-    stats: dict[str, dict]
-
-
-def source_fingerprint(source: Source, seed: int) -> dict:
-    spec = source.model_dump(exclude={"path"})
-    if source.synthetic:
-        return {**spec, "generator": GENERATOR_VERSION, "seed": seed}
-    check_readable(Path(source.path))
-    return {**spec, "sha256": file_digest(source.path)}
-
-
-def ingest_key(config: PipelineConfig) -> str:
-    seed, data = config.run.seed, config.data
-    options = data.model_dump(exclude={"sources"})
-    return fingerprint(INGEST_VERSION, seed, options, [source_fingerprint(s, seed) for s in data.sources])
+SCHEMA = pa.schema(
+    [
+        ("line", pa.int64()),
+        ("messages", pa.string()),
+        ("text", pa.string()),
+        ("sample_id", pa.string()),
+        ("turns", pa.int32()),
+        ("source", pa.string()),
+        ("tag", pa.string()),
+        ("split", pa.string()),
+    ]
+)
 
 
 def resolve_source_path(source: Source, config: PipelineConfig) -> Path:
@@ -70,9 +55,17 @@ def resolve_source_path(source: Source, config: PipelineConfig) -> Path:
 def worker_spec(source: Source, config: PipelineConfig, path: Path) -> dict:
     """What a worker process needs to normalise rows: plain data only."""
     mapping = source.columns.model_dump() if source.columns else None
-    return {"file": str(path), "role": source.role, "format": source.format, "mapping": mapping,
-            "reasoning": config.data.reasoning, "system_prompt": source.system_prompt,
-            "text_field": source.text_field, "dedupe": config.data.dedupe, "seed": config.run.seed}
+    return {
+        "file": str(path),
+        "role": source.role,
+        "format": source.format,
+        "mapping": mapping,
+        "reasoning": config.data.reasoning,
+        "system_prompt": source.system_prompt,
+        "text_field": source.text_field,
+        "dedupe": config.data.dedupe,
+        "seed": config.run.seed,
+    }
 
 
 class ValidationDraw:
@@ -189,22 +182,34 @@ class SourceReader:
         limit = self.config.data.max_quarantine_fraction
         if quarantined > limit * self.rows_read:
             top = ", ".join(f"{r} {n}" for r, n in self.reasons.most_common(3))
-            raise IngestError(f"{self.path}: {quarantined:,} of {self.rows_read:,} rows quarantined "
-                              f"({quarantined / self.rows_read:.0%} > max_quarantine_fraction {limit:.0%}): {top}")
+            raise IngestError(
+                f"{self.path}: {quarantined:,} of {self.rows_read:,} rows quarantined "
+                f"({quarantined / self.rows_read:.0%} > max_quarantine_fraction {limit:.0%}): {top}"
+            )
 
     def stats(self) -> dict:
         return {
-            "file": str(self.path), "role": self.source.role, "rows_read": self.rows_read,
-            "accepted": self.accepted, "duplicates": self.duplicates + self.near_duplicates,
-            "exact_duplicates": self.duplicates, "near_duplicates": self.near_duplicates,
-            "quarantined": sum(self.reasons.values()), "quarantined_by_reason": dict(self.reasons),
-            "turns": {str(k): v for k, v in sorted(self.turns.items())}, "scripts": script_mix(self.script_sample),
+            "file": str(self.path),
+            "role": self.source.role,
+            "rows_read": self.rows_read,
+            "accepted": self.accepted,
+            "duplicates": self.duplicates + self.near_duplicates,
+            "exact_duplicates": self.duplicates,
+            "near_duplicates": self.near_duplicates,
+            "quarantined": sum(self.reasons.values()),
+            "quarantined_by_reason": dict(self.reasons),
+            "turns": {str(k): v for k, v in sorted(self.turns.items())},
+            "scripts": script_mix(self.script_sample),
         }
 
 
-SCRIPTS = {"LATIN": re.compile(r"[A-Za-z\u00C0-\u024F]"), "CJK": re.compile(r"[\u3040-\u30FF\u3400-\u4DBF\u4E00-\u9FFF\uAC00-\uD7AF]"),
-           "CYRILLIC": re.compile(r"[\u0400-\u04FF]"), "ARABIC": re.compile(r"[\u0600-\u06FF]"),
-           "DEVANAGARI": re.compile(r"[\u0900-\u097F]")}
+SCRIPTS = {
+    "LATIN": re.compile(r"[A-Za-z\u00C0-\u024F]"),
+    "CJK": re.compile(r"[\u3040-\u30FF\u3400-\u4DBF\u4E00-\u9FFF\uAC00-\uD7AF]"),
+    "CYRILLIC": re.compile(r"[\u0400-\u04FF]"),
+    "ARABIC": re.compile(r"[\u0600-\u06FF]"),
+    "DEVANAGARI": re.compile(r"[\u0900-\u097F]"),
+}
 LETTER = re.compile(r"[^\W\d_]")
 
 
@@ -219,17 +224,24 @@ def script_mix(texts: list[str]) -> dict[str, float]:
 
 def ingest(config: PipelineConfig, key: str | None = None) -> IngestResult:
     key = key or ingest_key(config)
-    folder = cache_dir(config.run.output_dir, "ingest", key)
-    result = IngestResult(key=key, folder=str(folder), samples=str(folder / "samples.parquet"),
-                          quarantine=str(folder / "quarantine.jsonl"), stats={})
+    folder = entry_dir(config.run.output_dir, Entry.INGEST, key)
+    result = IngestResult(
+        key=key,
+        folder=str(folder),
+        samples=str(folder / "samples.parquet"),
+        quarantine=str(folder / "quarantine.jsonl"),
+        stats={},
+    )
     if is_complete(folder):
         result.stats = json.loads((folder / "stats.json").read_text())
         return result
     folder.mkdir(parents=True, exist_ok=True)
     seen, near_seen = set(), set()
     # Dictionary encoding only where values repeat: trying it on long unique texts costs time for nothing.
-    with pq.ParquetWriter(result.samples, SCHEMA, use_dictionary=["source", "tag", "split"]) as writer, \
-            open(result.quarantine, "w", encoding="utf-8") as out:
+    with (
+        pq.ParquetWriter(result.samples, SCHEMA, use_dictionary=["source", "tag", "split"]) as writer,
+        open(result.quarantine, "w", encoding="utf-8") as out,
+    ):
         for source in config.data.sources:
             result.stats[source.label] = SourceReader(source, config, seen, near_seen).run(writer, out)
     (folder / "stats.json").write_text(json.dumps(result.stats, indent=2, ensure_ascii=False))
@@ -238,16 +250,29 @@ def ingest(config: PipelineConfig, key: str | None = None) -> IngestResult:
 
 
 def ingest_cache_key(config: PipelineConfig) -> str:
-    key = ingest_key(config)
-    return prefect_cache_key("ingest", key, cache_dir(config.run.output_dir, "ingest", key))
+    return prefect_cache_key(Entry.INGEST, ingest_key(config), config.run.output_dir)
 
 
-@task(name="ingest", retries=2, retry_delay_seconds=[2, 10], persist_result=True, result_serializer="json",
-      cache_key_fn=lambda _ctx, params: ingest_cache_key(params["config"]), retry_condition_fn=retry_unless(IngestError))
+@task(
+    name="ingest",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    persist_result=True,
+    result_serializer="json",
+    cache_key_fn=lambda _ctx, params: ingest_cache_key(params["config"]),
+    retry_condition_fn=retry_unless(IngestError),
+)
 def ingest_task(config: PipelineConfig) -> IngestResult:
     result = ingest(config)
     log = run_logger()
     for label, s in result.stats.items():
-        log.info("%s: %d read, %d accepted, %d duplicate, %d quarantined %s", label, s["rows_read"],
-                 s["accepted"], s["duplicates"], s["quarantined"], s["quarantined_by_reason"] or "")
+        log.info(
+            "%s: %d read, %d accepted, %d duplicate, %d quarantined %s",
+            label,
+            s["rows_read"],
+            s["accepted"],
+            s["duplicates"],
+            s["quarantined"],
+            s["quarantined_by_reason"] or "",
+        )
     return result

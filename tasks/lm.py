@@ -6,12 +6,11 @@ from __future__ import annotations
 import logging
 import warnings
 
-import pandas as pd
 import torch
-from transformers.utils import logging as transformers_logging
 from transformers import PrinterCallback, Trainer, TrainingArguments
+from transformers.utils import logging as transformers_logging
 
-from tasks.tokenize import IGNORE
+from tasks.tables import IGNORE, TokenDataset
 
 transformers_logging.disable_progress_bar()
 
@@ -31,18 +30,6 @@ for _name in ("transformers.trainer", "transformers.trainer_utils"):
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 # peft asks transformers 5 for the old name on every LoRA stage; nothing a user can act on.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-
-
-class TokenDataset(torch.utils.data.Dataset):
-    def __init__(self, table: pd.DataFrame):
-        self.input_ids = list(table["input_ids"])
-        self.labels = list(table["labels"])
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.input_ids[i], "labels": self.labels[i]}
 
 
 class PadCollator:
@@ -116,9 +103,18 @@ def use_bf16(precision: str) -> bool:
     return precision == "bf16" or torch.cuda.is_bf16_supported()
 
 
-def training_arguments(output_dir: str, *, epochs: float = 1.0, learning_rate: float, batch_size: int,
-                       eval_batch_size: int, seed: int, precision: str, order: str = "sequential",
-                       **extra) -> TrainingArguments:
+def training_arguments(
+    output_dir: str,
+    *,
+    epochs: float = 1.0,
+    learning_rate: float,
+    batch_size: int,
+    eval_batch_size: int,
+    seed: int,
+    precision: str,
+    order: str = "sequential",
+    **extra,
+) -> TrainingArguments:
     """Stages train in the mix manifest's order (`sequential`: seeded upstream, so a resume continues the same
     sequence); pre-training shuffles (`random`)."""
     return TrainingArguments(

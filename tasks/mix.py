@@ -12,42 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 from prefect import task
-from pydantic import BaseModel
 
-from mixtune.config import Schedule
-from mixtune.logs import run_logger
-
-
-class StageMix(BaseModel):
-    stage: int
-    target_share: float
-    realised_share: float
-    realised_token_share: float
-    samples: int
-    domain_samples: int
-    general_samples: int
-    domain_epochs: float  # realised: how many times this stage shows the domain pool
-    general_epochs: float
-    source_epochs: dict[str, float]  # per source: samples drawn this stage / that source's training rows
-    manifest: str
-
-
-def stage_shares(schedule: Schedule) -> list[float]:
-    """Domain share per stage. linear: even steps; cosine: slow start and finish; step: `start` for the
-    first half of the stages, `end` for the rest."""
-    if schedule.shares is not None:
-        return list(schedule.shares)
-    n, start, end = schedule.stages, schedule.start, schedule.end
-    if n == 1:
-        return [end]
-    progress = [k / (n - 1) for k in range(n)]
-    if schedule.shape == "cosine":
-        progress = [(1 - math.cos(math.pi * p)) / 2 for p in progress]
-    elif schedule.shape == "step":
-        progress = [0.0 if k < n / 2 else 1.0 for k in range(n)]
-    return [start + (end - start) * p for p in progress]
+from mixtune.core.logs import run_logger
+from tasks.records import StageMix
 
 
 def draw(pool: pd.DataFrame, n: int, rng: np.random.Generator) -> pd.DataFrame:
@@ -58,8 +26,9 @@ def draw(pool: pd.DataFrame, n: int, rng: np.random.Generator) -> pd.DataFrame:
     return pool.iloc[np.concatenate(passes)[:n]]
 
 
-def mix_stage(train: pd.DataFrame, stage: int, share: float, samples: int, seed: int, manifest: str,
-              epochs: float = 1.0) -> StageMix:
+def mix_stage(
+    train: pd.DataFrame, stage: int, share: float, samples: int, seed: int, manifest: str, epochs: float = 1.0
+) -> StageMix:
     """Draw one stage's mix from the train split with the target domain share, and write the exact sequence
     the trainer will see: the mix repeated `epochs` times, each pass in a fresh seeded order."""
     domain_pool = train[train["tag"] == "domain"]
@@ -70,17 +39,22 @@ def mix_stage(train: pd.DataFrame, stage: int, share: float, samples: int, seed:
     rng = np.random.default_rng([seed, stage])
     drawn = pd.concat([draw(domain_pool, n_domain, rng), draw(general_pool, samples - n_domain, rng)])
     order = np.concatenate([rng.permutation(len(drawn)) for _ in range(math.ceil(epochs))])
-    sequence = drawn.iloc[order[:round(len(drawn) * epochs)]]
+    sequence = drawn.iloc[order[: round(len(drawn) * epochs)]]
     sequence = sequence[["sample_id", "source", "tag", "n_tokens"]].reset_index(drop=True)
     Path(manifest).parent.mkdir(parents=True, exist_ok=True)
     sequence.to_parquet(manifest, index=False)
     is_domain = sequence["tag"] == "domain"
     return StageMix(
-        stage=stage, target_share=share, realised_share=float(is_domain.mean()),
+        stage=stage,
+        target_share=share,
+        realised_share=float(is_domain.mean()),
         realised_token_share=float(sequence.loc[is_domain, "n_tokens"].sum() / sequence["n_tokens"].sum()),
-        samples=len(sequence), domain_samples=int(is_domain.sum()), general_samples=int((~is_domain).sum()),
+        samples=len(sequence),
+        domain_samples=int(is_domain.sum()),
+        general_samples=int((~is_domain).sum()),
         domain_epochs=int(is_domain.sum()) / len(domain_pool),
-        general_epochs=int((~is_domain).sum()) / len(general_pool), manifest=manifest,
+        general_epochs=int((~is_domain).sum()) / len(general_pool),
+        manifest=manifest,
         source_epochs=source_epochs(sequence, train),
     )
 
@@ -90,23 +64,20 @@ def source_epochs(sequence: pd.DataFrame, train: pd.DataFrame) -> dict[str, floa
     return {source: float(drawn.get(source, 0) / pool[source]) for source in pool.index}
 
 
-def stage_table(sft_path: str, manifest: str) -> pd.DataFrame:
-    """The stage's training rows (token ids and labels) in the manifest's order, repeats included; only the
-    drawn rows are read, so a stage's memory follows its size, not the whole data set's."""
-    order = pd.read_parquet(manifest, columns=["sample_id"])
-    wanted = order["sample_id"].unique().tolist()
-    rows = pq.read_table(sft_path, columns=["sample_id", "split", "input_ids", "labels"],
-                         filters=[("sample_id", "in", wanted), ("split", "==", "train")]).to_pandas()
-    by_id = rows.drop_duplicates("sample_id").set_index("sample_id")
-    return by_id.loc[order["sample_id"]].reset_index()
-
-
 @task(name="mix", retries=2, retry_delay_seconds=[2, 10])
-def mix_task(sft_path: str, stage: int, share: float, samples: int, seed: int, manifest: str,
-             epochs: float = 1.0) -> StageMix:
+def mix_task(
+    sft_path: str, stage: int, share: float, samples: int, seed: int, manifest: str, epochs: float = 1.0
+) -> StageMix:
     train = pd.read_parquet(sft_path, columns=["sample_id", "source", "tag", "split", "n_tokens"])
     mix = mix_stage(train[train["split"] == "train"], stage, share, samples, seed, manifest, epochs)
-    run_logger().info("stage %d mix: target %.3f realised %.3f (%d domain / %d general; domain pool seen %.2fx, "
-                      "general %.2fx)", stage, mix.target_share, mix.realised_share, mix.domain_samples,
-                      mix.general_samples, mix.domain_epochs, mix.general_epochs)
+    run_logger().info(
+        "stage %d mix: target %.3f realised %.3f (%d domain / %d general; domain pool seen %.2fx, general %.2fx)",
+        stage,
+        mix.target_share,
+        mix.realised_share,
+        mix.domain_samples,
+        mix.general_samples,
+        mix.domain_epochs,
+        mix.general_epochs,
+    )
     return mix

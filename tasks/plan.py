@@ -9,13 +9,13 @@ from __future__ import annotations
 import math
 
 from prefect import task
-from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
 
-from mixtune.config import Advisor, PipelineConfig
-from mixtune.logs import run_logger
-from tasks import tracking
-from tasks.mix import stage_shares
+from mixtune.core.config import Advisor, PipelineConfig
+from mixtune.core.logs import run_logger
+from tasks import artifacts
+from tasks.schedule import stage_shares
+from tasks.tracking import Tracker
 
 
 class Advice(BaseModel):
@@ -51,46 +51,69 @@ def rule_epochs(samples: int, rules: Advisor) -> tuple[float, str]:
     if samples >= rules.one_epoch_from:
         return 1.0, f"{samples:,} samples >= {rules.one_epoch_from:,}: 1 epoch is enough at this volume"
     if samples < rules.three_epochs_below:
-        return 3.0, (f"{samples:,} samples < {rules.three_epochs_below:,}: up to 3 epochs "
-                     "(thousands of samples; never more, or the model overfits)")
-    return 2.0, (f"{rules.three_epochs_below:,} <= {samples:,} samples < {rules.one_epoch_from:,}: "
-                 "2 epochs (tens to hundreds of thousands of samples)")
+        return 3.0, (
+            f"{samples:,} samples < {rules.three_epochs_below:,}: up to 3 epochs "
+            "(thousands of samples; never more, or the model overfits)"
+        )
+    return 2.0, (
+        f"{rules.three_epochs_below:,} <= {samples:,} samples < {rules.one_epoch_from:,}: "
+        "2 epochs (tens to hundreds of thousands of samples)"
+    )
 
 
 def advise(domain: int, general: int, pretrain_docs: int, config: PipelineConfig) -> Advice:
     rules, reasons = config.advisor, []
     if domain < rules.lora_below:
         method = "lora"
-        reasons.append(f"method lora: {domain:,} domain samples < {rules.lora_below:,} is scarce data; "
-                       "low-rank adapters keep the base model's abilities")
+        reasons.append(
+            f"method lora: {domain:,} domain samples < {rules.lora_below:,} is scarce data; "
+            "low-rank adapters keep the base model's abilities"
+        )
     else:
         method = "full"
-        reasons.append(f"method full: {domain:,} domain samples >= {rules.lora_below:,} support full SFT, "
-                       "mixed into general data stage by stage so general ability is kept")
+        reasons.append(
+            f"method full: {domain:,} domain samples >= {rules.lora_below:,} support full SFT, "
+            "mixed into general data stage by stage so general ability is kept"
+        )
     epochs, why = rule_epochs(domain, rules)
     if method == "full":
         shares = stage_shares(rules.schedule)
-        reasons.append(f"schedule {', '.join(f'{s:.2f}' for s in shares)}: full SFT mixes domain into general "
-                       f"data, from about {rules.schedule.start:.0%} rising to about {rules.schedule.end:.0%} "
-                       f"over {len(shares)} stages ({rules.schedule.shape}), so general ability is kept")
+        reasons.append(
+            f"schedule {', '.join(f'{s:.2f}' for s in shares)}: full SFT mixes domain into general "
+            f"data, from about {rules.schedule.start:.0%} rising to about {rules.schedule.end:.0%} "
+            f"over {len(shares)} stages ({rules.schedule.shape}), so general ability is kept"
+        )
     else:
         shares = [rules.schedule.end]
-        reasons.append(f"schedule {shares[0]:.2f}: one stage; LoRA leaves the base weights untouched, and the "
-                       "general half of the mix still guards what the adapter changes")
+        reasons.append(
+            f"schedule {shares[0]:.2f}: one stage; LoRA leaves the base weights untouched, and the "
+            "general half of the mix still guards what the adapter changes"
+        )
     samples = samples_for_epochs(shares, domain, epochs, config)
-    reasons.append(f"domain epochs {epochs:g} in total: {why}; so {samples:,} samples per stage "
-                   f"(the stages' domain shares add up to {epochs:g} passes over {domain:,} samples)")
+    reasons.append(
+        f"domain epochs {epochs:g} in total: {why}; so {samples:,} samples per stage "
+        f"(the stages' domain shares add up to {epochs:g} passes over {domain:,} samples)"
+    )
     pretrain_first = config.goal == "knowledge"
     if pretrain_first:
-        note = (f"{pretrain_docs:,} pre-training documents" if pretrain_docs
-                else "no source has role pretrain yet: add the domain's plain text")
+        note = (
+            f"{pretrain_docs:,} pre-training documents"
+            if pretrain_docs
+            else "no source has role pretrain yet: add the domain's plain text"
+        )
         reasons.append(f"continued pre-training first: the goal is new knowledge, which SFT does not add ({note})")
     else:
         reasons.append("no continued pre-training: the goal is behaviour (format, style, task), which is SFT's job")
     if general == 0:
         reasons.append("warning: no general samples, so nothing protects general ability")
-    return Advice(method=method, domain_epochs=epochs, shares=shares, samples_per_stage=samples,
-                  pretrain_first=pretrain_first, reasons=reasons)
+    return Advice(
+        method=method,
+        domain_epochs=epochs,
+        shares=shares,
+        samples_per_stage=samples,
+        pretrain_first=pretrain_first,
+        reasons=reasons,
+    )
 
 
 def samples_for_epochs(shares: list[float], domain_pool: int, epochs: float, config: PipelineConfig) -> int:
@@ -110,8 +133,14 @@ def apply_advice(config: PipelineConfig, advice: Advice) -> PipelineConfig:
     return planned
 
 
-def epoch_plan(shares: list[float], samples_per_stage: int, epochs: float, domain_pool: int, general_pool: int,
-               config: PipelineConfig) -> EpochPlan:
+def epoch_plan(
+    shares: list[float],
+    samples_per_stage: int,
+    epochs: float,
+    domain_pool: int,
+    general_pool: int,
+    config: PipelineConfig,
+) -> EpochPlan:
     """Per stage and in total, how often each pool is seen; stages are shrunk to keep the domain pool within
     the epoch budget its size earns, with a warning in numbers when even that cannot hold."""
     budget, _ = rule_epochs(domain_pool, config.advisor)
@@ -124,28 +153,44 @@ def epoch_plan(shares: list[float], samples_per_stage: int, epochs: float, domai
         samples = max(fitted, floor)
         warnings.append(
             f"domain pool of {domain_pool:,} would be seen {planned_domain / domain_pool:.2f}x, over its budget "
-            f"of {budget:g}x: samples_per_stage lowered from {samples_per_stage:,} to {samples:,}")
+            f"of {budget:g}x: samples_per_stage lowered from {samples_per_stage:,} to {samples:,}"
+        )
         if fitted < floor:
             seen = sum(round(s * samples) for s in shares) * epochs / domain_pool
             warnings.append(
                 f"cannot meet the budget: even {floor:,} samples per stage (the minimum of "
                 f"{config.advisor.min_steps_per_stage} steps) shows the domain pool {seen:.2f}x > {budget:g}x; "
-                "add domain data, lower the shares or use fewer stages")
-    return EpochPlan(samples_per_stage=samples, domain_pool=domain_pool, general_pool=general_pool,
-                     domain_epoch_budget=budget, stages=stage_budgets(shares, samples, epochs, domain_pool,
-                                                                      general_pool), warnings=warnings)
+                "add domain data, lower the shares or use fewer stages"
+            )
+    return EpochPlan(
+        samples_per_stage=samples,
+        domain_pool=domain_pool,
+        general_pool=general_pool,
+        domain_epoch_budget=budget,
+        stages=stage_budgets(shares, samples, epochs, domain_pool, general_pool),
+        warnings=warnings,
+    )
 
 
-def stage_budgets(shares: list[float], samples: int, epochs: float, domain_pool: int,
-                  general_pool: int) -> list[StageBudget]:
+def stage_budgets(
+    shares: list[float], samples: int, epochs: float, domain_pool: int, general_pool: int
+) -> list[StageBudget]:
     stages, cumulative = [], 0.0
     for k, share in enumerate(shares, start=1):
         n_domain = round(share * samples)
         seen = n_domain * epochs / max(domain_pool, 1)
         cumulative += seen
-        stages.append(StageBudget(stage=k, share=share, samples=samples, domain_samples=n_domain,
-                                  domain_epochs=seen, cumulative_domain_epochs=cumulative,
-                                  general_epochs=(samples - n_domain) * epochs / max(general_pool, 1)))
+        stages.append(
+            StageBudget(
+                stage=k,
+                share=share,
+                samples=samples,
+                domain_samples=n_domain,
+                domain_epochs=seen,
+                cumulative_domain_epochs=cumulative,
+                general_epochs=(samples - n_domain) * epochs / max(general_pool, 1),
+            )
+        )
     return stages
 
 
@@ -153,15 +198,19 @@ def format_plan(advice: Advice | None, plan: EpochPlan, config: PipelineConfig) 
     lines = []
     if advice is not None:
         lines += ["Advice (MiniMind's fine-tuning rules):", *[f"  - {r}" for r in advice.reasons], ""]
-    lines += [f"Plan ({'auto: the advice is used' if config.plan == 'auto' else 'manual: the config as given'}):",
-              f"  method {config.train.method}, {config.train.epochs:g} epoch(s) per stage, "
-              f"{plan.samples_per_stage:,} samples per stage",
-              f"  domain pool {plan.domain_pool:,} (budget {plan.domain_epoch_budget:g} epochs), "
-              f"general pool {plan.general_pool:,}",
-              "  stage  share  domain samples  domain epochs  cumulative  general epochs"]
+    lines += [
+        f"Plan ({'auto: the advice is used' if config.plan == 'auto' else 'manual: the config as given'}):",
+        f"  method {config.train.method}, {config.train.epochs:g} epoch(s) per stage, "
+        f"{plan.samples_per_stage:,} samples per stage",
+        f"  domain pool {plan.domain_pool:,} (budget {plan.domain_epoch_budget:g} epochs), "
+        f"general pool {plan.general_pool:,}",
+        "  stage  share  domain samples  domain epochs  cumulative  general epochs",
+    ]
     for s in plan.stages:
-        lines.append(f"  {s.stage:>5}  {s.share:5.2f}  {s.domain_samples:>14,}  {s.domain_epochs:13.2f}  "
-                     f"{s.cumulative_domain_epochs:10.2f}  {s.general_epochs:14.2f}")
+        lines.append(
+            f"  {s.stage:>5}  {s.share:5.2f}  {s.domain_samples:>14,}  {s.domain_epochs:13.2f}  "
+            f"{s.cumulative_domain_epochs:10.2f}  {s.general_epochs:14.2f}"
+        )
     lines += [f"  warning: {w}" for w in plan.warnings]
     return "\n".join(lines)
 
@@ -184,23 +233,33 @@ def make_plan(config: PipelineConfig, stats: dict[str, dict]) -> RunPlan:
     pools = pool_sizes(stats)
     advice = advise(pools["domain"], pools["general"], pools["pretrain"], config)
     planned = apply_advice(config, advice) if config.plan == "auto" else config.model_copy(deep=True)
-    epochs = epoch_plan(stage_shares(planned.schedule), planned.schedule.samples_per_stage, planned.train.epochs,
-                        pools["domain"], pools["general"], planned)
+    epochs = epoch_plan(
+        stage_shares(planned.schedule),
+        planned.schedule.samples_per_stage,
+        planned.train.epochs,
+        pools["domain"],
+        pools["general"],
+        planned,
+    )
     planned.schedule.samples_per_stage = epochs.samples_per_stage
     return RunPlan(config=planned, advice=advice, epochs=epochs, text=format_plan(advice, epochs, planned))
 
 
 @task(name="plan", retries=2, retry_delay_seconds=[2, 10])
-def plan_task(config: PipelineConfig, stats: dict[str, dict], parent_run_id: str) -> RunPlan:
+def plan_task(config: PipelineConfig, stats: dict[str, dict], tracker: Tracker) -> RunPlan:
     plan = make_plan(config, stats)
-    uri = tracking.tracking_uri(config)
-    tracking.log_text(uri, parent_run_id, plan.text, "plan/plan.txt")
-    tracking.log_text(uri, parent_run_id, plan.model_dump_json(indent=2), "plan/plan.json")
-    tracking.log_params(tracking.MlflowClient(uri), parent_run_id, {
-        "plan.mode": config.plan, "plan.method": plan.config.train.method,
-        "plan.epochs": str(plan.config.train.epochs), "plan.samples_per_stage": str(plan.epochs.samples_per_stage),
-        "plan.shares": ",".join(f"{s:.4f}" for s in stage_shares(plan.config.schedule))})
-    create_markdown_artifact(f"```\n{plan.text}\n```", key="plan", description="The plan and the rules behind it")
+    tracker.log_text(plan.text, "plan/plan.txt")
+    tracker.log_text(plan.model_dump_json(indent=2), "plan/plan.json")
+    tracker.log_params(
+        {
+            "plan.mode": config.plan,
+            "plan.method": plan.config.train.method,
+            "plan.epochs": str(plan.config.train.epochs),
+            "plan.samples_per_stage": str(plan.epochs.samples_per_stage),
+            "plan.shares": ",".join(f"{s:.4f}" for s in stage_shares(plan.config.schedule)),
+        }
+    )
+    artifacts.markdown("plan", f"```\n{plan.text}\n```", "The plan and the rules behind it")
     for line in plan.text.splitlines():
         run_logger().info(line)
     return plan

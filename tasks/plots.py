@@ -12,6 +12,8 @@ matplotlib.use("Agg")  # no screen on the machines this runs on
 import matplotlib.pyplot as plt  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
+from tasks.records import StageReport  # noqa: E402
+
 COLOURS = {"train_loss": "#999999", "domain_val_loss": "#d62728", "general_val_loss": "#1f77b4"}
 LABELS = {"train_loss": "train", "domain_val_loss": "domain val", "general_val_loss": "general val"}
 
@@ -28,12 +30,20 @@ class StageCurves(BaseModel):
 def share_plot(stages: list[StageCurves], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 3.5))
     x = [s.stage for s in stages]
-    ax.plot(x, [s.target_share for s in stages], "o--", color="#555555", markersize=11, markerfacecolor="none",
-            label="target")
+    ax.plot(
+        x,
+        [s.target_share for s in stages],
+        "o--",
+        color="#555555",
+        markersize=11,
+        markerfacecolor="none",
+        label="target",
+    )
     ax.plot(x, [s.realised_share for s in stages], "s-", color="#d62728", label="realised")
     for s in stages:
-        ax.annotate(s.decision, (s.stage, s.realised_share), textcoords="offset points", xytext=(0, 8),
-                    ha="center", fontsize=8)
+        ax.annotate(
+            s.decision, (s.stage, s.realised_share), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=8
+        )
     ax.set(xlabel="stage", ylabel="domain share", ylim=(0, 1.05), xticks=x, title="Domain share per stage")
     ax.legend(loc="upper left")
     return save(fig, path)
@@ -46,16 +56,26 @@ def loss_plot(stages: list[StageCurves], baselines: dict[str, float], budget: fl
         for metric, points in s.curves.items():
             if points:
                 steps, values = zip(*points)
-                ax.plot([offset + p for p in steps], values, color=COLOURS[metric],
-                        label=LABELS[metric] if s is stages[0] else None, marker="." if metric != "train_loss" else None)
+                ax.plot(
+                    [offset + p for p in steps],
+                    values,
+                    color=COLOURS[metric],
+                    label=LABELS[metric] if s is stages[0] else None,
+                    marker="." if metric != "train_loss" else None,
+                )
         offset += s.steps
         ax.axvline(offset, color="#cccccc", linestyle="--", linewidth=1)
         ax.text(offset, ax.get_ylim()[1], f" {s.stage}: {s.decision}", rotation=90, va="top", ha="right", fontsize=7)
     for tag, value in baselines.items():
-        ax.axhline(value, color=COLOURS[f"{tag}_val_loss"], linestyle=":", linewidth=1,
-                   label=f"base model, {tag} val")
-    ax.axhline(baselines["general"] * (1 + budget), color=COLOURS["general_val_loss"], linestyle="--",
-               linewidth=1, alpha=0.6, label=f"forgetting budget (+{budget:.0%})")
+        ax.axhline(value, color=COLOURS[f"{tag}_val_loss"], linestyle=":", linewidth=1, label=f"base model, {tag} val")
+    ax.axhline(
+        baselines["general"] * (1 + budget),
+        color=COLOURS["general_val_loss"],
+        linestyle="--",
+        linewidth=1,
+        alpha=0.6,
+        label=f"forgetting budget (+{budget:.0%})",
+    )
     ax.set(xlabel="training step (stages end at the dashed lines)", ylabel="loss", title="Loss across stages")
     ax.legend(fontsize=8, loc="upper right")
     return save(fig, path)
@@ -72,3 +92,14 @@ def save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def stage_curves(report: StageReport, curves: dict[str, list[tuple[int, float]]]) -> StageCurves:
+    return StageCurves(
+        stage=report.stage,
+        steps=report.steps,
+        decision=report.gate.decision,
+        target_share=report.target_share,
+        realised_share=report.realised_share,
+        curves=curves,
+    )

@@ -30,9 +30,17 @@ CHUNK_ROWS = 4096
 BLOCK_BYTES = 4 << 20  # JSONL is handed to workers in blocks of whole lines
 PARALLEL_FROM_BYTES = 32 << 20  # below this, starting worker processes costs more than it saves
 SURROGATE = re.compile("[\udc80-\udcff]")
-CHUNK_SCHEMA = pa.schema([("line", pa.int64()), ("messages", pa.string()), ("text", pa.string()),
-                          ("sample_id", pa.string()), ("near_id", pa.string()), ("turns", pa.int32()),
-                          ("split_hash", pa.uint64())])
+CHUNK_SCHEMA = pa.schema(
+    [
+        ("line", pa.int64()),
+        ("messages", pa.string()),
+        ("text", pa.string()),
+        ("sample_id", pa.string()),
+        ("near_id", pa.string()),
+        ("turns", pa.int32()),
+        ("split_hash", pa.uint64()),
+    ]
+)
 NOT_WORD = re.compile(r"[\W_]+")
 
 
@@ -60,8 +68,12 @@ def chunks(path: Path, text_split: str = "line") -> Iterator[list[tuple[int, obj
     if path.suffix == ".jsonl":
         yield from jsonl_blocks(path)
         return
-    readers = {".json": json_records, ".csv": csv_records, ".parquet": parquet_records,
-               ".txt": (lambda p: text_documents(p, text_split))}
+    readers = {
+        ".json": json_records,
+        ".csv": csv_records,
+        ".parquet": parquet_records,
+        ".txt": (lambda p: text_documents(p, text_split)),
+    }
     batch = []
     for item in readers[path.suffix](path):
         batch.append(item)
@@ -174,7 +186,9 @@ def sample_key(body: str, dedupe: str) -> str:
     return hashlib.blake2b(body.encode("utf-8"), digest_size=8).hexdigest()
 
 
-def normalise_chunk(chunk: list[tuple[int, object]] | tuple[int, bytes], spec: dict) -> tuple[pa.RecordBatch, list[dict]]:
+def normalise_chunk(
+    chunk: list[tuple[int, object]] | tuple[int, bytes], spec: dict
+) -> tuple[pa.RecordBatch, list[dict]]:
     """Accepted rows as one Arrow batch (cheap to hand from a worker process to the parent), and rejected
     rows with their reason."""
     if isinstance(chunk, tuple):
@@ -189,8 +203,16 @@ def normalise_chunk(chunk: list[tuple[int, object]] | tuple[int, bytes], spec: d
                 raise row
             values = (location, *normalise(row, spec))
         except RowError as err:
-            rejected.append({"file": spec["file"], "line": location, "reason": err.reason, "field": err.field,
-                             "message": err.args[0], "row": preview(row)})
+            rejected.append(
+                {
+                    "file": spec["file"],
+                    "line": location,
+                    "reason": err.reason,
+                    "field": err.field,
+                    "message": err.args[0],
+                    "row": preview(row),
+                }
+            )
             continue
         for name, value in zip(CHUNK_SCHEMA.names, values):
             columns[name].append(value)

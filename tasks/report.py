@@ -1,34 +1,20 @@
-"""Registering the run's final model, with the run-level plots, on the parent MLflow run and in Prefect."""
+"""Publishing the run's final model, with the run-level plots, on the parent MLflow run and in Prefect.
+(Registering it in the model registry is the challenge's job: tasks/champion.py.)"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from prefect import task
-from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
-from pydantic import BaseModel
 
-from mixtune.config import PipelineConfig
-from mixtune.logs import run_logger
-from tasks import tracking
-from tasks.champion import Verdict
-from tasks.train import is_adapter, metric_name
-from tasks.plots import data_uri, loss_plot, share_plot
-from tasks.validate import Losses, StageReport, report_row, stage_curves
-
-
-class RunSummary(BaseModel):
-    parent_run_id: str
-    tracking_uri: str
-    experiment: str
-    baseline: Losses | None = None  # None: the run was skipped, nothing was trained
-    stages: list[StageReport] = []
-    final_model: str | None = None
-    final_stage: int = 0  # 0: the base model (no stage passed the gate)
-    final_losses: Losses | None = None  # the final model's per-token validation losses
-    stopped_reason: str | None = None
-    plots: list[str] = []
-    verdict: Verdict | None = None
+from mixtune.core.config import PipelineConfig
+from mixtune.core.logs import run_logger
+from mixtune.core.paths import plots_dir
+from tasks import artifacts
+from tasks.models import is_adapter
+from tasks.plots import COLOURS, loss_plot, share_plot, stage_curves
+from tasks.records import RunSummary, StageReport, TokenLosses
+from tasks.tracking import Tracker, metric_name
 
 
 def final_stage(reports: list[StageReport]) -> StageReport | None:
@@ -38,66 +24,109 @@ def final_stage(reports: list[StageReport]) -> StageReport | None:
     return min(reversed(passed), key=lambda r: r.losses.domain) if passed else None
 
 
-def publish_plots(uri: str, parent_run_id: str, reports: list[StageReport], baseline: Losses,
-                  budget: float) -> list[Path]:
+def publish_plots(
+    tracker: Tracker, reports: list[StageReport], baseline: TokenLosses, budget: float, folder: Path
+) -> list[Path]:
     if not reports:
         return []
-    folder = Path(reports[0].model_dir).parents[1] / "plots"
-    curves = [stage_curves(uri, r) for r in reports]
-    paths = [share_plot(curves, folder / "domain_share.png"),
-             loss_plot(curves, baseline.model_dump(), budget, folder / "loss_curves.png")]
+    curves = [stage_curves(r, tracker.metric_curves(list(COLOURS), r.run_id)) for r in reports]
+    paths = [
+        share_plot(curves, folder / "domain_share.png"),
+        loss_plot(curves, baseline.model_dump(), budget, folder / "loss_curves.png"),
+    ]
     for path in paths:
-        tracking.log_artifacts(uri, parent_run_id, path, "plots")
+        tracker.log_artifacts(path, "plots")
     return paths
 
 
-def register_final(config: PipelineConfig, parent_run_id: str, reports: list[StageReport],
-                   baseline: Losses, base_dir: str) -> RunSummary:
+def log_stage_history(tracker: Tracker, reports: list[StageReport]) -> None:
+    seen: dict[str, float] = {}
+    for report in reports:
+        for source, epochs in report.source_epochs.items():
+            seen[source] = seen.get(source, 0.0) + epochs
+        tracker.log_metrics(
+            {
+                "stage_domain_val_loss": report.losses.domain,
+                "stage_general_val_loss": report.losses.general,
+                "stage_realised_domain_share": report.realised_share,
+                **{f"cumulative_epochs/{metric_name(s)}": e for s, e in seen.items()},
+            },
+            step=report.stage,
+        )
+
+
+def publish_final(
+    config: PipelineConfig,
+    tracker: Tracker,
+    reports: list[StageReport],
+    baseline: TokenLosses,
+    base_dir: str,
+    run_folder: str,
+) -> RunSummary:
     """The best model so far becomes the run's final model: the best stage that passed the gate, or the
-    base model itself when none did. The parent run stays open for the retraining verdict."""
-    uri = tracking.tracking_uri(config)
+    base model itself when none did."""
     final = final_stage(reports)
     model_dir, stage, losses = (final.model_dir, final.stage, final.losses) if final else (base_dir, 0, baseline)
     stopped = next((r.gate.reason for r in reports if r.gate.decision == "stop"), None)
     guarded = [f"stage {r.stage}: {r.gate.decision}" for r in reports if r.gate.decision in ("hold", "back_off")]
     kind = "adapter" if is_adapter(model_dir) else "model"
-    tracking.log_artifacts(uri, parent_run_id, model_dir, f"final_{kind}")
-    tracking.log_metrics(uri, parent_run_id, {"final_domain_val_loss": losses.domain,
-                                              "final_general_val_loss": losses.general}, step=stage)
-    plots = publish_plots(uri, parent_run_id, reports, baseline, config.validation.forgetting_budget)
+    tracker.log_artifacts(model_dir, f"final_{kind}")
+    tracker.log_metrics({"final_domain_val_loss": losses.domain, "final_general_val_loss": losses.general}, step=stage)
+    plots = publish_plots(tracker, reports, baseline, config.validation.forgetting_budget, plots_dir(run_folder))
     speeds = [r.tokens_per_second for r in reports if r.tokens_per_second]
     if speeds:
-        tracking.log_metrics(uri, parent_run_id, {"tokens_per_second": sum(speeds) / len(speeds)}, step=stage)
-    tracking.set_tags(uri, parent_run_id, {"mixtune.final_stage": stage, "mixtune.method": config.train.method,
-                                           "mixtune.schedule": " ".join(f"{r.target_share:.2f}" for r in reports),
-                                           "mixtune.stopped_reason": stopped or "",
-                                           "mixtune.guard_actions": "; ".join(guarded)})
-    seen: dict[str, float] = {}
-    for report in reports:
-        for source, epochs in report.source_epochs.items():
-            seen[source] = seen.get(source, 0.0) + epochs
-        tracking.log_metrics(uri, parent_run_id, {
-            "stage_domain_val_loss": report.losses.domain, "stage_general_val_loss": report.losses.general,
-            "stage_realised_domain_share": report.realised_share,
-            **{f"cumulative_epochs/{metric_name(s)}": e for s, e in seen.items()}}, step=report.stage)
-    return RunSummary(parent_run_id=parent_run_id, tracking_uri=uri, experiment=config.tracking.experiment,
-                      baseline=baseline, stages=reports, final_model=model_dir, final_stage=stage,
-                      final_losses=losses, stopped_reason=stopped, plots=[str(p) for p in plots])
+        tracker.log_metrics({"tokens_per_second": sum(speeds) / len(speeds)}, step=stage)
+    tracker.set_tags(
+        {
+            "mixtune.final_stage": stage,
+            "mixtune.method": config.train.method,
+            "mixtune.schedule": " ".join(f"{r.target_share:.2f}" for r in reports),
+            "mixtune.stopped_reason": stopped or "",
+            "mixtune.guard_actions": "; ".join(guarded),
+        }
+    )
+    log_stage_history(tracker, reports)
+    return RunSummary(
+        parent_run_id=tracker.parent_run_id,
+        tracking_uri=tracker.uri,
+        experiment=config.tracking.experiment,
+        baseline=baseline,
+        stages=reports,
+        final_model=model_dir,
+        final_stage=stage,
+        final_losses=losses,
+        stopped_reason=stopped,
+        plots=[str(p) for p in plots],
+    )
 
 
-@task(name="register", retries=2, retry_delay_seconds=[2, 10])
-def register_task(config: PipelineConfig, parent_run_id: str, reports: list[StageReport],
-                  baseline: Losses, base_dir: str) -> RunSummary:
-    summary = register_final(config, parent_run_id, reports, baseline, base_dir)
+def summary_markdown(summary: RunSummary) -> str:
     which = f"stage {summary.final_stage}" if summary.final_stage else "the base model: no stage passed the gate"
-    lines = [f"MLflow run `{parent_run_id}` in experiment `{summary.experiment}` ({summary.tracking_uri})", "",
-             f"Final model: `{summary.final_model}` ({which})", ""]
+    lines = [
+        f"MLflow run `{summary.parent_run_id}` in experiment `{summary.experiment}` ({summary.tracking_uri})",
+        "",
+        f"Final model: `{summary.final_model}` ({which})",
+        "",
+    ]
     if summary.stopped_reason:
         lines.append(f"Stopped: {summary.stopped_reason}")
     lines += ["", "Plots (PNG, also in the MLflow run under `plots/`):", *[f"- `{p}`" for p in summary.plots]]
-    create_markdown_artifact("\n".join(lines), key="final-model", description="The run's final model")
+    return "\n".join(lines)
+
+
+@task(name="publish", retries=2, retry_delay_seconds=[2, 10])
+def publish_task(
+    config: PipelineConfig,
+    tracker: Tracker,
+    reports: list[StageReport],
+    baseline: TokenLosses,
+    base_dir: str,
+    run_folder: str,
+) -> RunSummary:
+    summary = publish_final(config, tracker, reports, baseline, base_dir, run_folder)
+    artifacts.markdown("final-model", summary_markdown(summary), "The run's final model")
     for plot in map(Path, summary.plots):
-        create_image_artifact(data_uri(plot), key=f"run-{plot.stem.replace('_', '-')}", description=plot.stem)
-    create_table_artifact([report_row(r) for r in reports], key="stages", description="Per-stage summary")
+        artifacts.image(f"run-{plot.stem.replace('_', '-')}", plot, plot.stem)
+    artifacts.table("stages", [artifacts.report_row(r) for r in reports], "Per-stage summary")
     run_logger().info("final model: %s", summary.final_model)
     return summary

@@ -20,25 +20,59 @@ WORDS = (
     "magnet needle ocean parrot quiet ribbon spider tunnel velvet whistle"
 ).split()
 CAPITALS = {
-    "France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Spain": "Madrid", "Egypt": "Cairo",
-    "Canada": "Ottawa", "Kenya": "Nairobi", "Peru": "Lima", "Norway": "Oslo", "Greece": "Athens",
-    "Chile": "Santiago", "Poland": "Warsaw", "Cuba": "Havana", "Ireland": "Dublin", "Austria": "Vienna",
-    "Portugal": "Lisbon", "Sweden": "Stockholm", "Hungary": "Budapest", "Nepal": "Kathmandu", "Ghana": "Accra",
+    "France": "Paris",
+    "Japan": "Tokyo",
+    "Italy": "Rome",
+    "Spain": "Madrid",
+    "Egypt": "Cairo",
+    "Canada": "Ottawa",
+    "Kenya": "Nairobi",
+    "Peru": "Lima",
+    "Norway": "Oslo",
+    "Greece": "Athens",
+    "Chile": "Santiago",
+    "Poland": "Warsaw",
+    "Cuba": "Havana",
+    "Ireland": "Dublin",
+    "Austria": "Vienna",
+    "Portugal": "Lisbon",
+    "Sweden": "Stockholm",
+    "Hungary": "Budapest",
+    "Nepal": "Kathmandu",
+    "Ghana": "Accra",
 }
 OPPOSITES = {
-    "hot": "cold", "big": "small", "fast": "slow", "light": "dark", "early": "late", "full": "empty",
-    "hard": "soft", "high": "low", "old": "new", "open": "closed", "rich": "poor", "wet": "dry",
+    "hot": "cold",
+    "big": "small",
+    "fast": "slow",
+    "light": "dark",
+    "early": "late",
+    "full": "empty",
+    "hard": "soft",
+    "high": "low",
+    "old": "new",
+    "open": "closed",
+    "rich": "poor",
+    "wet": "dry",
 }
 # Invented drugs: mg per kg of body weight, hours between doses, and what each treats.
 DRUGS = {
-    "valmorex": (2, 8, "migraine"), "cindrapine": (5, 12, "high blood pressure"),
-    "lotrafen": (10, 6, "joint pain"), "mirabucil": (3, 24, "asthma"),
-    "dexolan": (4, 8, "fever"), "quetrasol": (1, 12, "insomnia"),
-    "brenzocaine": (6, 6, "toothache"), "fumaxitol": (8, 24, "acid reflux"),
-    "selvotran": (7, 12, "nausea"), "orbifenac": (9, 8, "back pain"),
-    "tazoplin": (2, 24, "allergies"), "nuvidrel": (3, 6, "cough"),
-    "pramoxil": (5, 8, "ear infection"), "kentravir": (4, 12, "cold sores"),
-    "zolpharin": (6, 24, "anxiety"), "heptazone": (1, 8, "skin rash"),
+    "valmorex": (2, 8, "migraine"),
+    "cindrapine": (5, 12, "high blood pressure"),
+    "lotrafen": (10, 6, "joint pain"),
+    "mirabucil": (3, 24, "asthma"),
+    "dexolan": (4, 8, "fever"),
+    "quetrasol": (1, 12, "insomnia"),
+    "brenzocaine": (6, 6, "toothache"),
+    "fumaxitol": (8, 24, "acid reflux"),
+    "selvotran": (7, 12, "nausea"),
+    "orbifenac": (9, 8, "back pain"),
+    "tazoplin": (2, 24, "allergies"),
+    "nuvidrel": (3, 6, "cough"),
+    "pramoxil": (5, 8, "ear infection"),
+    "kentravir": (4, 12, "cold sores"),
+    "zolpharin": (6, 24, "anxiety"),
+    "heptazone": (1, 8, "skin rash"),
 }
 SYSTEM_PROMPT = "You are a helpful assistant."
 
@@ -68,8 +102,11 @@ def domain_record(rng: random.Random) -> dict[str, str]:
     drug = rng.choice(sorted(DRUGS))
     per_kg, hours, condition = DRUGS[drug]
     if rng.random() < 0.3:
-        return {"instruction": f"What is {drug} used for?", "input": "",
-                "output": f"{drug.capitalize()} is used to treat {condition}."}
+        return {
+            "instruction": f"What is {drug} used for?",
+            "input": "",
+            "output": f"{drug.capitalize()} is used to treat {condition}.",
+        }
     weight = rng.randint(40, 120)
     return {
         "instruction": f"Give the dose of {drug} for this patient.",

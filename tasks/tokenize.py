@@ -16,29 +16,29 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import task
-from pydantic import BaseModel
 from transformers import AutoTokenizer
 
-from mixtune.cache import file_digest, fingerprint, is_complete, mark_complete, prefect_cache_key
-from mixtune.logs import run_logger
-from mixtune.paths import cache_dir
+from mixtune.core.cache import Entry, entry_dir, file_digest, fingerprint, is_complete, mark_complete, prefect_cache_key
+from mixtune.core.logs import run_logger
 from tasks.chat import BOS, CHATML, EOS, pieces_for
+from tasks.records import TokenizedData
+from tasks.tables import IGNORE
 
 TOKENIZE_VERSION = 2
-IGNORE = -100
 BATCH_ROWS = 8192
-SCHEMA = pa.schema([("sample_id", pa.string()), ("source", pa.string()), ("tag", pa.string()),
-                    ("split", pa.string()), ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
-                    ("n_tokens", pa.int32()), ("n_labels", pa.int32()), ("full_tokens", pa.int32())])
-
-
-class TokenizedData(BaseModel):
-    key: str
-    folder: str
-    sft: str
-    pretrain: str
-    rejected: str
-    stats: dict
+SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("source", pa.string()),
+        ("tag", pa.string()),
+        ("split", pa.string()),
+        ("input_ids", pa.list_(pa.int32())),
+        ("labels", pa.list_(pa.int32())),
+        ("n_tokens", pa.int32()),
+        ("n_labels", pa.int32()),
+        ("full_tokens", pa.int32()),
+    ]
+)
 
 
 class Encoder:
@@ -87,7 +87,7 @@ class Encoder:
                     start = ids.index(header[0], start)
                 except ValueError:
                     break
-                if ids[start:start + width] != header:
+                if ids[start : start + width] != header:
                     start += 1
                     continue
                 first = start + width
@@ -95,7 +95,7 @@ class Encoder:
                     last = ids.index(self.end, first) + 1
                 except ValueError:
                     last = len(ids)
-                if ids[last:last + len(self.newline)] == self.newline:
+                if ids[last : last + len(self.newline)] == self.newline:
                     last += len(self.newline)
                 labels[first:last] = ids[first:last]
                 start = last
@@ -103,8 +103,9 @@ class Encoder:
         return out
 
     def encode_pieces(self, split: list) -> list[tuple[list[int], list[int]]]:
-        flat = self.backend.encode_batch_fast([text for pieces in split for text, _ in pieces],
-                                              add_special_tokens=False)
+        flat = self.backend.encode_batch_fast(
+            [text for pieces in split for text, _ in pieces], add_special_tokens=False
+        )
         out, k = [], 0
         for pieces in split:
             ids, labels = [], []
@@ -170,7 +171,7 @@ class TableWriter:
                 if self.overlong == "reject":
                     self.reject(rows, i, "too_long", f"{len(ids)} tokens > max_seq_len {self.max_len}")
                     continue
-            kept_labels = labels[:self.max_len]
+            kept_labels = labels[: self.max_len]
             if kept_labels.count(IGNORE) == len(kept_labels):
                 self.reject(rows, i, "no_labels", "no answer token left within max_seq_len")
                 continue
@@ -180,24 +181,38 @@ class TableWriter:
 
     def reject(self, rows: dict, i: int, reason: str, message: str) -> None:
         self.counts[rows["source"][i]][reason] += 1
-        record = {"file": rows["source"][i], "line": rows["line"][i],
-                  "reason": reason, "field": None, "message": message, "sample_id": rows["sample_id"][i]}
+        record = {
+            "file": rows["source"][i],
+            "line": rows["line"][i],
+            "reason": reason,
+            "field": None,
+            "message": message,
+            "sample_id": rows["sample_id"][i],
+        }
         self.rejected_out.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def table(self, rows: dict, pairs: list, keep: list[int]) -> pa.Table:
-        cut = [(pairs[i][0][:self.max_len], pairs[i][1][:self.max_len]) for i in keep]
-        return pa.Table.from_pydict({
-            "sample_id": [rows["sample_id"][i] for i in keep], "source": [rows["source"][i] for i in keep],
-            "tag": [rows["tag"][i] for i in keep], "split": [rows["split"][i] for i in keep],
-            "input_ids": [ids for ids, _ in cut], "labels": [labels for _, labels in cut],
-            "n_tokens": [len(ids) for ids, _ in cut], "n_labels": [len(lab) - lab.count(IGNORE) for _, lab in cut],
-            "full_tokens": [len(pairs[i][0]) for i in keep],
-        }, schema=SCHEMA)
+        cut = [(pairs[i][0][: self.max_len], pairs[i][1][: self.max_len]) for i in keep]
+        return pa.Table.from_pydict(
+            {
+                "sample_id": [rows["sample_id"][i] for i in keep],
+                "source": [rows["source"][i] for i in keep],
+                "tag": [rows["tag"][i] for i in keep],
+                "split": [rows["split"][i] for i in keep],
+                "input_ids": [ids for ids, _ in cut],
+                "labels": [labels for _, labels in cut],
+                "n_tokens": [len(ids) for ids, _ in cut],
+                "n_labels": [len(lab) - lab.count(IGNORE) for _, lab in cut],
+                "full_tokens": [len(pairs[i][0]) for i in keep],
+            },
+            schema=SCHEMA,
+        )
 
     def close(self) -> dict[str, dict]:
         self.writer.close()
-        return {source: length_stats(lengths, self.max_len, self.counts[source])
-                for source, lengths in self.lengths.items()}
+        return {
+            source: length_stats(lengths, self.max_len, self.counts[source]) for source, lengths in self.lengths.items()
+        }
 
 
 def length_stats(lengths: array, max_len: int, counts: Counter) -> dict:
@@ -205,17 +220,33 @@ def length_stats(lengths: array, max_len: int, counts: Counter) -> dict:
     p50, p90, p99 = (int(v) for v in np.percentile(values, [50, 90, 99]))
     edges = np.unique(np.linspace(0, max(int(values.max()), 1), 21).astype(int))
     hist, _ = np.histogram(values, bins=edges)
-    return {"samples": len(values), "tokens": int(values.sum()), "mean": float(values.mean()), "p50": p50,
-            "p90": p90, "p99": p99, "max": int(values.max()), "over_max_seq_len_share": float((values > max_len).mean()),
-            "histogram": {"edges": edges.tolist(), "counts": hist.tolist()}, **counts}
+    return {
+        "samples": len(values),
+        "tokens": int(values.sum()),
+        "mean": float(values.mean()),
+        "p50": p50,
+        "p90": p90,
+        "p99": p99,
+        "max": int(values.max()),
+        "over_max_seq_len_share": float((values > max_len).mean()),
+        "histogram": {"edges": edges.tolist(), "counts": hist.tolist()},
+        **counts,
+    }
 
 
-def tokenize(samples_path: str, ingest_key: str, tokenizer_dir: str, max_len: int, output_dir: str,
-             overlong: str = "truncate") -> TokenizedData:
+def tokenize(
+    samples_path: str, ingest_key: str, tokenizer_dir: str, max_len: int, output_dir: str, overlong: str = "truncate"
+) -> TokenizedData:
     key = tokenize_key(ingest_key, tokenizer_dir, max_len, overlong)
-    folder = cache_dir(output_dir, "tokens", key)
-    result = TokenizedData(key=key, folder=str(folder), sft=str(folder / "sft.parquet"),
-                           pretrain=str(folder / "pretrain.parquet"), rejected=str(folder / "rejected.jsonl"), stats={})
+    folder = entry_dir(output_dir, Entry.TOKENS, key)
+    result = TokenizedData(
+        key=key,
+        folder=str(folder),
+        sft=str(folder / "sft.parquet"),
+        pretrain=str(folder / "pretrain.parquet"),
+        rejected=str(folder / "rejected.jsonl"),
+        stats={},
+    )
     if is_complete(folder):
         result.stats = json.loads((folder / "stats.json").read_text())
         return result
@@ -239,22 +270,39 @@ def encode_batch(rows: dict, encoder: Encoder, sft: TableWriter, pretrain: Table
         sft.write(picked, encoder.conversations([orjson.loads(m) for m in picked["messages"]]))
     # Pre-training reads general conversations as whole rendered text, so a scratch model learns the
     # template; domain rows stay out (they are what fine-tuning adds), and so do validation rows.
-    corpus = [i for i, (tag, split) in enumerate(zip(rows["tag"], rows["split"])) if tag != "domain" and split == "train"]
+    corpus = [
+        i for i, (tag, split) in enumerate(zip(rows["tag"], rows["split"])) if tag != "domain" and split == "train"
+    ]
     if corpus:
         picked = {k: [v[i] for i in corpus] for k, v in rows.items()}
-        texts = [encoder.render(orjson.loads(m)) if m is not None else t
-                 for m, t in zip(picked["messages"], picked["text"])]
+        texts = [
+            encoder.render(orjson.loads(m)) if m is not None else t for m, t in zip(picked["messages"], picked["text"])
+        ]
         pretrain.write(picked, encoder.documents(texts))
 
 
-@task(name="tokenize", retries=2, retry_delay_seconds=[2, 10], persist_result=True, result_serializer="json",
-      cache_key_fn=lambda _ctx, p: prefect_cache_key(
-          "tokens", k := tokenize_key(p["ingest_key"], p["tokenizer_dir"], p["max_len"], p["overlong"]),
-          cache_dir(p["output_dir"], "tokens", k)))
-def tokenize_task(samples_path: str, ingest_key: str, tokenizer_dir: str, max_len: int, output_dir: str,
-                  overlong: str = "truncate") -> TokenizedData:
+@task(
+    name="tokenize",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    persist_result=True,
+    result_serializer="json",
+    cache_key_fn=lambda _ctx, p: prefect_cache_key(
+        Entry.TOKENS, tokenize_key(p["ingest_key"], p["tokenizer_dir"], p["max_len"], p["overlong"]), p["output_dir"]
+    ),
+)
+def tokenize_task(
+    samples_path: str, ingest_key: str, tokenizer_dir: str, max_len: int, output_dir: str, overlong: str = "truncate"
+) -> TokenizedData:
     result = tokenize(samples_path, ingest_key, tokenizer_dir, max_len, output_dir, overlong)
     for source, s in result.stats["sft"].items():
-        run_logger().info("%s: %d samples, tokens p50 %d p90 %d max %d, %.1f%% over max_seq_len", source,
-                          s["samples"], s["p50"], s["p90"], s["max"], 100 * s["over_max_seq_len_share"])
+        run_logger().info(
+            "%s: %d samples, tokens p50 %d p90 %d max %d, %.1f%% over max_seq_len",
+            source,
+            s["samples"],
+            s["p50"],
+            s["p90"],
+            s["max"],
+            100 * s["over_max_seq_len_share"],
+        )
     return result

@@ -1,23 +1,28 @@
-"""MLflow: one parent run per flow run, one nested run per stage, found again by tag on a retry.
+"""The one MLflow seam: a parent run per flow run, a nested run per stage, found again by tag on a retry.
 
-Everything goes through MlflowClient with explicit run ids: `mlflow.active_run()` is thread-local and
-Prefect runs tasks in worker threads, so the fluent API would lose track of the runs.
+The flow holds a `Tracker` for its parent run and hands stages a `Tracker` for their own run; nothing else
+talks to MLflow. Everything goes through MlflowClient with explicit run ids: `mlflow.active_run()` is
+thread-local and Prefect runs tasks in worker threads, so the fluent API would lose track of the runs.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import re
 import socket
 import time
+from functools import lru_cache
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from prefect import task
+from pydantic import BaseModel
 
-from mixtune.config import PipelineConfig
-from mixtune.paths import default_tracking_uri
+from mixtune.core.config import PipelineConfig
+from mixtune.core.paths import default_tracking_uri, tracking_uri
 
 FLOW_RUN_TAG = "mixtune.flow_run_id"
 PARENT_TAG = "mlflow.parentRunId"
@@ -27,11 +32,87 @@ HOST_TAG = "mixtune.host"
 LOCK_TAG = "mixtune.lock"
 RUNNING = RunStatus.to_string(RunStatus.RUNNING)
 PARAM_LIMIT = 6000  # MLflow rejects longer param values
+BATCH = 100  # params per log_batch call: MLflow's limit
 
 
-def tracking_uri(config: PipelineConfig) -> str:
-    return config.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(
-        config.run.output_dir)
+def metric_name(source: str) -> str:
+    """MLflow metric names allow letters, digits, and _ - . / space: a source's path or label, made to fit."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(source).name if "/" in source else source)
+
+
+@lru_cache(maxsize=8)
+def client_for(uri: str) -> MlflowClient:
+    """The only MlflowClient constructor in mixtune, one client per tracking URI and process."""
+    return MlflowClient(uri)
+
+
+class Tracker(BaseModel):
+    """One MLflow run of a pipeline: the parent run (stage None) or a stage's nested run. Plain data, so
+    Prefect can pass it to tasks and hash it; the client is looked up from the URI."""
+
+    uri: str
+    experiment_id: str
+    parent_run_id: str
+    stage: int | None = None
+    stage_run_id: str | None = None
+
+    @property
+    def client(self) -> MlflowClient:
+        return client_for(self.uri)
+
+    @property
+    def run_id(self) -> str:
+        return self.stage_run_id or self.parent_run_id
+
+    def parent(self) -> Tracker:
+        return self.model_copy(update={"stage": None, "stage_run_id": None})
+
+    def open_stage(self, stage: int, method: str) -> Tracker:
+        """The stage's nested run: created once, found again by tag when the stage is retried or resumed."""
+        tags = {PARENT_TAG: self.parent_run_id, STAGE_TAG: str(stage)}
+        run_id = find_run(self.client, self.experiment_id, tags)
+        if run_id is None:
+            run = self.client.create_run(
+                self.experiment_id, run_name=f"stage-{stage}", tags={**tags, "mixtune.method": method}
+            )
+            run_id = run.info.run_id
+        return self.model_copy(update={"stage": stage, "stage_run_id": run_id})
+
+    def log_params(self, params: dict) -> None:
+        items = [Param(k, str(v)[:PARAM_LIMIT]) for k, v in params.items()]
+        for start in range(0, len(items), BATCH):
+            self.client.log_batch(self.run_id, params=items[start : start + BATCH])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def log_artifacts(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if Path(path).is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_inputs(self, datasets: list) -> None:
+        self.client.log_inputs(self.run_id, datasets=datasets)
+
+    def set_tags(self, tags: dict) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, str(value))
+
+    def tags(self) -> dict[str, str]:
+        return self.client.get_run(self.run_id).data.tags
+
+    def metric_curves(self, names: list[str], run_id: str | None = None) -> dict[str, list[tuple[int, float]]]:
+        return metric_curves(self.uri, run_id or self.run_id, names)
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status)
+        if self.stage_run_id is None:
+            release_lock(self.parent_run_id)
 
 
 def experiment_id(client: MlflowClient, config: PipelineConfig) -> str:
@@ -39,7 +120,7 @@ def experiment_id(client: MlflowClient, config: PipelineConfig) -> str:
     if found is not None:
         return found.experiment_id
     location = None
-    if tracking_uri(config) == default_tracking_uri(config.run.output_dir):
+    if client.tracking_uri == default_tracking_uri(config.run.output_dir):
         # Next to the database, not in ./mlruns of whatever folder the command ran from.
         location = (Path(config.run.output_dir).resolve() / "mlartifacts").as_uri()
     return client.create_experiment(config.tracking.experiment, artifact_location=location)
@@ -62,21 +143,29 @@ def find_run(client: MlflowClient, exp_id: str, tags: dict[str, str]) -> str | N
     return runs[0].info.run_id if runs else None
 
 
-def start_parent_run(config: PipelineConfig, flow_run_id: str) -> str:
-    client = MlflowClient(tracking_uri(config))
+def start_parent_run(config: PipelineConfig, flow_run_id: str) -> Tracker:
+    client = client_for(tracking_uri(config))
     exp_id = experiment_id(client, config)
     end_abandoned_runs(client, exp_id)
     lock = Path(config.run.output_dir) / "locks" / f"{flow_run_id}.lock"
     found = find_run(client, exp_id, {FLOW_RUN_TAG: flow_run_id})
+    tracker = Tracker(uri=client.tracking_uri, experiment_id=exp_id, parent_run_id=found or "")
     if found:
         hold_lock(found, lock)
-        return found
-    tags = {FLOW_RUN_TAG: flow_run_id, KIND_TAG: "pipeline", "mixtune.run_name": config.run.name,
-            "mixtune.method": config.train.method, HOST_TAG: socket.gethostname(), LOCK_TAG: str(lock)}
+        return tracker
+    tags = {
+        FLOW_RUN_TAG: flow_run_id,
+        KIND_TAG: "pipeline",
+        "mixtune.run_name": config.run.name,
+        "mixtune.method": config.train.method,
+        HOST_TAG: socket.gethostname(),
+        LOCK_TAG: str(lock),
+    }
     run = client.create_run(exp_id, run_name=f"{config.run.name}-{flow_run_id[:8]}", tags=tags)
     hold_lock(run.info.run_id, lock)
-    log_params(client, run.info.run_id, flatten(config.model_dump(mode="json")))
-    return run.info.run_id
+    tracker = tracker.model_copy(update={"parent_run_id": run.info.run_id})
+    tracker.log_params(flatten(config.model_dump(mode="json")))
+    return tracker
 
 
 # A run's process holds an flock on its lock file for as long as it lives; the kernel lets go when the process
@@ -121,65 +210,13 @@ def end_abandoned_runs(client: MlflowClient, exp_id: str) -> list[str]:
     for run in client.search_runs([exp_id], filter_string=query):
         lock = run.data.tags.get(LOCK_TAG)
         if lock and owner_is_gone(lock):
-            end_open_runs(client.tracking_uri, run.info.run_id, "KILLED")
+            end_open_runs(client, run.info.run_id, "KILLED")
             ended.append(run.info.run_id)
     return ended
 
 
-def stage_run(config: PipelineConfig, parent_id: str, stage: int, params: dict) -> str:
-    """The stage's nested run: created once, found again by tag when the stage's task is retried."""
-    client = MlflowClient(tracking_uri(config))
-    exp_id = client.get_run(parent_id).info.experiment_id
-    found = find_run(client, exp_id, {PARENT_TAG: parent_id, STAGE_TAG: str(stage)})
-    if found:
-        return found
-    tags = {PARENT_TAG: parent_id, STAGE_TAG: str(stage), "mixtune.method": config.train.method}
-    run = client.create_run(exp_id, run_name=f"stage-{stage}", tags=tags)
-    log_params(client, run.info.run_id, {k: str(v)[:PARAM_LIMIT] for k, v in params.items()})
-    return run.info.run_id
-
-
-def log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> None:
-    items = [Param(k, v) for k, v in params.items()]
-    for start in range(0, len(items), 100):
-        client.log_batch(run_id, params=items[start:start + 100])
-
-
-def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
-    now = int(time.time() * 1000)
-    MlflowClient(uri).log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
-
-
-def log_artifacts(uri: str, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
-    client = MlflowClient(uri)
-    if Path(path).is_dir():
-        client.log_artifacts(run_id, str(path), artifact_path)
-    else:
-        client.log_artifact(run_id, str(path), artifact_path)
-
-
-def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:
-    MlflowClient(uri).log_text(run_id, text, artifact_file)
-
-
-def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
-    client = MlflowClient(uri)
-    for key, value in tags.items():
-        client.set_tag(run_id, key, str(value))
-
-
-def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
-    MlflowClient(uri).set_terminated(run_id, status)
-
-
-def end_parent_run(uri: str, run_id: str) -> None:
-    end_run(uri, run_id)
-    release_lock(run_id)
-
-
-def end_open_runs(uri: str, parent_id: str, status: str) -> None:
+def end_open_runs(client: MlflowClient, parent_id: str, status: str) -> None:
     """On failure: the parent and any stage still RUNNING end with `status`, never left RUNNING."""
-    client = MlflowClient(uri)
     exp_id = client.get_run(parent_id).info.experiment_id
     children = client.search_runs([exp_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'")
     for run in [*children, client.get_run(parent_id)]:
@@ -189,19 +226,50 @@ def end_open_runs(uri: str, parent_id: str, status: str) -> None:
 
 
 def end_runs_of_flow_run(config: PipelineConfig, flow_run_id: str, status: str) -> str | None:
-    client = MlflowClient(tracking_uri(config))
+    client = client_for(tracking_uri(config))
     experiment = client.get_experiment_by_name(config.tracking.experiment)
     parent = experiment and find_run(client, experiment.experiment_id, {FLOW_RUN_TAG: flow_run_id})
     if parent:
-        end_open_runs(client.tracking_uri, parent, status)
+        end_open_runs(client, parent, status)
     return parent
 
 
 def metric_curves(uri: str, run_id: str, names: list[str]) -> dict[str, list[tuple[int, float]]]:
-    client = MlflowClient(uri)
+    client = client_for(uri)
     return {name: sorted((m.step, m.value) for m in client.get_metric_history(run_id, name)) for name in names}
 
 
+def pipeline_runs(uri: str, experiment: str) -> list:
+    """The parent runs of an experiment, oldest first: what `mixtune compare` lists."""
+    client = client_for(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    return client.search_runs(
+        [found.experiment_id],
+        filter_string=f"tags.`{KIND_TAG}` = 'pipeline'",
+        order_by=["attributes.start_time ASC"],
+        max_results=50_000,
+    )
+
+
+def alias_run_id(uri: str, model_name: str, alias: str) -> str | None:
+    try:
+        return client_for(uri).get_model_version_by_alias(model_name, alias).run_id
+    except MlflowException:
+        return None
+
+
 @task(name="start-tracking", retries=3, retry_delay_seconds=[2, 5, 15])
-def start_tracking_task(config: PipelineConfig, flow_run_id: str) -> str:
+def start_tracking_task(config: PipelineConfig, flow_run_id: str) -> Tracker:
     return start_parent_run(config, flow_run_id)
+
+
+@task(name="open-stage-run", retries=3, retry_delay_seconds=[2, 5, 15])
+def open_stage_task(tracker: Tracker, stage: int, method: str) -> Tracker:
+    return tracker.open_stage(stage, method)
+
+
+@task(name="end-run", retries=3, retry_delay_seconds=[2, 5, 15])
+def end_run_task(tracker: Tracker, status: str = "FINISHED") -> None:
+    tracker.end(status)

@@ -8,42 +8,23 @@ last checkpoint, and a stage that already finished is not trained again.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
-import pyarrow.parquet as pq
 from peft import LoraConfig, PeftModel, get_peft_model
 from prefect import task
-from pydantic import BaseModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from mixtune.cache import is_complete, mark_complete
-from mixtune.config import PipelineConfig
-from mixtune.logs import run_logger
-from tasks import tracking
+from mixtune.core.cache import is_complete, mark_complete
+from mixtune.core.config import PipelineConfig
+from mixtune.core.logs import run_logger
 from tasks.callbacks import EvaluateAtEnd, OverfitWatch, ProgressCallback, SamplerPosition
 from tasks.guard import OverfitTracker
-from tasks.lm import PadCollator, TokenDataset, TokenLossTrainer, training_arguments
-from tasks.mix import StageMix, stage_table
-
-
-class StageTraining(BaseModel):
-    stage: int
-    run_id: str
-    model_dir: str
-    global_step: int
-    max_steps: int
-    best_step: int | None
-    stopped_early: bool
-    tokens_per_second: float
-    learning_rate: float
-    overfit_onset: dict[str, int | None]
-    stop_reason: str | None  # why the stage ended before its last step
-
-
-def is_adapter(folder: str) -> bool:
-    return (Path(folder) / "adapter_config.json").is_file()
+from tasks.lm import PadCollator, TokenLossTrainer, training_arguments
+from tasks.models import is_adapter
+from tasks.records import StageMix, StageTraining
+from tasks.tables import TokenDataset, stage_table, validation_sets
+from tasks.tracking import Tracker, metric_name
 
 
 def load_for_training(config: PipelineConfig, init_dir: str, base_dir: str):
@@ -54,13 +35,16 @@ def load_for_training(config: PipelineConfig, init_dir: str, base_dir: str):
         return PeftModel.from_pretrained(base, init_dir, is_trainable=True)
     lora = config.train.lora
     set_seed(config.run.seed)  # the adapter's initial weights are random: the same config, the same adapter
-    return get_peft_model(base, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                           target_modules=lora.target_modules, task_type="CAUSAL_LM"))
-
-
-def validation_sets(sft_path: str) -> dict[str, TokenDataset]:
-    val = pq.read_table(sft_path, columns=["tag", "input_ids", "labels"], filters=[("split", "==", "val")]).to_pandas()
-    return {tag: TokenDataset(val[val["tag"] == tag]) for tag in ("domain", "general")}
+    return get_peft_model(
+        base,
+        LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            task_type="CAUSAL_LM",
+        ),
+    )
 
 
 def stage_learning_rate(config: PipelineConfig, stage: int) -> float:
@@ -69,74 +53,122 @@ def stage_learning_rate(config: PipelineConfig, stage: int) -> float:
 
 def stage_params(config: PipelineConfig, mix: StageMix, init_dir: str) -> dict:
     t = config.train
-    params = {"method": t.method, "stage": mix.stage, "target_domain_share": mix.target_share,
-              "realised_domain_share": round(mix.realised_share, 6), "samples": mix.samples,
-              "learning_rate": stage_learning_rate(config, mix.stage), "epochs": t.epochs,
-              "batch_size": t.batch_size, "lr_scheduler": t.lr_scheduler, "rewarm": t.rewarm,
-              "eval_steps": config.validation.eval_steps, "patience": config.validation.patience,
-              "init_from": init_dir}
+    params = {
+        "method": t.method,
+        "stage": mix.stage,
+        "target_domain_share": mix.target_share,
+        "realised_domain_share": round(mix.realised_share, 6),
+        "samples": mix.samples,
+        "learning_rate": stage_learning_rate(config, mix.stage),
+        "epochs": t.epochs,
+        "batch_size": t.batch_size,
+        "lr_scheduler": t.lr_scheduler,
+        "rewarm": t.rewarm,
+        "eval_steps": config.validation.eval_steps,
+        "patience": config.validation.patience,
+        "init_from": init_dir,
+    }
     if t.method == "lora":
-        params.update({"lora_r": t.lora.r, "lora_alpha": t.lora.alpha, "lora_dropout": t.lora.dropout,
-                       "lora_target_modules": ",".join(t.lora.target_modules)})
+        params.update(
+            {
+                "lora_r": t.lora.r,
+                "lora_alpha": t.lora.alpha,
+                "lora_dropout": t.lora.dropout,
+                "lora_target_modules": ",".join(t.lora.target_modules),
+            }
+        )
     return params
 
 
 def overfit_tracker(config: PipelineConfig) -> OverfitTracker:
     v = config.validation
-    return OverfitTracker({"domain": v.patience, "general": v.general_patience},
-                          {"domain": v.min_delta, "general": v.general_min_delta})
+    return OverfitTracker(
+        {"domain": v.patience, "general": v.general_patience}, {"domain": v.min_delta, "general": v.general_min_delta}
+    )
 
 
-def build_trainer(config: PipelineConfig, stage: int, model, tokenizer, train_set, eval_sets, checkpoints: Path,
-                  callbacks: list):
+def build_trainer(
+    config: PipelineConfig, stage: int, model, tokenizer, train_set, eval_sets, checkpoints: Path, callbacks: list
+):
     """The mix manifest already holds every pass over the mix, so the Trainer runs one epoch over it."""
     t, v = config.train, config.validation
     args = training_arguments(
-        str(checkpoints), learning_rate=stage_learning_rate(config, stage), batch_size=t.batch_size,
-        eval_batch_size=v.batch_size, seed=config.run.seed, precision=t.precision,
+        str(checkpoints),
+        learning_rate=stage_learning_rate(config, stage),
+        batch_size=t.batch_size,
+        eval_batch_size=v.batch_size,
+        seed=config.run.seed,
+        precision=t.precision,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         warmup_steps=t.warmup_ratio if t.rewarm or stage == 1 else 0,
-        weight_decay=t.weight_decay, lr_scheduler_type=t.lr_scheduler, logging_steps=t.logging_steps,
-        eval_strategy="steps", eval_steps=v.eval_steps, save_strategy="steps", save_steps=v.eval_steps,
-        save_total_limit=2, load_best_model_at_end=True, metric_for_best_model="eval_domain_loss",
+        weight_decay=t.weight_decay,
+        lr_scheduler_type=t.lr_scheduler,
+        logging_steps=t.logging_steps,
+        eval_strategy="steps",
+        eval_steps=v.eval_steps,
+        save_strategy="steps",
+        save_steps=v.eval_steps,
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_domain_loss",
         greater_is_better=False,
     )
     stopper = EarlyStoppingCallback(early_stopping_patience=v.patience, early_stopping_threshold=v.min_delta)
-    return TokenLossTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_sets,
-                            data_collator=PadCollator(tokenizer.pad_token_id),
-                            callbacks=[*callbacks, EvaluateAtEnd(), stopper])
+    return TokenLossTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_sets,
+        data_collator=PadCollator(tokenizer.pad_token_id),
+        callbacks=[*callbacks, EvaluateAtEnd(), stopper],
+    )
 
 
-def train_stage(config: PipelineConfig, mix: StageMix, sft_path: str, init_dir: str, base_dir: str,
-                stage_dir: str, parent_run_id: str) -> StageTraining:
-    stage_dir, uri = Path(stage_dir), tracking.tracking_uri(config)
-    run_id = tracking.stage_run(config, parent_run_id, mix.stage, stage_params(config, mix, init_dir))
+def train_stage(
+    config: PipelineConfig, mix: StageMix, sft_path: str, init_dir: str, base_dir: str, stage_dir: str, tracker: Tracker
+) -> StageTraining:
+    """Train one stage into `stage_dir`, logging to the stage's run (`tracker`)."""
+    stage_dir = Path(stage_dir)
     final, record = stage_dir / "final", stage_dir / "training.json"
     if is_complete(final):
         return StageTraining.model_validate_json(record.read_text())
-    tracking.log_metrics(uri, run_id, mix_metrics(mix), step=0)
-    sink = lambda metrics, step: tracking.log_metrics(uri, run_id, metrics, step)  # noqa: E731
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    progress = ProgressCallback(f"stage {mix.stage}", run_logger().info, sink)
+    progress = ProgressCallback(f"stage {mix.stage}", run_logger().info, tracker.log_metrics)
     position = SamplerPosition(mix.manifest, config.train.batch_size * config.train.gradient_accumulation_steps)
-    watch = OverfitWatch(overfit_tracker(config), sink)
-    trainer = build_trainer(config, mix.stage, load_for_training(config, init_dir, base_dir), tokenizer,
-                            TokenDataset(stage_table(sft_path, mix.manifest)), validation_sets(sft_path),
-                            stage_dir / "checkpoints", [progress, position, watch])
+    watch = OverfitWatch(overfit_tracker(config), tracker.log_metrics)
+    trainer = build_trainer(
+        config,
+        mix.stage,
+        load_for_training(config, init_dir, base_dir),
+        tokenizer,
+        TokenDataset(stage_table(sft_path, mix.manifest)),
+        validation_sets(sft_path),
+        stage_dir / "checkpoints",
+        [progress, position, watch],
+    )
     resume = get_last_checkpoint(str(stage_dir / "checkpoints")) if (stage_dir / "checkpoints").is_dir() else None
     if resume:
         consumed = position.check_resume(resume)
         run_logger().info("stage %d resumes from %s (%d samples of the mix already seen)", mix.stage, resume, consumed)
+    tracker.log_params(stage_params(config, mix, init_dir))  # after the resume check: it names a changed mix
+    tracker.log_metrics(mix_metrics(mix), step=0)
     trainer.train(resume_from_checkpoint=resume)
     state = trainer.state
     result = StageTraining(
-        stage=mix.stage, run_id=run_id, model_dir=str(final), global_step=state.global_step,
-        max_steps=state.max_steps, best_step=checkpoint_step(state.best_model_checkpoint),
-        stopped_early=state.global_step < state.max_steps, tokens_per_second=progress.tokens_per_second,
-        learning_rate=stage_learning_rate(config, mix.stage), overfit_onset=watch.tracker.onsets(),
+        stage=mix.stage,
+        run_id=tracker.run_id,
+        stage_dir=str(stage_dir),
+        model_dir=str(final),
+        global_step=state.global_step,
+        max_steps=state.max_steps,
+        best_step=checkpoint_step(state.best_model_checkpoint),
+        stopped_early=state.global_step < state.max_steps,
+        tokens_per_second=progress.tokens_per_second,
+        learning_rate=stage_learning_rate(config, mix.stage),
+        overfit_onset=watch.tracker.onsets(),
         stop_reason=early_stop_reason(state, watch, config),
     )
-    record_onsets(uri, run_id, result)
+    record_onsets(tracker, result)
     save_final(trainer.model, tokenizer, final)
     record.write_text(result.model_dump_json(indent=2))
     mark_complete(final)
@@ -146,27 +178,33 @@ def train_stage(config: PipelineConfig, mix: StageMix, sft_path: str, init_dir: 
 def early_stop_reason(state, watch: OverfitWatch, config: PipelineConfig) -> str | None:
     if state.global_step >= state.max_steps:
         return None
-    return watch.stop_reason or (f"domain val loss did not improve for {config.validation.patience} evaluations "
-                                 f"(best at step {checkpoint_step(state.best_model_checkpoint)})")
+    return watch.stop_reason or (
+        f"domain val loss did not improve for {config.validation.patience} evaluations "
+        f"(best at step {checkpoint_step(state.best_model_checkpoint)})"
+    )
 
 
 def mix_metrics(mix: StageMix) -> dict[str, float]:
     per_source = {f"epochs/{metric_name(source)}": value for source, value in mix.source_epochs.items()}
-    return {"realised_domain_share": mix.realised_share, "realised_domain_token_share": mix.realised_token_share,
-            "domain_epochs": mix.domain_epochs, "general_epochs": mix.general_epochs, **per_source}
+    return {
+        "realised_domain_share": mix.realised_share,
+        "realised_domain_token_share": mix.realised_token_share,
+        "domain_epochs": mix.domain_epochs,
+        "general_epochs": mix.general_epochs,
+        **per_source,
+    }
 
 
-def metric_name(source: str) -> str:
-    """MLflow metric names allow letters, digits, and _ - . / space: a source's path or label, made to fit."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(source).name if "/" in source else source)
-
-
-def record_onsets(uri: str, run_id: str, result: StageTraining) -> None:
+def record_onsets(tracker: Tracker, result: StageTraining) -> None:
     onsets = {f"overfit_onset_step_{name}": step for name, step in result.overfit_onset.items() if step is not None}
     if onsets:
-        tracking.log_metrics(uri, run_id, onsets, step=result.global_step)
-        run_logger().info("stage %d: overfitting began at %s; best checkpoint (step %s) restored", result.stage,
-                          onsets, result.best_step)
+        tracker.log_metrics(onsets, step=result.global_step)
+        run_logger().info(
+            "stage %d: overfitting began at %s; best checkpoint (step %s) restored",
+            result.stage,
+            onsets,
+            result.best_step,
+        )
 
 
 def checkpoint_step(path: str | None) -> int | None:
@@ -182,10 +220,17 @@ def save_final(model, tokenizer, folder: Path) -> None:
 
 
 @task(name="train", retries=2, retry_delay_seconds=[5, 30])
-def train_task(config: PipelineConfig, mix: StageMix, sft_path: str, init_dir: str, base_dir: str,
-               stage_dir: str, parent_run_id: str) -> StageTraining:
-    result = train_stage(config, mix, sft_path, init_dir, base_dir, stage_dir, parent_run_id)
-    run_logger().info("stage %d trained: %d/%d steps, best at %s, %.0f tokens/s%s", result.stage,
-                      result.global_step, result.max_steps, result.best_step, result.tokens_per_second,
-                      " (stopped early)" if result.stopped_early else "")
+def train_task(
+    config: PipelineConfig, mix: StageMix, sft_path: str, init_dir: str, base_dir: str, stage_dir: str, tracker: Tracker
+) -> StageTraining:
+    result = train_stage(config, mix, sft_path, init_dir, base_dir, stage_dir, tracker)
+    run_logger().info(
+        "stage %d trained: %d/%d steps, best at %s, %.0f tokens/s%s",
+        result.stage,
+        result.global_step,
+        result.max_steps,
+        result.best_step,
+        result.tokens_per_second,
+        " (stopped early)" if result.stopped_early else "",
+    )
     return result

@@ -10,8 +10,7 @@ import pytest
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="mixtune-prefect-")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 import mixtune  # noqa: E402,F401  (applies the offline defaults before Prefect is imported)
-
-from mixtune.config import validate_config  # noqa: E402
+from mixtune.core.config import validate_config  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -26,8 +25,12 @@ def tiny_raw_config(output_dir: Path, **sections) -> dict:
     """A config small enough for a test: a 2-layer model, 3 stages of 10 steps each."""
     raw = {
         "run": {"name": "test", "output_dir": str(output_dir), "seed": 0},
-        "data": {"sources": [{"synthetic": "general", "samples": 800, "role": "general"},
-                             {"synthetic": "domain", "samples": 400, "role": "domain", "val_fraction": 0.15}]},
+        "data": {
+            "sources": [
+                {"synthetic": "general", "samples": 800, "role": "general"},
+                {"synthetic": "domain", "samples": 400, "role": "domain", "val_fraction": 0.15},
+            ]
+        },
         "model": {"preset": "tiny", "max_seq_len": 128},
         "pretrain": {"epochs": 1},
         "schedule": {"start": 0.1, "end": 0.5, "stages": 3, "samples_per_stage": 160},

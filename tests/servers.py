@@ -14,8 +14,13 @@ from pathlib import Path
 import httpx
 
 BIN = Path(sys.executable).parent
-QUIET_ENV = {"DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-             "HF_HUB_OFFLINE": "1", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
+QUIET_ENV = {
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "HF_HUB_OFFLINE": "1",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+}
 
 
 def free_port() -> int:
@@ -52,8 +57,14 @@ def stop(process: subprocess.Popen, grace: float = 15.0) -> None:
 
 def launch(command: list[str], env: dict, log: Path, cwd: Path | None = None) -> subprocess.Popen:
     with open(log, "w") as handle:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(command, env={**os.environ, **QUIET_ENV, **env}, stdout=handle,
-                                stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True)
+        return subprocess.Popen(
+            command,
+            env={**os.environ, **QUIET_ENV, **env},
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            start_new_session=True,
+        )
 
 
 @contextmanager
@@ -61,8 +72,11 @@ def prefect_server(home: Path):
     port = free_port()
     home.mkdir(parents=True, exist_ok=True)
     log = home / "server.log"
-    process = launch([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                     {"PREFECT_HOME": str(home)}, log)
+    process = launch(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        {"PREFECT_HOME": str(home)},
+        log,
+    )
     try:
         wait_until_up(f"http://127.0.0.1:{port}/api/health", process, log)
         yield f"http://127.0.0.1:{port}/api"
@@ -76,17 +90,39 @@ def mlflow_server(folder: Path, username: str, password: str):
     port = free_port()
     folder.mkdir(parents=True, exist_ok=True)
     ini = folder / "auth.ini"
-    ini.write_text("[mlflow]\ndefault_permission = READ\n"
-                   f"database_uri = sqlite:///{folder}/auth.db\n"
-                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    ini.write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = sqlite:///{folder}/auth.db\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
     log = folder / "server.log"
-    process = launch([str(BIN / "mlflow"), "server", "--app-name", "basic-auth",
-                      "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
-                      "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1",
-                      "--port", str(port), "--workers", "1", "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}"],
-                     {"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_USERNAME": username,
-                      "MLFLOW_AUTH_ADMIN_PASSWORD": password,
-                      "MLFLOW_FLASK_SERVER_SECRET_KEY": os.urandom(16).hex()}, log)
+    process = launch(
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--app-name",
+            "basic-auth",
+            "--backend-store-uri",
+            f"sqlite:///{folder}/mlflow.db",
+            "--artifacts-destination",
+            str(folder / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--allowed-hosts",
+            f"127.0.0.1:{port},localhost:{port}",
+        ],
+        {
+            "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+            "MLFLOW_AUTH_ADMIN_USERNAME": username,
+            "MLFLOW_AUTH_ADMIN_PASSWORD": password,
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": os.urandom(16).hex(),
+        },
+        log,
+    )
     try:
         wait_until_up(f"http://127.0.0.1:{port}/health", process, log)
         yield f"http://127.0.0.1:{port}"

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mixtune.config import Columns, Source
+from mixtune.core.config import Columns, Source
 from tasks.ingest import IngestError, ingest
 from tasks.tokenize import tokenize
 from tests.conftest import tiny_config
@@ -33,22 +33,40 @@ BAD_JSONL_ROWS = [
     ("messages not a list", b'{"messages": "hi"}', "missing_field"),
     ("no turns", b'{"messages": []}', "empty_conversation"),
     ("turn not object", b'{"messages": ["user: hi"]}', "bad_turn"),
-    ("content not text", b'{"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "a"}]}',
-     "missing_field"),
-    ("empty content", b'{"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "a"}]}',
-     "empty_content"),
-    ("unknown role", b'{"messages": [{"role": "robot", "content": "q"}, {"role": "assistant", "content": "a"}]}',
-     "unknown_role"),
+    (
+        "content not text",
+        b'{"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "a"}]}',
+        "missing_field",
+    ),
+    (
+        "empty content",
+        b'{"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "a"}]}',
+        "empty_content",
+    ),
+    (
+        "unknown role",
+        b'{"messages": [{"role": "robot", "content": "q"}, {"role": "assistant", "content": "a"}]}',
+        "unknown_role",
+    ),
     ("no assistant", b'{"messages": [{"role": "user", "content": "q"}]}', "no_assistant"),
     ("trailing user", json.dumps({"messages": [*UA, {"role": "user", "content": "more?"}]}).encode(), "trailing_turn"),
     ("tool turn", json.dumps({"messages": [*UA[:1], {"role": "tool", "content": "{}"}, UA[1]]}).encode(), "tool_turn"),
     ("invalid utf-8", b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', "invalid_utf8"),
-    ("NUL character", json.dumps({"messages": [{"role": "user", "content": "a\x00b"}, UA[1]]}).encode(),
-     "nul_character"),
-    ("control character", json.dumps({"messages": [{"role": "user", "content": "a\x07b"}, UA[1]]}).encode(),
-     "control_character"),
-    ("sharegpt unknown speaker", b'{"conversations": [{"from": "alien", "value": "q"}, {"from": "gpt", "value": "a"}]}',
-     "unknown_role"),
+    (
+        "NUL character",
+        json.dumps({"messages": [{"role": "user", "content": "a\x00b"}, UA[1]]}).encode(),
+        "nul_character",
+    ),
+    (
+        "control character",
+        json.dumps({"messages": [{"role": "user", "content": "a\x07b"}, UA[1]]}).encode(),
+        "control_character",
+    ),
+    (
+        "sharegpt unknown speaker",
+        b'{"conversations": [{"from": "alien", "value": "q"}, {"from": "gpt", "value": "a"}]}',
+        "unknown_role",
+    ),
     ("alpaca missing output", b'{"instruction": "q"}', "missing_field"),
     ("alpaca input not text", b'{"instruction": "q", "output": "a", "input": 3}', "wrong_type"),
     ("reasoning not text", json.dumps({"messages": [UA[0], {**UA[1], "reasoning_content": 7}]}).encode(), "wrong_type"),
@@ -78,7 +96,7 @@ def test_every_kind_of_bad_jsonl_row_is_quarantined_with_its_reason(tmp_path):
     assert_accounted(stats)
     assert stats["rows_read"] == len(lines)
     assert (stats["accepted"], stats["duplicates"]) == (40, 1)
-    quarantined = [json.loads(line) for line in open(result.quarantine)]
+    quarantined = [json.loads(line) for line in Path(result.quarantine).read_text().splitlines()]
     by_line = {q["line"]: q for q in quarantined}
     for k, (name, _, reason) in enumerate(BAD_JSONL_ROWS):
         row = by_line[2 * k + 2]
@@ -92,18 +110,25 @@ def test_csv_cells_columns_and_templates(tmp_path):
         writer = csv.writer(out)
         writer.writerow(["question", "answer", "A", "B"])
         writer.writerow(["What is 1+1?\n(two lines)", "B", "1", "2"])
-        writer.writerow(["Q2", "", "x", "y"])                # empty cell
-        writer.writerow(["Q3", "A", "x", "y", "extra"])      # more cells than the header
-        writer.writerow(["Q4", "A"])                          # missing cells
-        writer.writerow(["Q5", "A", "x\x07", "y"])            # control character in a cell
+        writer.writerow(["Q2", "", "x", "y"])  # empty cell
+        writer.writerow(["Q3", "A", "x", "y", "extra"])  # more cells than the header
+        writer.writerow(["Q4", "A"])  # missing cells
+        writer.writerow(["Q5", "A", "x\x07", "y"])  # control character in a cell
     columns = Columns(prompt_template="{question}\nA. {A}\nB. {B}", response="answer")
-    result, stats = run_ingest(tmp_path, Source(path=str(path), role="domain", columns=columns,
-                                                system_prompt="Answer with a letter."), max_quarantine_fraction=0.9)
+    result, stats = run_ingest(
+        tmp_path,
+        Source(path=str(path), role="domain", columns=columns, system_prompt="Answer with a letter."),
+        max_quarantine_fraction=0.9,
+    )
     assert_accounted(stats)
     assert stats["rows_read"] == 5 and stats["accepted"] == 1
-    assert stats["quarantined_by_reason"] == {"empty_content": 1, "bad_csv_row": 1, "missing_field": 1,
-                                              "control_character": 1}
-    lines = sorted(json.loads(line)["line"] for line in open(result.quarantine))
+    assert stats["quarantined_by_reason"] == {
+        "empty_content": 1,
+        "bad_csv_row": 1,
+        "missing_field": 1,
+        "control_character": 1,
+    }
+    lines = sorted(json.loads(line)["line"] for line in Path(result.quarantine).read_text().splitlines())
     assert lines == [2, 3, 4, 5]
 
 
@@ -112,18 +137,26 @@ def test_parquet_nan_and_wrong_types(tmp_path):
     table = pa.table({"query": ["q1", None, "q3", "q4"], "response": ["r1", "r2", None, "r4"]})
     pq.write_table(table, path)
     pq.write_table(pa.table({"query": ["q1", "q2"], "response": [1.5, float("nan")]}), tmp_path / "nums.parquet")
-    _, stats = run_ingest(tmp_path, Source(path=str(path), role="domain",
-                                           columns=Columns(prompt="query", response="response")))
+    _, stats = run_ingest(
+        tmp_path, Source(path=str(path), role="domain", columns=Columns(prompt="query", response="response"))
+    )
     assert_accounted(stats)
     assert stats["accepted"] == 2 and stats["quarantined_by_reason"] == {"missing_field": 2}
     with pytest.raises(IngestError, match="no row in a usable format"):
-        run_ingest(tmp_path / "n", Source(path=str(tmp_path / "nums.parquet"), role="domain",
-                                          columns=Columns(prompt="query", response="response")))
+        run_ingest(
+            tmp_path / "n",
+            Source(
+                path=str(tmp_path / "nums.parquet"), role="domain", columns=Columns(prompt="query", response="response")
+            ),
+        )
 
 
 def test_near_duplicates_are_dropped_and_counted_when_asked(tmp_path):
-    rows = [good(1), good(2), {"messages": [{"role": "user", "content": "QUESTION   1!"},
-                                            {"role": "assistant", "content": "Answer 1."}]}]
+    rows = [
+        good(1),
+        good(2),
+        {"messages": [{"role": "user", "content": "QUESTION   1!"}, {"role": "assistant", "content": "Answer 1."}]},
+    ]
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     _, exact = run_ingest(tmp_path / "a", Source(path=str(path), role="domain"))
@@ -145,8 +178,13 @@ def test_reasoning_is_kept_or_dropped(tmp_path):
 def test_overlong_samples_are_truncated_or_rejected_and_counted(tmp_path):
     long_answer = " ".join(["word"] * 400)
     path = tmp_path / "long.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in [good(1), good(2), {"messages": [UA[0], {
-        "role": "assistant", "content": long_answer}]}]) + "\n")
+    path.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [good(1), good(2), {"messages": [UA[0], {"role": "assistant", "content": long_answer}]}]
+        )
+        + "\n"
+    )
     from tasks.base_model import prepare_tokenizer
 
     for mode in ("truncate", "reject"):
@@ -162,19 +200,26 @@ def test_overlong_samples_are_truncated_or_rejected_and_counted(tmp_path):
         assert stats.get("too_long", 0) == (0 if mode == "truncate" else 1)
 
 
-@pytest.mark.parametrize("name, content, suffix, message", [
-    ("empty file", b"", ".jsonl", "file is empty"),
-    ("wrong extension", b"a,b\n", ".tsv", "unsupported extension"),
-    ("all rows broken", b'{"foo": 1}\n{"bar": 2}\n', ".jsonl", "no row in a usable format"),
-    ("broken .json document", b"[1, 2", ".json", "not a valid JSON document"),
-    (".json not a list", b'{"rows": []}', ".json", "must hold a list"),
-    ("not parquet", b"PAR1 but not really", ".parquet", "not a readable Parquet file"),
-    ("csv without rows", b"", ".csv", "file is empty"),
-    ("csv header only", b"question,answer\n", ".csv", "holds no rows"),
-    ("only blank lines", b"\n\n  \n", ".jsonl", "holds no rows"),
-    ("mostly garbage", b'{"foo": 1}\n' * 6 + (json.dumps(good(1)) + "\n").encode(), ".jsonl",
-     "max_quarantine_fraction"),
-])
+@pytest.mark.parametrize(
+    "name, content, suffix, message",
+    [
+        ("empty file", b"", ".jsonl", "file is empty"),
+        ("wrong extension", b"a,b\n", ".tsv", "unsupported extension"),
+        ("all rows broken", b'{"foo": 1}\n{"bar": 2}\n', ".jsonl", "no row in a usable format"),
+        ("broken .json document", b"[1, 2", ".json", "not a valid JSON document"),
+        (".json not a list", b'{"rows": []}', ".json", "must hold a list"),
+        ("not parquet", b"PAR1 but not really", ".parquet", "not a readable Parquet file"),
+        ("csv without rows", b"", ".csv", "file is empty"),
+        ("csv header only", b"question,answer\n", ".csv", "holds no rows"),
+        ("only blank lines", b"\n\n  \n", ".jsonl", "holds no rows"),
+        (
+            "mostly garbage",
+            b'{"foo": 1}\n' * 6 + (json.dumps(good(1)) + "\n").encode(),
+            ".jsonl",
+            "max_quarantine_fraction",
+        ),
+    ],
+)
 def test_unusable_files_are_clear_errors_naming_them(tmp_path, name, content, suffix, message):
     path = tmp_path / f"domain{suffix}"
     path.write_bytes(content)
@@ -188,17 +233,41 @@ def test_directories_and_unreadable_paths_are_errors(tmp_path):
     folder = tmp_path / "data.jsonl"
     folder.mkdir()
     with pytest.raises(IngestError, match="is a directory"):
-        run_ingest(tmp_path, Source.model_construct(path=str(folder), role="domain", format="auto", columns=None,
-                                                    system_prompt=None, text_field="text", text_split="line",
-                                                    val_fraction=0.1, max_val_samples=200, synthetic=None,
-                                                    samples=1))
+        run_ingest(
+            tmp_path,
+            Source.model_construct(
+                path=str(folder),
+                role="domain",
+                format="auto",
+                columns=None,
+                system_prompt=None,
+                text_field="text",
+                text_split="line",
+                val_fraction=0.1,
+                max_val_samples=200,
+                synthetic=None,
+                samples=1,
+            ),
+        )
     dangling = tmp_path / "gone.jsonl"
     dangling.symlink_to(tmp_path / "nowhere.jsonl")
     with pytest.raises(IngestError, match="cannot read"):
-        run_ingest(tmp_path, Source.model_construct(path=str(dangling), role="domain", format="auto", columns=None,
-                                                    system_prompt=None, text_field="text", text_split="line",
-                                                    val_fraction=0.1, max_val_samples=200, synthetic=None,
-                                                    samples=1))
+        run_ingest(
+            tmp_path,
+            Source.model_construct(
+                path=str(dangling),
+                role="domain",
+                format="auto",
+                columns=None,
+                system_prompt=None,
+                text_field="text",
+                text_split="line",
+                val_fraction=0.1,
+                max_val_samples=200,
+                synthetic=None,
+                samples=1,
+            ),
+        )
 
 
 def test_text_documents_by_line_or_blank_line(tmp_path):
@@ -227,15 +296,39 @@ def test_parallel_reading_gives_the_same_result_as_serial(tmp_path, monkeypatch)
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
-        st.sampled_from(["messages", "conversations", "role", "content", "from", "value", "instruction", "input",
-                         "output", "text", "reasoning_content", "x"]), inner, max_size=4),
-    max_leaves=12)
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "messages",
+                    "conversations",
+                    "role",
+                    "content",
+                    "from",
+                    "value",
+                    "instruction",
+                    "input",
+                    "output",
+                    "text",
+                    "reasoning_content",
+                    "x",
+                ]
+            ),
+            inner,
+            max_size=4,
+        )
+    ),
+    max_leaves=12,
+)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(rows=st.lists(st.one_of(st.binary(max_size=60), json_values.map(lambda v: json.dumps(v).encode())),
-                     min_size=1, max_size=25))
+@given(
+    rows=st.lists(
+        st.one_of(st.binary(max_size=60), json_values.map(lambda v: json.dumps(v).encode())), min_size=1, max_size=25
+    )
+)
 def test_any_bytes_or_json_keep_the_invariant(tmp_path_factory, rows):
     folder = tmp_path_factory.mktemp("fuzz")
     path = folder / "fuzz.jsonl"

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mixtune.config import ConfigError, load_config
+from mixtune.core.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,18 +27,26 @@ def test_default_pipeline_yaml_is_valid():
     assert Path(config.run.output_dir).is_absolute()
 
 
-@pytest.mark.parametrize("mutate, expected", [
-    (lambda raw: raw["train"].update(learnig_rate=1e-3), "train.learnig_rate: unknown key"),
-    (lambda raw: raw["train"].update(learning_rate=-1e-4), "train.learning_rate"),
-    (lambda raw: raw.update(trian={}), "trian: unknown key"),
-    (lambda raw: raw["data"]["sources"].append({"path": "nowhere.jsonl", "role": "domain"}),
-     "data.sources.2.path: file not found"),
-    (lambda raw: raw["schedule"].update(shares=[0.1, 1.5]), "schedule"),
-    (lambda raw: raw["data"].update(sources=[{"synthetic": "general", "role": "general"}]), "role domain"),
-    (lambda raw: raw.update(deploy={"cron": "61 * * * *"}), "deploy.cron: Value error, Invalid cron string"),
-    (lambda raw: raw.update(deploy={"timezone": "Mars/Olympus"}), "deploy.timezone: Value error, unknown time zone 'Mars/Olympus'"),
-    (lambda raw: raw.update(registry={"alias": "not an alias"}), "registry.alias"),
-])
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda raw: raw["train"].update(learnig_rate=1e-3), "train.learnig_rate: unknown key"),
+        (lambda raw: raw["train"].update(learning_rate=-1e-4), "train.learning_rate"),
+        (lambda raw: raw.update(trian={}), "trian: unknown key"),
+        (
+            lambda raw: raw["data"]["sources"].append({"path": "nowhere.jsonl", "role": "domain"}),
+            "data.sources.2.path: file not found",
+        ),
+        (lambda raw: raw["schedule"].update(shares=[0.1, 1.5]), "schedule"),
+        (lambda raw: raw["data"].update(sources=[{"synthetic": "general", "role": "general"}]), "role domain"),
+        (lambda raw: raw.update(deploy={"cron": "61 * * * *"}), "deploy.cron: Value error, Invalid cron string"),
+        (
+            lambda raw: raw.update(deploy={"timezone": "Mars/Olympus"}),
+            "deploy.timezone: Value error, unknown time zone 'Mars/Olympus'",
+        ),
+        (lambda raw: raw.update(registry={"alias": "not an alias"}), "registry.alias"),
+    ],
+)
 def test_bad_config_names_the_field(tmp_path, mutate, expected):
     path = write_config(tmp_path, mutate)
     with pytest.raises(ConfigError) as err:
@@ -56,16 +64,24 @@ def test_set_overrides_one_field_with_its_type(tmp_path):
         load_config(path, ["train.lr=1"])
 
 
-@pytest.mark.parametrize("mutate, expected", [
-    (lambda raw: raw["train"].update(learnig_rate=1e-3), "train.learnig_rate"),
-    (lambda raw: raw["train"].update(learning_rate=-1), "train.learning_rate"),
-    (lambda raw: raw["data"]["sources"].append({"path": "gone.jsonl", "role": "domain"}), "gone.jsonl"),
-])
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda raw: raw["train"].update(learnig_rate=1e-3), "train.learnig_rate"),
+        (lambda raw: raw["train"].update(learning_rate=-1), "train.learning_rate"),
+        (lambda raw: raw["data"]["sources"].append({"path": "gone.jsonl", "role": "domain"}), "gone.jsonl"),
+    ],
+)
 def test_cli_rejects_bad_config_fast_and_trains_nothing(tmp_path, mutate, expected):
     path = write_config(tmp_path, mutate)
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "mixtune.cli", "run", str(path)], capture_output=True,
-                          text=True, cwd=tmp_path, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "mixtune.cli", "run", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+    )
     elapsed = time.perf_counter() - started
     assert done.returncode == 2
     assert expected in done.stderr and "Traceback" not in done.stderr
@@ -83,15 +99,26 @@ def test_cli_help_lists_every_command():
 def test_serve_without_a_prefect_server_says_how_to_start_one(tmp_path):
     path = write_config(tmp_path, lambda raw: None)
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    done = subprocess.run([sys.executable, "-m", "mixtune.cli", "serve", str(path)], capture_output=True, text=True,
-                          cwd=tmp_path, timeout=60, env=env)
+    done = subprocess.run(
+        [sys.executable, "-m", "mixtune.cli", "serve", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+        env=env,
+    )
     assert done.returncode == 2 and "prefect server start" in done.stderr and "PREFECT_API_URL" in done.stderr
 
 
 def test_compare_on_an_empty_experiment_says_so(tmp_path):
     path = write_config(tmp_path, lambda raw: None)
-    done = subprocess.run([sys.executable, "-m", "mixtune.cli", "compare", str(path), "--experiment", "nothing"],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "mixtune.cli", "compare", str(path), "--experiment", "nothing"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert done.returncode == 1 and "no mixtune runs in experiment 'nothing'" in done.stderr, done.stderr
 
 
@@ -101,8 +128,15 @@ def schema_fields(model, prefix=""):
     from pydantic import BaseModel
 
     for name, field in model.model_fields.items():
-        nested = [a for a in (field.annotation, *get_args(field.annotation), *[b for a in get_args(field.annotation)
-                  for b in get_args(a)]) if isinstance(a, type) and issubclass(a, BaseModel)]
+        nested = [
+            a
+            for a in (
+                field.annotation,
+                *get_args(field.annotation),
+                *[b for a in get_args(field.annotation) for b in get_args(a)],
+            )
+            if isinstance(a, type) and issubclass(a, BaseModel)
+        ]
         if nested:
             marker = "[]" if get_origin(field.annotation) is list else ""
             yield from schema_fields(nested[0], f"{prefix}{name}{marker}.")
@@ -111,7 +145,7 @@ def schema_fields(model, prefix=""):
 
 
 def test_every_field_is_documented_in_readme_and_schema():
-    from mixtune.config import PipelineConfig
+    from mixtune.core.config import PipelineConfig
 
     readme = (ROOT / "README.md").read_text()
     for path, field in schema_fields(PipelineConfig):

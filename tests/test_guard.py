@@ -5,13 +5,16 @@ from tasks.guard import OverfitTracker, ShareCursor, gate
 SHARES = [0.1, 0.23, 0.37, 0.5]
 
 
-@pytest.mark.parametrize("policy, actions, expected", [
-    ("stop", 0, "stop"),
-    ("hold", 0, "hold"),
-    ("back_off", 1, "back_off"),
-    ("hold", 2, "stop"),       # max_guard_actions used up
-    ("back_off", 2, "stop"),
-])
+@pytest.mark.parametrize(
+    "policy, actions, expected",
+    [
+        ("stop", 0, "stop"),
+        ("hold", 0, "hold"),
+        ("back_off", 1, "back_off"),
+        ("hold", 2, "stop"),  # max_guard_actions used up
+        ("back_off", 2, "stop"),
+    ],
+)
 def test_gate_acts_on_forgetting_by_policy(policy, actions, expected):
     decision = gate(2.5, 2.0, budget=0.1, on_forgetting=policy, actions_taken=actions, max_actions=2)
     assert decision.decision == expected
@@ -49,8 +52,14 @@ def feed(tracker, curve):
 
 def test_overfitting_onset_is_where_validation_turned_up_while_training_fell():
     tracker = OverfitTracker({"domain": 2, "general": 3}, {"domain": 0.0, "general": 0.0})
-    curve = [(10, 2.0, 1.8, 1.5), (20, 1.6, 1.5, 1.5), (30, 1.3, 1.4, 1.5), (40, 1.1, 1.45, 1.5),
-             (50, 0.9, 1.5, 1.5), (60, 0.8, 1.6, 1.5)]
+    curve = [
+        (10, 2.0, 1.8, 1.5),
+        (20, 1.6, 1.5, 1.5),
+        (30, 1.3, 1.4, 1.5),
+        (40, 1.1, 1.45, 1.5),
+        (50, 0.9, 1.5, 1.5),
+        (60, 0.8, 1.6, 1.5),
+    ]
     confirmed = feed(tracker, curve)
     assert confirmed == {"domain": 50}
     assert tracker.onsets() == {"domain": 40, "general": None}

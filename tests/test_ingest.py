@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -30,7 +31,7 @@ def test_malformed_line_is_quarantined_and_counted(tmp_path):
     assert stats["rows_read"] == 20
     assert (stats["accepted"], stats["duplicates"], stats["quarantined"]) == (18, 1, 1)
     assert stats["accepted"] + stats["duplicates"] + stats["quarantined"] == stats["rows_read"]
-    quarantined = [json.loads(line) for line in open(result.quarantine)]
+    quarantined = [json.loads(line) for line in Path(result.quarantine).read_text().splitlines()]
     assert len(quarantined) == 1
     assert quarantined[0]["line"] == 8 and quarantined[0]["reason"] == "invalid_json"
     assert quarantined[0]["file"] == str(path)
@@ -47,11 +48,14 @@ def test_json_list_and_mixed_formats_per_row(tmp_path):
     assert stats["quarantined_by_reason"] == {"not_object": 1}
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"", "file is empty"),
-    (b'{"foo": 1}\n{"bar": 2}\n', "no row in a usable format"),
-    (b"[1, 2", "not a valid JSON document"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "file is empty"),
+        (b'{"foo": 1}\n{"bar": 2}\n', "no row in a usable format"),
+        (b"[1, 2", "not a valid JSON document"),
+    ],
+)
 def test_unusable_file_is_a_clear_error_naming_it(tmp_path, content, message):
     path = tmp_path / ("domain.json" if content.startswith(b"[") else "domain.jsonl")
     path.write_bytes(content)
@@ -74,7 +78,7 @@ def test_split_is_seeded_and_cached_by_content(tmp_path):
     assert first.key == again.key
     frame = pd.read_parquet(first.samples)
     assert set(frame["split"]) == {"train", "val"}
-    for label, stats in first.stats.items():
+    for stats in first.stats.values():
         assert stats["accepted"] + stats["duplicates"] + stats["quarantined"] == stats["rows_read"]
         assert stats["val"] == round(0.15 * stats["accepted"]) or stats["val"] == round(0.1 * stats["accepted"])
     reseeded = tiny_config(tmp_path / "other", run={"seed": 1, "output_dir": str(tmp_path / "other")})

@@ -1,8 +1,9 @@
 import pandas as pd
 import pytest
 
-from mixtune.config import Schedule
-from tasks.mix import draw, mix_stage, stage_shares
+from mixtune.core.config import Schedule
+from tasks.mix import draw, mix_stage
+from tasks.schedule import stage_shares
 
 
 def test_linear_schedule_from_ten_to_fifty_percent():
@@ -50,6 +51,7 @@ def test_draw_is_deterministic_and_repeats_only_past_the_pool(tmp_path):
     assert a.domain_epochs == pytest.approx(2.5)
     assert a.source_epochs == {"d": pytest.approx(2.5), "g": pytest.approx(0.25)}
     import numpy as np
+
     once = draw(pool(40, 0), 40, np.random.default_rng(0))
     assert once["sample_id"].is_unique
     twice = draw(pool(40, 0), 80, np.random.default_rng(0))

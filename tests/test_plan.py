@@ -1,14 +1,21 @@
 import pytest
 
-from mixtune.config import Advisor
+from mixtune.core.config import Advisor
 from tasks.plan import advise, apply_advice, epoch_plan, make_plan, rule_epochs
 from tests.conftest import tiny_config
 
 
-@pytest.mark.parametrize("samples, epochs", [
-    (999_999, 2.0), (1_000_000, 1.0), (5_000_000, 1.0),
-    (10_000, 2.0), (9_999, 3.0), (500, 3.0),
-])
+@pytest.mark.parametrize(
+    "samples, epochs",
+    [
+        (999_999, 2.0),
+        (1_000_000, 1.0),
+        (5_000_000, 1.0),
+        (10_000, 2.0),
+        (9_999, 3.0),
+        (500, 3.0),
+    ],
+)
 def test_epochs_follow_data_volume_at_the_boundaries(samples, epochs):
     assert rule_epochs(samples, Advisor())[0] == epochs
 
@@ -30,8 +37,7 @@ def test_advised_stage_sizes_reach_the_epoch_budget(tmp_path):
     advice = advise(20_000, 100_000, 0, config)  # tens of thousands: 2 epochs, full SFT
     assert advice.domain_epochs == 2.0
     planned = apply_advice(config, advice)
-    plan = epoch_plan(advice.shares, planned.schedule.samples_per_stage, planned.train.epochs, 20_000, 100_000,
-                      planned)
+    plan = epoch_plan(advice.shares, planned.schedule.samples_per_stage, planned.train.epochs, 20_000, 100_000, planned)
     assert plan.stages[-1].cumulative_domain_epochs == pytest.approx(2.0, abs=0.01)
     assert plan.warnings == []
 

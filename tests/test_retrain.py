@@ -8,8 +8,10 @@ from prefect import task
 import flows.finetune
 from flows.finetune import finetune
 from mixtune.compare import compare, comparison, pipeline_runs
-from tasks.champion import decide, nats_per_byte, target_counts
-from tasks.validate import Losses, evaluate
+from tasks.champion import decide
+from tasks.models import evaluate
+from tasks.records import ByteLosses
+from tasks.scoring import nats_per_byte, target_counts
 from tests.conftest import tiny_config
 
 FAST = {"schedule": {"stages": 2, "samples_per_stage": 80}}
@@ -24,20 +26,23 @@ def prefect_verdict(flow_run_id: str) -> str:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
     with get_client(sync_client=True) as client:
-        [artifact] = client.read_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=["retrain-verdict"]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+        [artifact] = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["retrain-verdict"]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])
+            )
+        )
     return artifact.data
 
 
 def test_decide_first_promote_and_the_two_rejections():
-    assert decide(Losses(domain=1.0, general=1.0), None, 0.1, 0.0)[0] == "first"
-    champion = Losses(domain=2.0, general=1.0)
-    assert decide(Losses(domain=1.9, general=1.05), champion, 0.1, 0.0)[0] == "promote"
-    worse, reason = decide(Losses(domain=2.1, general=1.0), champion, 0.1, 0.0)
+    assert decide(ByteLosses(domain=1.0, general=1.0), None, 0.1, 0.0)[0] == "first"
+    champion = ByteLosses(domain=2.0, general=1.0)
+    assert decide(ByteLosses(domain=1.9, general=1.05), champion, 0.1, 0.0)[0] == "promote"
+    worse, reason = decide(ByteLosses(domain=2.1, general=1.0), champion, 0.1, 0.0)
     assert worse == "reject" and "domain loss not lower" in reason
-    forgot, reason = decide(Losses(domain=1.5, general=1.2), champion, 0.1, 0.0)
+    forgot, reason = decide(ByteLosses(domain=1.5, general=1.2), champion, 0.1, 0.0)
     assert forgot == "reject" and "forgetting budget" in reason
-    assert decide(Losses(domain=1.9, general=1.0), champion, 0.1, 0.1)[0] == "reject"  # 5% < 10% required
+    assert decide(ByteLosses(domain=1.9, general=1.0), champion, 0.1, 0.1)[0] == "reject"  # 5% < 10% required
 
 
 def test_retraining_first_champion_then_skip_then_a_decision_the_alias_follows(prefect_harness, tmp_path):
@@ -54,13 +59,18 @@ def test_retraining_first_champion_then_skip_then_a_decision_the_alias_follows(p
     skipped = client.get_run(unchanged.parent_run_id)
     assert skipped.info.status == "FINISHED" and skipped.data.tags["mixtune.verdict"] == "skip"
     assert "no new data" in skipped.data.tags["mixtune.verdict_reason"]
-    assert not client.search_runs([skipped.info.experiment_id],
-                                  f"tags.`mlflow.parentRunId` = '{unchanged.parent_run_id}'")
+    assert not client.search_runs(
+        [skipped.info.experiment_id], f"tags.`mlflow.parentRunId` = '{unchanged.parent_run_id}'"
+    )
     assert champion_of(client, name) == 1
     assert "no new data" in prefect_verdict(skipped.data.tags["mixtune.flow_run_id"])
 
-    more_domain = {"sources": [{"synthetic": "general", "samples": 800, "role": "general"},
-                               {"synthetic": "domain", "samples": 600, "role": "domain", "val_fraction": 0.15}]}
+    more_domain = {
+        "sources": [
+            {"synthetic": "general", "samples": 800, "role": "general"},
+            {"synthetic": "domain", "samples": 600, "role": "domain", "val_fraction": 0.15},
+        ]
+    }
     third = finetune(tiny_config(tmp_path, data=more_domain, **FAST))
     verdict = third.verdict
     assert verdict.decision in ("promote", "reject") and verdict.version == 2
@@ -85,8 +95,9 @@ def test_retraining_first_champion_then_skip_then_a_decision_the_alias_follows(p
     assert again.verdict.decision == "skip" and again.verdict.previous_run == champion_run.parent_run_id
 
     text, plot = compare(first.tracking_uri, "mixtune", tmp_path / "compare.png")
-    table = comparison(pipeline_runs(first.tracking_uri, "mixtune"), {third.parent_run_id if holder == 2
-                                                                      else first.parent_run_id})
+    table = comparison(
+        pipeline_runs(first.tracking_uri, "mixtune"), {third.parent_run_id if holder == 2 else first.parent_run_id}
+    )
     assert list(table["decision"]) == ["first", "skip", verdict.decision, "reject", "skip"]
     assert list(table["champion"]) == ["" if holder == 2 else "*", "", "*" if holder == 2 else "", "", ""]
     assert table["domain gain"].notna().sum() == 3 and pd.isna(table.loc[1, "domain val"])  # the skip trained nothing
@@ -96,8 +107,10 @@ def test_retraining_first_champion_then_skip_then_a_decision_the_alias_follows(p
 def test_nats_per_byte_is_the_token_loss_rescaled_by_the_text_it_scores(prefect_harness, tmp_path):
     summary = finetune(tiny_config(tmp_path, schedule={"stages": 1, "samples_per_stage": 48}))
     sft = next(tmp_path.glob("cache/tokens-*/sft.parquet"))
-    per_token, per_byte = evaluate(summary.final_model, summary.final_model, str(sft), 32), nats_per_byte(
-        summary.final_model, str(sft), 32)
+    per_token, per_byte = (
+        evaluate(summary.final_model, summary.final_model, str(sft), 32),
+        nats_per_byte(summary.final_model, str(sft), 32),
+    )
     for tag, (tokens, n_bytes) in target_counts(str(sft), summary.final_model).items():
         assert n_bytes > tokens > 0  # BPE tokens of this data are more than one byte long on average
         assert getattr(per_byte, tag) == pytest.approx(getattr(per_token, tag) * tokens / n_bytes)

@@ -16,7 +16,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from flows.finetune import finetune
-from mixtune.preflight import Unreachable, check_tracking_server
+from mixtune.core.preflight import Unreachable, check_tracking_server
 from tests.conftest import tiny_config, tiny_raw_config
 from tests.servers import BIN, QUIET_ENV, free_port, launch, mlflow_server, prefect_server, stop
 
@@ -25,9 +25,15 @@ FAST = {"schedule": {"stages": 2, "samples_per_stage": 80}}
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 # A stage long enough (250 steps) to be caught mid-way: the data must be large enough that the plan's epoch
 # budget does not shrink the stage (on the default tiny data it would cut 4,000 samples to 1,320).
-LONG_STAGE = {"data": {"sources": [{"synthetic": "general", "samples": 6000, "role": "general"},
-                                   {"synthetic": "domain", "samples": 3000, "role": "domain", "val_fraction": 0.15}]},
-              "schedule": {"stages": 1, "samples_per_stage": 4000}}
+LONG_STAGE = {
+    "data": {
+        "sources": [
+            {"synthetic": "general", "samples": 6000, "role": "general"},
+            {"synthetic": "domain", "samples": 3000, "role": "domain", "val_fraction": 0.15},
+        ]
+    },
+    "schedule": {"stages": 1, "samples_per_stage": 4000},
+}
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +64,9 @@ def deployment(api: httpx.Client, name: str) -> dict | None:
 
 
 def test_served_deployment_runs_with_one_changed_parameter_and_the_server_rejects_a_bad_one(prefect_api, tmp_path):
-    config_path = write_config(tmp_path, deploy={"name": "it", "cron": "0 3 * * *"},
-                               schedule={"stages": 1, "samples_per_stage": 48})
+    config_path = write_config(
+        tmp_path, deploy={"name": "it", "cron": "0 3 * * *"}, schedule={"stages": 1, "samples_per_stage": 48}
+    )
     env = {"PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(tmp_path / "prefect-client")}
     served = launch([str(BIN / "mixtune"), "serve", str(config_path)], env, tmp_path / "serve.log", cwd=tmp_path)
     api = httpx.Client(base_url=prefect_api, timeout=10)
@@ -91,8 +98,9 @@ def test_served_deployment_runs_with_one_changed_parameter_and_the_server_reject
         long = copy.deepcopy(form)
         long["data"]["sources"] = LONG_STAGE["data"]["sources"]
         long["schedule"].update(LONG_STAGE["schedule"])
-        run_id = api.post(f"/deployments/{manual['id']}/create_flow_run",
-                          json={"parameters": {"config": long}}).json()["id"]
+        run_id = api.post(f"/deployments/{manual['id']}/create_flow_run", json={"parameters": {"config": long}}).json()[
+            "id"
+        ]
         query = f"tags.`mixtune.flow_run_id` = '{run_id}'"
         parent = wait_for(lambda: client.search_runs([experiment], query), 180, "the long run's MLflow run")[0]
         stage = f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
@@ -101,22 +109,33 @@ def test_served_deployment_runs_with_one_changed_parameter_and_the_server_reject
         api.post(f"/flow_runs/{run_id}/set_state", json={"state": {"type": "CANCELLING"}, "force": True})
         assert end_state(api, run_id) == "CANCELLED"
         ended = [client.get_run(parent.info.run_id), *client.search_runs([experiment], stage)]
-        wait_for(lambda: all(client.get_run(r.info.run_id).info.status == "KILLED" for r in ended), 30,
-                 "the cancelled run's MLflow runs to end KILLED")
+        wait_for(
+            lambda: all(client.get_run(r.info.run_id).info.status == "KILLED" for r in ended),
+            30,
+            "the cancelled run's MLflow runs to end KILLED",
+        )
     finally:
         stop(served)
 
 
 def end_state(api: httpx.Client, run_id: str) -> str:
-    return wait_for(lambda: (s := api.get(f"/flow_runs/{run_id}").json()["state"]["type"]) in TERMINAL and s,
-                    300, f"flow run {run_id} to end")
+    return wait_for(
+        lambda: (s := api.get(f"/flow_runs/{run_id}").json()["state"]["type"]) in TERMINAL and s,
+        300,
+        f"flow run {run_id} to end",
+    )
 
 
 def test_deploy_registers_on_a_process_work_pool(prefect_api, tmp_path):
     config_path = write_config(tmp_path, deploy={"name": "pooled"})
     env = {**os.environ, **QUIET_ENV, "PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(tmp_path / "home")}
-    done = subprocess.run([str(BIN / "mixtune"), "deploy", str(config_path), "--pool", "it-pool"], env=env,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [str(BIN / "mixtune"), "deploy", str(config_path), "--pool", "it-pool"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     api = httpx.Client(base_url=prefect_api, timeout=10)
     pooled = deployment(api, "pooled-manual")
@@ -132,8 +151,9 @@ def running_runs(db: Path) -> list:
     return client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'") if experiment else []
 
 
-def test_a_killed_flow_process_leaves_no_running_mlflow_run_after_the_next_start(prefect_api, prefect_harness,
-                                                                                tmp_path):
+def test_a_killed_flow_process_leaves_no_running_mlflow_run_after_the_next_start(
+    prefect_api, prefect_harness, tmp_path
+):
     config_path = write_config(tmp_path, **LONG_STAGE)
     env = {"PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(tmp_path / "home")}
     process = launch([str(BIN / "mixtune"), "run", str(config_path)], env, tmp_path / "run.log")
@@ -169,8 +189,9 @@ def test_a_whole_run_logs_to_an_mlflow_server_with_basic_auth(prefect_harness, t
         summary = finetune(tiny_config(tmp_path / "runs", tracking={"tracking_uri": uri}, **FAST))
         client = MlflowClient(uri)
         parent = client.get_run(summary.parent_run_id)
-        children = client.search_runs([parent.info.experiment_id],
-                                      f"tags.`mlflow.parentRunId` = '{summary.parent_run_id}'")
+        children = client.search_runs(
+            [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{summary.parent_run_id}'"
+        )
         assert parent.info.status == "FINISHED" and len(children) == 2
         assert {c.info.status for c in children} == {"FINISHED"}
         assert parent.data.metrics["final_domain_val_loss"] == pytest.approx(summary.final_losses.domain)
@@ -182,18 +203,26 @@ def test_unreachable_servers_fail_within_seconds_naming_the_url(prefect_harness,
     dead = f"http://127.0.0.1:{free_port()}"
     env = {**os.environ, **QUIET_ENV, "PREFECT_HOME": str(tmp_path / "home")}
     (tmp_path / "mlflow").mkdir(), (tmp_path / "prefect").mkdir()
-    cases = [(write_config(tmp_path / "mlflow", tracking={"tracking_uri": dead}), env, dead),
-             (write_config(tmp_path / "prefect"), {**env, "PREFECT_API_URL": f"{dead}/api"}, f"{dead}/api")]
+    cases = [
+        (write_config(tmp_path / "mlflow", tracking={"tracking_uri": dead}), env, dead),
+        (write_config(tmp_path / "prefect"), {**env, "PREFECT_API_URL": f"{dead}/api"}, f"{dead}/api"),
+    ]
     for config_path, case_env, url in cases:
         started = time.monotonic()
-        done = subprocess.run([str(BIN / "mixtune"), "run", str(config_path)], env=case_env, capture_output=True,
-                              text=True, timeout=60)
+        done = subprocess.run(
+            [str(BIN / "mixtune"), "run", str(config_path)], env=case_env, capture_output=True, text=True, timeout=60
+        )
         assert time.monotonic() - started < 10
         assert done.returncode == 2 and url in done.stderr and "unreachable" in done.stderr, done.stderr
         assert not (config_path.parent / "runs").exists()  # before any work
     started = time.monotonic()
-    done = subprocess.run([str(BIN / "mixtune"), "compare", str(cases[1][0]), "--tracking-uri", dead], env=env,
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [str(BIN / "mixtune"), "compare", str(cases[1][0]), "--tracking-uri", dead],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2 and dead in done.stderr and time.monotonic() - started < 10
     started = time.monotonic()
     with pytest.raises(Unreachable, match=dead):  # a deployment's run: the flow checks before its first task

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mixtune.config import validate_config
+from mixtune.core.config import validate_config
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 pytestmark = pytest.mark.skipif(not (SHARED / "MANIFEST.tsv").is_file(), reason="needs ../shared/data")

@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pandas as pd
-
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -66,31 +65,31 @@ def test_interrupted_stage_resumes_the_same_sequence_in_the_same_run(prepared, t
     config, tokens, base = prepared
     mix = stage_mix(tokens, tmp_path)
     seen = record_batches(monkeypatch)
-    uninterrupted = train_stage(config, mix, tokens.sft, base, base, str(tmp_path / "straight"),
-                                tracking.start_parent_run(config, "flow-straight"))
+    straight_run = tracking.start_parent_run(config, "flow-straight").open_stage(1, "full")
+    uninterrupted = train_stage(config, mix, tokens.sft, base, base, str(tmp_path / "straight"), straight_run)
     straight, seen[:] = list(seen), []
 
     parent = tracking.start_parent_run(config, "flow-crash")
     crash_once_at(monkeypatch, 6)
     with pytest.raises(Crash):
-        train_stage(config, mix, tokens.sft, base, base, str(tmp_path / "stage-1"), parent)
+        train_stage(config, mix, tokens.sft, base, base, str(tmp_path / "stage-1"), parent.open_stage(1, "full"))
     checkpoint = tmp_path / "stage-1" / "checkpoints" / "checkpoint-4"
     assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["checkpoint-4"]
     assert (checkpoint / "model.safetensors").is_file()
     assert json.loads((checkpoint / "sampler.json").read_text())["samples_consumed"] == 4 * 16
     first_try, seen[:] = list(seen), []
 
-    result = train_stage(config, mix, tokens.sft, base, base, str(tmp_path / "stage-1"), parent)
+    result = train_stage(config, mix, tokens.sft, base, base, str(tmp_path / "stage-1"), parent.open_stage(1, "full"))
     assert first_try[:4] + seen == straight  # the same samples in the same order as without the crash
     assert result.global_step == result.max_steps == uninterrupted.global_step == 10
-    client = MlflowClient(tracking.tracking_uri(config))
+    client = MlflowClient(parent.uri)
     history = client.get_metric_history(result.run_id, "train_loss")
     assert sorted({m.step for m in history}) == [5, 10]  # logging_steps=5: one line from each attempt
-    exp_id = client.get_run(parent).info.experiment_id
-    children = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent}'")
+    exp_id = client.get_run(parent.parent_run_id).info.experiment_id
+    children = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent.parent_run_id}'")
     assert [c.info.run_id for c in children] == [result.run_id]
 
-    again = train_stage(config, mix, tokens.sft, base, base, str(tmp_path / "stage-1"), parent)
+    again = train_stage(config, mix, tokens.sft, base, base, str(tmp_path / "stage-1"), parent.open_stage(1, "full"))
     assert again == result  # a finished stage is not trained twice
     assert Path(result.model_dir, "model.safetensors").is_file()
 
@@ -98,14 +97,14 @@ def test_interrupted_stage_resumes_the_same_sequence_in_the_same_run(prepared, t
 def test_resume_refuses_a_checkpoint_of_another_mix(prepared, tmp_path, monkeypatch):
     config, tokens, base = prepared
     mix = stage_mix(tokens, tmp_path)
-    parent = tracking.start_parent_run(config, "flow-other-mix")
+    stage_run = tracking.start_parent_run(config, "flow-other-mix").open_stage(1, "full")
     crash_once_at(monkeypatch, 6)
     with pytest.raises(Crash):
-        train_stage(config, mix, tokens.sft, base, base, str(tmp_path / "stage-1"), parent)
+        train_stage(config, mix, tokens.sft, base, base, str(tmp_path / "stage-1"), stage_run)
     sft = pd.read_parquet(tokens.sft)
     other = mix_stage(sft[sft["split"] == "train"], 1, 0.5, 160, seed=0, manifest=mix.manifest)
     with pytest.raises(RuntimeError, match="another mix manifest"):
-        train_stage(config, other, tokens.sft, base, base, str(tmp_path / "stage-1"), parent)
+        train_stage(config, other, tokens.sft, base, base, str(tmp_path / "stage-1"), stage_run)
 
 
 def test_lora_adapters_start_from_the_same_weights_for_the_same_seed(prepared):

@@ -2,8 +2,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tasks.lm import PadCollator, TokenDataset, mean_token_loss
 from tasks.guard import gate
+from tasks.lm import PadCollator, TokenDataset, mean_token_loss
 
 
 def test_gate_continues_within_the_budget_and_stops_beyond():
@@ -17,9 +17,18 @@ def test_gate_continues_within_the_budget_and_stops_beyond():
 
 def test_token_loss_does_not_depend_on_batch_size():
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                         num_key_value_heads=1, intermediate_size=32))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=32,
+        )
+    )
     import pandas as pd
+
     rows = [{"input_ids": list(range(1, n)), "labels": [-100] * 2 + list(range(3, n))} for n in (6, 9, 14, 20, 7)]
     data = TokenDataset(pd.DataFrame(rows))
     collator = PadCollator(pad_id=0)

@@ -22,8 +22,9 @@ def probe(what: str, url: str, path: str, hint: str, auth: tuple[str, str] | Non
     except httpx.HTTPError as err:
         raise Unreachable(f"{what} at {url} is unreachable ({type(err).__name__}: {err}). {hint}") from None
     if response.status_code in (401, 403):
-        raise Unreachable(f"{what} at {url} refused the credentials (HTTP {response.status_code}). "
-                          f"{CREDENTIALS_HINT.get(what, '')}")
+        raise Unreachable(
+            f"{what} at {url} refused the credentials (HTTP {response.status_code}). {CREDENTIALS_HINT.get(what, '')}"
+        )
     if response.status_code >= 400:
         raise Unreachable(f"{what} at {url} answered HTTP {response.status_code}: is it the right URL? {hint}")
 
@@ -33,9 +34,13 @@ def check_tracking_server(uri: str) -> None:
     if not uri.startswith(("http://", "https://")):
         return
     user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
-    probe("MLflow tracking server", uri, "/api/2.0/mlflow/experiments/search?max_results=1",
-          "Start it, or fix tracking.tracking_uri / MLFLOW_TRACKING_URI.",
-          auth=(user, password) if user and password else None)
+    probe(
+        "MLflow tracking server",
+        uri,
+        "/api/2.0/mlflow/experiments/search?max_results=1",
+        "Start it, or fix tracking.tracking_uri / MLFLOW_TRACKING_URI.",
+        auth=(user, password) if user and password else None,
+    )
 
 
 def check_prefect_api(url: str | None = None) -> None:

@@ -6,10 +6,27 @@ import hashlib
 import json
 import os
 import uuid
+from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
 
+from mixtune.core.paths import cache_dir
+
 COMPLETE_MARKER = "_complete"
+
+
+class Entry(StrEnum):
+    """Every kind of cache entry, named once: its folder prefix and its Prefect cache key both come from here."""
+
+    INGEST = "ingest"
+    TOKENIZER = "tokenizer"
+    TOKENS = "tokens"
+    BASE = "base"
+    CHAMPION = "champion"
+
+
+def entry_dir(output_dir: str, entry: Entry, key: str) -> Path:
+    return cache_dir(output_dir, entry.value, key)
 
 
 def fingerprint(*parts: object) -> str:
@@ -42,14 +59,15 @@ def mark_complete(folder: Path) -> None:
     (folder / COMPLETE_MARKER).write_text("ok\n")
 
 
-def prefect_cache_key(stage: str, key: str, folder: Path) -> str:
+def prefect_cache_key(entry: Entry, key: str, output_dir: str) -> str:
     """Prefect's cache key for a content-addressed output folder.
 
     The key carries an id stored inside the folder, so a Prefect cache record can only ever point at the
     folder it was made with: delete the folder and the next run gets a new id, misses the cache and rebuilds,
     instead of "hitting" a record whose files are gone."""
+    folder = entry_dir(output_dir, entry, key)
     id_file = folder / "_cache_id"
     if not id_file.is_file():
         folder.mkdir(parents=True, exist_ok=True)
         id_file.write_text(uuid.uuid4().hex[:12])
-    return f"{stage}-{key}-{id_file.read_text().strip()}"
+    return f"{entry.value}-{key}-{id_file.read_text().strip()}"

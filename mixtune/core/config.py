@@ -26,7 +26,8 @@ class Columns(Strict):
 
     prompt: str | None = Field(None, description="Field holding the user's message.")
     prompt_template: str | None = Field(
-        None, description="Instead of prompt: a template over the row's fields, e.g. '{input}\\nA. {A}'.")
+        None, description="Instead of prompt: a template over the row's fields, e.g. '{input}\\nA. {A}'."
+    )
     response: str = Field(description="Field holding the assistant's answer.")
     system: str | None = Field(None, description="Field holding a system prompt, if any.")
 
@@ -41,7 +42,8 @@ class Source(Strict):
     """One input: a file on disk, or a family of the embedded generated data."""
 
     path: str | None = Field(
-        None, description="A .jsonl, .json, .csv, .parquet or .txt file (relative to the config file).")
+        None, description="A .jsonl, .json, .csv, .parquet or .txt file (relative to the config file)."
+    )
     synthetic: Literal["general", "domain"] | None = Field(
         None, description="Instead of a file: generate the embedded default data of this kind."
     )
@@ -52,7 +54,8 @@ class Source(Strict):
     system_prompt: str | None = Field(None, description="A fixed system turn put before every conversation.")
     text_field: str = Field("text", description="Pre-training rows: the field holding the document.")
     text_split: Literal["line", "blank_line"] = Field(
-        "line", description=".txt pre-training files: one document per line, or blank-line separated.")
+        "line", description=".txt pre-training files: one document per line, or blank-line separated."
+    )
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Seeded share of this source held out.")
     max_val_samples: int = Field(200, ge=0, description="Cap on held-out rows, so validation stays cheap.")
 
@@ -74,13 +77,17 @@ class Data(Strict):
 
     sources: list[Source] = Field(min_length=1, description="Inputs, each tagged general, domain or pretrain.")
     reasoning: Literal["keep", "drop"] = Field(
-        "keep", description="An assistant turn's reasoning_content: kept (rendered as <think>) or dropped.")
+        "keep", description="An assistant turn's reasoning_content: kept (rendered as <think>) or dropped."
+    )
     dedupe: Literal["exact", "normalized"] = Field(
-        "exact", description="normalized also drops near-duplicates (case, whitespace and punctuation aside).")
+        "exact", description="normalized also drops near-duplicates (case, whitespace and punctuation aside)."
+    )
     overlong: Literal["truncate", "reject"] = Field(
-        "truncate", description="Samples over model.max_seq_len tokens: truncated, or quarantined (counted either way).")
+        "truncate", description="Samples over model.max_seq_len tokens: truncated, or quarantined (counted either way)."
+    )
     max_quarantine_fraction: float = Field(
-        0.5, ge=0.0, le=1.0, description="Fail before training when a source quarantines more of its rows than this.")
+        0.5, ge=0.0, le=1.0, description="Fail before training when a source quarantines more of its rows than this."
+    )
 
     @model_validator(mode="after")
     def _needs_both_roles(self) -> Data:
@@ -98,7 +105,9 @@ class Model(Strict):
         "tiny", description="Build a model from scratch with these shapes (ignored when path is set)."
     )
     path: str | None = Field(None, description="A local Hugging Face model folder (loaded offline).")
-    vocab_size: int | None = Field(None, ge=300, description="BPE vocabulary for a scratch tokenizer (preset's if unset).")
+    vocab_size: int | None = Field(
+        None, ge=300, description="BPE vocabulary for a scratch tokenizer (preset's if unset)."
+    )
     max_seq_len: int = Field(256, ge=16, description="Longer samples are truncated (and counted).")
 
     @model_validator(mode="after")
@@ -124,7 +133,8 @@ class Schedule(Strict):
     end: float = Field(0.5, ge=0.0, le=1.0, description="Domain share of the last stage.")
     stages: int = Field(4, ge=1, le=64, description="Number of stages, each a new mix and a training run.")
     shape: Literal["linear", "step", "cosine"] = Field(
-        "linear", description="linear: even steps; cosine: slow start and end; step: start, then end halfway.")
+        "linear", description="linear: even steps; cosine: slow start and end; step: start, then end halfway."
+    )
     shares: list[Share] | None = Field(
         None, description="An explicit list of per-stage shares; overrides start/end/stages/shape."
     )
@@ -158,7 +168,8 @@ class Lora(Strict):
     alpha: int = Field(32, gt=0, description="Scaling of the update (alpha / r).")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
     target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1,
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        min_length=1,
         description="Module names that get adapters.",
     )
 
@@ -174,10 +185,12 @@ class Train(Strict):
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="Share of each stage's steps spent warming up.")
     rewarm: bool = Field(True, description="Warm the learning rate up again at every stage (else stage 1 only).")
     stage_lr_decay: float = Field(
-        1.0, gt=0.0, le=1.0, description="Stage k trains at learning_rate * stage_lr_decay^(k-1).")
+        1.0, gt=0.0, le=1.0, description="Stage k trains at learning_rate * stage_lr_decay^(k-1)."
+    )
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
-        "cosine", description="Learning-rate shape within each stage.")
+        "cosine", description="Learning-rate shape within each stage."
+    )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 on a GPU that has it, fp32 on CPU (bf16 is 10-100x slower there)."
     )
@@ -195,13 +208,17 @@ class Validation(Strict):
         0.10, ge=0.0, description="Act when general val loss exceeds the base model's by more (relative)."
     )
     on_forgetting: Literal["stop", "hold", "back_off"] = Field(
-        "stop", description="stop: end with the best model so far; hold: repeat the domain share; "
-                            "back_off: step the share back one stage.")
+        "stop",
+        description="stop: end with the best model so far; hold: repeat the domain share; "
+        "back_off: step the share back one stage.",
+    )
     max_guard_actions: int = Field(2, ge=0, description="hold/back_off at most this often, then stop.")
     general_patience: int = Field(
-        5, ge=1, description="Evaluations of rising general loss (while train loss falls) that end a stage.")
+        5, ge=1, description="Evaluations of rising general loss (while train loss falls) that end a stage."
+    )
     general_min_delta: float = Field(
-        0.02, ge=0.0, description="Smallest general loss rise over its best that counts (absolute, in nats).")
+        0.02, ge=0.0, description="Smallest general loss rise over its best that counts (absolute, in nats)."
+    )
     batch_size: int = Field(32, gt=0, description="Samples per validation forward pass.")
 
 
@@ -220,21 +237,31 @@ class Registry(Strict):
     only when it is better on domain data and within the forgetting budget on general data."""
 
     model_name: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9_.-]+$",
-        description="MLflow registered model; default: the experiment's name, so its runs compete for one champion.")
-    alias: str = Field("champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$",
-                       description="Registry alias that marks the model to ship; moved only on promotion.")
+        None,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="MLflow registered model; default: the experiment's name, so its runs compete for one champion.",
+    )
+    alias: str = Field(
+        "champion",
+        pattern=r"^[A-Za-z][A-Za-z0-9_-]*$",
+        description="Registry alias that marks the model to ship; moved only on promotion.",
+    )
     skip_unchanged: bool = Field(
-        True, description="End without training when data and recipe hash like the last successful run's.")
+        True, description="End without training when data and recipe hash like the last successful run's."
+    )
     min_improvement: float = Field(
-        0.0, ge=0.0, lt=1.0, description="Relative domain loss drop over the champion needed to promote.")
+        0.0, ge=0.0, lt=1.0, description="Relative domain loss drop over the champion needed to promote."
+    )
 
 
 class Deploy(Strict):
     """The Prefect deployments that `mixtune serve` and `mixtune deploy` register."""
 
-    name: str = Field("mixtune", pattern=r"^[A-Za-z0-9_.-]+$",
-                      description="Deployments are <name>-scheduled (cron) and <name>-manual (UI/API triggers).")
+    name: str = Field(
+        "mixtune",
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Deployments are <name>-scheduled (cron) and <name>-manual (UI/API triggers).",
+    )
     cron: str | None = Field(None, description="Retraining schedule, e.g. '0 3 * * *'; unset: manual runs only.")
     timezone: str = Field("UTC", description="Time zone the cron schedule is read in.")
 
@@ -280,14 +307,17 @@ class PipelineConfig(Strict):
     registry: Registry = Field(default_factory=Registry)
     deploy: Deploy = Field(default_factory=Deploy)
     plan: Literal["manual", "auto"] = Field(
-        "manual", description="auto: method, epochs and schedule come from the advisor's rules.")
+        "manual", description="auto: method, epochs and schedule come from the advisor's rules."
+    )
     goal: Literal["behaviour", "knowledge"] = Field(
-        "behaviour", description="knowledge: continued pre-training first (SFT does not add knowledge).")
+        "behaviour", description="knowledge: continued pre-training first (SFT does not add knowledge)."
+    )
     advisor: Advisor = Field(default_factory=Advisor)
 
     @property
     def registered_model(self) -> str:
         return self.registry.model_name or self.tracking.experiment
+
 
 class ConfigError(ValueError):
     """A config that cannot run; the message names the file and every bad field's path."""

@@ -1,0 +1,46 @@
+"""Models on disk: a stage's output (a full HF folder, or a LoRA adapter over the base), loaded for
+evaluation, scored on the validation sets, and made standalone for the registry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mixtune.core.cache import is_complete, mark_complete
+from tasks.lm import PadCollator, mean_token_loss
+from tasks.records import TokenLosses
+from tasks.tables import validation_sets
+
+
+def is_adapter(folder: str) -> bool:
+    return (Path(folder) / "adapter_config.json").is_file()
+
+
+def load_model(model_dir: str, base_dir: str):
+    """A stage's output: a full model folder, or an adapter folder applied to the base model."""
+    if is_adapter(model_dir):
+        return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), model_dir)
+    return AutoModelForCausalLM.from_pretrained(model_dir)
+
+
+def evaluate(model_dir: str, base_dir: str, sft_path: str, batch_size: int) -> TokenLosses:
+    model = load_model(model_dir, base_dir)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    collator = PadCollator(AutoTokenizer.from_pretrained(base_dir).pad_token_id)
+    sets = validation_sets(sft_path)
+    return TokenLosses(**{tag: mean_token_loss(model, data, collator, batch_size) for tag, data in sets.items()})
+
+
+def standalone_model(final_dir: str, base_dir: str, folder: Path) -> str:
+    """What gets registered must load on its own: a LoRA adapter is merged into its base first."""
+    if not is_adapter(final_dir):
+        return final_dir
+    if not is_complete(folder):
+        load_model(final_dir, base_dir).merge_and_unload().save_pretrained(folder)
+        AutoTokenizer.from_pretrained(base_dir).save_pretrained(folder)
+        mark_complete(folder)
+    return str(folder)

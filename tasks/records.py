@@ -1,0 +1,118 @@
+"""The records stages hand each other (through the flow): plain pydantic data, no behaviour.
+
+Kept apart from the stages that make them, so a stage that reads a record never imports the stage that
+wrote it."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel
+
+from tasks.guard import GateDecision
+
+
+class IngestResult(BaseModel):
+    key: str
+    folder: str
+    samples: str
+    quarantine: str
+    stats: dict[str, dict]
+
+
+class TokenizedData(BaseModel):
+    key: str
+    folder: str
+    sft: str
+    pretrain: str
+    rejected: str
+    stats: dict
+
+
+class StageMix(BaseModel):
+    stage: int
+    target_share: float
+    realised_share: float
+    realised_token_share: float
+    samples: int
+    domain_samples: int
+    general_samples: int
+    domain_epochs: float  # realised: how many times this stage shows the domain pool
+    general_epochs: float
+    source_epochs: dict[str, float]  # per source: samples drawn this stage / that source's training rows
+    manifest: str
+
+
+class StageTraining(BaseModel):
+    stage: int
+    run_id: str
+    stage_dir: str
+    model_dir: str
+    global_step: int
+    max_steps: int
+    best_step: int | None
+    stopped_early: bool
+    tokens_per_second: float
+    learning_rate: float
+    overfit_onset: dict[str, int | None]
+    stop_reason: str | None  # why the stage ended before its last step
+
+
+class TokenLosses(BaseModel):
+    """Mean cross-entropy per labelled token (nats), on the domain and the general validation set."""
+
+    domain: float
+    general: float
+
+
+class ByteLosses(BaseModel):
+    """Nats per UTF-8 byte of target text: comparable across tokenizers."""
+
+    domain: float
+    general: float
+
+
+class StageReport(BaseModel):
+    stage: int
+    target_share: float
+    realised_share: float
+    source_epochs: dict[str, float]
+    losses: TokenLosses
+    gate: GateDecision
+    steps: int
+    best_step: int | None
+    stopped_early: bool
+    stop_reason: str | None
+    tokens_per_second: float
+    stage_dir: str
+    model_dir: str
+    run_id: str
+
+
+Decision = Literal["skip", "first", "promote", "reject"]
+
+
+class Verdict(BaseModel):
+    decision: Decision
+    reason: str
+    model_name: str
+    alias: str
+    version: int | None = None  # the challenger's registry version
+    champion_version: int | None = None  # who holds the alias after the decision
+    challenger: ByteLosses | None = None
+    champion: ByteLosses | None = None
+    previous_run: str | None = None  # skip: the successful run whose inputs were the same
+
+
+class RunSummary(BaseModel):
+    parent_run_id: str
+    tracking_uri: str
+    experiment: str
+    baseline: TokenLosses | None = None  # None: the run was skipped, nothing was trained
+    stages: list[StageReport] = []
+    final_model: str | None = None
+    final_stage: int = 0  # 0: the base model (no stage passed the gate)
+    final_losses: TokenLosses | None = None
+    stopped_reason: str | None = None
+    plots: list[str] = []
+    verdict: Verdict | None = None

@@ -1,0 +1,40 @@
+"""The token tables stages read: training rows of a stage's mix, and the validation sets."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pyarrow.parquet as pq
+import torch
+
+IGNORE = -100  # label of a token that is not scored (prompt, padding)
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    def __init__(self, table: pd.DataFrame):
+        self.input_ids = list(table["input_ids"])
+        self.labels = list(table["labels"])
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.input_ids[i], "labels": self.labels[i]}
+
+
+def validation_sets(sft_path: str) -> dict[str, TokenDataset]:
+    val = pq.read_table(sft_path, columns=["tag", "input_ids", "labels"], filters=[("split", "==", "val")]).to_pandas()
+    return {tag: TokenDataset(val[val["tag"] == tag]) for tag in ("domain", "general")}
+
+
+def stage_table(sft_path: str, manifest: str) -> pd.DataFrame:
+    """The stage's training rows (token ids and labels) in the manifest's order, repeats included; only the
+    drawn rows are read, so a stage's memory follows its size, not the whole data set's."""
+    order = pd.read_parquet(manifest, columns=["sample_id"])
+    wanted = order["sample_id"].unique().tolist()
+    rows = pq.read_table(
+        sft_path,
+        columns=["sample_id", "split", "input_ids", "labels"],
+        filters=[("sample_id", "in", wanted), ("split", "==", "train")],
+    ).to_pandas()
+    by_id = rows.drop_duplicates("sample_id").set_index("sample_id")
+    return by_id.loc[order["sample_id"]].reset_index()
