@@ -3,22 +3,42 @@ its URL in the message, instead of after minutes of client retries (or, worse, a
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 
 import httpx
 
 CREDENTIALS_HINT = {"MLflow tracking server": "Set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD."}
-TIMEOUT_S = 4.0  # with imports, the whole command still ends well within 10 s
+TIMEOUT_S = 4.0  # one probe's wait for an answer
+PATIENCE_S = 30.0  # a server that accepts connections but answers slowly is busy, not dead: wait this long in all
+log = logging.getLogger("mixtune")
 
 
 class Unreachable(RuntimeError):
     """A server the run needs does not answer, or refuses the credentials given."""
 
 
+def get_patiently(url: str, auth: tuple[str, str] | None, patience_s: float = PATIENCE_S) -> httpx.Response:
+    """A refused connection fails at once; a slow answer is asked again with backoff until `patience_s`."""
+    deadline, delay = time.monotonic() + patience_s, 1.0
+    while True:
+        try:
+            with httpx.Client(timeout=TIMEOUT_S, auth=auth) as client:
+                return client.get(url)
+        except httpx.TimeoutException:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise
+            delay = min(delay, left)
+            log.warning("%s answers slowly (busy?): asking again in %.0f s", url, delay)
+            time.sleep(delay)
+            delay *= 2
+
+
 def probe(what: str, url: str, path: str, hint: str, auth: tuple[str, str] | None = None) -> None:
     try:
-        with httpx.Client(timeout=TIMEOUT_S, auth=auth) as client:
-            response = client.get(url.rstrip("/") + path)
+        response = get_patiently(url.rstrip("/") + path, auth)
     except httpx.HTTPError as err:
         raise Unreachable(f"{what} at {url} is unreachable ({type(err).__name__}: {err}). {hint}") from None
     if response.status_code in (401, 403):
