@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 CONFIG ?= pipeline.yaml
 
-.PHONY: setup run test check clean
+.PHONY: setup run test lint format check clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,14 @@ check: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 clean:
 	rm -rf runs .prefect .pytest_cache
