@@ -5,6 +5,7 @@ values in a form built from the schema (field descriptions included), and the se
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 from prefect import serve
@@ -16,13 +17,14 @@ from prefect.schedules import Cron
 
 from flows.finetune import finetune
 from mixtune.core.config import PipelineConfig
+from mixtune.core.policy import ServedPolicy
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 ENTRYPOINT = "flows/finetune.py:finetune"
 
 
 def deployment_specs(config: PipelineConfig) -> list[dict]:
-    common = {"parameters": {"config": config.model_dump(mode="json")}, "tags": ["mixtune", config.run.name]}
+    common = {"parameters": {"config": config.public_dump()}, "tags": ["mixtune", config.run.name]}
     specs = [
         {
             "name": f"{config.deploy.name}-manual",
@@ -43,8 +45,10 @@ def deployment_specs(config: PipelineConfig) -> list[dict]:
     return specs
 
 
-def serve_deployments(config: PipelineConfig) -> None:
-    """Blocks: this process polls the server and runs each flow run in a subprocess."""
+def serve_deployments(config: PipelineConfig, policy: ServedPolicy) -> None:
+    """Blocks: this process polls the server and runs each flow run in a subprocess, which inherits the
+    policy from this process's environment (a run's parameters cannot change it)."""
+    os.environ.update(policy.to_env())
     # By module path, so the served runs import the installed package whatever folder serve started in.
     serve(
         *(
@@ -59,10 +63,18 @@ def ensure_process_pool(pool: str) -> None:
         client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
 
 
-def deploy_to_pool(config: PipelineConfig, pool: str) -> list[str]:
-    """For `prefect worker start --pool <pool>`: the worker runs the flow from this project folder."""
+def deploy_to_pool(config: PipelineConfig, pool: str, policy: ServedPolicy) -> list[str]:
+    """For `prefect worker start --pool <pool>`: the worker runs the flow from this project folder, with the
+    policy in the flow process's environment (a deployment job variable)."""
     ensure_process_pool(pool)
     source, specs = finetune.from_source(source=str(PROJECT_ROOT), entrypoint=ENTRYPOINT), deployment_specs(config)
     for spec in specs:
-        source.deploy(work_pool_name=pool, build=False, push=False, print_next_steps=False, **spec)
+        source.deploy(
+            work_pool_name=pool,
+            build=False,
+            push=False,
+            print_next_steps=False,
+            job_variables={"env": policy.to_env()},
+            **spec,
+        )
     return [spec["name"] for spec in specs]

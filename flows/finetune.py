@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from prefect import flow
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 from pydantic import ValidationError
 
-from mixtune.core.config import PipelineConfig, resolve_paths
+from mixtune.core.config import ConfigError, PipelineConfig, resolve_paths
 from mixtune.core.logs import run_logger
 from mixtune.core.paths import run_dir, stage_dir, tracking_uri
+from mixtune.core.policy import enforce, served_policy
 from mixtune.core.preflight import check_tracking_server
 from tasks.base_model import pretrain_task, tokenizer_task
 from tasks.champion import challenge_task, champion_task
@@ -33,6 +35,13 @@ from tasks.validate import baseline_task, validate_task
 PROBES_PER_SET = 3
 
 
+def confine(config: PipelineConfig, is_deployment_run: bool) -> None:
+    """A deployment's run may only use the tracking servers and read the folders its deployment allows."""
+    policy = served_policy(is_deployment_run)
+    if policy:
+        enforce(config, policy)
+
+
 def end_tracking(status: str):
     """A Prefect state hook: whatever ends the flow run (failure, crash, cancellation), its MLflow runs end
     with `status` instead of staying RUNNING. Runs in the flow's process, or in the runner's on cancellation."""
@@ -40,8 +49,9 @@ def end_tracking(status: str):
     def hook(flow, flow_run, state) -> None:  # these names: Prefect's runner passes them as keywords
         try:
             config = PipelineConfig.model_validate(flow_run.parameters["config"])
-        except ValidationError:
-            return  # parameters the flow refused: it never started an MLflow run
+            confine(config, flow_run.deployment_id is not None)
+        except (ValidationError, ConfigError):
+            return  # parameters the flow refused: it never started an MLflow run, nor may it reach the server
         try:
             check_tracking_server(tracking_uri(config))  # a server that is down: say so now, not after retries
             end_runs_of_flow_run(config, str(flow_run.id), status)
@@ -62,6 +72,8 @@ def finetune(config: PipelineConfig) -> RunSummary:
     """Check inputs against the last successful run; ingest, plan, pre-train a scratch model, then per stage:
     mix domain into general data, train, validate on domain and general data, and let the gate continue, hold,
     back off or stop. The final model then challenges the registered champion."""
+    os.umask(0o077)  # databases, caches, quarantined rows and models: readable by their owner only
+    confine(config, deployment.id is not None)
     config = resolve_paths(config, Path.cwd(), "flow parameter config")
     check_tracking_server(tracking_uri(config))
     tracker = start_tracking_task(config, flow_run.id)

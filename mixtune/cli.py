@@ -77,9 +77,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.umask(0o077)  # databases, caches, quarantined rows and models: readable by their owner only
     args = parser().parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
+        credentials_to_environment(config, args.command)
     except ConfigError as err:
         print(f"mixtune: invalid config\n{err}", file=sys.stderr)
         return 2
@@ -99,6 +101,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("serve", "deploy"):
         return deployments(config, args)
     return run(config)
+
+
+def credentials_to_environment(config: PipelineConfig, command: str) -> None:
+    """user:password in tracking.tracking_uri move to MLflow's own variables before anything runs, so the
+    URI that is logged, stored by Prefect as a flow parameter and printed carries none."""
+    from mixtune.core.uris import split_credentials
+
+    uri = config.tracking.tracking_uri
+    clean, user, password = split_credentials(uri) if uri else (uri, None, None)
+    if user is None:
+        return
+    if command == "deploy":  # the worker runs these flows: the credentials belong in its environment
+        raise ConfigError(
+            "tracking.tracking_uri: no credentials in a deployed config (Prefect would store them); set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in the worker's environment"
+        )
+    os.environ["MLFLOW_TRACKING_USERNAME"] = user
+    if password is not None:
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = password
+    config.tracking.tracking_uri = clean
 
 
 def preflight(config: PipelineConfig) -> None:
@@ -163,12 +185,14 @@ def deployments(config: PipelineConfig, args) -> int:
         )
         return 2
     from flows.deployments import deploy_to_pool, serve_deployments
+    from mixtune.core.policy import ServedPolicy
 
+    policy = ServedPolicy.for_served(config, Path(args.config).resolve().parent)
     if args.command == "deploy":
-        for name in deploy_to_pool(config, args.pool):
+        for name in deploy_to_pool(config, args.pool, policy):
             print(f"deployment {name} on work pool {args.pool}")
         return 0
-    serve_deployments(config)
+    serve_deployments(config, policy)
     return 0
 
 

@@ -6,6 +6,7 @@ Pure functions: every number in a plan comes with the rule that produced it.
 
 from __future__ import annotations
 
+import json
 import math
 
 from prefect import task
@@ -249,7 +250,8 @@ def make_plan(config: PipelineConfig, stats: dict[str, dict]) -> RunPlan:
 def plan_task(config: PipelineConfig, stats: dict[str, dict], tracker: Tracker) -> RunPlan:
     plan = make_plan(config, stats)
     tracker.log_text(plan.text, "plan/plan.txt")
-    tracker.log_text(plan.model_dump_json(indent=2), "plan/plan.json")
+    public = {**plan.model_dump(mode="json"), "config": plan.config.public_dump()}
+    tracker.log_text(json.dumps(public, indent=2), "plan/plan.json")
     tracker.log_params(
         {
             "plan.mode": config.plan,

@@ -164,7 +164,7 @@ def start_parent_run(config: PipelineConfig, flow_run_id: str) -> Tracker:
     run = client.create_run(exp_id, run_name=f"{config.run.name}-{flow_run_id[:8]}", tags=tags)
     hold_lock(run.info.run_id, lock)
     tracker = tracker.model_copy(update={"parent_run_id": run.info.run_id})
-    tracker.log_params(flatten(config.model_dump(mode="json")))
+    tracker.log_params(flatten(config.public_dump()))
     return tracker
 
 
@@ -177,7 +177,7 @@ def hold_lock(run_id: str, path: Path) -> None:
     if run_id in _held_locks:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     _held_locks[run_id] = fd
 

@@ -75,6 +75,8 @@ def test_flow_runs_every_stage_and_reloads_to_the_logged_loss(prefect_harness, t
     summary = finetune(config)
     children = check_run(config, summary)
     assert summary.final_stage == len(children)
+    shared = [p for p in Path(config.run.output_dir).rglob("*") if p.stat().st_mode & 0o077]
+    assert shared == [] and list(Path(config.run.output_dir).rglob("mlflow.db"))  # owner-only, database included
     final = children[summary.final_stage]
     sft_path = next(Path(config.run.output_dir).glob("cache/tokens-*/sft.parquet"))
     losses = reload_losses(summary.final_model, sft_path)

@@ -13,7 +13,7 @@ from mixtune.core import preflight
 @pytest.fixture
 def waits(monkeypatch):
     slept = []
-    monkeypatch.setattr(preflight.time, "sleep", slept.append)
+    monkeypatch.setattr(preflight, "wait", slept.append)
     monkeypatch.setattr(preflight, "TIMEOUT_S", 0.3)
     return slept
 
@@ -32,7 +32,7 @@ def test_a_refused_connection_fails_at_once(waits):
 
 def test_a_server_that_never_answers_fails_after_the_bound(waits, monkeypatch):
     clock = iter(range(0, 1000, 5))  # each look at the clock: 5 s later
-    monkeypatch.setattr(preflight.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(preflight, "clock", lambda: next(clock))
     with socket.socket() as silent:  # accepts connections (the kernel's backlog), never answers
         silent.bind(("127.0.0.1", 0))
         silent.listen(16)

@@ -7,7 +7,10 @@ import os
 import secrets
 import signal
 import subprocess
+import threading
 import time
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -94,6 +97,23 @@ def test_served_deployment_runs_with_one_changed_parameter_and_the_server_reject
         [run] = client.search_runs([experiment], f"tags.`mixtune.flow_run_id` = '{run_id}'")
         assert run.data.params["train.learning_rate"] == "0.002" and run.info.status == "FINISHED"
 
+        # A run may not send the worker's credentials elsewhere, nor read outside the served folder.
+        outside = tmp_path.parent / f"{tmp_path.name}-creds.jsonl"
+        outside.write_text('{"secret": "s3cret-row"}\n')
+        with request_counter() as (listener, requests):
+            elsewhere = copy.deepcopy(form)
+            elsewhere["tracking"]["tracking_uri"] = listener
+            sneaky = copy.deepcopy(form)
+            sneaky["data"]["sources"][1] = {"path": str(tmp_path / ".." / outside.name), "role": "domain"}
+            for params, field in ((elsewhere, "tracking.tracking_uri"), (sneaky, "data.sources.1.path")):
+                created = api.post(
+                    f"/deployments/{manual['id']}/create_flow_run", json={"parameters": {"config": params}}
+                )
+                assert end_state(api, created.json()["id"]) == "FAILED"
+                assert f"{field}:" in (tmp_path / "serve.log").read_text()
+            assert requests == []
+        assert "s3cret-row" not in "".join(p.read_text(errors="replace") for p in (tmp_path / "runs").rglob("*.jsonl"))
+
         # Cancelled from the UI mid-stage: the runner's cancellation hook ends the MLflow runs KILLED.
         long = copy.deepcopy(form)
         long["data"]["sources"] = LONG_STAGE["data"]["sources"]
@@ -116,6 +136,29 @@ def test_served_deployment_runs_with_one_changed_parameter_and_the_server_reject
         )
     finally:
         stop(served)
+
+
+@contextmanager
+def request_counter():
+    """An HTTP listener on 127.0.0.1 that records every request it gets (and answers 404)."""
+    requests = []
+
+    class Record(BaseHTTPRequestHandler):
+        def do_GET(self):
+            requests.append((self.command, self.path, self.headers.get("Authorization")))
+            self.send_error(404)
+
+        do_POST = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Record)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", requests
+    finally:
+        server.shutdown()
 
 
 def end_state(api: httpx.Client, run_id: str) -> str:
@@ -174,7 +217,9 @@ def test_a_killed_flow_process_leaves_no_running_mlflow_run_after_the_next_start
     assert {client.get_run(r).info.status for r in orphans} == {"KILLED"}
 
 
-def test_a_whole_run_logs_to_an_mlflow_server_with_basic_auth(prefect_harness, tmp_path, monkeypatch):
+def test_a_whole_run_logs_to_an_mlflow_server_with_basic_auth_and_its_password_is_nowhere(tmp_path, monkeypatch):
+    """`mixtune run` with the password in the tracking URI: the run works, and the password is in no param,
+    tag, artifact, output file, Prefect database or console line."""
     user = os.environ.get("MIXTUNE_TEST_MLFLOW_USER", "mixtune-admin")
     password = os.environ.get("MIXTUNE_TEST_MLFLOW_PASSWORD") or secrets.token_urlsafe(18)
     with mlflow_server(tmp_path / "mlflow", user, password) as uri:
@@ -186,17 +231,40 @@ def test_a_whole_run_logs_to_an_mlflow_server_with_basic_auth(prefect_harness, t
             check_tracking_server(uri)
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
 
-        summary = finetune(tiny_config(tmp_path / "runs", tracking={"tracking_uri": uri}, **FAST))
-        client = MlflowClient(uri)
-        parent = client.get_run(summary.parent_run_id)
-        children = client.search_runs(
-            [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{summary.parent_run_id}'"
+        with_password = uri.replace("http://", f"http://{user}:{password}@")
+        config_path = write_config(tmp_path, tracking={"tracking_uri": with_password}, **FAST)
+        env = {**os.environ, **QUIET_ENV, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+        for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "PREFECT_API_URL"):
+            env.pop(name, None)  # the URI is the only place the run can learn the password from
+        done = subprocess.run(
+            [str(BIN / "mixtune"), "run", str(config_path)],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=900,
         )
+        console = done.stdout + done.stderr
+        assert done.returncode == 0, console[-4000:]
+
+        client = MlflowClient(uri)
+        experiment = client.get_experiment_by_name("mixtune").experiment_id
+        [parent] = client.search_runs([experiment], "tags.`mixtune.kind` = 'pipeline'")
+        children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
         assert parent.info.status == "FINISHED" and len(children) == 2
         assert {c.info.status for c in children} == {"FINISHED"}
-        assert parent.data.metrics["final_domain_val_loss"] == pytest.approx(summary.final_losses.domain)
-        assert "final_model" in {a.path for a in client.list_artifacts(summary.parent_run_id)}
-        assert client.get_model_version_by_alias("mixtune", "champion").run_id == summary.parent_run_id
+        assert parent.data.params["tracking.tracking_uri"] == uri
+        assert "final_model" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+        assert client.get_model_version_by_alias("mixtune", "champion").run_id == parent.info.run_id
+
+        downloaded = tmp_path / "downloaded"
+        for run in (parent, *children):
+            client.download_artifacts(run.info.run_id, "", str(downloaded / run.info.run_id))
+        stored = [str(run.data.params) + str(run.data.tags) for run in (parent, *children)]
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and p != config_path]  # the user's own file aside
+    leaks = [p for p in written if password.encode() in p.read_bytes()]
+    assert leaks == [] and password not in console and not any(password in text for text in stored)
+    assert (tmp_path / "prefect-home").is_dir() and list(downloaded.rglob("plan.json"))  # the grep saw them
 
 
 def test_unreachable_servers_fail_within_seconds_naming_the_url(prefect_harness, tmp_path):

@@ -12,6 +12,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mixtune.core.uris import redact_uri
+
 Role = Literal["general", "domain", "pretrain"]
 Share = Annotated[float, Field(ge=0.0, le=1.0)]  # bounds in the JSON schema too: the Prefect server checks them
 Format = Literal["auto", "minimind", "openai", "sharegpt", "alpaca", "text"]
@@ -264,6 +266,16 @@ class Deploy(Strict):
     )
     cron: str | None = Field(None, description="Retraining schedule, e.g. '0 3 * * *'; unset: manual runs only.")
     timezone: str = Field("UTC", description="Time zone the cron schedule is read in.")
+    allowed_tracking_uris: list[str] = Field(
+        default_factory=list,
+        description="Tracking servers a served run may name in tracking.tracking_uri, besides the served config's "
+        "own; any other is refused before a request (credentials go only to these).",
+    )
+    data_roots: list[str] | None = Field(
+        None,
+        description="Folders served runs may read sources and models from (relative to the config file); "
+        "default: the served config's folder. The served config's own inputs are always allowed.",
+    )
 
     @field_validator("timezone")
     @classmethod
@@ -317,6 +329,14 @@ class PipelineConfig(Strict):
     @property
     def registered_model(self) -> str:
         return self.registry.model_name or self.tracking.experiment
+
+    def public_dump(self) -> dict:
+        """The config as it may be logged, stored or shown: credentials in URIs redacted."""
+        dumped = self.model_dump(mode="json")
+        if self.tracking.tracking_uri:
+            dumped["tracking"]["tracking_uri"] = redact_uri(self.tracking.tracking_uri)
+        dumped["deploy"]["allowed_tracking_uris"] = [redact_uri(u) for u in self.deploy.allowed_tracking_uris]
+        return dumped
 
 
 class ConfigError(ValueError):

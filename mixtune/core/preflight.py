@@ -13,6 +13,7 @@ CREDENTIALS_HINT = {"MLflow tracking server": "Set MLFLOW_TRACKING_USERNAME and 
 TIMEOUT_S = 4.0  # one probe's wait for an answer
 PATIENCE_S = 30.0  # a server that accepts connections but answers slowly is busy, not dead: wait this long in all
 log = logging.getLogger("mixtune")
+clock, wait = time.monotonic, time.sleep  # this module's own names, so a test can stand in for them alone
 
 
 class Unreachable(RuntimeError):
@@ -21,18 +22,18 @@ class Unreachable(RuntimeError):
 
 def get_patiently(url: str, auth: tuple[str, str] | None, patience_s: float = PATIENCE_S) -> httpx.Response:
     """A refused connection fails at once; a slow answer is asked again with backoff until `patience_s`."""
-    deadline, delay = time.monotonic() + patience_s, 1.0
+    deadline, delay = clock() + patience_s, 1.0
     while True:
         try:
             with httpx.Client(timeout=TIMEOUT_S, auth=auth) as client:
                 return client.get(url)
         except httpx.TimeoutException:
-            left = deadline - time.monotonic()
+            left = deadline - clock()
             if left <= 0:
                 raise
             delay = min(delay, left)
             log.warning("%s answers slowly (busy?): asking again in %.0f s", url, delay)
-            time.sleep(delay)
+            wait(delay)
             delay *= 2
 
 

@@ -1,0 +1,97 @@
+"""What a served run may do. A deployment's flow runs take their whole config from whoever can reach the
+Prefect API, so the serving side fixes two things a run's parameters cannot: which tracking servers get
+the worker's MLflow credentials, and which folders the run may read. Local `mixtune run` is not confined.
+
+`mixtune serve` / `mixtune deploy` put the policy in the environment of the processes that run the
+flow (MIXTUNE_SERVED_POLICY); the flow checks every deployment run against it before any request."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from mixtune.core.config import ConfigError, PipelineConfig
+from mixtune.core.paths import tracking_uri
+from mixtune.core.uris import split_credentials
+
+POLICY_ENV = "MIXTUNE_SERVED_POLICY"
+
+
+def same_server(a: str, b: str) -> bool:
+    return split_credentials(a)[0].rstrip("/") == split_credentials(b)[0].rstrip("/")
+
+
+class ServedPolicy(BaseModel):
+    tracking_uris: list[str]  # servers a run may name in tracking.tracking_uri (credentials stripped)
+    data_roots: list[str]  # folders a run may read sources and models from
+    files: list[str] = []  # and exactly these: the served config's own inputs
+
+    @classmethod
+    def for_served(cls, config: PipelineConfig, config_dir: Path) -> ServedPolicy:
+        uris = [tracking_uri(config), *config.deploy.allowed_tracking_uris]
+        roots = config.deploy.data_roots or [str(config_dir)]
+        own = [s.path for s in config.data.sources if s.path] + ([config.model.path] if config.model.path else [])
+        return cls(
+            tracking_uris=[split_credentials(u)[0] for u in uris],
+            data_roots=[str((config_dir / r).resolve()) for r in roots],
+            files=[str(Path(p).resolve()) for p in own],
+        )
+
+    def to_env(self) -> dict[str, str]:
+        return {POLICY_ENV: self.model_dump_json()}
+
+
+def served_policy(is_deployment_run: bool) -> ServedPolicy | None:
+    """The serving side's policy; a deployment run without one gets the strictest: the worker's own
+    tracking server and the folder it runs in."""
+    if os.environ.get(POLICY_ENV):
+        return ServedPolicy.model_validate(json.loads(os.environ[POLICY_ENV]))
+    if not is_deployment_run:
+        return None
+    worker_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    return ServedPolicy(tracking_uris=[worker_uri] if worker_uri else [], data_roots=[str(Path.cwd().resolve())])
+
+
+def enforce(config: PipelineConfig, policy: ServedPolicy) -> None:
+    """Refuse, naming the field, a run that would send credentials elsewhere or read outside its roots."""
+    problems = tracking_problems(config, policy) + input_problems(config, policy)
+    if problems:
+        raise ConfigError("\n".join(["a served run's parameters were refused before any request:", *problems]))
+
+
+def tracking_problems(config: PipelineConfig, policy: ServedPolicy) -> list[str]:
+    uri = config.tracking.tracking_uri
+    if uri is None:
+        return []
+    if split_credentials(uri)[1] is not None:
+        return [
+            "  tracking.tracking_uri: credentials in a run's parameters are refused; the worker's environment "
+            "holds them (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)"
+        ]
+    if any(same_server(uri, allowed) for allowed in policy.tracking_uris):
+        return []
+    allowed = ", ".join(policy.tracking_uris) or "(none: leave it unset)"
+    return [
+        f"  tracking.tracking_uri: {uri} is not a tracking server this deployment allows ({allowed}); "
+        "see deploy.allowed_tracking_uris"
+    ]
+
+
+def input_problems(config: PipelineConfig, policy: ServedPolicy) -> list[str]:
+    inputs = [(f"data.sources.{i}.path", s.path) for i, s in enumerate(config.data.sources) if s.path]
+    if config.model.path:
+        inputs.append(("model.path", config.model.path))
+    return [
+        f"  {field}: {path} is outside the folders this deployment may read ({', '.join(policy.data_roots)}); "
+        "see deploy.data_roots"
+        for field, path in inputs
+        if not readable(path, policy)
+    ]
+
+
+def readable(path: str, policy: ServedPolicy) -> bool:
+    real = Path(path).resolve()  # symlinks and .. resolved: a link inside a root to a file outside is outside
+    return str(real) in policy.files or any(real.is_relative_to(root) for root in policy.data_roots)

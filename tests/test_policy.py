@@ -1,0 +1,77 @@
+"""What a served run may do: credentials go only to allowed tracking servers, inputs stay inside the data
+roots (symlinks and .. resolved), and URIs are shown with their password redacted."""
+
+import pytest
+
+from mixtune.core.config import ConfigError
+from mixtune.core.policy import ServedPolicy, enforce, served_policy
+from mixtune.core.uris import redact_uri, split_credentials
+from tests.conftest import tiny_config
+
+
+def test_redaction_and_splitting():
+    assert redact_uri("https://bob:s3cret@mlflow.example:5000/x") == "https://bob:***@mlflow.example:5000/x"
+    assert redact_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    assert split_credentials("http://bob:pw@host:5/p") == ("http://host:5/p", "bob", "pw")
+    assert split_credentials("sqlite:////tmp/mlflow.db") == ("sqlite:////tmp/mlflow.db", None, None)
+
+
+def test_the_logged_config_carries_no_password(tmp_path):
+    config = tiny_config(tmp_path, tracking={"tracking_uri": "http://bob:s3cret@host:5000"})
+    assert "s3cret" not in str(config.public_dump()) and "bob:***@host" in str(config.public_dump())
+
+
+def served(tmp_path, **sections) -> tuple:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "own.jsonl").write_text("{}\n")
+    config = tiny_config(tmp_path / "served", tracking={"tracking_uri": "http://127.0.0.1:5000"}, **sections)
+    return ServedPolicy.for_served(config, data), data
+
+
+def run_config(tmp_path, **sections):
+    return tiny_config(tmp_path / "run", **sections)
+
+
+def test_a_run_may_name_only_allowed_tracking_servers(tmp_path):
+    policy, _ = served(tmp_path, deploy={"allowed_tracking_uris": ["https://other.example/"]})
+    enforce(run_config(tmp_path), policy)  # unset: the worker's own
+    enforce(run_config(tmp_path, tracking={"tracking_uri": "http://127.0.0.1:5000/"}), policy)
+    enforce(run_config(tmp_path, tracking={"tracking_uri": "https://other.example"}), policy)
+    with pytest.raises(ConfigError, match=r"tracking.tracking_uri: http://127.0.0.1:9999 is not"):
+        enforce(run_config(tmp_path, tracking={"tracking_uri": "http://127.0.0.1:9999"}), policy)
+    with pytest.raises(ConfigError, match="tracking.tracking_uri: credentials in a run's parameters"):
+        enforce(run_config(tmp_path, tracking={"tracking_uri": "http://u:p@127.0.0.1:5000"}), policy)
+
+
+def test_a_run_reads_only_inside_its_data_roots(tmp_path):
+    policy, data = served(tmp_path)
+    outside = tmp_path / "secret" / "creds.jsonl"
+    outside.parent.mkdir()
+    outside.write_text("{}\n")
+    (data / "link.jsonl").symlink_to(outside)
+    inside = {"path": str(data / "own.jsonl"), "role": "domain"}
+    enforce(run_config(tmp_path, data={"sources": [{**inside, "role": "general"}, inside]}), policy)
+    for sneaky in (str(data / ".." / "secret" / "creds.jsonl"), str(data / "link.jsonl"), str(outside)):
+        config = run_config(tmp_path, data={"sources": [{**inside, "role": "general"}, {**inside, "path": sneaky}]})
+        with pytest.raises(ConfigError, match=r"data.sources.1.path: .* is outside the folders"):
+            enforce(config, policy)
+
+
+def test_the_served_configs_own_inputs_are_allowed_outside_the_roots(tmp_path):
+    elsewhere = tmp_path / "elsewhere.jsonl"
+    elsewhere.write_text("{}\n")
+    own = {
+        "data": {"sources": [{"path": str(elsewhere), "role": "general"}, {"synthetic": "domain", "role": "domain"}]}
+    }
+    policy, _ = served(tmp_path, **own)
+    enforce(run_config(tmp_path, **own), policy)
+
+
+def test_a_deployment_run_without_a_policy_gets_the_strictest(tmp_path, monkeypatch):
+    monkeypatch.delenv("MIXTUNE_SERVED_POLICY", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert served_policy(is_deployment_run=False) is None
+    policy = served_policy(is_deployment_run=True)
+    with pytest.raises(ConfigError, match="tracking.tracking_uri"):
+        enforce(run_config(tmp_path, tracking={"tracking_uri": "http://127.0.0.1:5000"}), policy)
