@@ -51,6 +51,9 @@ class PadCollator:
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+TOKENS = "num_sample_tokens"  # a packed batch's real tokens: Trainer cannot tell its padding tail from samples
+
+
 class PackCollator:
     """The batch's samples packed into as few rows of `row_len` tokens as fit (first fit, in order), each
     sample restarting its position ids: with no attention mask (and no cache), transformers reads sample
@@ -70,7 +73,7 @@ class PackCollator:
             if fit is None:
                 fit = len(rows)
                 rows.append([])
-                room.append(self.row_len)
+                room.append(max(self.row_len, n))  # a longer sample (not truncated upstream) gets a row of its own
             rows[fit].append(i)
             room[fit] -= n
         return rows
@@ -90,12 +93,13 @@ class PackCollator:
                 positions[r, start : start + n] = torch.arange(n)
                 start += n
             positions[r, start:] = torch.arange(width - start)  # the padding tail: a segment of its own
+        tokens = torch.tensor(sum(len(b["input_ids"]) for b in batch))
         # A cache would switch transformers' packed-sequence detection off (masking_utils).
-        return {"input_ids": ids, "labels": labels, "position_ids": positions, "use_cache": False}
+        return {"input_ids": ids, "labels": labels, "position_ids": positions, "use_cache": False, TOKENS: tokens}
 
 
 @torch.no_grad()
-def mean_token_loss(model, dataset: TokenDataset, collator: PadCollator, batch_size: int) -> float:
+def mean_token_loss(model, dataset: TokenDataset, collator: PadCollator | PackCollator, batch_size: int) -> float:
     """Cross-entropy averaged over every labelled token of the set: the one validation loss mixtune reports.
 
     Averaging over tokens rather than over batches makes the number independent of batch size and order,
@@ -106,9 +110,9 @@ def mean_token_loss(model, dataset: TokenDataset, collator: PadCollator, batch_s
     total, count = 0.0, 0
     for start in range(0, len(dataset), batch_size):
         batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        shifted = batch["labels"][:, 1:]
+        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items() if k not in ("labels", TOKENS)}
+        logits = model(**inputs).logits.float()
+        shifted = batch["labels"][:, 1:].to(device)
         losses = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.size(-1)), shifted.reshape(-1), ignore_index=IGNORE, reduction="sum"
         )
@@ -125,6 +129,16 @@ class TokenLossTrainer(Trainer):
         super().__init__(*args, **kwargs)
         # ProgressCallback prints the same numbers as one readable line.
         self.remove_callback(PrinterCallback)
+
+    def _track_num_input_tokens(self, inputs):
+        if TOKENS not in inputs:
+            return super()._track_num_input_tokens(inputs)
+        tokens = torch.as_tensor(inputs[TOKENS], device=self.args.device, dtype=torch.int64)
+        self.state.num_input_tokens_seen += self.accelerator.gather(tokens).sum().item()
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        inputs = {k: v for k, v in inputs.items() if k != TOKENS}
+        return super().compute_loss(model, inputs, *args, **kwargs)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         sets = eval_dataset if eval_dataset is not None else self.eval_dataset

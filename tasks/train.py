@@ -20,7 +20,7 @@ from mixtune.core.config import PipelineConfig
 from mixtune.core.logs import run_logger
 from tasks.callbacks import EvaluateAtEnd, OverfitWatch, ProgressCallback, SamplerPosition
 from tasks.guard import OverfitTracker
-from tasks.lm import PadCollator, TokenLossTrainer, training_arguments
+from tasks.lm import PackCollator, PadCollator, TokenLossTrainer, training_arguments
 from tasks.models import is_adapter
 from tasks.records import StageMix, StageTraining
 from tasks.tables import TokenDataset, stage_table, validation_sets
@@ -87,6 +87,10 @@ def overfit_tracker(config: PipelineConfig) -> OverfitTracker:
     )
 
 
+def train_collator(config: PipelineConfig, pad_id: int) -> PackCollator | PadCollator:
+    return PackCollator(pad_id, config.model.max_seq_len) if config.train.packing else PadCollator(pad_id)
+
+
 def build_trainer(
     config: PipelineConfig, stage: int, model, tokenizer, train_set, eval_sets, checkpoints: Path, callbacks: list
 ):
@@ -119,7 +123,7 @@ def build_trainer(
         args=args,
         train_dataset=train_set,
         eval_dataset=eval_sets,
-        data_collator=PadCollator(tokenizer.pad_token_id),
+        data_collator=train_collator(config, tokenizer.pad_token_id),
         callbacks=[*callbacks, EvaluateAtEnd(), stopper],
     )
 

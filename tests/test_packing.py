@@ -87,3 +87,14 @@ def test_positions_restart_per_sample_and_first_labels_are_not_targets():
         assert packed["labels"][0, start + 1 : start + n].tolist() == b["labels"][1:]
         start += n
     assert "attention_mask" not in packed  # boundaries come from the positions alone
+
+
+def test_validation_loss_is_the_same_packed_or_padded():
+    from tasks.lm import mean_token_loss
+    from tasks.tables import TokenDataset
+
+    data = samples(n=9)
+    dataset = TokenDataset({"input_ids": [b["input_ids"] for b in data], "labels": [b["labels"] for b in data]})
+    padded = mean_token_loss(tiny_model(), dataset, PadCollator(PAD), batch_size=4)
+    packed = mean_token_loss(tiny_model(), dataset, PackCollator(PAD, row_len=40), batch_size=4)
+    assert packed == pytest.approx(padded, rel=1e-5)

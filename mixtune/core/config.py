@@ -197,6 +197,11 @@ class Train(Strict):
         "auto", description="auto: bf16 on a GPU that has it, fp32 on CPU (bf16 is 10-100x slower there)."
     )
     logging_steps: int = Field(10, gt=0, description="Log train loss, learning rate and tokens/s every N steps.")
+    packing: bool = Field(
+        True,
+        description="Pack each step's samples into rows of model.max_seq_len (no attention or position crosses "
+        "a sample; the same loss as padding, without computing on padding). False: pad to the longest.",
+    )
     lora: Lora = Field(default_factory=Lora)
 
 
