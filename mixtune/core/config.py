@@ -90,6 +90,12 @@ class Data(Strict):
     max_quarantine_fraction: float = Field(
         0.5, ge=0.0, le=1.0, description="Fail before training when a source quarantines more of its rows than this."
     )
+    max_row_bytes: int = Field(
+        1_000_000, gt=0, description="Rows longer than this (bytes) are quarantined as too_large, unparsed."
+    )
+    min_val_samples: int = Field(
+        1, ge=1, description="Fail before training when the domain or general validation set has fewer rows."
+    )
 
     @model_validator(mode="after")
     def _needs_both_roles(self) -> Data:
