@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import task
 
-from mixtune.core.cache import Entry, entry_dir, file_digest, is_complete, mark_complete, prefect_cache_key
+from mixtune.core.cache import Entry, building, entry_dir, file_digest, mark_complete, prefect_cache_key
 from mixtune.core.config import PipelineConfig, Source
 from mixtune.core.logs import run_logger
 from mixtune.core.retry import retry_unless
@@ -245,10 +245,15 @@ def ingest(config: PipelineConfig, key: str | None = None) -> IngestResult:
         quarantine=str(folder / "quarantine.jsonl"),
         stats={},
     )
-    if is_complete(folder):
-        result.stats = json.loads((folder / "stats.json").read_text())
-        return result
-    folder.mkdir(parents=True, exist_ok=True)
+    with building(folder) as build:
+        if build:
+            read_sources(config, key, result)
+    result.stats = json.loads((folder / "stats.json").read_text())
+    return result
+
+
+def read_sources(config: PipelineConfig, key: str, result: IngestResult) -> None:
+    folder = Path(result.folder)
     seen, near_seen = set(), set()
     # Dictionary encoding only where values repeat: trying it on long unique texts costs time for nothing.
     with (
@@ -261,7 +266,6 @@ def ingest(config: PipelineConfig, key: str | None = None) -> IngestResult:
         raise IngestError(f"{', '.join(s.label for s in config.data.sources)}: changed since ingest began")
     (folder / "stats.json").write_text(json.dumps(result.stats, indent=2, ensure_ascii=False))
     mark_complete(folder)
-    return result
 
 
 def read_source(source: Source, config: PipelineConfig, seen: set, near_seen: set, writer, out) -> dict:

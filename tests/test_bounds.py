@@ -227,3 +227,154 @@ def test_a_loss_over_zero_tokens_is_an_error_not_zero():
     unlabelled = TokenDataset(pd.DataFrame({"input_ids": [[1, 2, 3]], "labels": [[-100, -100, -100]]}))
     with pytest.raises(ValueError, match="holds no labelled token"):
         mean_token_loss(Constant(), unlabelled, PadCollator(0), 4)
+
+
+@pytest.mark.e2e
+def test_two_runs_at_once_on_a_fresh_output_folder_build_each_cache_entry_once(tmp_path):
+    import os
+    import re
+
+    from mlflow.tracking import MlflowClient
+
+    from tests.conftest import tiny_raw_config
+    from tests.servers import BIN, launch
+
+    config = tmp_path / "pipeline.yaml"
+    raw = tiny_raw_config(tmp_path / "runs", schedule={"stages": 1, "samples_per_stage": 80})
+    config.write_text(yaml.safe_dump(raw))
+    env = {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    runs = [
+        launch([str(BIN / "mixtune"), "run", str(config)], {**env, "PREFECT_HOME": str(tmp_path / f"home{i}")}, log)
+        for i, log in enumerate([tmp_path / "a.log", tmp_path / "b.log"])
+    ]
+    codes = [run.wait(600) for run in runs]
+    logs = (tmp_path / "a.log").read_text() + (tmp_path / "b.log").read_text()
+    assert codes == [0, 0], logs[-4000:]
+    built = re.findall(r"cache entry (\w+)-\w+: building", logs)
+    # Each entry built once, by one of the two (the champion's download too, when the second run finds one).
+    assert len(built) == len(set(built)) and {"base", "ingest", "tokenizer", "tokens"} <= set(built), built
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("mixtune")
+    parents = client.search_runs([experiment.experiment_id], "tags.`mixtune.kind` = 'pipeline'")
+    assert sorted(run.info.status for run in parents) == ["FINISHED", "FINISHED"]
+
+
+@pytest.mark.e2e
+def test_a_deleted_or_damaged_cache_entry_is_rebuilt_not_reported_cached(prefect_harness, tmp_path):
+    from mlflow.tracking import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.finetune import finetune
+    from mixtune.core.cache import COMPLETE_MARKER, file_digest
+    from tests.conftest import tiny_config
+
+    config = tiny_config(tmp_path, schedule={"stages": 1, "samples_per_stage": 80}, registry={"skip_unchanged": False})
+    finetune(config)
+    cache = tmp_path / "cache"
+    (next(cache.glob("ingest-*")) / COMPLETE_MARKER).unlink()  # the marker gone
+    sft = next(cache.glob("tokens-*/sft.parquet"))
+    sft_digest = file_digest(sft)
+    with sft.open("r+b") as handle:  # truncated
+        handle.truncate(sft.stat().st_size // 2)
+    weights = next(cache.glob("base-*/model.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit flipped in the middle of the weights
+    weights.write_bytes(bytes(data))
+
+    second = finetune(config)
+    flow_run_id = MlflowClient(second.tracking_uri).get_run(second.parent_run_id).data.tags["mixtune.flow_run_id"]
+    with get_client(sync_client=True) as prefect:
+        task_runs = prefect.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    states = {run.name.rsplit("-", 1)[0]: run.state.name for run in task_runs}
+    assert states["ingest"] == states["tokenize"] == states["pretrain"] == "Completed", states
+    assert states["tokenizer"] == "Cached", states  # untouched: still reused
+    assert file_digest(sft) == sft_digest  # rebuilt whole, the same content as before the damage
+    assert (next(cache.glob("ingest-*")) / COMPLETE_MARKER).is_file()
+
+
+def test_runs_that_failed_while_the_server_was_down_end_failed_at_the_next_start(tmp_path):
+    from tasks.tracking import client_for, leave_status, release_lock, start_parent_run
+    from tests.conftest import tiny_config
+
+    config = tiny_config(tmp_path)
+    first = start_parent_run(config, "flow-a")
+    leave_status(config, "flow-a", "FAILED")  # what the failure hook does when it cannot reach the server
+    release_lock(first.parent_run_id)  # its process is gone
+    killed = start_parent_run(config, "flow-b")
+    release_lock(killed.parent_run_id)  # gone too, with no word left: SIGKILL
+    start_parent_run(config, "flow-c")
+    client = client_for(first.uri)
+    assert client.get_run(first.parent_run_id).info.status == "FAILED"
+    assert client.get_run(killed.parent_run_id).info.status == "KILLED"
+
+
+def test_a_version_whose_run_did_not_finish_is_no_champion_and_no_reason_to_skip(tmp_path):
+    from tasks.inputs import INPUT_HASH_TAG, input_hash, unchanged_since
+    from tasks.registry import champion_version, move_alias, register_version
+    from tasks.tracking import start_parent_run
+    from tests.conftest import tiny_config
+
+    config = tiny_config(tmp_path)
+    earner = start_parent_run(config, "flow-a")
+    earner.set_tags({INPUT_HASH_TAG: input_hash(config), "mixtune.registered_model": config.registered_model})
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    earner.log_artifacts(model, "final_model")
+    version = register_version(earner, config.registered_model, str(model), "final_model", {})
+    move_alias(earner, config.registered_model, config.registry.alias, version)  # as an old run did, then died
+    earner.end("KILLED")
+    later = start_parent_run(config, "flow-b")
+    assert champion_version(later, config.registered_model, config.registry.alias) is None
+    assert unchanged_since(config, later) is None  # same inputs, but the run that had them was KILLED
+    earner.client.set_terminated(earner.parent_run_id, "FINISHED")
+    assert int(champion_version(later, config.registered_model, config.registry.alias).version) == version
+    assert unchanged_since(config, later) == earner.parent_run_id
+
+
+@pytest.mark.e2e
+def test_a_tracking_server_that_goes_down_fails_the_run_within_the_bound_with_one_message(tmp_path):
+    """The server answers the two reachability checks (the CLI's and the flow's), then goes away for good."""
+    import os
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from tests.conftest import tiny_raw_config
+    from tests.servers import BIN, QUIET_ENV
+
+    answered = []
+
+    class TwoAnswersThenGone(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"experiments": []}')
+            answered.append(self.path)
+            if len(answered) == 2:
+                threading.Thread(target=lambda: (server.shutdown(), server.server_close())).start()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), TwoAnswersThenGone)
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump(tiny_raw_config(tmp_path / "runs", tracking={"tracking_uri": url})))
+    env = {**os.environ, **QUIET_ENV, "PREFECT_HOME": str(tmp_path / "home")}
+    started = time.monotonic()
+    done = subprocess.run(
+        [str(BIN / "mixtune"), "run", str(config)], env=env, capture_output=True, text=True, timeout=600
+    )
+    elapsed = time.monotonic() - started
+    assert len(answered) == 2
+    assert done.returncode == 1, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-2:]
+    assert last[0].startswith("mixtune: the run failed: MLflow tracking server at " + url), last
+    assert "Traceback" not in "\n".join(last)
+    # MLflow's defaults took ~13 min; with mixtune's, a refused request gives up within seconds and the
+    # tracking task after its three Prefect retries (2 + 5 + 15 s). Measured about 60 s with Prefect's start.
+    assert elapsed < 240, elapsed
