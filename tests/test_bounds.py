@@ -372,9 +372,11 @@ def test_a_tracking_server_that_goes_down_fails_the_run_within_the_bound_with_on
     elapsed = time.monotonic() - started
     assert len(answered) == 2
     assert done.returncode == 1, done.stderr[-3000:]
-    last = done.stderr.strip().splitlines()[-2:]
-    assert last[0].startswith("mixtune: the run failed: MLflow tracking server at " + url), last
-    assert "Traceback" not in "\n".join(last)
+    lines = done.stderr.splitlines()
+    message = [i for i, line in enumerate(lines) if line.startswith("mixtune: the run failed: MLflow tracking")]
+    assert len(message) == 1 and url in lines[message[0]], done.stderr[-3000:]
+    assert "Traceback" not in "\n".join(lines[message[0] :])
+    print(f"tracking server down: the run failed after {elapsed:.0f} s")
     # MLflow's defaults took ~13 min; with mixtune's, a refused request gives up within seconds and the
     # tracking task after its three Prefect retries (2 + 5 + 15 s). Measured about 60 s with Prefect's start.
     assert elapsed < 240, elapsed

@@ -366,7 +366,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
-    origin = f"{path} with --set {' '.join(overrides)}" if overrides else path
+    shown = " ".join(item if len(item) <= 200 else f"{item[:200]}…" for item in overrides)
+    origin = f"{path} with --set {shown}" if overrides else path
     for item in overrides:
         apply_override(raw, item, origin)
     return validate_config(raw, origin, base_dir=path.resolve().parent)
