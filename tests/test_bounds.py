@@ -389,5 +389,6 @@ def test_a_tracking_server_that_goes_down_fails_the_run_within_the_bound_with_on
     assert "Traceback" not in "\n".join(lines[message[0] :])
     print(f"tracking server down: the run failed after {elapsed:.0f} s")
     # MLflow's defaults took ~13 min; with mixtune's, a refused request gives up within seconds and the
-    # tracking task after its three Prefect retries (2 + 5 + 15 s). Measured about 60 s with Prefect's start.
-    assert elapsed < 240, elapsed
+    # tracking task after its three Prefect retries (2 + 5 + 15 s). Measured 211 s with Prefect's own start
+    # on 2 cores at load 20; the bound is loose for that, and still far below MLflow's 13 minutes.
+    assert elapsed < 420, elapsed
