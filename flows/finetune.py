@@ -15,7 +15,7 @@ from mixtune.core.paths import run_dir, stage_dir, tracking_uri
 from mixtune.core.policy import enforce, served_policy
 from mixtune.core.preflight import check_tracking_server
 from tasks.base_model import pretrain_task, tokenizer_task
-from tasks.champion import challenge_task, champion_task
+from tasks.champion import challenge_task, champion_task, crown_task
 from tasks.data_report import data_report_task
 from tasks.gate import gate_task
 from tasks.guard import ShareCursor
@@ -28,7 +28,14 @@ from tasks.records import RunSummary
 from tasks.report import publish_task
 from tasks.schedule import stage_shares
 from tasks.tokenize import tokenize_task
-from tasks.tracking import Tracker, end_run_task, end_runs_of_flow_run, open_stage_task, start_tracking_task
+from tasks.tracking import (
+    Tracker,
+    end_run_task,
+    end_runs_of_flow_run,
+    leave_status,
+    open_stage_task,
+    start_tracking_task,
+)
 from tasks.train import train_task
 from tasks.validate import baseline_task, validate_task
 
@@ -56,7 +63,13 @@ def end_tracking(status: str):
             check_tracking_server(tracking_uri(config))  # a server that is down: say so now, not after retries
             end_runs_of_flow_run(config, str(flow_run.id), status)
         except Exception as err:  # a hook must not hide the failure that called it
-            run_logger().warning("could not end the MLflow runs of flow run %s: %s", flow_run.id, err)
+            leave_status(config, str(flow_run.id), status)  # the next start ends them so once the server is back
+            run_logger().warning(
+                "could not end the MLflow runs of flow run %s (%s); the next run on this host ends them %s",
+                flow_run.id,
+                err,
+                status,
+            )
 
     hook.__name__ = f"end_mlflow_runs_{status.lower()}"  # how Prefect's log names it
     return hook
@@ -88,6 +101,7 @@ def finetune(config: PipelineConfig) -> RunSummary:
     else:
         summary = run_pipeline(config, tracker)
     end_run_task(tracker)
+    crown_task(tracker, summary.verdict)  # last: only a FINISHED run may hold the champion
     return summary
 
 

@@ -172,8 +172,26 @@ def run(config: PipelineConfig) -> int:
     except IngestError as err:
         print(f"mixtune: unusable input, nothing was trained:\n  {err}", file=sys.stderr)
         return 2
+    except Exception:
+        down = tracking_down(config)
+        if down is None:
+            raise
+        print(f"mixtune: the run failed: {down}\n  its MLflow runs end FAILED at the next start", file=sys.stderr)
+        return 1
     print(format_summary(summary, time.perf_counter() - started))
     return 0
+
+
+def tracking_down(config: PipelineConfig) -> str | None:
+    """Why the tracking server cannot be reached now, or None: after a failure, one line instead of tracebacks."""
+    from mixtune.core.paths import tracking_uri
+    from mixtune.core.preflight import Unreachable, check_tracking_server
+
+    try:
+        check_tracking_server(tracking_uri(config))
+    except Unreachable as err:
+        return str(err)
+    return None
 
 
 def deployments(config: PipelineConfig, args) -> int:

@@ -14,7 +14,7 @@ from prefect import task
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from mixtune.core.cache import Entry, entry_dir, fingerprint, is_complete, mark_complete, prefect_cache_key
+from mixtune.core.cache import Entry, building, entry_dir, fingerprint, mark_complete, prefect_cache_key
 from mixtune.core.config import PipelineConfig
 from mixtune.core.logs import run_logger
 from tasks.callbacks import ProgressCallback
@@ -112,10 +112,10 @@ def prepare_tokenizer(config: PipelineConfig, samples_path: str, ingest_key: str
     if not is_scratch(config):
         return config.model.path
     folder = entry_dir(config.run.output_dir, Entry.TOKENIZER, tokenizer_key(config, ingest_key))
-    if not is_complete(folder):
-        folder.mkdir(parents=True, exist_ok=True)
-        train_tokenizer(corpus_texts(samples_path), preset_shapes(config)["vocab_size"], folder)
-        mark_complete(folder)
+    with building(folder) as build:
+        if build:
+            train_tokenizer(corpus_texts(samples_path), preset_shapes(config)["vocab_size"], folder)
+            mark_complete(folder)
     return str(folder)
 
 
@@ -145,14 +145,16 @@ def prepare_base(config: PipelineConfig, tokenizer_dir: str, pretrain_table: str
     if not needs_pretraining(config):
         return config.model.path
     folder = entry_dir(config.run.output_dir, Entry.BASE, pretrain_key(config, tokens_key))
-    if is_complete(folder):
-        return str(folder)
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
-    model = (
-        AutoModelForCausalLM.from_pretrained(config.model.path) if config.model.path else build_model(config, tokenizer)
-    )
-    pretrain(model, tokenizer, pd.read_parquet(pretrain_table), config, folder)
-    mark_complete(folder)
+    with building(folder) as build:
+        if build:
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+            model = (
+                AutoModelForCausalLM.from_pretrained(config.model.path)
+                if config.model.path
+                else build_model(config, tokenizer)
+            )
+            pretrain(model, tokenizer, pd.read_parquet(pretrain_table), config, folder)
+            mark_complete(folder)
     return str(folder)
 
 

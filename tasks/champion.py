@@ -51,7 +51,7 @@ def challenge(
 ) -> Verdict:
     """Challenger vs champion on the same validation conversations (`champion_sft`: tokenized the champion's
     way); the alias moves only on first/promote. The challenger's per-token losses on these sets were measured
-    when it was validated: only rescaled here."""
+    when it was validated: only rescaled here. The alias does not move here: see crown_task."""
     name, alias = config.registered_model, config.registry.alias
     challenger_dir = standalone_model(final_model, base_dir, work_dir / "merged_model")
     challenger = per_byte(final_losses, sft_path, challenger_dir)
@@ -71,8 +71,6 @@ def challenge(
         artifact_path,
         {"decision": decision, "challenger_domain": challenger.domain, "challenger_general": challenger.general},
     )
-    if decision in ("first", "promote"):
-        move_alias(tracker, name, alias, version)
     return Verdict(
         decision=decision,
         reason=reason,
@@ -83,6 +81,13 @@ def challenge(
         challenger=challenger,
         champion=champion,
     )
+
+
+# The flow calls it after the parent run has ended FINISHED: a run killed before that never holds the champion.
+@task(name="crown", retries=2, retry_delay_seconds=[2, 10])
+def crown_task(tracker: Tracker, verdict: Verdict) -> None:
+    if verdict.decision in ("first", "promote"):
+        move_alias(tracker, verdict.model_name, verdict.alias, verdict.version)
 
 
 @task(name="champion", retries=2, retry_delay_seconds=[2, 10])

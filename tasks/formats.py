@@ -21,6 +21,9 @@ class RowError(ValueError):
         self.reason = reason
         self.field = field
 
+    def __reduce__(self):  # a worker process hands rejected rows back pickled
+        return RowError, (self.reason, self.args[0], self.field)
+
 
 def detect_format(row: object) -> str:
     """Decide by the inner keys: ShareGPT's `conversations` hold from/value, MiniMind's role/content."""

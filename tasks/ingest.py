@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import os
 import re
 from collections import Counter
 from functools import partial
@@ -19,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import task
 
-from mixtune.core.cache import Entry, entry_dir, is_complete, mark_complete, prefect_cache_key
+from mixtune.core.cache import Entry, building, entry_dir, file_digest, mark_complete, prefect_cache_key
 from mixtune.core.config import PipelineConfig, Source
 from mixtune.core.logs import run_logger
 from mixtune.core.retry import retry_unless
@@ -65,6 +66,7 @@ def worker_spec(source: Source, config: PipelineConfig, path: Path) -> dict:
         "text_field": source.text_field,
         "dedupe": config.data.dedupe,
         "seed": config.run.seed,
+        "max_row_bytes": config.data.max_row_bytes,
     }
 
 
@@ -119,14 +121,18 @@ class SourceReader:
 
     def run(self, writer: pq.ParquetWriter, quarantine) -> dict:
         spec = worker_spec(self.source, self.config, self.path)
-        parallel = self.path.stat().st_size >= PARALLEL_FROM_BYTES
+        before = self.path.stat()
+        digest = file_digest(self.path)  # what the cache key hashed, unless the file changed since
+        parallel = before.st_size >= PARALLEL_FROM_BYTES
         work = partial(normalise_chunk, spec=spec)
-        for accepted, rejected in ordered_map(work, chunks(self.path, self.source.text_split), parallel):
+        rows = chunks(self.path, self.source.text_split, self.config.data.max_row_bytes)
+        for accepted, rejected in ordered_map(work, rows, parallel):
             self.rows_read += accepted.num_rows + len(rejected)
             self.quarantine(rejected, quarantine)
             kept = self.deduplicate(accepted)
             if kept.num_rows:
                 self.write(writer, self.held_out.offer(kept), "train")
+        self.check_unchanged(before, digest)
         self.check_usable()
         n_val = min(self.source.max_val_samples, round(self.source.val_fraction * self.accepted))
         val, train = self.held_out.final(n_val)
@@ -171,6 +177,13 @@ class SourceReader:
         columns = [batch.column(name) for name in ("line", "messages", "text", "sample_id", "turns")]
         constants = [pa.array([value] * n, pa.string()) for value in (self.source.label, self.source.role, split)]
         writer.write_table(pa.Table.from_arrays([*columns, *constants], schema=SCHEMA))
+
+    def check_unchanged(self, before: os.stat_result, digest: str) -> None:
+        """The entry is keyed by the file's hash: rows read from a file that changed meanwhile are not its rows."""
+        after = self.path.stat()
+        changed = (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns)
+        if changed or file_digest(self.path) != digest:
+            raise IngestError(f"{self.path}: changed while it was being read; ingest it again once it is complete")
 
     def check_usable(self) -> None:
         quarantined = sum(self.reasons.values())
@@ -232,10 +245,15 @@ def ingest(config: PipelineConfig, key: str | None = None) -> IngestResult:
         quarantine=str(folder / "quarantine.jsonl"),
         stats={},
     )
-    if is_complete(folder):
-        result.stats = json.loads((folder / "stats.json").read_text())
-        return result
-    folder.mkdir(parents=True, exist_ok=True)
+    with building(folder) as build:
+        if build:
+            read_sources(config, key, result)
+    result.stats = json.loads((folder / "stats.json").read_text())
+    return result
+
+
+def read_sources(config: PipelineConfig, key: str, result: IngestResult) -> None:
+    folder = Path(result.folder)
     seen, near_seen = set(), set()
     # Dictionary encoding only where values repeat: trying it on long unique texts costs time for nothing.
     with (
@@ -243,10 +261,35 @@ def ingest(config: PipelineConfig, key: str | None = None) -> IngestResult:
         open(result.quarantine, "w", encoding="utf-8") as out,
     ):
         for source in config.data.sources:
-            result.stats[source.label] = SourceReader(source, config, seen, near_seen).run(writer, out)
+            result.stats[source.label] = read_source(source, config, seen, near_seen, writer, out)
+    if ingest_key(config) != key:  # a source changed between the key and the read
+        raise IngestError(f"{', '.join(s.label for s in config.data.sources)}: changed since ingest began")
     (folder / "stats.json").write_text(json.dumps(result.stats, indent=2, ensure_ascii=False))
     mark_complete(folder)
-    return result
+
+
+def read_source(source: Source, config: PipelineConfig, seen: set, near_seen: set, writer, out) -> dict:
+    """One source's rows into the writer; whatever fails in reading it is reported as that file's error."""
+    try:
+        return SourceReader(source, config, seen, near_seen).run(writer, out)
+    except IngestError:
+        raise
+    except (OSError, RecursionError, ValueError, pa.ArrowException) as err:
+        raise IngestError(f"{source.label}: cannot be read: {type(err).__name__}: {err}") from None
+
+
+def check_validation_sets(stats: dict[str, dict], minimum: int) -> None:
+    """A validation loss over no rows is no measurement (it read 0.0 and passed every gate): refuse it here,
+    before anything trains, naming the sources that should have filled the set."""
+    for role in ("domain", "general"):
+        parts = {label: s for label, s in stats.items() if s["role"] == role}
+        held_out = sum(s["val"] for s in parts.values())
+        if held_out < minimum:
+            detail = "; ".join(f"{label}: {s['val']} of {s['accepted']} accepted row(s)" for label, s in parts.items())
+            raise IngestError(
+                f"{role} validation set holds {held_out} row(s), fewer than data.min_val_samples {minimum} "
+                f"({detail}); add distinct rows or raise val_fraction"
+            )
 
 
 def ingest_cache_key(config: PipelineConfig) -> str:
@@ -264,6 +307,7 @@ def ingest_cache_key(config: PipelineConfig) -> str:
 )
 def ingest_task(config: PipelineConfig) -> IngestResult:
     result = ingest(config)
+    check_validation_sets(result.stats, config.data.min_val_samples)
     log = run_logger()
     for label, s in result.stats.items():
         log.info(

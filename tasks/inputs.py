@@ -55,7 +55,14 @@ def unchanged_since(config: PipelineConfig, tracker: Tracker) -> str | None:
         last_trained(tracker, config.registered_model),
         tracker.client.get_run(holder.run_id) if holder else None,
     ]
-    return next((run.info.run_id for run in candidates if run and run.data.tags.get(INPUT_HASH_TAG) == digest), None)
+    return next(
+        (
+            run.info.run_id
+            for run in candidates
+            if run and run.info.status == "FINISHED" and run.data.tags.get(INPUT_HASH_TAG) == digest
+        ),
+        None,
+    )
 
 
 def skip(config: PipelineConfig, tracker: Tracker, previous_run: str) -> Verdict:

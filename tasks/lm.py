@@ -119,7 +119,9 @@ def mean_token_loss(model, dataset: TokenDataset, collator: PadCollator | PackCo
         total += losses.item()
         count += int((shifted != IGNORE).sum())
     model.train(was_training)
-    return total / max(count, 1)
+    if count == 0:  # a mean over nothing is no measurement: 0.0 here once let an untested model pass the gate
+        raise ValueError(f"validation set of {len(dataset)} sample(s) holds no labelled token: no loss to report")
+    return total / count
 
 
 class TokenLossTrainer(Trainer):

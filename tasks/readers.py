@@ -63,16 +63,18 @@ def check_readable(path: Path) -> None:
         raise IngestError(f"{path}: file is empty")
 
 
-def chunks(path: Path, text_split: str = "line") -> Iterator[list[tuple[int, object]] | tuple[int, bytes]]:
+def chunks(
+    path: Path, text_split: str = "line", max_row_bytes: int = 1_000_000
+) -> Iterator[list[tuple[int, object]] | tuple[int, bytes]]:
     check_readable(path)
     if path.suffix == ".jsonl":
-        yield from jsonl_blocks(path)
+        yield from jsonl_blocks(path, max_row_bytes)
         return
     readers = {
         ".json": json_records,
-        ".csv": csv_records,
+        ".csv": (lambda p: csv_records(p, max_row_bytes)),
         ".parquet": parquet_records,
-        ".txt": (lambda p: text_documents(p, text_split)),
+        ".txt": (lambda p: text_documents(p, text_split, max_row_bytes)),
     }
     batch = []
     for item in readers[path.suffix](path):
@@ -84,26 +86,44 @@ def chunks(path: Path, text_split: str = "line") -> Iterator[list[tuple[int, obj
         yield batch
 
 
-def jsonl_blocks(path: Path) -> Iterator[tuple[int, bytes]]:
+def too_large(size: int, limit: int) -> RowError:
+    return RowError("too_large", f"row is {size:,} bytes, over data.max_row_bytes {limit:,}")
+
+
+def jsonl_blocks(path: Path, max_row_bytes: int) -> Iterator[tuple[int, bytes] | list[tuple[int, RowError]]]:
     """(number of the block's first line, whole lines as one bytes block): the reader does no per-line work,
-    the workers split blocks into lines."""
-    first, rest = 1, b""
+    the workers split blocks into lines. A line that outgrows max_row_bytes is not kept: the rest of it is
+    read past and it comes out as one too_large row, so memory stays bounded whatever a line's length."""
+    first, rest, skipped = 1, b"", None  # skipped: bytes of an over-long line read so far
     with path.open("rb") as handle:
         while block := handle.read(BLOCK_BYTES):
+            if skipped is not None:
+                end = block.find(b"\n")
+                if end < 0:
+                    skipped += len(block)
+                    continue
+                yield [(first, too_large(skipped + end, max_row_bytes))]
+                first, skipped, block = first + 1, None, block[end + 1 :]
             block = rest + block
             cut = block.rfind(b"\n") + 1
-            if cut == 0:
-                rest = block
-                continue
-            yield first, block[:cut]
-            first += block.count(b"\n", 0, cut)
+            if cut:
+                yield first, block[:cut]
+                first += block.count(b"\n", 0, cut)
             rest = block[cut:]
-    if rest:
+            if len(rest) > max_row_bytes:
+                skipped, rest = len(rest), b""
+    if skipped is not None:
+        yield [(first, too_large(skipped, max_row_bytes))]
+    elif rest:
         yield first, rest
 
 
-def block_lines(first: int, block: bytes) -> list[tuple[int, bytes]]:
-    return [(first + i, raw) for i, raw in enumerate(block.split(b"\n")) if raw.strip()]
+def block_lines(first: int, block: bytes, max_row_bytes: int) -> list[tuple[int, bytes | RowError]]:
+    return [
+        (first + i, raw if len(raw) <= max_row_bytes else too_large(len(raw), max_row_bytes))
+        for i, raw in enumerate(block.split(b"\n"))
+        if raw.strip()
+    ]
 
 
 def json_records(path: Path) -> Iterator[tuple[int, object]]:
@@ -112,19 +132,26 @@ def json_records(path: Path) -> Iterator[tuple[int, object]]:
         rows = json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise IngestError(f"{path}: not a valid JSON document: {err}") from None
+    except RecursionError:
+        raise IngestError(f"{path}: JSON nested too deeply to read") from None
     if not isinstance(rows, list):
         raise IngestError(f"{path}: a .json source must hold a list of records")
     yield from enumerate(rows, start=1)
 
 
-def csv_records(path: Path) -> Iterator[tuple[int, object]]:
+def csv_records(path: Path, max_row_bytes: int) -> Iterator[tuple[int, object]]:
     """Records, not lines: a quoted cell may span lines. Bytes that are not UTF-8 spoil only their row."""
+    csv.field_size_limit(max_row_bytes)  # the csv module's own cap (128 KiB) would refuse fields we accept
+    number = 0
     with path.open(newline="", encoding="utf-8", errors="surrogateescape") as handle:
-        reader = csv.DictReader(handle)
-        if not reader.fieldnames:
-            raise IngestError(f"{path}: CSV has no header row")
-        for number, row in enumerate(reader, start=1):
-            yield number, csv_row(row, len(reader.fieldnames))
+        try:
+            reader = csv.DictReader(handle)
+            if not reader.fieldnames:
+                raise IngestError(f"{path}: CSV has no header row")
+            for number, row in enumerate(reader, start=1):
+                yield number, csv_row(row, len(reader.fieldnames))
+        except csv.Error as err:  # a cell over the limit: the csv module cannot resume after it
+            raise IngestError(f"{path}: record {number + 1}: {err} (data.max_row_bytes)") from None
 
 
 def csv_row(row: dict, width: int) -> dict | RowError:
@@ -147,11 +174,26 @@ def parquet_records(path: Path) -> Iterator[tuple[int, object]]:
             yield number, row
 
 
-def text_documents(path: Path, split: str) -> Iterator[tuple[int, object]]:
+def bounded_lines(handle, limit: int) -> Iterator[bytes | RowError]:
+    """A binary file's lines, each read at most `limit` bytes at a time: a longer line is read past, not kept."""
+    while raw := handle.readline(limit + 1):
+        if len(raw) <= limit or raw.endswith(b"\n"):
+            yield raw
+            continue
+        size = len(raw)
+        while (piece := handle.readline(BLOCK_BYTES)) and not piece.endswith(b"\n"):
+            size += len(piece)
+        yield too_large(size + len(piece.rstrip(b"\n")), limit)
+
+
+def text_documents(path: Path, split: str, max_row_bytes: int) -> Iterator[tuple[int, object]]:
     """One document per line, or (blank_line) paragraphs separated by blank lines."""
     start, lines = None, []
     with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
+        for number, raw in enumerate(bounded_lines(handle, max_row_bytes), start=1):
+            if isinstance(raw, RowError):
+                yield number, raw
+                continue
             try:
                 line = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as err:
@@ -191,13 +233,16 @@ def normalise_chunk(
 ) -> tuple[pa.RecordBatch, list[dict]]:
     """Accepted rows as one Arrow batch (cheap to hand from a worker process to the parent), and rejected
     rows with their reason."""
+    limit = spec["max_row_bytes"]
     if isinstance(chunk, tuple):
-        chunk = block_lines(*chunk)
+        chunk = block_lines(*chunk, limit)
     columns = {name: [] for name in CHUNK_SCHEMA.names}
     rejected = []
     for location, row in chunk:
         if isinstance(row, bytes):
             row = parse_jsonl(row)
+        elif not isinstance(row, RowError) and (size := text_bytes(row)) > limit:
+            row = too_large(size, limit)  # .json, .csv and Parquet rows: parsed already, but not tokenised
         try:
             if isinstance(row, RowError):
                 raise row
@@ -218,6 +263,17 @@ def normalise_chunk(
             columns[name].append(value)
         columns["split_hash"].append(split_hash(spec["seed"], values[3]))
     return pa.RecordBatch.from_pydict(columns, schema=CHUNK_SCHEMA), rejected
+
+
+def text_bytes(row: object) -> int:
+    """About the UTF-8 size of a parsed row's text (characters; cheap, and exact for ASCII)."""
+    if isinstance(row, str):
+        return len(row)
+    if isinstance(row, dict):
+        return sum(text_bytes(v) for v in row.values())
+    if isinstance(row, list):
+        return sum(text_bytes(v) for v in row)
+    return 0
 
 
 def split_hash(seed: int, sample_id: str) -> int:

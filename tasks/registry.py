@@ -6,7 +6,8 @@ import shutil
 
 from mlflow.exceptions import MlflowException
 
-from mixtune.core.cache import Entry, entry_dir, fingerprint, is_complete, mark_complete
+from mixtune.core.cache import Entry, building, entry_dir, fingerprint, mark_complete
+from mixtune.core.logs import run_logger
 from tasks.tracking import Tracker
 
 DESCRIPTION = "mixtune champions: fine-tuned causal LMs (HF folders)"
@@ -18,22 +19,35 @@ def champion_version(tracker: Tracker, name: str, alias: str):
     if not tracker.client.search_registered_models(filter_string=f"name = '{name}'", max_results=1):
         return None
     try:
-        return tracker.client.get_model_version_by_alias(name, alias)
+        version = tracker.client.get_model_version_by_alias(name, alias)
     except MlflowException as err:
         if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
             return None
         raise
+    status = tracker.client.get_run(version.run_id).info.status
+    if status != "FINISHED":  # the alias moves after its run ends FINISHED: this one died before, or failed
+        run_logger().warning(
+            "%s@%s is version %s of run %s, which ended %s: no champion",
+            name,
+            alias,
+            version.version,
+            version.run_id,
+            status,
+        )
+        return None
+    return version
 
 
 def fetch_version(tracker: Tracker, version, output_dir: str) -> str:
     """The version's files, downloaded once per version."""
     folder = entry_dir(output_dir, Entry.CHAMPION, fingerprint(version.name, version.version, version.run_id))
     artifact = version.tags.get("mixtune.artifact_path", "final_model")
-    if not is_complete(folder):
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        tracker.client.download_artifacts(version.run_id, artifact, str(folder))
-        mark_complete(folder)
+    with building(folder) as build:
+        if build:
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            tracker.client.download_artifacts(version.run_id, artifact, str(folder))
+            mark_complete(folder)
     return str(folder / artifact)
 
 

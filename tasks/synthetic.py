@@ -8,6 +8,7 @@ mixing is there to prevent, and what the default run makes visible in MLflow.
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -131,7 +132,7 @@ def write_synthetic(kind: str, samples: int, seed: int, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(f"{kind}:{seed}")
     make = general_record if kind == "general" else domain_record
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # two runs may write it at once: each its own, same content
     with tmp.open("w", encoding="utf-8") as out:
         for _ in range(samples):
             out.write(json.dumps(make(rng), ensure_ascii=False) + "\n")

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from prefect import task
 from transformers import AutoTokenizer
 
-from mixtune.core.cache import Entry, entry_dir, file_digest, fingerprint, is_complete, mark_complete, prefect_cache_key
+from mixtune.core.cache import Entry, building, entry_dir, file_digest, fingerprint, mark_complete, prefect_cache_key
 from mixtune.core.logs import run_logger
 from tasks.chat import BOS, CHATML, EOS, pieces_for
 from tasks.records import TokenizedData
@@ -247,10 +247,15 @@ def tokenize(
         rejected=str(folder / "rejected.jsonl"),
         stats={},
     )
-    if is_complete(folder):
-        result.stats = json.loads((folder / "stats.json").read_text())
-        return result
-    folder.mkdir(parents=True, exist_ok=True)
+    with building(folder) as build:
+        if build:
+            encode_all(samples_path, tokenizer_dir, max_len, overlong, result)
+    result.stats = json.loads((folder / "stats.json").read_text())
+    return result
+
+
+def encode_all(samples_path: str, tokenizer_dir: str, max_len: int, overlong: str, result: TokenizedData) -> None:
+    folder = Path(result.folder)
     encoder = Encoder(AutoTokenizer.from_pretrained(tokenizer_dir))
     with open(result.rejected, "w", encoding="utf-8") as rejected:
         sft = TableWriter(Path(result.sft), max_len, overlong, rejected)
@@ -260,7 +265,6 @@ def tokenize(
         result.stats = {"sft": sft.close(), "pretrain": pretrain.close(), "label_method": encoder.method}
     (folder / "stats.json").write_text(json.dumps(result.stats, indent=2))
     mark_complete(folder)
-    return result
 
 
 def encode_batch(rows: dict, encoder: Encoder, sft: TableWriter, pretrain: TableWriter) -> None:

@@ -43,7 +43,22 @@ def metric_name(source: str) -> str:
 @lru_cache(maxsize=8)
 def client_for(uri: str) -> MlflowClient:
     """The only MlflowClient constructor in mixtune, one client per tracking URI and process."""
-    return MlflowClient(uri)
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(uri)
+    database = Path(uri.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    # MLflow creates and migrates a SQLite store when a client first opens it; two processes doing it at once
+    # broke the database for good ("table _alembic_tmp_experiments already exists"). So the first opening
+    # happens under an flock beside the database: a second process waits, then finds the store made.
+    fd = os.open(database.with_name(f"{database.name}.init.lock"), os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        client = MlflowClient(uri)
+        client.search_experiments(max_results=1)
+        client.search_registered_models(max_results=1)  # the registry opens the same database on its own
+    finally:
+        os.close(fd)
+    return client
 
 
 class Tracker(BaseModel):
@@ -123,7 +138,13 @@ def experiment_id(client: MlflowClient, config: PipelineConfig) -> str:
     if client.tracking_uri == default_tracking_uri(config.run.output_dir):
         # Next to the database, not in ./mlruns of whatever folder the command ran from.
         location = (Path(config.run.output_dir).resolve() / "mlartifacts").as_uri()
-    return client.create_experiment(config.tracking.experiment, artifact_location=location)
+    try:
+        return client.create_experiment(config.tracking.experiment, artifact_location=location)
+    except MlflowException:  # another run created it a moment ago
+        found = client.get_experiment_by_name(config.tracking.experiment)
+        if found is None:
+            raise
+        return found.experiment_id
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
@@ -147,7 +168,7 @@ def start_parent_run(config: PipelineConfig, flow_run_id: str) -> Tracker:
     client = client_for(tracking_uri(config))
     exp_id = experiment_id(client, config)
     end_abandoned_runs(client, exp_id)
-    lock = Path(config.run.output_dir) / "locks" / f"{flow_run_id}.lock"
+    lock = lock_path(config, flow_run_id)
     found = find_run(client, exp_id, {FLOW_RUN_TAG: flow_run_id})
     tracker = Tracker(uri=client.tracking_uri, experiment_id=exp_id, parent_run_id=found or "")
     if found:
@@ -203,16 +224,36 @@ def owner_is_gone(lock: str) -> bool:
 
 
 def end_abandoned_runs(client: MlflowClient, exp_id: str) -> list[str]:
-    """Parent runs of this host left RUNNING by a process that no longer exists end KILLED, with their stages.
-    Runs of other hosts are left to them: their locks cannot be seen from here."""
+    """Parent runs of this host left RUNNING by a process that no longer exists end with their stages: FAILED
+    when the process failed but could not tell MLflow (the server was down; it left the status in its lock
+    file), else KILLED. Runs of other hosts are left to them: their locks cannot be seen from here."""
     query = f"attributes.status = '{RUNNING}' and tags.`{HOST_TAG}` = '{socket.gethostname()}'"
     ended = []
     for run in client.search_runs([exp_id], filter_string=query):
         lock = run.data.tags.get(LOCK_TAG)
         if lock and owner_is_gone(lock):
-            end_open_runs(client, run.info.run_id, "KILLED")
+            end_open_runs(client, run.info.run_id, pending_status(Path(lock)))
             ended.append(run.info.run_id)
     return ended
+
+
+def lock_path(config: PipelineConfig, flow_run_id: str) -> Path:
+    return Path(config.run.output_dir) / "locks" / f"{flow_run_id}.lock"
+
+
+def leave_status(config: PipelineConfig, flow_run_id: str, status: str) -> None:
+    """For the next start on this host, when MLflow cannot be told now how this flow run ended."""
+    path = lock_path(config, flow_run_id)
+    if path.is_file():
+        path.write_text(status)
+
+
+def pending_status(lock: Path) -> str:
+    try:
+        status = lock.read_text().strip()
+    except OSError:
+        return "KILLED"
+    return status if status in ("FAILED", "KILLED") else "KILLED"
 
 
 def end_open_runs(client: MlflowClient, parent_id: str, status: str) -> None:

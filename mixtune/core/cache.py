@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
 
+from mixtune.core.logs import run_logger
 from mixtune.core.paths import cache_dir
 
 COMPLETE_MARKER = "_complete"
+CACHE_ID = "_cache_id"
+NOT_CONTENT = {COMPLETE_MARKER, CACHE_ID, f"{COMPLETE_MARKER}.tmp"}
 
 
 class Entry(StrEnum):
@@ -51,23 +57,77 @@ def _digest(path: str, size: int, mtime_ns: int, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def is_complete(folder: Path) -> bool:
-    return (folder / COMPLETE_MARKER).is_file()
+def content_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in NOT_CONTENT)
 
 
 def mark_complete(folder: Path) -> None:
-    (folder / COMPLETE_MARKER).write_text("ok\n")
+    """Written last, atomically: the marker lists the sha256 of every file it vouches for."""
+    digests = {str(p.relative_to(folder)): file_digest(p) for p in content_files(folder)}
+    staged = folder / f"{COMPLETE_MARKER}.tmp"
+    staged.write_text(json.dumps({"files": digests}, indent=1))
+    os.replace(staged, folder / COMPLETE_MARKER)
+
+
+def is_complete(folder: Path) -> bool:
+    """The entry is there and every file is as it was when it was marked: a missing, truncated or altered file
+    (or a marker from before markers carried digests) means the entry is rebuilt, never used."""
+    marker = folder / COMPLETE_MARKER
+    if not marker.is_file():
+        return False
+    try:
+        recorded = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    for name, digest in recorded.items():
+        path = folder / name
+        if not path.is_file() or file_digest(path) != digest:
+            run_logger().warning("cache entry %s: %s is missing or damaged; rebuilding the entry", folder, name)
+            marker.unlink(missing_ok=True)
+            return False
+    return True
+
+
+@contextmanager
+def entry_lock(folder: Path) -> Iterator[None]:
+    """One builder per cache entry across processes and threads: a second waits here, then finds the entry
+    complete and reuses it. flock is released by the kernel when its holder dies, however it dies."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder.parent / f"{folder.name}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            run_logger().info("cache entry %s: another run is building it; waiting", folder.name)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def building(folder: Path) -> Iterator[bool]:
+    """`with building(folder) as build:` holds the entry's lock; `build` is False when it is complete already."""
+    with entry_lock(folder):
+        build = not is_complete(folder)
+        if build:
+            run_logger().info("cache entry %s: building", folder.name)
+            folder.mkdir(parents=True, exist_ok=True)
+        yield build
 
 
 def prefect_cache_key(entry: Entry, key: str, output_dir: str) -> str:
     """Prefect's cache key for a content-addressed output folder.
 
-    The key carries an id stored inside the folder, so a Prefect cache record can only ever point at the
-    folder it was made with: delete the folder and the next run gets a new id, misses the cache and rebuilds,
-    instead of "hitting" a record whose files are gone."""
+    The key carries an id stored inside the folder, renewed whenever the entry is not complete with every
+    file matching its marker's digests. So a Prefect cache record can only ever point at one verified build:
+    delete the folder, its marker or one of its files, or damage one, and the next run gets a new id, misses
+    the cache and rebuilds, instead of reporting "Cached" for files that are gone or wrong."""
     folder = entry_dir(output_dir, entry, key)
-    id_file = folder / "_cache_id"
-    if not id_file.is_file():
+    id_file = folder / CACHE_ID
+    if not is_complete(folder) or not id_file.is_file():
         folder.mkdir(parents=True, exist_ok=True)
-        id_file.write_text(uuid.uuid4().hex[:12])
+        staged = folder / f"{CACHE_ID}.{uuid.uuid4().hex}"
+        staged.write_text(uuid.uuid4().hex[:12])
+        os.replace(staged, id_file)
     return f"{entry.value}-{key}-{id_file.read_text().strip()}"

@@ -90,6 +90,12 @@ class Data(Strict):
     max_quarantine_fraction: float = Field(
         0.5, ge=0.0, le=1.0, description="Fail before training when a source quarantines more of its rows than this."
     )
+    max_row_bytes: int = Field(
+        1_000_000, gt=0, description="Rows longer than this (bytes) are quarantined as too_large, unparsed."
+    )
+    min_val_samples: int = Field(
+        1, ge=1, description="Fail before training when the domain or general validation set has fewer rows."
+    )
 
     @model_validator(mode="after")
     def _needs_both_roles(self) -> Data:
@@ -348,17 +354,25 @@ class ConfigError(ValueError):
     """A config that cannot run; the message names the file and every bad field's path."""
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a real config is a few KB; this cap keeps a hostile one from costing memory
+MAX_YAML_NODES = 100_000  # nodes after alias expansion: what yaml.safe_load would build
+
+
 def load_config(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: config file is {size:,} bytes, over the {MAX_CONFIG_BYTES:,}-byte limit")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = bounded_yaml(path.read_text(encoding="utf-8"), path) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
-    origin = f"{path} with --set {' '.join(overrides)}" if overrides else path
+    shown = " ".join(item if len(item) <= 200 else f"{item[:200]}…" for item in overrides)
+    origin = f"{path} with --set {shown}" if overrides else path
     for item in overrides:
         apply_override(raw, item, origin)
     return validate_config(raw, origin, base_dir=path.resolve().parent)
@@ -375,7 +389,54 @@ def apply_override(raw: dict, item: str, origin: Path | str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"{origin}: --set {key}: '{part}' is not a section")
-    node[leaf] = yaml.safe_load(value)
+    if len(value.encode()) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{origin}: --set {key}: value over the {MAX_CONFIG_BYTES:,}-byte limit")
+    try:
+        node[leaf] = bounded_yaml(value, f"{origin}: --set {key}")
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{origin}: --set {key}: not valid YAML: {err}") from None
+
+
+def bounded_yaml(text: str, origin: Path | str) -> object:
+    """yaml.safe_load, but refused when alias expansion would build more than MAX_YAML_NODES nodes.
+
+    safe_load expands aliases without bound (a "billion laughs" file grows to gigabytes). Composing keeps
+    an alias as a shared node, which costs nothing, so the expanded size is counted on that graph first and
+    only a config within the bound is constructed."""
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None
+        expanded_nodes(root, origin, {}, set())
+        return loader.construct_document(root)
+    except RecursionError:
+        raise ConfigError(f"{origin}: YAML nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def expanded_nodes(node: yaml.Node, origin: Path | str, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """How many nodes `node` stands for with every alias expanded; each shared node is counted once."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_nodes:
+        raise ConfigError(f"{origin}: YAML alias refers to itself (a recursive structure)")
+    open_nodes.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        children = [part for pair in node.value for part in pair]
+    elif isinstance(node, yaml.SequenceNode):
+        children = node.value
+    else:
+        children = []
+    total = 1 + sum(expanded_nodes(child, origin, sizes, open_nodes) for child in children)
+    if total > MAX_YAML_NODES:
+        raise ConfigError(
+            f"{origin}: YAML aliases expand to more than {MAX_YAML_NODES:,} nodes (an alias bomb?); refused"
+        )
+    open_nodes.discard(id(node))
+    sizes[id(node)] = total
+    return total
 
 
 def validate_config(raw: dict, origin: Path | str, base_dir: Path | None = None) -> PipelineConfig:

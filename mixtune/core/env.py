@@ -21,6 +21,12 @@ OFFLINE_DEFAULTS = {
     # The ephemeral Prefect server takes 11-19 s to start on 2 loaded cores; 20 s (the default) is too tight.
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "PREFECT_UI_ENABLED": "true",
+    # MLflow's client retries a request 7 times with backoff up to 120 s, each try waiting 120 s for an
+    # answer: a tracking server that stays down held a run for ~13 minutes. With these, one request gives up
+    # after at most 3 tries x 10 s + 1 s + 2 s of backoff = 33 s (a refused connection: 3 s).
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
 }
 
 
