@@ -18,6 +18,9 @@ OFFLINE_DEFAULTS = {
     "DO_NOT_TRACK": "true",
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # Prefect's v2 UI initialises its analytics SDK (a third-party host) on load whatever the setting above
+    # says; the v1 UI calls no analytics host. Only the UI a browser opens by default: `prefect server start`.
+    "PREFECT_SERVER_UI_V2_ENABLED": "false",
     # The ephemeral Prefect server takes 11-19 s to start on 2 loaded cores; 20 s (the default) is too tight.
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "PREFECT_UI_ENABLED": "true",
