@@ -54,7 +54,7 @@ class ProgressCallback(TrainerCallback):
             self.window_tokens, self.window_seconds = seen, 0.0
         if not metrics:
             return
-        shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        shown = " ".join(f"{SHORT_NAMES.get(k, k)} {v:.4g}" for k, v in metrics.items())
         self.log(f"{self.label} step {state.global_step}/{state.max_steps} {shown}")
         if self.sink:
             self.sink(metrics, state.global_step)
@@ -112,6 +112,16 @@ class LiveProgress(TrainerCallback):
     def numbers(self) -> str:
         return "  ".join(f"{k} {v:.0f}" if k == "tok/s" else f"{k} {v:.3f}" for k, v in self.shown.items())
 
+
+# On screen, where a Prefect log line's prefix already takes half of 120 columns; MLflow keeps the long names.
+SHORT_NAMES = {
+    "train_loss": "loss",
+    "learning_rate": "lr",
+    "grad_norm": "grad",
+    "tokens_per_second": "tok/s",
+    "domain_val_loss": "domain val",
+    "general_val_loss": "general val",
+}
 
 METRIC_NAMES = {
     "loss": "train_loss",

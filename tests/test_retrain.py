@@ -8,6 +8,7 @@ import flows.finetune
 from flows.finetune import finetune
 from mixtune.compare import compare, comparison, pipeline_runs
 from tasks.champion import decide
+from tasks.inputs import skip_if_unchanged
 from tasks.models import evaluate
 from tasks.records import ByteLosses
 from tasks.scoring import nats_per_byte, target_counts
@@ -66,6 +67,10 @@ def test_retraining_first_champion_then_skip_then_a_decision_the_alias_follows(p
     runs = client.search_runs([matched.info.experiment_id])
     parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
     assert len(parents) == 1 and all(run.data.metrics for run in runs)  # the first run and its stages only
+    # `mixtune run` asks the same question before starting Prefect, and counts its tick the same way.
+    assert skip_if_unchanged(tiny_config(tmp_path, **FAST)).previous_run == first.parent_run_id
+    assert len(client.get_metric_history(first.parent_run_id, "no_new_data_ticks")) == 3
+    assert len(client.search_runs([matched.info.experiment_id])) == len(runs)
 
     more_domain = {
         "sources": [

@@ -24,6 +24,10 @@ OFFLINE_DEFAULTS = {
     # The ephemeral Prefect server takes 11-19 s to start on 2 loaded cores; 20 s (the default) is too tight.
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "PREFECT_UI_ENABLED": "true",
+    # Terminal lines within 120 columns: Prefect's own prefix ("18:49:06.894 | INFO    | Task run 'x' - ") took
+    # half of them. The Prefect UI shows the message alone either way.
+    "PREFECT_LOGGING_FORMATTERS_STANDARD_FLOW_RUN_FMT": "%(asctime)s %(flow_run_name)s | %(message)s",
+    "PREFECT_LOGGING_FORMATTERS_STANDARD_TASK_RUN_FMT": "%(asctime)s %(task_run_name)s | %(message)s",
 }
 
 
