@@ -1,5 +1,7 @@
 """Retraining semantics: skip unchanged inputs, challenger vs champion, the registry alias, failure hygiene."""
 
+import os
+
 import pytest
 from mlflow.tracking import MlflowClient
 from prefect import task
@@ -118,12 +120,18 @@ def test_the_champion_loads_through_mlflow_and_generates_offline(prefect_harness
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     config = tiny_config(tmp_path, schedule={"stages": 1, "samples_per_stage": 48})
     summary = finetune(config)
-    mlflow.set_tracking_uri(summary.tracking_uri)
-    mlflow.set_registry_uri(summary.tracking_uri)
     version = MlflowClient(summary.tracking_uri).get_model_version_by_alias(config.registered_model, "champion")
     run_name = MlflowClient(summary.tracking_uri).get_run(summary.parent_run_id).info.run_name
     assert version.description.startswith(f"{run_name}: full SFT") and "Decision first" in version.description
-    generator = mlflow.transformers.load_model(f"models:/{config.registered_model}@champion")
+    # Both also export MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI, which later runs in this process would use.
+    mlflow.set_tracking_uri(summary.tracking_uri)
+    mlflow.set_registry_uri(summary.tracking_uri)
+    try:
+        generator = mlflow.transformers.load_model(f"models:/{config.registered_model}@champion")
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+        os.environ.pop("MLFLOW_REGISTRY_URI", None)  # set_registry_uri(None) leaves it
     prompt = "What is 2 plus 3?"
     # A model trained for a few steps may answer with special tokens only, which plain text output drops.
     [answer] = generator(prompt, max_new_tokens=8, min_new_tokens=4, do_sample=False, return_tensors=True)
