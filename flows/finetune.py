@@ -20,7 +20,7 @@ from tasks.data_report import data_report_task
 from tasks.gate import gate_task
 from tasks.guard import ShareCursor
 from tasks.ingest import ingest_task
-from tasks.inputs import skip_task, unchanged_task
+from tasks.inputs import input_hash, input_tags, skip_task, unchanged_task
 from tasks.mix import mix_task
 from tasks.plan import plan_task
 from tasks.probes import probe_prompts
@@ -33,7 +33,9 @@ from tasks.tracking import (
     end_run_task,
     end_runs_of_flow_run,
     leave_status,
+    open_experiment_task,
     open_stage_task,
+    source_tags,
     start_tracking_task,
 )
 from tasks.train import train_task
@@ -75,8 +77,16 @@ def end_tracking(status: str):
     return hook
 
 
+def pipeline_run_name() -> str:
+    """`<run.name>-<short id>`: the name the MLflow parent run gets too, so one run reads the same in both UIs."""
+    config = flow_run.parameters.get("config")
+    name = config.run.name if isinstance(config, PipelineConfig) else (config or {}).get("run", {}).get("name")
+    return f"{name or 'mixtune'}-{flow_run.id[:8]}"
+
+
 @flow(
     name="finetune",
+    flow_run_name=pipeline_run_name,
     on_failure=[end_tracking("FAILED")],
     on_crashed=[end_tracking("FAILED")],
     on_cancellation=[end_tracking("KILLED")],
@@ -89,17 +99,18 @@ def finetune(config: PipelineConfig) -> RunSummary:
     confine(config, deployment.id is not None)
     config = resolve_paths(config, Path.cwd(), "flow parameter config")
     check_tracking_server(tracking_uri(config))
-    tracker = start_tracking_task(config, flow_run.id)
-    previous = unchanged_task(config, tracker)
-    if previous:
-        summary = RunSummary(
-            parent_run_id=tracker.parent_run_id,
-            tracking_uri=tracker.uri,
+    experiment, digest = open_experiment_task(config), input_hash(config)
+    previous = unchanged_task(config, experiment, digest)
+    if previous:  # no parent run: the run it matched counts the tick (tasks/inputs.py)
+        return RunSummary(
+            parent_run_id=previous,
+            tracking_uri=experiment.uri,
             experiment=config.tracking.experiment,
-            verdict=skip_task(config, tracker, previous),
+            verdict=skip_task(config, experiment, previous, flow_run.id),
         )
-    else:
-        summary = run_pipeline(config, tracker)
+    tags = {**input_tags(config, digest), **source_tags(flow_run.ui_url, deployment.id is not None)}
+    tracker = start_tracking_task(config, flow_run.id, tags)
+    summary = run_pipeline(config, tracker)
     end_run_task(tracker)
     crown_task(tracker, summary.verdict)  # last: only a FINISHED run may hold the champion
     return summary

@@ -162,11 +162,19 @@ def advise(config: PipelineConfig) -> int:
 
 
 def run(config: PipelineConfig) -> int:
+    logging.getLogger("mixtune").setLevel(logging.INFO)
+    started = time.perf_counter()
+    from tasks.inputs import skip_if_unchanged
+
+    # A no-new-data tick answered before torch is imported and Prefect's temporary server starts: a skip run
+    # from the CLI leaves no Prefect flow run (a served or deployed tick goes through the flow and does).
+    verdict = skip_if_unchanged(config)
+    if verdict:
+        print(format_skip(verdict, config, time.perf_counter() - started))
+        return 0
     from flows.finetune import finetune
     from tasks.ingest import IngestError
 
-    logging.getLogger("mixtune").setLevel(logging.INFO)
-    started = time.perf_counter()
     try:
         summary = finetune(config)
     except IngestError as err:
@@ -245,6 +253,35 @@ def format_verdict(verdict) -> str:
     return "\n".join(lines)
 
 
+def runs_page(uri: str, experiment: str) -> str:
+    from tasks.tracking import client_for, runs_page
+
+    return runs_page(uri, client_for(uri).get_experiment_by_name(experiment).experiment_id)
+
+
+def open_ui_lines(uri: str, experiment: str) -> list[str]:
+    """The MLflow UI opens on GenAI traces; the URL goes straight to this experiment's runs."""
+    lines = [f"MLflow runs: {runs_page(uri, experiment)}"]
+    if not uri.startswith(("http://", "https://")):
+        lines.append(f"  (start the UI first: {mlflow_command()} ui --backend-store-uri {uri} --workers 1)")
+    return lines
+
+
+def format_skip(verdict, config: PipelineConfig, seconds: float) -> str:
+    from mixtune.core.paths import tracking_uri
+
+    uri = tracking_uri(config)
+    return "\n".join(
+        [
+            format_verdict(verdict),
+            "nothing trained (set registry.skip_unchanged=false to train anyway); the tick is counted on "
+            f"run {verdict.previous_run}",
+            f"wall time: {seconds:.0f} s",
+            *open_ui_lines(uri, config.tracking.experiment),
+        ]
+    )
+
+
 def format_summary(summary, seconds: float) -> str:
     if summary.baseline is None:
         return "\n".join(
@@ -252,7 +289,7 @@ def format_summary(summary, seconds: float) -> str:
                 format_verdict(summary.verdict),
                 "nothing trained (set registry.skip_unchanged=false to train anyway)",
                 f"wall time: {seconds:.0f} s",
-                f"MLflow run {summary.parent_run_id} in {summary.tracking_uri}",
+                *open_ui_lines(summary.tracking_uri, summary.experiment),
             ]
         )
     headers = ["stage", "target", "realised", "domain val", "general val", "drift", "steps", "decision"]
@@ -285,8 +322,8 @@ def format_summary(summary, seconds: float) -> str:
     if summary.verdict:
         out.append(format_verdict(summary.verdict))
     out.append(f"wall time: {seconds:.0f} s")
-    out.append(f"MLflow run {summary.parent_run_id}; open the UI with:")
-    out.append(f"  {mlflow_command()} ui --backend-store-uri {summary.tracking_uri} --workers 1")
+    out.append(f"MLflow run {summary.parent_run_id}")
+    out += open_ui_lines(summary.tracking_uri, summary.experiment)
     return "\n".join(out)
 
 

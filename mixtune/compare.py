@@ -110,18 +110,20 @@ def trade_off_plot(
     if points.empty:
         return None
     fig, ax = plt.subplots(figsize=(7.5, 5.5))
-    for method, group in points.groupby("method", dropna=False):
-        dots = ax.scatter(group["general drift"] * 100, group["domain gain"] * 100, s=70, label=f"{method}: final")
-        for run_id in group["run_id"]:
-            xs, ys = zip(*paths.get(run_id, [(0.0, 0.0)]))
-            ax.plot(
-                [x * 100 for x in xs],
-                [y * 100 for y in ys],
-                color=dots.get_facecolor()[0],
-                linewidth=0.8,
-                marker=".",
-                alpha=0.6,
-            )
+    colours = plt.get_cmap("tab10" if len(points) <= 10 else "tab20")
+    markers = {method: "os^Dv"[i % 5] for i, method in enumerate(sorted(points["method"].astype(str).unique()))}
+    for i, (_, row) in enumerate(points.iterrows()):  # a colour per run, a marker per method
+        colour = colours(i % colours.N)
+        xs, ys = zip(*paths.get(row["run_id"], [(0.0, 0.0)]))
+        ax.plot([x * 100 for x in xs], [y * 100 for y in ys], color=colour, linewidth=0.8, marker=".", alpha=0.6)
+        ax.scatter(
+            row["general drift"] * 100,
+            row["domain gain"] * 100,
+            s=70,
+            color=colour,
+            marker=markers[str(row["method"])],
+            label=f"{row['run']} ({row['method']})",
+        )
     stacked: dict[tuple[float, float], int] = {}  # runs that end at one point get their labels stacked
     for _, row in points.iterrows():
         mark = " (champion)" if row["champion"] else ""

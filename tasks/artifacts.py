@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_image_artifact,
+    create_link_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
 
-from tasks.plots import data_uri
 from tasks.records import StageReport
 
 
@@ -14,7 +18,13 @@ def markdown(key: str, text: str, description: str) -> None:
     create_markdown_artifact(text, key=key, description=description)
 
 
+def link(key: str, url: str, text: str, description: str) -> None:
+    create_link_artifact(url, link_text=text, key=key, description=description)
+
+
 def image(key: str, path: Path, description: str) -> None:
+    from tasks.plots import data_uri  # matplotlib: not for the skip check, which draws nothing
+
     create_image_artifact(data_uri(path), key=key, description=description)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -53,11 +54,74 @@ class ProgressCallback(TrainerCallback):
             self.window_tokens, self.window_seconds = seen, 0.0
         if not metrics:
             return
-        shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        shown = " ".join(f"{SHORT_NAMES.get(k, k)} {v:.4g}" for k, v in metrics.items())
         self.log(f"{self.label} step {state.global_step}/{state.max_steps} {shown}")
         if self.sink:
             self.sink(metrics, state.global_step)
 
+
+class LiveProgress(TrainerCallback):
+    """A progress bar while a stage trains, on a terminal only: stage k/N, step, loss, both validation losses,
+    tokens/s and time left. Not a terminal (CI, log files, a Prefect worker): nothing; the lines above stay."""
+
+    def __init__(self, label: str, stream=None):
+        self.label, self.stream = label, stream or sys.stderr
+        self.bar = self.task = None
+        self.shown: dict[str, float] = {}
+        self.started = self.seen = 0
+
+    @property
+    def live(self) -> bool:
+        return self.stream.isatty()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not self.live:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(bar_width=24),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[numbers]}"),
+            TimeRemainingColumn(),
+            console=Console(file=self.stream, width=min(120, Console(file=self.stream).width)),
+            transient=True,
+        )
+        self.bar.start()
+        self.task = self.bar.add_task(self.label, total=state.max_steps, completed=state.global_step, numbers="")
+        self.started, self.seen = time.perf_counter(), state.num_input_tokens_seen
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is None:
+            return
+        rate = (state.num_input_tokens_seen - self.seen) / max(time.perf_counter() - self.started, 1e-9)
+        self.shown["tok/s"] = rate
+        self.bar.update(self.task, completed=state.global_step, numbers=self.numbers())
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        names = {"train_loss": "loss", "domain_val_loss": "domain val", "general_val_loss": "general val"}
+        self.shown.update({names[k]: v for k, v in rename_metrics(logs or {}).items() if k in names})
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+    def numbers(self) -> str:
+        return "  ".join(f"{k} {v:.0f}" if k == "tok/s" else f"{k} {v:.3f}" for k, v in self.shown.items())
+
+
+# On screen, where a Prefect log line's prefix already takes half of 120 columns; MLflow keeps the long names.
+SHORT_NAMES = {
+    "train_loss": "loss",
+    "learning_rate": "lr",
+    "grad_norm": "grad",
+    "tokens_per_second": "tok/s",
+    "domain_val_loss": "domain val",
+    "general_val_loss": "general val",
+}
 
 METRIC_NAMES = {
     "loss": "train_loss",

@@ -33,6 +33,17 @@ def decide(
     return "promote", f"{numbers}: within the {budget:.0%} forgetting budget"
 
 
+def version_description(tracker: Tracker, decision: Decision, reason: str, challenger: ByteLosses) -> str:
+    """What tells versions apart in the registry: which run, how it trained, on what data, and why it won or lost."""
+    tags = tracker.tags()
+    return (
+        f"{tags.get('mlflow.runName', tracker.parent_run_id)}: {tags.get('mixtune.method', '?')} SFT, "
+        f"schedule {tags.get('mixtune.schedule') or '-'} (final stage {tags.get('mixtune.final_stage', '?')}), "
+        f"inputs {tags.get('mixtune.input_hash', '?')[:12]}. Decision {decision}: {reason}. "
+        f"Challenger nats/byte: domain {challenger.domain:.4f}, general {challenger.general:.4f}."
+    )
+
+
 def current_champion(config: PipelineConfig, tracker: Tracker) -> str | None:
     """The files of the model that holds the alias now, or None when there is no champion yet."""
     holder = champion_version(tracker, config.registered_model, config.registry.alias)
@@ -69,7 +80,14 @@ def challenge(
         name,
         challenger_dir,
         artifact_path,
-        {"decision": decision, "challenger_domain": challenger.domain, "challenger_general": challenger.general},
+        {
+            "decision": decision,
+            "challenger_domain": challenger.domain,
+            "challenger_general": challenger.general,
+            "run_name": tracker.tags().get("mlflow.runName", ""),
+            "prefect_flow_run_url": tracker.tags().get("mixtune.prefect_flow_run_url", ""),
+        },
+        version_description(tracker, decision, reason, challenger),
     )
     return Verdict(
         decision=decision,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 from prefect import task
 
 from mixtune.core.config import PipelineConfig
@@ -58,12 +59,13 @@ def record_gate(
     tracker.log_metrics({"general_drift": report.gate.general_drift}, step=report.steps)
     tracker.set_tags({"mixtune.decision": report.gate.decision, "mixtune.decision_reason": report.gate.reason})
     tracker.log_artifacts(mix.manifest, "mix")
+    tracker.log_table(pd.read_parquet(mix.manifest), "mix/mix.json")  # parquet: MLflow shows no preview
     if config.tracking.log_models:
         tracker.log_artifacts(report.model_dir, "adapter" if is_adapter(report.model_dir) else "model")
     return plot
 
 
-@task(name="gate", retries=2, retry_delay_seconds=[2, 10])
+@task(name="gate", task_run_name="gate stage {mix.stage}", retries=2, retry_delay_seconds=[2, 10])
 def gate_task(
     config: PipelineConfig,
     mix: StageMix,

@@ -1,5 +1,5 @@
 """Retraining's first question: did the inputs change? A run whose data and recipe hash like the last
-successful training run's (or the champion's) ends without training, and says which run it matches."""
+successful training run's (or the champion's) ends without training, and counts itself on the run it matches."""
 
 from __future__ import annotations
 
@@ -9,14 +9,18 @@ from prefect import task
 
 from mixtune.core.cache import fingerprint
 from mixtune.core.config import PipelineConfig
+from mixtune.core.logs import run_logger
+from tasks import artifacts
 from tasks.keys import ingest_key
 from tasks.records import Verdict
 from tasks.registry import champion_version
-from tasks.tracking import Tracker
-from tasks.verdicts import VERDICT_TAG, record_verdict
+from tasks.tracking import Experiment, Tracker, open_experiment
+from tasks.verdicts import VERDICT_TAG, verdict_markdown
 
 INPUT_HASH_TAG = "mixtune.input_hash"
 MODEL_TAG = "mixtune.registered_model"
+SKIP_METRIC = "no_new_data_ticks"
+LAST_SKIP_TAG = "mixtune.last_skip_flow_run"
 RECIPE_SECTIONS = {"model", "pretrain", "schedule", "train", "validation", "plan", "goal", "advisor"}
 
 
@@ -30,10 +34,15 @@ def input_hash(config: PipelineConfig) -> str:
     return fingerprint(ingest_key(config), recipe, origin, config.run.seed)
 
 
-def last_trained(tracker: Tracker, model_name: str):
-    """The newest run of this registered model that finished and trained (a skip trained nothing)."""
-    runs = tracker.client.search_runs(
-        [tracker.experiment_id],
+def input_tags(config: PipelineConfig, digest: str) -> dict[str, str]:
+    """Set on every training run's parent: what the next tick compares its inputs with."""
+    return {INPUT_HASH_TAG: digest, MODEL_TAG: config.registered_model}
+
+
+def last_trained(experiment: Experiment, model_name: str):
+    """The newest run of this registered model that finished and trained (older skips were runs of their own)."""
+    runs = experiment.client.search_runs(
+        [experiment.experiment_id],
         filter_string=f"tags.`{MODEL_TAG}` = '{model_name}' and attributes.status = 'FINISHED' "
         f"and tags.`{VERDICT_TAG}` != 'skip'",
         order_by=["attributes.start_time DESC"],
@@ -42,18 +51,16 @@ def last_trained(tracker: Tracker, model_name: str):
     return runs[0] if runs else None
 
 
-def unchanged_since(config: PipelineConfig, tracker: Tracker) -> str | None:
+def unchanged_since(config: PipelineConfig, experiment: Experiment, digest: str) -> str | None:
     """A successful run with the same inputs: the last one that trained, or the champion's. The champion counts
     too, so a manual experiment in between (rejected or not) does not make the next scheduled tick retrain
-    what made the champion. This run is tagged with its hash either way."""
-    digest = input_hash(config)
-    tracker.set_tags({INPUT_HASH_TAG: digest, MODEL_TAG: config.registered_model})
+    what made the champion."""
     if not config.registry.skip_unchanged:
         return None
-    holder = champion_version(tracker, config.registered_model, config.registry.alias)
+    holder = champion_version(experiment, config.registered_model, config.registry.alias)
     candidates = [
-        last_trained(tracker, config.registered_model),
-        tracker.client.get_run(holder.run_id) if holder else None,
+        last_trained(experiment, config.registered_model),
+        experiment.client.get_run(holder.run_id) if holder else None,
     ]
     return next(
         (
@@ -65,8 +72,8 @@ def unchanged_since(config: PipelineConfig, tracker: Tracker) -> str | None:
     )
 
 
-def skip(config: PipelineConfig, tracker: Tracker, previous_run: str) -> Verdict:
-    holder = champion_version(tracker, config.registered_model, config.registry.alias)
+def skip(config: PipelineConfig, experiment: Experiment, previous_run: str) -> Verdict:
+    holder = champion_version(experiment, config.registered_model, config.registry.alias)
     return Verdict(
         decision="skip",
         reason=f"no new data: the inputs hash as those of run {previous_run}",
@@ -77,13 +84,37 @@ def skip(config: PipelineConfig, tracker: Tracker, previous_run: str) -> Verdict
     )
 
 
+def record_skip(experiment: Experiment, verdict: Verdict, flow_run_id: str | None) -> int:
+    """A skip adds no run of its own (a daily cron would fill the run list with empty parents): the run whose
+    inputs it matched counts it, as the `no_new_data_ticks` metric (one point per tick, timestamped) and the
+    last tick's tags. Returns the tick count."""
+    matched = Tracker(uri=experiment.uri, experiment_id=experiment.experiment_id, parent_run_id=verdict.previous_run)
+    ticks = len(experiment.client.get_metric_history(matched.run_id, SKIP_METRIC)) + 1
+    matched.log_metrics({SKIP_METRIC: ticks}, step=ticks)
+    matched.set_tags({LAST_SKIP_TAG: flow_run_id or "mixtune run (no Prefect flow run)"})
+    run_logger().info("retraining: skip (%s); tick %d recorded on run %s", verdict.reason, ticks, matched.run_id)
+    return ticks
+
+
+def skip_if_unchanged(config: PipelineConfig) -> Verdict | None:
+    """The whole skip check without Prefect or torch, for `mixtune run` to answer a no-new-data tick fast."""
+    experiment = open_experiment(config)
+    previous = unchanged_since(config, experiment, input_hash(config))
+    if previous is None:
+        return None
+    verdict = skip(config, experiment, previous)
+    record_skip(experiment, verdict, None)
+    return verdict
+
+
 @task(name="check-inputs", retries=2, retry_delay_seconds=[2, 5])
-def unchanged_task(config: PipelineConfig, tracker: Tracker) -> str | None:
-    return unchanged_since(config, tracker)
+def unchanged_task(config: PipelineConfig, experiment: Experiment, digest: str) -> str | None:
+    return unchanged_since(config, experiment, digest)
 
 
-@task(name="skip", retries=2, retry_delay_seconds=[2, 5])
-def skip_task(config: PipelineConfig, tracker: Tracker, previous_run: str) -> Verdict:
-    verdict = skip(config, tracker, previous_run)
-    record_verdict(tracker, verdict)
+@task(name="skip", task_run_name="skip (no new data)", retries=2, retry_delay_seconds=[2, 5])
+def skip_task(config: PipelineConfig, experiment: Experiment, previous_run: str, flow_run_id: str) -> Verdict:
+    verdict = skip(config, experiment, previous_run)
+    record_skip(experiment, verdict, flow_run_id)
+    artifacts.markdown("retrain-verdict", verdict_markdown(verdict), "Retraining: skip")
     return verdict

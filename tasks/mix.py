@@ -64,7 +64,7 @@ def source_epochs(sequence: pd.DataFrame, train: pd.DataFrame) -> dict[str, floa
     return {source: float(drawn.get(source, 0) / pool[source]) for source in pool.index}
 
 
-@task(name="mix", retries=2, retry_delay_seconds=[2, 10])
+@task(name="mix", task_run_name="mix stage {stage} (share {share:.2f})", retries=2, retry_delay_seconds=[2, 10])
 def mix_task(
     sft_path: str, stage: int, share: float, samples: int, seed: int, manifest: str, epochs: float = 1.0
 ) -> StageMix:

@@ -216,6 +216,19 @@ def format_plan(advice: Advice | None, plan: EpochPlan, config: PipelineConfig) 
     return "\n".join(lines)
 
 
+def advice_differs(advice: Advice, config: PipelineConfig) -> str | None:
+    """One short line when the advisor would run something else than the plan being run, else None: the
+    full advice is `mixtune advise`'s to print, and read in the log it looks like the plan itself."""
+    differences = []
+    if advice.method != config.train.method:
+        differences.append(f"method {advice.method}")
+    if [round(s, 2) for s in advice.shares] != [round(s, 2) for s in stage_shares(config.schedule)]:
+        differences.append(f"schedule {' '.join(f'{s:.2f}' for s in advice.shares)}")
+    if not differences:
+        return None
+    return f"advice differs: {', '.join(differences)} (see mixtune advise)"
+
+
 class RunPlan(BaseModel):
     config: PipelineConfig  # what the rest of the flow runs with
     advice: Advice
@@ -262,6 +275,9 @@ def plan_task(config: PipelineConfig, stats: dict[str, dict], tracker: Tracker) 
         }
     )
     artifacts.markdown("plan", f"```\n{plan.text}\n```", "The plan and the rules behind it")
-    for line in plan.text.splitlines():
+    for line in format_plan(None, plan.epochs, plan.config).splitlines():
         run_logger().info(line)
+    note = advice_differs(plan.advice, plan.config)
+    if note:
+        run_logger().info(note)
     return plan

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import shutil
+import tempfile
+from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 
 from mixtune.core.cache import Entry, building, entry_dir, fingerprint, mark_complete
 from mixtune.core.logs import run_logger
-from tasks.tracking import Tracker
+from tasks.tracking import Experiment, Tracker
 
 DESCRIPTION = "mixtune champions: fine-tuned causal LMs (HF folders)"
 
 
-def champion_version(tracker: Tracker, name: str, alias: str):
+def champion_version(tracker: Experiment, name: str, alias: str):
     """The version holding `alias`, or None. A model that does not exist yet is looked up by search first:
     a server with NO_PERMISSIONS as default answers 403, not 404, for a model nobody may read."""
     if not tracker.client.search_registered_models(filter_string=f"name = '{name}'", max_results=1):
@@ -51,10 +53,38 @@ def fetch_version(tracker: Tracker, version, output_dir: str) -> str:
     return str(folder / artifact)
 
 
-def register_version(tracker: Tracker, name: str, model_dir: str, artifact_path: str, tags: dict) -> int:
-    """The parent run's model as a new version of `name` (created on first use)."""
+MLFLOW_MODEL = "mlflow_model"  # the registered source: an MLmodel with the transformers flavour
+
+
+def save_mlflow_model(model_dir: str, folder: Path) -> None:
+    """A standalone HF folder (weights and tokenizer) as an MLflow transformers model, so that
+    `mlflow.transformers.load_model("models:/<name>@<alias>")` and `mlflow models serve` work on a version.
+    Requirements are pinned from this environment: inferring them imports the model in a subprocess."""
+    import mlflow
+    import mlflow.transformers
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    components = {
+        "model": AutoModelForCausalLM.from_pretrained(model_dir),
+        "tokenizer": AutoTokenizer.from_pretrained(model_dir),
+    }
+    requirements = [f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__}"]
+    requirements.append(f"transformers=={transformers.__version__}")
+    mlflow.transformers.save_model(components, str(folder), task="text-generation", pip_requirements=requirements)
+
+
+def register_version(
+    tracker: Tracker, name: str, model_dir: str, artifact_path: str, tags: dict, description: str
+) -> int:
+    """The parent run's model as a new version of `name` (created on first use). The version's source is the
+    MLflow model; `mixtune.artifact_path` names the plain HF folder the next challenge downloads."""
     if artifact_path != "final_model":
         tracker.log_artifacts(model_dir, artifact_path)
+    with tempfile.TemporaryDirectory(prefix="mlflow-model-") as scratch:
+        save_mlflow_model(model_dir, Path(scratch) / MLFLOW_MODEL)
+        tracker.log_artifacts(Path(scratch) / MLFLOW_MODEL, MLFLOW_MODEL)
     try:
         tracker.client.create_registered_model(name, description=DESCRIPTION)
     except MlflowException as err:
@@ -62,7 +92,12 @@ def register_version(tracker: Tracker, name: str, model_dir: str, artifact_path:
             raise
     tags = {"mixtune.artifact_path": artifact_path, **{f"mixtune.{k}": str(v) for k, v in tags.items()}}
     version = tracker.client.create_model_version(
-        name, f"runs:/{tracker.parent_run_id}/{artifact_path}", run_id=tracker.parent_run_id, tags=tags
+        name,
+        f"runs:/{tracker.parent_run_id}/{MLFLOW_MODEL}",
+        run_id=tracker.parent_run_id,
+        tags=tags,
+        run_link=tracker.run_url(tracker.parent_run_id),
+        description=description,
     )
     return int(version.version)
 

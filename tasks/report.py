@@ -100,10 +100,11 @@ def publish_final(
     )
 
 
-def summary_markdown(summary: RunSummary) -> str:
+def summary_markdown(summary: RunSummary, run_url: str | None) -> str:
     which = f"stage {summary.final_stage}" if summary.final_stage else "the base model: no stage passed the gate"
+    run = f"[{summary.parent_run_id}]({run_url})" if run_url else f"`{summary.parent_run_id}`"
     lines = [
-        f"MLflow run `{summary.parent_run_id}` in experiment `{summary.experiment}` ({summary.tracking_uri})",
+        f"MLflow run {run} in experiment `{summary.experiment}` ({summary.tracking_uri})",
         "",
         f"Final model: `{summary.final_model}` ({which})",
         "",
@@ -124,7 +125,9 @@ def publish_task(
     run_folder: str,
 ) -> RunSummary:
     summary = publish_final(config, tracker, reports, baseline, base_dir, run_folder)
-    artifacts.markdown("final-model", summary_markdown(summary), "The run's final model")
+    artifacts.markdown(
+        "final-model", summary_markdown(summary, tracker.run_url(tracker.parent_run_id)), "The run's final model"
+    )
     for plot in map(Path, summary.plots):
         artifacts.image(f"run-{plot.stem.replace('_', '-')}", plot, plot.stem)
     artifacts.table("stages", [artifacts.report_row(r) for r in reports], "Per-stage summary")

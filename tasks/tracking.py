@@ -8,6 +8,7 @@ thread-local and Prefect runs tasks in worker threads, so the fluent API would l
 from __future__ import annotations
 
 import fcntl
+import getpass
 import os
 import re
 import socket
@@ -23,6 +24,7 @@ from pydantic import BaseModel
 
 from mixtune.core.config import PipelineConfig
 from mixtune.core.paths import default_tracking_uri, tracking_uri
+from tasks import artifacts
 
 FLOW_RUN_TAG = "mixtune.flow_run_id"
 PARENT_TAG = "mlflow.parentRunId"
@@ -61,23 +63,36 @@ def client_for(uri: str) -> MlflowClient:
     return client
 
 
-class Tracker(BaseModel):
-    """One MLflow run of a pipeline: the parent run (stage None) or a stage's nested run. Plain data, so
-    Prefect can pass it to tasks and hash it; the client is looked up from the URI."""
+class Experiment(BaseModel):
+    """An experiment on a tracking server, before any run of this flow exists: what the skip check reads."""
 
     uri: str
     experiment_id: str
-    parent_run_id: str
-    stage: int | None = None
-    stage_run_id: str | None = None
 
     @property
     def client(self) -> MlflowClient:
         return client_for(self.uri)
 
+    def run_url(self, run_id: str) -> str | None:
+        return run_url(self.uri, self.experiment_id, run_id)
+
+
+class Tracker(Experiment):
+    """One MLflow run of a pipeline: the parent run (stage None) or a stage's nested run. Plain data, so
+    Prefect can pass it to tasks and hash it; the client is looked up from the URI."""
+
+    parent_run_id: str
+    stage: int | None = None
+    stage_run_id: str | None = None
+
     @property
     def run_id(self) -> str:
         return self.stage_run_id or self.parent_run_id
+
+    @property
+    def run_name(self) -> str:
+        """How Prefect names the tasks that act on this run: "stage 2" or "parent"."""
+        return "parent" if self.stage is None else f"stage {self.stage}"
 
     def parent(self) -> Tracker:
         return self.model_copy(update={"stage": None, "stage_run_id": None})
@@ -108,6 +123,10 @@ class Tracker(BaseModel):
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_table(self, frame, artifact_file: str) -> None:
+        """A JSON table the MLflow UI previews as a table (and the run's "evaluation" tab lists)."""
+        self.client.log_table(self.run_id, data=frame, artifact_file=artifact_file)
+
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
@@ -128,6 +147,21 @@ class Tracker(BaseModel):
         self.client.set_terminated(self.run_id, status)
         if self.stage_run_id is None:
             release_lock(self.parent_run_id)
+
+
+def ui_url(uri: str) -> str | None:
+    """A tracking server's UI lives at its own address; a database file or folder has none to link to."""
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else None
+
+
+def run_url(uri: str, exp_id: str, run_id: str) -> str | None:
+    base = ui_url(uri)
+    return f"{base}/#/experiments/{exp_id}/runs/{run_id}" if base else None
+
+
+def runs_page(uri: str, exp_id: str) -> str:
+    """The experiment's run list (the UI opens on GenAI traces otherwise); relative to the UI for a database."""
+    return f"{ui_url(uri) or 'http://127.0.0.1:5000'}/#/experiments/{exp_id}/runs"
 
 
 def experiment_id(client: MlflowClient, config: PipelineConfig) -> str:
@@ -164,7 +198,26 @@ def find_run(client: MlflowClient, exp_id: str, tags: dict[str, str]) -> str | N
     return runs[0].info.run_id if runs else None
 
 
-def start_parent_run(config: PipelineConfig, flow_run_id: str) -> Tracker:
+def open_experiment(config: PipelineConfig) -> Experiment:
+    client = client_for(tracking_uri(config))
+    return Experiment(uri=client.tracking_uri, experiment_id=experiment_id(client, config))
+
+
+def source_tags(flow_run_url: str | None, deployed: bool) -> dict[str, str]:
+    """What MLflow's UI shows as Source and Created by, and the description linking the Prefect flow run."""
+    tags = {
+        "mlflow.source.name": "mixtune finetune flow",
+        "mlflow.source.type": "JOB" if deployed else "LOCAL",
+        "mlflow.user": getpass.getuser(),
+    }
+    if flow_run_url:
+        tags["mixtune.prefect_flow_run_url"] = flow_run_url
+        tags["mlflow.note.content"] = f"Prefect flow run: [{flow_run_url}]({flow_run_url})"
+    return tags
+
+
+def start_parent_run(config: PipelineConfig, flow_run_id: str, tags: dict[str, str] | None = None) -> Tracker:
+    """The flow run's parent run, found again on a retry; `tags` (input hash, links) are set on creation."""
     client = client_for(tracking_uri(config))
     exp_id = experiment_id(client, config)
     end_abandoned_runs(client, exp_id)
@@ -175,6 +228,7 @@ def start_parent_run(config: PipelineConfig, flow_run_id: str) -> Tracker:
         hold_lock(found, lock)
         return tracker
     tags = {
+        **(tags or {}),
         FLOW_RUN_TAG: flow_run_id,
         KIND_TAG: "pipeline",
         "mixtune.run_name": config.run.name,
@@ -301,16 +355,25 @@ def alias_run_id(uri: str, model_name: str, alias: str) -> str | None:
         return None
 
 
+@task(name="open-experiment", retries=3, retry_delay_seconds=[2, 5, 15])
+def open_experiment_task(config: PipelineConfig) -> Experiment:
+    return open_experiment(config)
+
+
 @task(name="start-tracking", retries=3, retry_delay_seconds=[2, 5, 15])
-def start_tracking_task(config: PipelineConfig, flow_run_id: str) -> Tracker:
-    return start_parent_run(config, flow_run_id)
+def start_tracking_task(config: PipelineConfig, flow_run_id: str, tags: dict[str, str]) -> Tracker:
+    tracker = start_parent_run(config, flow_run_id, tags)
+    url = tracker.run_url(tracker.parent_run_id)
+    if url:  # a database file has no UI address to link; the run id is in the final-model artifact either way
+        artifacts.link("mlflow-run", url, f"MLflow run {tracker.parent_run_id}", "This flow run's MLflow parent run")
+    return tracker
 
 
-@task(name="open-stage-run", retries=3, retry_delay_seconds=[2, 5, 15])
+@task(name="open-stage-run", task_run_name="open stage {stage} run", retries=3, retry_delay_seconds=[2, 5, 15])
 def open_stage_task(tracker: Tracker, stage: int, method: str) -> Tracker:
     return tracker.open_stage(stage, method)
 
 
-@task(name="end-run", retries=3, retry_delay_seconds=[2, 5, 15])
+@task(name="end-run", task_run_name="end run {tracker.run_name}", retries=3, retry_delay_seconds=[2, 5, 15])
 def end_run_task(tracker: Tracker, status: str = "FINISHED") -> None:
     tracker.end(status)

@@ -18,11 +18,12 @@ from transformers.trainer_utils import get_last_checkpoint
 from mixtune.core.cache import is_complete, mark_complete
 from mixtune.core.config import PipelineConfig
 from mixtune.core.logs import run_logger
-from tasks.callbacks import EvaluateAtEnd, OverfitWatch, ProgressCallback, SamplerPosition
+from tasks.callbacks import EvaluateAtEnd, LiveProgress, OverfitWatch, ProgressCallback, SamplerPosition
 from tasks.guard import OverfitTracker
 from tasks.lm import PackCollator, PadCollator, TokenLossTrainer, training_arguments
 from tasks.models import is_adapter
 from tasks.records import StageMix, StageTraining
+from tasks.schedule import stage_shares
 from tasks.tables import TokenDataset, stage_table, validation_sets
 from tasks.tracking import Tracker, metric_name
 
@@ -138,6 +139,7 @@ def train_stage(
         return StageTraining.model_validate_json(record.read_text())
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     progress = ProgressCallback(f"stage {mix.stage}", run_logger().info, tracker.log_metrics)
+    live = LiveProgress(f"stage {mix.stage}/{len(stage_shares(config.schedule))}")
     position = SamplerPosition(mix.manifest, config.train.batch_size * config.train.gradient_accumulation_steps)
     watch = OverfitWatch(overfit_tracker(config), tracker.log_metrics)
     trainer = build_trainer(
@@ -148,7 +150,7 @@ def train_stage(
         TokenDataset(stage_table(sft_path, mix.manifest)),
         validation_sets(sft_path),
         stage_dir / "checkpoints",
-        [progress, position, watch],
+        [progress, live, position, watch],
     )
     resume = get_last_checkpoint(str(stage_dir / "checkpoints")) if (stage_dir / "checkpoints").is_dir() else None
     if resume:
@@ -223,7 +225,12 @@ def save_final(model, tokenizer, folder: Path) -> None:
     (folder / "mixtune.json").write_text(json.dumps({"kind": "adapter" if is_adapter(str(folder)) else "model"}))
 
 
-@task(name="train", retries=2, retry_delay_seconds=[5, 30])
+@task(
+    name="train",
+    task_run_name="train stage {mix.stage} (share {mix.target_share:.2f})",
+    retries=2,
+    retry_delay_seconds=[5, 30],
+)
 def train_task(
     config: PipelineConfig, mix: StageMix, sft_path: str, init_dir: str, base_dir: str, stage_dir: str, tracker: Tracker
 ) -> StageTraining:

@@ -52,7 +52,7 @@ def baseline_task(
     return losses
 
 
-@task(name="validate", retries=2, retry_delay_seconds=[2, 10])
+@task(name="validate", task_run_name="validate stage {trained.stage}", retries=2, retry_delay_seconds=[2, 10])
 def validate_task(
     config: PipelineConfig, trained: StageTraining, sft_path: str, base_dir: str, probes: list[dict], tracker: Tracker
 ) -> TokenLosses:

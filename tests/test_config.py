@@ -151,3 +151,21 @@ def test_every_field_is_documented_in_readme_and_schema():
     for path, field in schema_fields(PipelineConfig):
         assert f"`{path}`" in readme or f"`{path.rsplit('.', 1)[0]}." in readme and path.split(".")[-1] in readme, path
         assert field.description, f"{path} has no description (the Prefect UI form shows it)"
+
+
+def test_the_prefect_form_opens_on_data_schedule_train_validation_with_a_title_on_every_field(tmp_path):
+    import jsonschema
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.finetune import finetune
+    from tests.conftest import tiny_config
+
+    schema = parameter_schema(finetune.fn).model_dump_for_openapi()
+    definitions = schema["definitions"]
+    assert list(definitions["PipelineConfig"]["properties"])[:4] == ["data", "schedule", "train", "validation"]
+    for model in definitions.values():
+        for name, prop in model.get("properties", {}).items():
+            assert prop.get("title"), name
+    # null stays a valid value where the config allows it: the server validates run parameters with this schema
+    raw = tiny_config(tmp_path, model={"path": None, "preset": "tiny"}).model_dump(mode="json")
+    jsonschema.validate({"config": raw}, {**schema, "definitions": definitions})

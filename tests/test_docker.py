@@ -194,6 +194,7 @@ def test_rendered_services(rendered):
         if name != "postgres":
             assert service["environment"]["DO_NOT_TRACK"] == "true", name
     assert services["prefect-server"]["environment"]["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
+    assert services["prefect-server"]["environment"]["PREFECT_SERVER_UI_V2_ENABLED"] == "false"
     assert services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"].startswith(
         "postgresql+asyncpg://"
     )

@@ -100,7 +100,8 @@ def test_second_run_reuses_ingest_and_pretraining(prefect_harness, tmp_path):
         task_runs = prefect.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     states = {run.name.rsplit("-", 1)[0]: run.state.name for run in task_runs}
     assert {states[name] for name in CACHED_TASKS} == {"Cached"}, states
-    assert states["train"] == "Completed"
+    # Stage tasks are named by stage and share (`train stage 1 (share 0.10)`), the others `<task>-<id>`.
+    assert {states["train stage 1 (share 0.10)"], states["train stage 2 (share 0.50)"]} == {"Completed"}
 
 
 def test_forgetting_guard_stops_and_keeps_the_model_before_the_breach(prefect_harness, tmp_path):

@@ -1,7 +1,7 @@
 import pytest
 
 from mixtune.core.config import Advisor
-from tasks.plan import advise, apply_advice, epoch_plan, make_plan, rule_epochs
+from tasks.plan import advice_differs, advise, apply_advice, epoch_plan, make_plan, rule_epochs
 from tests.conftest import tiny_config
 
 
@@ -88,3 +88,11 @@ def test_make_plan_auto_uses_the_advice_and_manual_keeps_the_config(tmp_path):
     auto = make_plan(auto_config, stats)
     assert auto.config.train.method == "lora" and auto.config.schedule.shares == [0.5]
     assert "method lora" in auto.text and "Plan (auto" in auto.text
+
+
+def test_advice_is_one_short_note_and_only_when_it_differs_from_the_plan(tmp_path):
+    config = tiny_config(tmp_path)  # full SFT, 3 stages
+    scarce = advise(400, 50_000, 0, config)
+    note = advice_differs(scarce, config)
+    assert note == "advice differs: method lora, schedule 0.50 (see mixtune advise)"
+    assert advice_differs(scarce, apply_advice(config, scarce)) is None

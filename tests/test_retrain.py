@@ -1,6 +1,7 @@
 """Retraining semantics: skip unchanged inputs, challenger vs champion, the registry alias, failure hygiene."""
 
-import pandas as pd
+import os
+
 import pytest
 from mlflow.tracking import MlflowClient
 from prefect import task
@@ -9,6 +10,7 @@ import flows.finetune
 from flows.finetune import finetune
 from mixtune.compare import compare, comparison, pipeline_runs
 from tasks.champion import decide
+from tasks.inputs import skip_if_unchanged
 from tasks.models import evaluate
 from tasks.records import ByteLosses
 from tasks.scoring import nats_per_byte, target_counts
@@ -55,15 +57,22 @@ def test_retraining_first_champion_then_skip_then_a_decision_the_alias_follows(p
 
     unchanged = finetune(tiny_config(tmp_path, **FAST))
     assert unchanged.verdict.decision == "skip" and unchanged.stages == []
-    assert unchanged.verdict.previous_run == first.parent_run_id
-    skipped = client.get_run(unchanged.parent_run_id)
-    assert skipped.info.status == "FINISHED" and skipped.data.tags["mixtune.verdict"] == "skip"
-    assert "no new data" in skipped.data.tags["mixtune.verdict_reason"]
-    assert not client.search_runs(
-        [skipped.info.experiment_id], f"tags.`mlflow.parentRunId` = '{unchanged.parent_run_id}'"
-    )
+    assert unchanged.verdict.previous_run == first.parent_run_id == unchanged.parent_run_id
+    matched = client.get_run(first.parent_run_id)
+    assert matched.data.tags["mixtune.verdict"] == "first"  # the skip counts itself without rewriting the verdict
+    assert [m.value for m in client.get_metric_history(first.parent_run_id, "no_new_data_ticks")] == [1.0]
     assert champion_of(client, name) == 1
-    assert "no new data" in prefect_verdict(skipped.data.tags["mixtune.flow_run_id"])
+    assert "no new data" in prefect_verdict(matched.data.tags["mixtune.last_skip_flow_run"])
+    twice = finetune(tiny_config(tmp_path, **FAST))
+    assert twice.verdict.decision == "skip"
+    assert [m.value for m in client.get_metric_history(first.parent_run_id, "no_new_data_ticks")] == [1.0, 2.0]
+    runs = client.search_runs([matched.info.experiment_id])
+    parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    assert len(parents) == 1 and all(run.data.metrics for run in runs)  # the first run and its stages only
+    # `mixtune run` asks the same question before starting Prefect, and counts its tick the same way.
+    assert skip_if_unchanged(tiny_config(tmp_path, **FAST)).previous_run == first.parent_run_id
+    assert len(client.get_metric_history(first.parent_run_id, "no_new_data_ticks")) == 3
+    assert len(client.search_runs([matched.info.experiment_id])) == len(runs)
 
     more_domain = {
         "sources": [
@@ -98,10 +107,38 @@ def test_retraining_first_champion_then_skip_then_a_decision_the_alias_follows(p
     table = comparison(
         pipeline_runs(first.tracking_uri, "mixtune"), {third.parent_run_id if holder == 2 else first.parent_run_id}
     )
-    assert list(table["decision"]) == ["first", "skip", verdict.decision, "reject", "skip"]
-    assert list(table["champion"]) == ["" if holder == 2 else "*", "", "*" if holder == 2 else "", "", ""]
-    assert table["domain gain"].notna().sum() == 3 and pd.isna(table.loc[1, "domain val"])  # the skip trained nothing
-    assert "first" in text and "skip" in text and plot.stat().st_size > 10_000
+    assert list(table["decision"]) == ["first", verdict.decision, "reject"]  # skips add no runs
+    assert list(table["champion"]) == ["" if holder == 2 else "*", "*" if holder == 2 else "", ""]
+    assert table["domain gain"].notna().sum() == 3
+    assert "first" in text and "reject" in text and plot.stat().st_size > 10_000
+
+
+def test_the_champion_loads_through_mlflow_and_generates_offline(prefect_harness, tmp_path, monkeypatch):
+    import mlflow
+    import mlflow.transformers
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = tiny_config(tmp_path, schedule={"stages": 1, "samples_per_stage": 48})
+    summary = finetune(config)
+    version = MlflowClient(summary.tracking_uri).get_model_version_by_alias(config.registered_model, "champion")
+    run_name = MlflowClient(summary.tracking_uri).get_run(summary.parent_run_id).info.run_name
+    assert version.description.startswith(f"{run_name}: full SFT") and "Decision first" in version.description
+    # Both also export MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI, which later runs in this process would use.
+    mlflow.set_tracking_uri(summary.tracking_uri)
+    mlflow.set_registry_uri(summary.tracking_uri)
+    try:
+        generator = mlflow.transformers.load_model(f"models:/{config.registered_model}@champion")
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+        os.environ.pop("MLFLOW_REGISTRY_URI", None)  # set_registry_uri(None) leaves it
+    prompt = "What is 2 plus 3?"
+    # A model trained for a few steps may answer with special tokens only, which plain text output drops.
+    [answer] = generator(prompt, max_new_tokens=8, min_new_tokens=4, do_sample=False, return_tensors=True)
+    prompt_ids = generator.tokenizer(prompt)["input_ids"]
+    new_ids = answer["generated_token_ids"][len(prompt_ids) :]
+    assert answer["generated_token_ids"][: len(prompt_ids)] == prompt_ids and len(new_ids) >= 4
+    assert generator.tokenizer.decode(new_ids).strip()
 
 
 def test_nats_per_byte_is_the_token_loss_rescaled_by_the_text_it_scores(prefect_harness, tmp_path):

@@ -19,8 +19,16 @@ Share = Annotated[float, Field(ge=0.0, le=1.0)]  # bounds in the JSON schema too
 Format = Literal["auto", "minimind", "openai", "sharegpt", "alpaca", "text"]
 
 
+def form_schema(schema: dict) -> None:
+    """The Prefect form reads this schema: every field gets a title (a nullable sub-model had none, and showed as
+    "Field (Optional)"). Nullable fields keep their `anyOf [type, null]`: the v1 form draws no input at all for a
+    `type: [string, null]` list, and the server validates run parameters against this schema."""
+    for name, prop in schema.get("properties", {}).items():
+        prop.setdefault("title", name.replace("_", " ").capitalize())
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, json_schema_extra=form_schema)
 
 
 class Columns(Strict):
@@ -316,8 +324,25 @@ class Run(Strict):
     seed: int = Field(0, description="Seeds splits, mixes, initialisation and data order.")
 
 
+# The run form opens on what people change per run; the rest follows under "More:" titles.
+FORM_FIRST = ("data", "schedule", "train", "validation")
+FORM_MORE = ("run", "model", "pretrain", "plan", "goal", "registry", "tracking", "deploy", "advisor")
+
+
+def pipeline_form(schema: dict) -> None:
+    form_schema(schema)
+    properties = schema["properties"]
+    for name in FORM_MORE:
+        properties[name]["title"] = f"More: {properties[name]['title'].lower()}"
+    order = [*FORM_FIRST, *FORM_MORE]
+    ranked = sorted(properties, key=lambda n: order.index(n) if n in order else len(order))  # new fields: last
+    schema["properties"] = {name: properties[name] for name in ranked}
+
+
 class PipelineConfig(Strict):
     """A mixtune pipeline: data sources, base model, staged mix, training, validation and tracking."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, json_schema_extra=pipeline_form)
 
     run: Run = Field(default_factory=Run)
     data: Data

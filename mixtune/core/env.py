@@ -18,6 +18,9 @@ OFFLINE_DEFAULTS = {
     "DO_NOT_TRACK": "true",
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # Prefect's v2 UI initialises its analytics SDK (a third-party host) on load whatever the setting above
+    # says; the v1 UI calls no analytics host. Only the UI a browser opens by default: `prefect server start`.
+    "PREFECT_SERVER_UI_V2_ENABLED": "false",
     # The ephemeral Prefect server takes 11-19 s to start on 2 loaded cores; 20 s (the default) is too tight.
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "PREFECT_UI_ENABLED": "true",
@@ -27,6 +30,10 @@ OFFLINE_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    # Terminal lines within 120 columns: Prefect's own prefix ("18:49:06.894 | INFO    | Task run 'x' - ") took
+    # half of them. The Prefect UI shows the message alone either way.
+    "PREFECT_LOGGING_FORMATTERS_STANDARD_FLOW_RUN_FMT": "%(asctime)s %(flow_run_name)s | %(message)s",
+    "PREFECT_LOGGING_FORMATTERS_STANDARD_TASK_RUN_FMT": "%(asctime)s %(task_run_name)s | %(message)s",
 }
 
 
