@@ -84,8 +84,15 @@ class Tracker(BaseModel):
             self.client.log_batch(self.run_id, params=items[start : start + BATCH])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Each (metric, step) is recorded once: a resumed run redoes the steps after its last checkpoint and
+        re-enters finished tasks, and its curves must not show those steps twice."""
+        logged = logged_steps(self.client, self.run_id)
+        fresh = {k: v for k, v in metrics.items() if (k, step) not in logged}
+        if not fresh:
+            return
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in fresh.items()])
+        logged.update((k, step) for k in fresh)
 
     def log_artifacts(self, path: str | Path, artifact_path: str | None = None) -> None:
         if Path(path).is_dir():
@@ -113,6 +120,17 @@ class Tracker(BaseModel):
         self.client.set_terminated(self.run_id, status)
         if self.stage_run_id is None:
             release_lock(self.parent_run_id)
+
+
+_logged: dict[str, set[tuple[str, int]]] = {}
+
+
+def logged_steps(client: MlflowClient, run_id: str) -> set[tuple[str, int]]:
+    """The (metric, step) pairs a run already holds, read from the server once per process and run."""
+    if run_id not in _logged:
+        names = client.get_run(run_id).data.metrics
+        _logged[run_id] = {(name, m.step) for name in names for m in client.get_metric_history(run_id, name)}
+    return _logged[run_id]
 
 
 def experiment_id(client: MlflowClient, config: PipelineConfig) -> str:
