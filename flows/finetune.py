@@ -17,10 +17,10 @@ from mixtune.core.preflight import check_tracking_server
 from tasks.base_model import pretrain_task, tokenizer_task
 from tasks.champion import challenge_task, champion_task
 from tasks.data_report import data_report_task
-from tasks.gate import gate_task
+from tasks.gate import finished_stage, gate_task
 from tasks.guard import ShareCursor
 from tasks.ingest import ingest_task
-from tasks.inputs import skip_task, unchanged_task
+from tasks.inputs import input_hash, skip_task, unchanged_task
 from tasks.mix import mix_task
 from tasks.plan import plan_task
 from tasks.probes import probe_prompts
@@ -68,15 +68,25 @@ def end_tracking(status: str):
     on_crashed=[end_tracking("FAILED")],
     on_cancellation=[end_tracking("KILLED")],
 )
-def finetune(config: PipelineConfig) -> RunSummary:
+def finetune(config: PipelineConfig, fresh: bool = False) -> RunSummary:
     """Check inputs against the last successful run; ingest, plan, pre-train a scratch model, then per stage:
     mix domain into general data, train, validate on domain and general data, and let the gate continue, hold,
-    back off or stop. The final model then challenges the registered champion."""
+    back off or stop. The final model then challenges the registered champion.
+
+    A run of the same inputs whose process died is continued where it stopped, unless `fresh`."""
     os.umask(0o077)  # databases, caches, quarantined rows and models: readable by their owner only
     confine(config, deployment.id is not None)
     config = resolve_paths(config, Path.cwd(), "flow parameter config")
     check_tracking_server(tracking_uri(config))
-    tracker = start_tracking_task(config, flow_run.id)
+    folder = str(run_dir(config.run.output_dir, config.run.name, flow_run.id))
+    tracker = start_tracking_task(config, flow_run.id, folder, None if fresh else input_hash(config))
+    if tracker.resumed:
+        run_logger().info(
+            "resuming interrupted run %s in %s: finished stages are reused, the interrupted one continues from "
+            "its last good checkpoint",
+            tracker.parent_run_id,
+            tracker.run_folder,
+        )
     previous = unchanged_task(config, tracker)
     if previous:
         summary = RunSummary(
@@ -103,11 +113,18 @@ def run_pipeline(config: PipelineConfig, tracker: Tracker) -> RunSummary:
     probes = probe_prompts(tokens.sft, data.samples, PROBES_PER_SET)
     baseline = baseline_task(config, base, tokens.sft, probes, tracker)
 
-    run_folder = run_dir(config.run.output_dir, config.run.name, flow_run.id)
+    run_folder = Path(tracker.run_folder)
     cursor, model, reports = ShareCursor(shares=stage_shares(config.schedule)), base, []
     while cursor.share is not None:
         folder = stage_dir(run_folder, cursor.stage)
         stage_run = open_stage_task(tracker, cursor.stage, config.train.method)
+        report = finished_stage(folder)
+        if report:
+            run_logger().info("stage %d: finished before the interruption, reused (%s)", report.stage, folder)
+            end_run_task(stage_run)
+            reports.append(report)
+            cursor, model = cursor.after(report.gate.decision), report.model_dir
+            continue
         mix = mix_task(
             tokens.sft,
             cursor.stage,

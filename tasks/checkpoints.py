@@ -52,8 +52,9 @@ def load_check(path: Path) -> None:
     load allows (rng_state.pth holds numpy's generator state): no code runs from a checkpoint."""
     if path.suffix == ".safetensors":
         with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():
-                handle.get_slice(key)
+            names = handle.keys()  # safe_open's handle is not iterable
+            for name in names:
+                handle.get_slice(name)
     elif path.suffix in {".pt", ".pth"}:
         with safe_globals():
             torch.load(path, map_location="cpu", weights_only=True)

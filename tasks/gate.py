@@ -63,6 +63,15 @@ def record_gate(
     return plot
 
 
+REPORT = "report.json"
+
+
+def finished_stage(stage_dir: str | Path) -> StageReport | None:
+    """The report of a stage that went through its gate before the run was interrupted: reused as it is."""
+    path = Path(stage_dir) / REPORT
+    return StageReport.model_validate_json(path.read_text()) if path.is_file() else None
+
+
 @task(name="gate", retries=2, retry_delay_seconds=[2, 10])
 def gate_task(
     config: PipelineConfig,
@@ -84,4 +93,7 @@ def gate_task(
         [artifacts.report_row(report)],
         f"Stage {report.stage}: target vs realised domain share, losses, decision",
     )
+    staging = Path(report.stage_dir) / f"{REPORT}.tmp"
+    staging.write_text(report.model_dump_json(indent=2))
+    staging.replace(Path(report.stage_dir) / REPORT)  # written last and whole: the stage's done mark
     return report

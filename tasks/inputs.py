@@ -12,10 +12,9 @@ from mixtune.core.config import PipelineConfig
 from tasks.keys import ingest_key
 from tasks.records import Verdict
 from tasks.registry import champion_version
-from tasks.tracking import Tracker
+from tasks.tracking import INPUT_HASH_TAG, Tracker
 from tasks.verdicts import VERDICT_TAG, record_verdict
 
-INPUT_HASH_TAG = "mixtune.input_hash"
 MODEL_TAG = "mixtune.registered_model"
 RECIPE_SECTIONS = {"model", "pretrain", "schedule", "train", "validation", "plan", "goal", "advisor"}
 

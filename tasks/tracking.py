@@ -30,7 +30,13 @@ STAGE_TAG = "mixtune.stage"
 KIND_TAG = "mixtune.kind"  # "pipeline" on parent runs: what `mixtune compare` lists
 HOST_TAG = "mixtune.host"
 LOCK_TAG = "mixtune.lock"
+INPUT_HASH_TAG = "mixtune.input_hash"
+RUN_FOLDER_TAG = "mixtune.run_folder"  # the folder of the run's stages: a resumed run finds it here
+ABANDONED_TAG = "mixtune.abandoned"  # ended KILLED because its process was gone: a rerun may still adopt it
+RESUMED_TAG = "mixtune.resumed_from_flow_runs"
 RUNNING = RunStatus.to_string(RunStatus.RUNNING)
+FINISHED = RunStatus.to_string(RunStatus.FINISHED)
+KILLED = RunStatus.to_string(RunStatus.KILLED)
 PARAM_LIMIT = 6000  # MLflow rejects longer param values
 BATCH = 100  # params per log_batch call: MLflow's limit
 
@@ -55,6 +61,8 @@ class Tracker(BaseModel):
     parent_run_id: str
     stage: int | None = None
     stage_run_id: str | None = None
+    run_folder: str = ""
+    resumed: bool = False
 
     @property
     def client(self) -> MlflowClient:
@@ -71,6 +79,8 @@ class Tracker(BaseModel):
         """The stage's nested run: created once, found again by tag when the stage is retried or resumed."""
         tags = {PARENT_TAG: self.parent_run_id, STAGE_TAG: str(stage)}
         run_id = find_run(self.client, self.experiment_id, tags)
+        if run_id is not None and self.client.get_run(run_id).info.status not in (RUNNING, FINISHED):
+            self.client.update_run(run_id, status=RUNNING)  # the stage of an adopted run, interrupted
         if run_id is None:
             run = self.client.create_run(
                 self.experiment_id, run_name=f"stage-{stage}", tags={**tags, "mixtune.method": method}
@@ -161,16 +171,23 @@ def find_run(client: MlflowClient, exp_id: str, tags: dict[str, str]) -> str | N
     return runs[0].info.run_id if runs else None
 
 
-def start_parent_run(config: PipelineConfig, flow_run_id: str) -> Tracker:
+def start_parent_run(
+    config: PipelineConfig, flow_run_id: str, run_folder: str = "", input_hash: str | None = None
+) -> Tracker:
+    """The flow run's parent run: found again on a task retry; else, given the inputs hash, an unfinished run
+    of the same inputs whose process is gone, adopted; else a new one."""
     client = client_for(tracking_uri(config))
     exp_id = experiment_id(client, config)
-    end_abandoned_runs(client, exp_id)
     lock = Path(config.run.output_dir) / "locks" / f"{flow_run_id}.lock"
+    tracker = Tracker(uri=client.tracking_uri, experiment_id=exp_id, parent_run_id="", run_folder=run_folder)
     found = find_run(client, exp_id, {FLOW_RUN_TAG: flow_run_id})
-    tracker = Tracker(uri=client.tracking_uri, experiment_id=exp_id, parent_run_id=found or "")
     if found:
         hold_lock(found, lock)
-        return tracker
+        return own(tracker, client.get_run(found))
+    adopted = adopt_unfinished_run(client, exp_id, input_hash, flow_run_id, lock) if input_hash else None
+    end_abandoned_runs(client, exp_id)
+    if adopted:
+        return own(tracker, adopted).model_copy(update={"resumed": True})
     tags = {
         FLOW_RUN_TAG: flow_run_id,
         KIND_TAG: "pipeline",
@@ -178,12 +195,44 @@ def start_parent_run(config: PipelineConfig, flow_run_id: str) -> Tracker:
         "mixtune.method": config.train.method,
         HOST_TAG: socket.gethostname(),
         LOCK_TAG: str(lock),
+        RUN_FOLDER_TAG: run_folder,
     }
     run = client.create_run(exp_id, run_name=f"{config.run.name}-{flow_run_id[:8]}", tags=tags)
     hold_lock(run.info.run_id, lock)
     tracker = tracker.model_copy(update={"parent_run_id": run.info.run_id})
     tracker.log_params(flatten(config.public_dump()))
     return tracker
+
+
+def own(tracker: Tracker, run) -> Tracker:
+    folder = run.data.tags.get(RUN_FOLDER_TAG) or tracker.run_folder
+    return tracker.model_copy(update={"parent_run_id": run.info.run_id, "run_folder": folder})
+
+
+def adopt_unfinished_run(client: MlflowClient, exp_id: str, input_hash: str, flow_run_id: str, lock: Path):
+    """The newest parent run of this host with the same inputs hash whose process died before it ended: it
+    becomes this flow run's (RUNNING again, its tags pointing at this process), so the pipeline continues in
+    its folder. Other hosts' runs are left alone: their locks cannot be seen from here."""
+    query = (
+        f"tags.`{KIND_TAG}` = 'pipeline' and tags.`{HOST_TAG}` = '{socket.gethostname()}' "
+        f"and tags.`{INPUT_HASH_TAG}` = '{input_hash}'"
+    )
+    for run in client.search_runs([exp_id], filter_string=query, order_by=["attributes.start_time DESC"]):
+        tags, status = run.data.tags, run.info.status
+        abandoned = (status == RUNNING and owner_is_gone(tags.get(LOCK_TAG, ""))) or (
+            status == KILLED and tags.get(ABANDONED_TAG) == "true"
+        )
+        if not abandoned or not tags.get(RUN_FOLDER_TAG):
+            continue
+        previous = [tags[key] for key in (RESUMED_TAG, FLOW_RUN_TAG) if tags.get(key)]
+        hold_lock(run.info.run_id, lock)
+        client.update_run(run.info.run_id, status=RUNNING)
+        for key, value in {FLOW_RUN_TAG: flow_run_id, LOCK_TAG: str(lock), RESUMED_TAG: ",".join(previous)}.items():
+            client.set_tag(run.info.run_id, key, value)
+        if tags.get(ABANDONED_TAG):
+            client.delete_tag(run.info.run_id, ABANDONED_TAG)
+        return client.get_run(run.info.run_id)
+    return None
 
 
 # A run's process holds an flock on its lock file for as long as it lives; the kernel lets go when the process
@@ -228,7 +277,8 @@ def end_abandoned_runs(client: MlflowClient, exp_id: str) -> list[str]:
     for run in client.search_runs([exp_id], filter_string=query):
         lock = run.data.tags.get(LOCK_TAG)
         if lock and owner_is_gone(lock):
-            end_open_runs(client, run.info.run_id, "KILLED")
+            end_open_runs(client, run.info.run_id, KILLED)
+            client.set_tag(run.info.run_id, ABANDONED_TAG, "true")
             ended.append(run.info.run_id)
     return ended
 
@@ -279,8 +329,10 @@ def alias_run_id(uri: str, model_name: str, alias: str) -> str | None:
 
 
 @task(name="start-tracking", retries=3, retry_delay_seconds=[2, 5, 15])
-def start_tracking_task(config: PipelineConfig, flow_run_id: str) -> Tracker:
-    return start_parent_run(config, flow_run_id)
+def start_tracking_task(
+    config: PipelineConfig, flow_run_id: str, run_folder: str, input_hash: str | None = None
+) -> Tracker:
+    return start_parent_run(config, flow_run_id, run_folder, input_hash)
 
 
 @task(name="open-stage-run", retries=3, retry_delay_seconds=[2, 5, 15])
