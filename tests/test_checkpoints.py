@@ -9,11 +9,13 @@ import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import TrainerState
 
 from tasks import callbacks, tracking
 from tasks.base_model import prepare_base, prepare_tokenizer
-from tasks.checkpoints import problem_with, seal
+from tasks.checkpoints import CheckpointError, problem_with, seal
 from tasks.ingest import ingest
+from tasks.lm import TokenLossTrainer
 from tasks.mix import mix_stage
 from tasks.tokenize import tokenize
 from tasks.train import train_stage
@@ -144,3 +146,13 @@ def test_a_damaged_final_model_is_set_aside_and_the_stage_finished_again(setup, 
         again = resume(setup, folder, "flow-final")
     assert any("final" in r.getMessage() and "sha256" in r.getMessage() for r in caplog.records)
     assert_same_weights(setup[4], again.model_dir)
+
+
+def test_a_damaged_best_checkpoint_is_refused_at_the_end_of_a_stage(setup, tmp_path):
+    best = tmp_path / "checkpoint-2"
+    shutil.copytree(setup[-1] / "checkpoints" / "checkpoint-2", best)
+    flip(best / "model.safetensors")
+    trainer = object.__new__(TokenLossTrainer)  # only the state matters before anything is loaded
+    trainer.state = TrainerState(best_model_checkpoint=str(best))
+    with pytest.raises(CheckpointError, match="model.safetensors: sha256 does not match"):
+        trainer._load_best_model()

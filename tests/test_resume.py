@@ -79,8 +79,9 @@ def gate_passed(runs: Path, stage: int):
     return reached
 
 
-def pretraining(log: Path):
-    return lambda: "pretrain step" in log.read_text(errors="replace")
+def pretraining_checkpoint(runs: Path, step: int):
+    """25 pre-training steps on the tiny config, sealed every 5."""
+    return lambda: any((runs / "cache").glob(f"base-*/checkpoints/checkpoint-{step}/manifest.json"))
 
 
 def assert_mlflow_shape(runs: Path) -> None:
@@ -106,16 +107,18 @@ def test_a_run_killed_three_times_ends_on_the_uninterrupted_weights(tmp_path):
 
     config, log, runs = write_config(resumed_dir), resumed_dir / "run.log", resumed_dir / "runs"
     rng = random.Random(14)
+    pretrained = rng.choice([5, 10, 15])  # killed right after this pre-training checkpoint is sealed
     mid = rng.choice([1, 2])  # killed right after the mid-stage checkpoint of this stage (10 steps, saves at 5)
     between = rng.choice(range(mid, STAGES))  # and after this stage's gate, before the next stage starts
-    run_until(config, log, pretraining(log))
+    run_until(config, log, pretraining_checkpoint(runs, pretrained))
     run_until(config, log, checkpoint_sealed(runs, mid, 5))
     run_until(config, log, gate_passed(runs, between))
     finish(config, log)
     assert straight.wait(timeout=900) == 0, straight_log.read_text()[-3000:]
 
     text = log.read_text(errors="replace")
-    assert text.count("resuming interrupted run") >= 2  # the pre-training kill may come before any stage
+    assert text.count("resuming interrupted run") == 3
+    assert "pre-training resumes from" in text
     assert f"stage {mid} resumes from" in text
     assert f"stage {between}: finished before the interruption, reused" in text
     finals = list((runs / "test").glob(f"*/stage-{STAGES}/final/model.safetensors"))
@@ -127,5 +130,5 @@ def test_a_run_killed_three_times_ends_on_the_uninterrupted_weights(tmp_path):
     assert unequal == []
     assert_mlflow_shape(runs)
     for line in text.splitlines():  # what was resumed and redone, for the record (pytest -s shows it)
-        if "resum" in line or "reused" in line or "set aside" in line:
+        if "resum" in line or "reused" in line or "set aside" in line or " step " in line:
             print(line[-220:])
