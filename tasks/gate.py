@@ -10,6 +10,7 @@ from prefect import task
 from mixtune.core.config import PipelineConfig
 from mixtune.core.logs import run_logger
 from tasks import artifacts
+from tasks.checkpoints import problem_with
 from tasks.guard import ShareCursor, gate
 from tasks.models import is_adapter
 from tasks.plots import COLOURS, loss_plot, stage_curves
@@ -67,9 +68,14 @@ REPORT = "report.json"
 
 
 def finished_stage(stage_dir: str | Path) -> StageReport | None:
-    """The report of a stage that went through its gate before the run was interrupted: reused as it is."""
+    """The report of a stage that went through its gate before the run was interrupted: reused as it is, while
+    its model still matches its manifest (a damaged one sends the stage through train again, which sets it
+    aside and finishes the stage from its last good checkpoint)."""
     path = Path(stage_dir) / REPORT
-    return StageReport.model_validate_json(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    report = StageReport.model_validate_json(path.read_text())
+    return None if problem_with(report.model_dir) else report
 
 
 @task(name="gate", retries=2, retry_delay_seconds=[2, 10])

@@ -14,9 +14,12 @@ from transformers import TrainerState
 from tasks import callbacks, tracking
 from tasks.base_model import prepare_base, prepare_tokenizer
 from tasks.checkpoints import CheckpointError, problem_with, seal
+from tasks.gate import finished_stage
+from tasks.guard import GateDecision
 from tasks.ingest import ingest
 from tasks.lm import TokenLossTrainer
 from tasks.mix import mix_stage
+from tasks.records import StageReport, TokenLosses
 from tasks.tokenize import tokenize
 from tasks.train import train_stage
 from tests.conftest import tiny_config
@@ -156,3 +159,29 @@ def test_a_damaged_best_checkpoint_is_refused_at_the_end_of_a_stage(setup, tmp_p
     trainer.state = TrainerState(best_model_checkpoint=str(best))
     with pytest.raises(CheckpointError, match="model.safetensors: sha256 does not match"):
         trainer._load_best_model()
+
+
+def test_a_stage_report_is_reused_only_while_its_model_verifies(setup, tmp_path):
+    model = tmp_path / "stage-1" / "final"
+    shutil.copytree(setup[-1] / "checkpoints" / "checkpoint-2", model)  # any sealed folder stands for final/
+    gate = GateDecision(decision="continue", general_drift=0.01, reason="within budget")
+    report = StageReport(
+        stage=1,
+        target_share=0.3,
+        realised_share=0.3,
+        source_epochs={},
+        losses=TokenLosses(domain=1.0, general=2.0),
+        gate=gate,
+        steps=10,
+        best_step=10,
+        stopped_early=False,
+        stop_reason=None,
+        tokens_per_second=1.0,
+        stage_dir=str(model.parent),
+        model_dir=str(model),
+        run_id="run",
+    )
+    (model.parent / "report.json").write_text(report.model_dump_json())
+    assert finished_stage(model.parent) == report
+    flip(model / "model.safetensors")
+    assert finished_stage(model.parent) is None
