@@ -17,7 +17,7 @@ from mixtune.core.preflight import check_tracking_server
 from tasks.base_model import pretrain_task, tokenizer_task
 from tasks.champion import challenge_task, champion_task, crown_task
 from tasks.data_report import data_report_task
-from tasks.gate import gate_task
+from tasks.gate import finished_stage, gate_task
 from tasks.guard import ShareCursor
 from tasks.ingest import ingest_task
 from tasks.inputs import input_hash, input_tags, skip_task, unchanged_task
@@ -91,10 +91,12 @@ def pipeline_run_name() -> str:
     on_crashed=[end_tracking("FAILED")],
     on_cancellation=[end_tracking("KILLED")],
 )
-def finetune(config: PipelineConfig) -> RunSummary:
+def finetune(config: PipelineConfig, fresh: bool = False) -> RunSummary:
     """Check inputs against the last successful run; ingest, plan, pre-train a scratch model, then per stage:
     mix domain into general data, train, validate on domain and general data, and let the gate continue, hold,
-    back off or stop. The final model then challenges the registered champion."""
+    back off or stop. The final model then challenges the registered champion.
+
+    A run of the same inputs whose process died is continued where it stopped, unless `fresh`."""
     os.umask(0o077)  # databases, caches, quarantined rows and models: readable by their owner only
     confine(config, deployment.id is not None)
     config = resolve_paths(config, Path.cwd(), "flow parameter config")
@@ -109,7 +111,15 @@ def finetune(config: PipelineConfig) -> RunSummary:
             verdict=skip_task(config, experiment, previous, flow_run.id),
         )
     tags = {**input_tags(config, digest), **source_tags(flow_run.ui_url, deployment.id is not None)}
-    tracker = start_tracking_task(config, flow_run.id, tags)
+    folder = str(run_dir(config.run.output_dir, config.run.name, flow_run.id))
+    tracker = start_tracking_task(config, flow_run.id, tags, folder, None if fresh else digest)
+    if tracker.resumed:
+        run_logger().info(
+            "resuming interrupted run %s in %s: finished stages are reused, the interrupted one continues from "
+            "its last good checkpoint",
+            tracker.parent_run_id,
+            tracker.run_folder,
+        )
     summary = run_pipeline(config, tracker)
     end_run_task(tracker)
     crown_task(tracker, summary.verdict)  # last: only a FINISHED run may hold the champion
@@ -128,11 +138,18 @@ def run_pipeline(config: PipelineConfig, tracker: Tracker) -> RunSummary:
     probes = probe_prompts(tokens.sft, data.samples, PROBES_PER_SET)
     baseline = baseline_task(config, base, tokens.sft, probes, tracker)
 
-    run_folder = run_dir(config.run.output_dir, config.run.name, flow_run.id)
+    run_folder = Path(tracker.run_folder)
     cursor, model, reports = ShareCursor(shares=stage_shares(config.schedule)), base, []
     while cursor.share is not None:
         folder = stage_dir(run_folder, cursor.stage)
         stage_run = open_stage_task(tracker, cursor.stage, config.train.method)
+        report = finished_stage(folder)
+        if report:
+            run_logger().info("stage %d: finished before the interruption, reused (%s)", report.stage, folder)
+            end_run_task(stage_run)
+            reports.append(report)
+            cursor, model = cursor.after(report.gate.decision), report.model_dir
+            continue
         mix = mix_task(
             tokens.sft,
             cursor.stage,

@@ -28,6 +28,11 @@ def parser() -> argparse.ArgumentParser:
         description="Run the whole pipeline: ingest, pre-train (scratch models), then "
         "mix / train / validate / gate per stage. Prints a per-stage table.",
     )
+    run.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start over: do not continue an interrupted run of the same inputs (the default continues it)",
+    )
     check = commands.add_parser(
         "check",
         help="validate a config and its input files, print the stage plan",
@@ -100,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command in ("serve", "deploy"):
         return deployments(config, args)
-    return run(config)
+    return run(config, args.fresh)
 
 
 def credentials_to_environment(config: PipelineConfig, command: str) -> None:
@@ -161,7 +166,7 @@ def advise(config: PipelineConfig) -> int:
     return 0
 
 
-def run(config: PipelineConfig) -> int:
+def run(config: PipelineConfig, fresh: bool = False) -> int:
     logging.getLogger("mixtune").setLevel(logging.INFO)
     started = time.perf_counter()
     from tasks.inputs import skip_if_unchanged
@@ -176,7 +181,7 @@ def run(config: PipelineConfig) -> int:
     from tasks.ingest import IngestError
 
     try:
-        summary = finetune(config)
+        summary = finetune(config, fresh=fresh)
     except IngestError as err:
         print(f"mixtune: unusable input, nothing was trained:\n  {err}", file=sys.stderr)
         return 2

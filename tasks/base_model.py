@@ -5,6 +5,7 @@ text so that fine-tuning has general ability to keep (or lose)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -19,6 +20,7 @@ from mixtune.core.config import PipelineConfig
 from mixtune.core.logs import run_logger
 from tasks.callbacks import ProgressCallback
 from tasks.chat import BOS, CHATML, EOS, PAD
+from tasks.checkpoints import Seal, last_good_checkpoint
 from tasks.lm import PadCollator, TokenLossTrainer, training_arguments
 from tasks.tables import TokenDataset
 
@@ -173,7 +175,10 @@ def pretrain(model, tokenizer, table: pd.DataFrame, config: PipelineConfig, fold
         lr_scheduler_type="cosine",
         warmup_steps=0.05,
         logging_steps=config.train.logging_steps,
-        save_strategy="no",
+        # Five sealed checkpoints over the run (a fraction of its steps), two kept: a crash costs a fifth at most.
+        save_strategy="steps",
+        save_steps=0.2,
+        save_total_limit=2,
         weight_decay=0.01,
         order="random",
     )
@@ -182,11 +187,15 @@ def pretrain(model, tokenizer, table: pd.DataFrame, config: PipelineConfig, fold
         args=args,
         train_dataset=TokenDataset(table),
         data_collator=PadCollator(tokenizer.pad_token_id),
-        callbacks=[ProgressCallback("pretrain", run_logger().info)],
+        callbacks=[ProgressCallback("pretrain", run_logger().info), Seal()],
     )
-    trainer.train()
+    resume = last_good_checkpoint(folder / "checkpoints", folder / "set-aside", run_logger().warning)
+    if resume:
+        run_logger().info("pre-training resumes from %s; later steps are redone", resume)
+    trainer.train(resume_from_checkpoint=resume)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    shutil.rmtree(folder / "checkpoints")  # the cache entry is the model; optimizer state has served its purpose
 
 
 @task(

@@ -11,6 +11,7 @@ from prefect import task
 from mixtune.core.config import PipelineConfig
 from mixtune.core.logs import run_logger
 from tasks import artifacts
+from tasks.checkpoints import problem_with
 from tasks.guard import ShareCursor, gate
 from tasks.models import is_adapter
 from tasks.plots import COLOURS, loss_plot, stage_curves
@@ -65,6 +66,20 @@ def record_gate(
     return plot
 
 
+REPORT = "report.json"
+
+
+def finished_stage(stage_dir: str | Path) -> StageReport | None:
+    """The report of a stage that went through its gate before the run was interrupted: reused as it is, while
+    its model still matches its manifest (a damaged one sends the stage through train again, which sets it
+    aside and finishes the stage from its last good checkpoint)."""
+    path = Path(stage_dir) / REPORT
+    if not path.is_file():
+        return None
+    report = StageReport.model_validate_json(path.read_text())
+    return None if problem_with(report.model_dir) else report
+
+
 @task(name="gate", task_run_name="gate stage {mix.stage}", retries=2, retry_delay_seconds=[2, 10])
 def gate_task(
     config: PipelineConfig,
@@ -86,4 +101,7 @@ def gate_task(
         [artifacts.report_row(report)],
         f"Stage {report.stage}: target vs realised domain share, losses, decision",
     )
+    staging = Path(report.stage_dir) / f"{REPORT}.tmp"
+    staging.write_text(report.model_dump_json(indent=2))
+    staging.replace(Path(report.stage_dir) / REPORT)  # written last and whole: the stage's done mark
     return report

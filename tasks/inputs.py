@@ -14,10 +14,9 @@ from tasks import artifacts
 from tasks.keys import ingest_key
 from tasks.records import Verdict
 from tasks.registry import champion_version
-from tasks.tracking import Experiment, Tracker, open_experiment
+from tasks.tracking import INPUT_HASH_TAG, Experiment, Tracker, open_experiment
 from tasks.verdicts import VERDICT_TAG, verdict_markdown
 
-INPUT_HASH_TAG = "mixtune.input_hash"
 MODEL_TAG = "mixtune.registered_model"
 SKIP_METRIC = "no_new_data_ticks"
 LAST_SKIP_TAG = "mixtune.last_skip_flow_run"

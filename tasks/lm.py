@@ -10,6 +10,7 @@ import torch
 from transformers import PrinterCallback, Trainer, TrainingArguments
 from transformers.utils import logging as transformers_logging
 
+from tasks.checkpoints import CheckpointError, problem_with
 from tasks.tables import IGNORE, TokenDataset
 
 transformers_logging.disable_progress_bar()
@@ -141,6 +142,13 @@ class TokenLossTrainer(Trainer):
     def compute_loss(self, model, inputs, *args, **kwargs):
         inputs = {k: v for k, v in inputs.items() if k != TOKENS}
         return super().compute_loss(model, inputs, *args, **kwargs)
+
+    def _load_best_model(self) -> None:
+        """Trainer loads the best checkpoint as it finds it; a damaged one must stop the stage, not become it."""
+        reason = problem_with(self.state.best_model_checkpoint)
+        if reason:
+            raise CheckpointError(f"the best checkpoint cannot be trusted: {reason}")
+        super()._load_best_model()
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         sets = eval_dataset if eval_dataset is not None else self.eval_dataset

@@ -32,7 +32,13 @@ STAGE_TAG = "mixtune.stage"
 KIND_TAG = "mixtune.kind"  # "pipeline" on parent runs: what `mixtune compare` lists
 HOST_TAG = "mixtune.host"
 LOCK_TAG = "mixtune.lock"
+INPUT_HASH_TAG = "mixtune.input_hash"
+RUN_FOLDER_TAG = "mixtune.run_folder"  # the folder of the run's stages: a resumed run finds it here
+ABANDONED_TAG = "mixtune.abandoned"  # ended KILLED because its process was gone: a rerun may still adopt it
+RESUMED_TAG = "mixtune.resumed_from_flow_runs"
 RUNNING = RunStatus.to_string(RunStatus.RUNNING)
+FINISHED = RunStatus.to_string(RunStatus.FINISHED)
+KILLED = RunStatus.to_string(RunStatus.KILLED)
 PARAM_LIMIT = 6000  # MLflow rejects longer param values
 BATCH = 100  # params per log_batch call: MLflow's limit
 
@@ -84,6 +90,8 @@ class Tracker(Experiment):
     parent_run_id: str
     stage: int | None = None
     stage_run_id: str | None = None
+    run_folder: str = ""
+    resumed: bool = False
 
     @property
     def run_id(self) -> str:
@@ -101,6 +109,8 @@ class Tracker(Experiment):
         """The stage's nested run: created once, found again by tag when the stage is retried or resumed."""
         tags = {PARENT_TAG: self.parent_run_id, STAGE_TAG: str(stage)}
         run_id = find_run(self.client, self.experiment_id, tags)
+        if run_id is not None and self.client.get_run(run_id).info.status not in (RUNNING, FINISHED):
+            self.client.update_run(run_id, status=RUNNING)  # the stage of an adopted run, interrupted
         if run_id is None:
             run = self.client.create_run(
                 self.experiment_id, run_name=f"stage-{stage}", tags={**tags, "mixtune.method": method}
@@ -114,8 +124,15 @@ class Tracker(Experiment):
             self.client.log_batch(self.run_id, params=items[start : start + BATCH])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Each (metric, step) is recorded once: a resumed run redoes the steps after its last checkpoint and
+        re-enters finished tasks, and its curves must not show those steps twice."""
+        logged = logged_steps(self.client, self.run_id)
+        fresh = {k: v for k, v in metrics.items() if (k, step) not in logged}
+        if not fresh:
+            return
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in fresh.items()])
+        logged.update((k, step) for k in fresh)
 
     def log_artifacts(self, path: str | Path, artifact_path: str | None = None) -> None:
         if Path(path).is_dir():
@@ -162,6 +179,17 @@ def run_url(uri: str, exp_id: str, run_id: str) -> str | None:
 def runs_page(uri: str, exp_id: str) -> str:
     """The experiment's run list (the UI opens on GenAI traces otherwise); relative to the UI for a database."""
     return f"{ui_url(uri) or 'http://127.0.0.1:5000'}/#/experiments/{exp_id}/runs"
+
+
+_logged: dict[str, set[tuple[str, int]]] = {}
+
+
+def logged_steps(client: MlflowClient, run_id: str) -> set[tuple[str, int]]:
+    """The (metric, step) pairs a run already holds, read from the server once per process and run."""
+    if run_id not in _logged:
+        names = client.get_run(run_id).data.metrics
+        _logged[run_id] = {(name, m.step) for name in names for m in client.get_metric_history(run_id, name)}
+    return _logged[run_id]
 
 
 def experiment_id(client: MlflowClient, config: PipelineConfig) -> str:
@@ -216,17 +244,27 @@ def source_tags(flow_run_url: str | None, deployed: bool) -> dict[str, str]:
     return tags
 
 
-def start_parent_run(config: PipelineConfig, flow_run_id: str, tags: dict[str, str] | None = None) -> Tracker:
-    """The flow run's parent run, found again on a retry; `tags` (input hash, links) are set on creation."""
+def start_parent_run(
+    config: PipelineConfig,
+    flow_run_id: str,
+    tags: dict[str, str] | None = None,
+    run_folder: str = "",
+    input_hash: str | None = None,
+) -> Tracker:
+    """The flow run's parent run: found again on a task retry; else, given the inputs hash, an unfinished run
+    of the same inputs whose process is gone, adopted; else a new one with `tags` (input hash, links)."""
     client = client_for(tracking_uri(config))
     exp_id = experiment_id(client, config)
-    end_abandoned_runs(client, exp_id)
     lock = lock_path(config, flow_run_id)
+    tracker = Tracker(uri=client.tracking_uri, experiment_id=exp_id, parent_run_id="", run_folder=run_folder)
     found = find_run(client, exp_id, {FLOW_RUN_TAG: flow_run_id})
-    tracker = Tracker(uri=client.tracking_uri, experiment_id=exp_id, parent_run_id=found or "")
     if found:
         hold_lock(found, lock)
-        return tracker
+        return own(tracker, client.get_run(found))
+    adopted = adopt_unfinished_run(client, exp_id, input_hash, flow_run_id, lock) if input_hash else None
+    end_abandoned_runs(client, exp_id)
+    if adopted:
+        return own(tracker, adopted).model_copy(update={"resumed": True})
     tags = {
         **(tags or {}),
         FLOW_RUN_TAG: flow_run_id,
@@ -235,12 +273,44 @@ def start_parent_run(config: PipelineConfig, flow_run_id: str, tags: dict[str, s
         "mixtune.method": config.train.method,
         HOST_TAG: socket.gethostname(),
         LOCK_TAG: str(lock),
+        RUN_FOLDER_TAG: run_folder,
     }
     run = client.create_run(exp_id, run_name=f"{config.run.name}-{flow_run_id[:8]}", tags=tags)
     hold_lock(run.info.run_id, lock)
     tracker = tracker.model_copy(update={"parent_run_id": run.info.run_id})
     tracker.log_params(flatten(config.public_dump()))
     return tracker
+
+
+def own(tracker: Tracker, run) -> Tracker:
+    folder = run.data.tags.get(RUN_FOLDER_TAG) or tracker.run_folder
+    return tracker.model_copy(update={"parent_run_id": run.info.run_id, "run_folder": folder})
+
+
+def adopt_unfinished_run(client: MlflowClient, exp_id: str, input_hash: str, flow_run_id: str, lock: Path):
+    """The newest parent run of this host with the same inputs hash whose process died before it ended: it
+    becomes this flow run's (RUNNING again, its tags pointing at this process), so the pipeline continues in
+    its folder. Other hosts' runs are left alone: their locks cannot be seen from here."""
+    query = (
+        f"tags.`{KIND_TAG}` = 'pipeline' and tags.`{HOST_TAG}` = '{socket.gethostname()}' "
+        f"and tags.`{INPUT_HASH_TAG}` = '{input_hash}'"
+    )
+    for run in client.search_runs([exp_id], filter_string=query, order_by=["attributes.start_time DESC"]):
+        tags, status = run.data.tags, run.info.status
+        abandoned = (status == RUNNING and owner_is_gone(tags.get(LOCK_TAG, ""))) or (
+            status == KILLED and tags.get(ABANDONED_TAG) == "true"
+        )
+        if not abandoned or not tags.get(RUN_FOLDER_TAG):
+            continue
+        previous = [tags[key] for key in (RESUMED_TAG, FLOW_RUN_TAG) if tags.get(key)]
+        hold_lock(run.info.run_id, lock)
+        client.update_run(run.info.run_id, status=RUNNING)
+        for key, value in {FLOW_RUN_TAG: flow_run_id, LOCK_TAG: str(lock), RESUMED_TAG: ",".join(previous)}.items():
+            client.set_tag(run.info.run_id, key, value)
+        if tags.get(ABANDONED_TAG):
+            client.delete_tag(run.info.run_id, ABANDONED_TAG)
+        return client.get_run(run.info.run_id)
+    return None
 
 
 # A run's process holds an flock on its lock file for as long as it lives; the kernel lets go when the process
@@ -287,6 +357,7 @@ def end_abandoned_runs(client: MlflowClient, exp_id: str) -> list[str]:
         lock = run.data.tags.get(LOCK_TAG)
         if lock and owner_is_gone(lock):
             end_open_runs(client, run.info.run_id, pending_status(Path(lock)))
+            client.set_tag(run.info.run_id, ABANDONED_TAG, "true")
             ended.append(run.info.run_id)
     return ended
 
@@ -361,8 +432,14 @@ def open_experiment_task(config: PipelineConfig) -> Experiment:
 
 
 @task(name="start-tracking", retries=3, retry_delay_seconds=[2, 5, 15])
-def start_tracking_task(config: PipelineConfig, flow_run_id: str, tags: dict[str, str]) -> Tracker:
-    tracker = start_parent_run(config, flow_run_id, tags)
+def start_tracking_task(
+    config: PipelineConfig,
+    flow_run_id: str,
+    tags: dict[str, str],
+    run_folder: str,
+    input_hash: str | None = None,
+) -> Tracker:
+    tracker = start_parent_run(config, flow_run_id, tags, run_folder, input_hash)
     url = tracker.run_url(tracker.parent_run_id)
     if url:  # a database file has no UI address to link; the run id is in the final-model artifact either way
         artifacts.link("mlflow-run", url, f"MLflow run {tracker.parent_run_id}", "This flow run's MLflow parent run")

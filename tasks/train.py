@@ -13,12 +13,12 @@ from pathlib import Path
 from peft import LoraConfig, PeftModel, get_peft_model
 from prefect import task
 from transformers import AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallback, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from mixtune.core.cache import is_complete, mark_complete
 from mixtune.core.config import PipelineConfig
 from mixtune.core.logs import run_logger
 from tasks.callbacks import EvaluateAtEnd, LiveProgress, OverfitWatch, ProgressCallback, SamplerPosition
+from tasks.checkpoints import Seal, last_good_checkpoint, problem_with, seal, set_aside
 from tasks.guard import OverfitTracker
 from tasks.lm import PackCollator, PadCollator, TokenLossTrainer, training_arguments
 from tasks.models import is_adapter
@@ -113,6 +113,7 @@ def build_trainer(
         eval_steps=v.eval_steps,
         save_strategy="steps",
         save_steps=v.eval_steps,
+        # Two, so that when the newest checkpoint turns out damaged the one before it is still there.
         save_total_limit=2,
         load_best_model_at_end=True,
         metric_for_best_model="eval_domain_loss",
@@ -125,7 +126,7 @@ def build_trainer(
         train_dataset=train_set,
         eval_dataset=eval_sets,
         data_collator=train_collator(config, tokenizer.pad_token_id),
-        callbacks=[*callbacks, EvaluateAtEnd(), stopper],
+        callbacks=[*callbacks, EvaluateAtEnd(), stopper, Seal()],
     )
 
 
@@ -135,7 +136,8 @@ def train_stage(
     """Train one stage into `stage_dir`, logging to the stage's run (`tracker`)."""
     stage_dir = Path(stage_dir)
     final, record = stage_dir / "final", stage_dir / "training.json"
-    if is_complete(final):
+    if finished(final, record, stage_dir / "set-aside"):
+        run_logger().info("stage %d: finished before, reused from %s", mix.stage, final)
         return StageTraining.model_validate_json(record.read_text())
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     progress = ProgressCallback(f"stage {mix.stage}", run_logger().info, tracker.log_metrics)
@@ -152,10 +154,16 @@ def train_stage(
         stage_dir / "checkpoints",
         [progress, live, position, watch],
     )
-    resume = get_last_checkpoint(str(stage_dir / "checkpoints")) if (stage_dir / "checkpoints").is_dir() else None
+    resume = last_good_checkpoint(stage_dir / "checkpoints", stage_dir / "set-aside", run_logger().warning)
     if resume:
         consumed = position.check_resume(resume)
-        run_logger().info("stage %d resumes from %s (%d samples of the mix already seen)", mix.stage, resume, consumed)
+        run_logger().info(
+            "stage %d resumes from %s (step %d, %d samples of the mix already seen); later steps are redone",
+            mix.stage,
+            resume,
+            checkpoint_step(resume),
+            consumed,
+        )
     tracker.log_params(stage_params(config, mix, init_dir))  # after the resume check: it names a changed mix
     tracker.log_metrics(mix_metrics(mix), step=0)
     trainer.train(resume_from_checkpoint=resume)
@@ -223,6 +231,19 @@ def save_final(model, tokenizer, folder: Path) -> None:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     (folder / "mixtune.json").write_text(json.dumps({"kind": "adapter" if is_adapter(str(folder)) else "model"}))
+    seal(folder)
+
+
+def finished(final: Path, record: Path, aside: Path) -> bool:
+    """The stage's model and record are complete and `final/` still matches its manifest. A damaged one is set
+    aside, and the stage is finished again from its last good checkpoint."""
+    if not is_complete(final):
+        return False
+    reason = problem_with(final) or (None if record.is_file() else f"{record}: missing")
+    if reason is None:
+        return True
+    set_aside(final, aside, reason, run_logger().warning)
+    return False
 
 
 @task(

@@ -1,0 +1,129 @@
+"""Checkpoints that can be trusted: each is sealed with a manifest of sha256 per file once it is complete, and
+resume only trusts a checkpoint whose manifest matches and whose files load. Anything else is set aside
+(moved out of the way, never deleted) with the file and the reason, and the previous one is tried.
+
+Trainer writes a checkpoint into `checkpoint-N` itself (its best-checkpoint tracking and rotation name that
+folder), so the manifest is the commit mark: it is written last, through a temporary file and an atomic
+rename; a folder without one was interrupted while being written."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import TrainerCallback
+from transformers.trainer_pt_utils import safe_globals
+
+MANIFEST = "manifest.json"
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def sha256(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def seal(folder: str | Path) -> None:
+    """Write the manifest of every file now in `folder`; the rename makes it appear whole or not at all."""
+    folder = Path(folder)
+    files = {p.name: sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    staging = folder / f"{MANIFEST}.tmp"
+    staging.write_text(json.dumps({"sha256": files}, indent=2))
+    os.replace(staging, folder / MANIFEST)
+
+
+def load_check(path: Path) -> None:
+    """Parse the file the way resume will, so a file that matches its digest but cannot load is caught here.
+    Pickle-format files go through torch's weights-only loader, with the numpy types Trainer's own RNG-state
+    load allows (rng_state.pth holds numpy's generator state): no code runs from a checkpoint."""
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as handle:
+            names = handle.keys()  # safe_open's handle is not iterable
+            for name in names:
+                handle.get_slice(name)
+    elif path.suffix in {".pt", ".pth"}:
+        with safe_globals():
+            torch.load(path, map_location="cpu", weights_only=True)
+    elif path.suffix == ".json":
+        json.loads(path.read_text())
+
+
+# Trainer writes training_args.bin as a pickle for people to inspect; it never reads it back on resume.
+NOT_LOADED = {"training_args.bin"}
+
+
+def problem_with(folder: str | Path) -> str | None:
+    """Why `folder` must not be trusted, naming the file; None when every file matches its manifest and loads."""
+    folder = Path(folder)
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return f"{manifest}: missing (the folder was not completely written)"
+    try:
+        files = json.loads(manifest.read_text())["sha256"]
+    except (ValueError, KeyError, TypeError) as err:
+        return f"{manifest}: unreadable ({err})"
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path}: missing"
+        if sha256(path) != expected:
+            return f"{path}: sha256 does not match the manifest (damaged after it was written)"
+        if name in NOT_LOADED:
+            continue
+        try:
+            load_check(path)
+        except Exception as err:  # any parser's error means the same here: this file cannot be resumed from
+            return f"{path}: does not load ({type(err).__name__}: {err})"
+    return None
+
+
+def set_aside(folder: Path, into: Path, reason: str, warn: Callable[..., None]) -> Path:
+    into.mkdir(parents=True, exist_ok=True)
+    target = into / f"{folder.name}-{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 1_000_000:06d}"
+    folder.rename(target)
+    warn("set aside %s as %s: %s", folder, target, reason)
+    return target
+
+
+def numbered(checkpoints: Path) -> list[Path]:
+    """Checkpoint folders, newest (highest step) first."""
+    if not checkpoints.is_dir():
+        return []
+    found = [p for p in checkpoints.iterdir() if p.is_dir() and CHECKPOINT.match(p.name)]
+    return sorted(found, key=lambda p: int(CHECKPOINT.match(p.name).group(1)), reverse=True)
+
+
+def last_good_checkpoint(checkpoints: Path, aside: Path, warn: Callable[..., None]) -> str | None:
+    """The newest checkpoint that verifies. Newer ones that do not are set aside, so Trainer never sees them;
+    with none left the caller starts from its initial weights."""
+    rejected = 0
+    for folder in numbered(checkpoints):
+        reason = problem_with(folder)
+        if reason is None:
+            return str(folder)
+        set_aside(folder, aside, reason, warn)
+        rejected += 1
+    if rejected:
+        warn("no good checkpoint left in %s: starting again from the initial weights", checkpoints)
+    return None
+
+
+class Seal(TrainerCallback):
+    """Seals each checkpoint after every other on_save callback has added its files (list it last)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        seal(Path(args.output_dir) / f"checkpoint-{state.global_step}")
