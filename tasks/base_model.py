@@ -163,6 +163,7 @@ def pretrain(model, tokenizer, table: pd.DataFrame, config: PipelineConfig, fold
     args = training_arguments(
         str(folder / "checkpoints"),
         epochs=p.epochs,
+        max_steps=p.max_steps or -1,
         learning_rate=p.learning_rate,
         batch_size=p.batch_size,
         eval_batch_size=config.validation.batch_size,

@@ -62,7 +62,7 @@ def markdown(rows: list[dict], max_len: int) -> str:
     for r in rows:
         t = r["tokens"]
         lengths = f"{t['p50']} / {t['p90']} / {t['p99']} / {t['max']}" if t else "–"
-        over = f"{t['over_max_seq_len_share']:.1%}" if t else "–"
+        over = overlong_cell(t)
         reasons = ", ".join(f"{k} {v}" for k, v in r["quarantined_by_reason"].items())
         turns = ", ".join(f"{k}: {v}" for k, v in r["turns"].items()) if r["role"] != "pretrain" else "–"
         scripts = ", ".join(f"{k} {v:.0%}" for k, v in r["scripts"].items())
@@ -71,6 +71,16 @@ def markdown(rows: list[dict], max_len: int) -> str:
             f"| {r['quarantined']:,} ({reasons or 'none'}) | {turns} | {lengths} | {over} | {scripts} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def overlong_cell(tokens: dict) -> str:
+    """SFT samples over max_seq_len are cut or rejected; pre-training text is packed, so nothing is cut."""
+    if not tokens:
+        return "–"
+    if tokens.get("packed"):
+        kept = tokens["tokens_kept"] / max(tokens["tokens"], 1)
+        return f"packed: {tokens['tokens']:,} tokens in {tokens['blocks']:,} blocks ({kept:.1%} kept)"
+    return f"{tokens['over_max_seq_len_share']:.1%}"
 
 
 def histogram(rows: list[dict], path: Path) -> Path:

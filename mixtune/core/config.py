@@ -126,6 +126,9 @@ class Pretrain(Strict):
     epochs: float = Field(2.0, gt=0, description="Passes over the pre-training text.")
     learning_rate: float = Field(3e-3, gt=0, description="Peak learning rate (cosine decay).")
     batch_size: int = Field(16, gt=0, description="Samples per optimiser step.")
+    max_steps: int | None = Field(
+        None, gt=0, description="Cap on optimiser steps (ends the stage early); unset: epochs decide."
+    )
 
 
 class Schedule(Strict):
