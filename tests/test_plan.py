@@ -88,3 +88,33 @@ def test_make_plan_auto_uses_the_advice_and_manual_keeps_the_config(tmp_path):
     auto = make_plan(auto_config, stats)
     assert auto.config.train.method == "lora" and auto.config.schedule.shares == [0.5]
     assert "method lora" in auto.text and "Plan (auto" in auto.text
+
+
+@pytest.mark.parametrize("role", ["domain", "general"])
+@pytest.mark.parametrize("pool, cut", [(60, False), (59, True)])
+def test_every_pool_is_kept_within_its_epoch_budget_at_the_boundary(tmp_path, role, pool, cut):
+    config = tiny_config(tmp_path)
+    # shares 0.5 x 3 stages of 120 samples draw 180 rows from each pool: exactly 3 passes over 60
+    pools = {"domain_pool": 10_000, "general_pool": 10_000, f"{role}_pool": pool}
+    plan = epoch_plan([0.5, 0.5, 0.5], 120, 1.0, config=config, **pools)
+    last = plan.stages[-1]
+    seen = last.cumulative_domain_epochs if role == "domain" else last.cumulative_general_epochs
+    if cut:
+        assert plan.samples_per_stage == 118 and seen <= 3.0
+        assert plan.warnings == [
+            f"{role} pool of 59 would be seen 3.05x, over its budget of 3x: samples_per_stage lowered from 120 to 118"
+        ]
+    else:
+        assert plan.samples_per_stage == 120 and seen == pytest.approx(3.0) and plan.warnings == []
+
+
+def test_auto_plan_caps_general_repeats_of_a_small_general_set(tmp_path):
+    config = tiny_config(tmp_path)
+    config.plan = "auto"
+    plan = make_plan(config, {"g": {"role": "general", "train": 887}, "d": {"role": "domain", "train": 5452}})
+    assert plan.epochs.stages[-1].cumulative_general_epochs <= 3.0 + 1e-9
+    assert plan.epochs.stages[-1].cumulative_domain_epochs <= 3.0 + 1e-9
+    assert any(
+        r.startswith("warning: general epochs capped at 3") and "887 general samples" in r for r in plan.advice.reasons
+    )
+    assert "general pool 887 (budget 3 epochs)" in plan.text
