@@ -164,7 +164,7 @@ def pretrain(model, tokenizer, table: pd.DataFrame, config: PipelineConfig, fold
         str(folder / "checkpoints"),
         epochs=p.epochs,
         max_steps=p.max_steps or -1,
-        learning_rate=p.learning_rate,
+        learning_rate=config.pretrain_learning_rate()[0],
         batch_size=p.batch_size,
         eval_batch_size=config.validation.batch_size,
         seed=config.run.seed,

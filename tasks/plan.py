@@ -110,6 +110,9 @@ def advise(domain: int, general: int, pretrain_docs: int, config: PipelineConfig
         reasons.append("no continued pre-training: the goal is behaviour (format, style, task), which is SFT's job")
     if general == 0:
         reasons.append("warning: no general samples, so nothing protects general ability")
+    chosen = config.model_copy(update={"train": config.train.model_copy(update={"method": method})})
+    rate, why = chosen.train_learning_rate()
+    reasons.append(f"learning rate {rate:g} for {method}: {why}")
     return Advice(
         method=method,
         domain_epochs=epochs,
@@ -241,6 +244,7 @@ def format_plan(advice: Advice | None, plan: EpochPlan, config: PipelineConfig) 
         f"Plan ({'auto: the advice is used' if config.plan == 'auto' else 'manual: the config as given'}):",
         f"  method {config.train.method}, {config.train.epochs:g} epoch(s) per stage, "
         f"{plan.samples_per_stage:,} samples per stage",
+        "  learning rate {:g}: {}".format(*config.train_learning_rate()),
         f"  domain pool {plan.domain_pool:,} (budget {plan.domain_epoch_budget:g} epochs), "
         f"general pool {plan.general_pool:,} (budget {plan.general_epoch_budget:g} epochs)",
         "  stage  share  domain samples  domain epochs  cumulative  general epochs  cumulative",

@@ -48,7 +48,7 @@ def load_for_training(config: PipelineConfig, init_dir: str, base_dir: str):
 
 
 def stage_learning_rate(config: PipelineConfig, stage: int) -> float:
-    return config.train.learning_rate * config.train.stage_lr_decay ** (stage - 1)
+    return config.train_learning_rate()[0] * config.train.stage_lr_decay ** (stage - 1)
 
 
 def stage_params(config: PipelineConfig, mix: StageMix, init_dir: str) -> dict:

@@ -118,3 +118,27 @@ def test_auto_plan_caps_general_repeats_of_a_small_general_set(tmp_path):
         r.startswith("warning: general epochs capped at 3") and "887 general samples" in r for r in plan.advice.reasons
     )
     assert "general pool 887 (budget 3 epochs)" in plan.text
+
+
+@pytest.mark.parametrize(
+    "path, method, given, rate",
+    [
+        (None, "full", None, 1e-3),
+        (None, "lora", None, 1e-3),
+        ("/models/pretrained", "full", None, 2e-5),
+        ("/models/pretrained", "lora", None, 1e-4),
+        ("/models/pretrained", "full", 3e-4, 3e-4),
+    ],
+)
+def test_learning_rate_defaults_follow_the_kind_of_model(tmp_path, path, method, given, rate):
+    config = tiny_config(tmp_path)
+    config.model.path, config.train.method, config.train.learning_rate = path, method, given
+    assert config.train_learning_rate()[0] == rate
+    assert config.pretrain_learning_rate()[0] == (3e-3 if path is None else 5e-5)
+    plan = make_plan(config, {"g": {"role": "general", "train": 3000}, "d": {"role": "domain", "train": 600}})
+    assert f"learning rate {rate:g}: " in plan.text
+    advised = [r for r in plan.advice.reasons if r.startswith("learning rate")]
+    lora_rate = given or (1e-4 if path else 1e-3)  # 600 domain samples: the advice is LoRA
+    assert len(advised) == 1 and advised[0].startswith(f"learning rate {lora_rate:g} for lora: ")
+    if path and given is None:
+        assert ("LoRA on a pretrained model" if method == "lora" else "full SFT of a pretrained model") in plan.text
