@@ -117,7 +117,7 @@ def run_pipeline(config: PipelineConfig, tracker: Tracker) -> RunSummary:
             str(folder / "mix.parquet"),
             config.train.epochs,
         )
-        trained = train_task(config, mix, tokens.sft, model, base, str(folder), stage_run)
+        trained = train_task(config, mix, tokens.sft, model, base, str(folder), stage_run, baseline.general)
         losses = validate_task(config, trained, tokens.sft, base, probes, stage_run)
         report = gate_task(config, mix, trained, losses, baseline, cursor, stage_run)
         end_run_task(stage_run)

@@ -18,7 +18,14 @@ from transformers.trainer_utils import get_last_checkpoint
 from mixtune.core.cache import is_complete, mark_complete
 from mixtune.core.config import PipelineConfig
 from mixtune.core.logs import run_logger
-from tasks.callbacks import EvaluateAtEnd, OverfitWatch, ProgressCallback, SamplerPosition
+from tasks.callbacks import (
+    EvaluateAtEnd,
+    EvaluateEarly,
+    ForgettingStop,
+    OverfitWatch,
+    ProgressCallback,
+    SamplerPosition,
+)
 from tasks.guard import OverfitTracker
 from tasks.lm import PadCollator, TokenLossTrainer, training_arguments
 from tasks.models import is_adapter
@@ -88,7 +95,15 @@ def overfit_tracker(config: PipelineConfig) -> OverfitTracker:
 
 
 def build_trainer(
-    config: PipelineConfig, stage: int, model, tokenizer, train_set, eval_sets, checkpoints: Path, callbacks: list
+    config: PipelineConfig,
+    stage: int,
+    model,
+    tokenizer,
+    train_set,
+    eval_sets,
+    checkpoints: Path,
+    callbacks: list,
+    forgetting: ForgettingStop | None = None,
 ):
     """The mix manifest already holds every pass over the mix, so the Trainer runs one epoch over it."""
     t, v = config.train, config.validation
@@ -110,9 +125,10 @@ def build_trainer(
         save_steps=v.eval_steps,
         save_total_limit=2,
         load_best_model_at_end=True,
-        metric_for_best_model="eval_domain_loss",
+        metric_for_best_model="eval_guarded_domain_loss" if forgetting else "eval_domain_loss",
         greater_is_better=False,
     )
+    early = [EvaluateEarly(v.first_eval_step)] if v.first_eval_step < v.eval_steps else []
     stopper = EarlyStoppingCallback(early_stopping_patience=v.patience, early_stopping_threshold=v.min_delta)
     return TokenLossTrainer(
         model=model,
@@ -120,14 +136,23 @@ def build_trainer(
         train_dataset=train_set,
         eval_dataset=eval_sets,
         data_collator=PadCollator(tokenizer.pad_token_id),
-        callbacks=[*callbacks, EvaluateAtEnd(), stopper],
+        callbacks=[*callbacks, *([forgetting] if forgetting else []), *early, EvaluateAtEnd(), stopper],
+        general_limit=forgetting.limit if forgetting else None,
     )
 
 
 def train_stage(
-    config: PipelineConfig, mix: StageMix, sft_path: str, init_dir: str, base_dir: str, stage_dir: str, tracker: Tracker
+    config: PipelineConfig,
+    mix: StageMix,
+    sft_path: str,
+    init_dir: str,
+    base_dir: str,
+    stage_dir: str,
+    tracker: Tracker,
+    base_general: float | None = None,
 ) -> StageTraining:
-    """Train one stage into `stage_dir`, logging to the stage's run (`tracker`)."""
+    """Train one stage into `stage_dir`, logging to the stage's run (`tracker`). Given the base model's general
+    loss, the stage also stops at the first evaluation past the forgetting budget."""
     stage_dir = Path(stage_dir)
     final, record = stage_dir / "final", stage_dir / "training.json"
     if is_complete(final):
@@ -136,6 +161,7 @@ def train_stage(
     progress = ProgressCallback(f"stage {mix.stage}", run_logger().info, tracker.log_metrics)
     position = SamplerPosition(mix.manifest, config.train.batch_size * config.train.gradient_accumulation_steps)
     watch = OverfitWatch(overfit_tracker(config), tracker.log_metrics)
+    forgetting = forgetting_stop(config, base_general)
     trainer = build_trainer(
         config,
         mix.stage,
@@ -145,6 +171,7 @@ def train_stage(
         validation_sets(sft_path),
         stage_dir / "checkpoints",
         [progress, position, watch],
+        forgetting,
     )
     resume = get_last_checkpoint(str(stage_dir / "checkpoints")) if (stage_dir / "checkpoints").is_dir() else None
     if resume:
@@ -166,7 +193,7 @@ def train_stage(
         tokens_per_second=progress.tokens_per_second,
         learning_rate=stage_learning_rate(config, mix.stage),
         overfit_onset=watch.tracker.onsets(),
-        stop_reason=early_stop_reason(state, watch, config),
+        stop_reason=early_stop_reason(state, watch, forgetting, config),
     )
     record_onsets(tracker, result)
     save_final(trainer.model, tokenizer, final)
@@ -175,7 +202,19 @@ def train_stage(
     return result
 
 
-def early_stop_reason(state, watch: OverfitWatch, config: PipelineConfig) -> str | None:
+def forgetting_stop(config: PipelineConfig, base_general: float | None) -> ForgettingStop | None:
+    v = config.validation
+    if base_general is None or not v.stop_mid_stage:
+        return None
+    return ForgettingStop(base_general, v.forgetting_budget)
+
+
+def early_stop_reason(
+    state, watch: OverfitWatch, forgetting: ForgettingStop | None, config: PipelineConfig
+) -> str | None:
+    if forgetting and forgetting.stop_reason:  # may come at the last step too: the stage did not end well
+        best = checkpoint_step(state.best_model_checkpoint)
+        return f"{forgetting.stop_reason}; best checkpoint before it (step {best}) kept"
     if state.global_step >= state.max_steps:
         return None
     return watch.stop_reason or (
@@ -221,9 +260,16 @@ def save_final(model, tokenizer, folder: Path) -> None:
 
 @task(name="train", retries=2, retry_delay_seconds=[5, 30])
 def train_task(
-    config: PipelineConfig, mix: StageMix, sft_path: str, init_dir: str, base_dir: str, stage_dir: str, tracker: Tracker
+    config: PipelineConfig,
+    mix: StageMix,
+    sft_path: str,
+    init_dir: str,
+    base_dir: str,
+    stage_dir: str,
+    tracker: Tracker,
+    base_general: float | None = None,
 ) -> StageTraining:
-    result = train_stage(config, mix, sft_path, init_dir, base_dir, stage_dir, tracker)
+    result = train_stage(config, mix, sft_path, init_dir, base_dir, stage_dir, tracker, base_general)
     run_logger().info(
         "stage %d trained: %d/%d steps, best at %s, %.0f tokens/s%s",
         result.stage,
@@ -231,6 +277,6 @@ def train_task(
         result.max_steps,
         result.best_step,
         result.tokens_per_second,
-        " (stopped early)" if result.stopped_early else "",
+        f" (stopped early: {result.stop_reason})" if result.stop_reason else "",
     )
     return result

@@ -226,10 +226,18 @@ class Validation(Strict):
     """Domain and general validation during every stage, early stopping, and the forgetting gate."""
 
     eval_steps: int = Field(20, gt=0, description="Evaluate domain and general validation every N steps.")
+    first_eval_step: int = Field(
+        5, gt=0, description="The first evaluation of a stage comes after this many steps (then every eval_steps)."
+    )
     patience: int = Field(3, ge=1, description="Evaluations without domain improvement before stopping.")
     min_delta: float = Field(0.0, ge=0.0, description="Smallest domain loss drop that counts as improvement.")
     forgetting_budget: float = Field(
         0.10, ge=0.0, description="Act when general val loss exceeds the base model's by more (relative)."
+    )
+    stop_mid_stage: bool = Field(
+        True,
+        description="End a stage at the first evaluation past the forgetting budget, keeping its best checkpoint "
+        "from before the breach.",
     )
     on_forgetting: Literal["stop", "hold", "back_off"] = Field(
         "stop",
