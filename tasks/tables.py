@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pandas as pd
 import pyarrow.parquet as pq
 import torch
@@ -38,3 +40,11 @@ def stage_table(sft_path: str, manifest: str) -> pd.DataFrame:
     ).to_pandas()
     by_id = rows.drop_duplicates("sample_id").set_index("sample_id")
     return by_id.loc[order["sample_id"]].reset_index()
+
+
+def domain_val_digest(sft_path: str) -> str:
+    """Which domain validation set a model was judged on: a digest of its rows' content ids (they come from
+    the text, not the tokenizer), so two runs share it exactly when they hold out the same conversations."""
+    rows = pq.read_table(sft_path, columns=["sample_id"], filters=[("split", "==", "val"), ("tag", "==", "domain")])
+    ids = sorted(rows.column("sample_id").to_pylist())
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]

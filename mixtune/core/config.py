@@ -5,6 +5,8 @@ Relative paths in a YAML file resolve against that file's folder, so a config ca
 
 from __future__ import annotations
 
+import hashlib
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -271,7 +273,8 @@ class Registry(Strict):
     model_name: str | None = Field(
         None,
         pattern=r"^[A-Za-z0-9_.-]+$",
-        description="MLflow registered model; default: the experiment's name, so its runs compete for one champion.",
+        description="MLflow registered model; default: the run name and the domain sources' file names, so only "
+        "runs of one pipeline compete for its champion.",
     )
     alias: str = Field(
         "champion",
@@ -375,7 +378,19 @@ class PipelineConfig(Strict):
 
     @property
     def registered_model(self) -> str:
-        return self.registry.model_name or self.tracking.experiment
+        """Default: the run's name and its domain sources, so unrelated pipelines that share an output folder
+        or an experiment never compete for one champion."""
+        if self.registry.model_name:
+            return self.registry.model_name
+        domains = sorted(
+            {
+                Path(s.path).stem if s.path else f"synthetic-{s.synthetic}"
+                for s in self.data.sources
+                if s.role == "domain"
+            }
+        )
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", "-".join([self.run.name, *domains]))
+        return name if len(name) <= 100 else f"{name[:91]}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
     def public_dump(self) -> dict:
         """The config as it may be logged, stored or shown: credentials in URIs redacted."""
