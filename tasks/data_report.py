@@ -31,6 +31,8 @@ def source_report(label: str, ingest: dict, tokens: dict | None) -> dict:
         "source": label,
         "role": ingest["role"],
         "file": ingest["file"],
+        "layout": ingest.get("layout", ""),
+        "utf8_bom": ingest.get("utf8_bom", False),
         "rows_read": ingest["rows_read"],
         "accepted": ingest["accepted"] - sum(late.values()),
         "duplicates": ingest["duplicates"],
@@ -67,10 +69,15 @@ def markdown(rows: list[dict], max_len: int) -> str:
         turns = ", ".join(f"{k}: {v}" for k, v in r["turns"].items()) if r["role"] != "pretrain" else "–"
         scripts = ", ".join(f"{k} {v:.0%}" for k, v in r["scripts"].items())
         lines.append(
-            f"| {r['source']} | {r['role']} | {r['rows_read']:,} | {r['accepted']:,} | {r['duplicates']:,} "
+            f"| {r['source']} ({read_as(r)}) | {r['role']} | {r['rows_read']:,} | {r['accepted']:,} "
+            f"| {r['duplicates']:,} "
             f"| {r['quarantined']:,} ({reasons or 'none'}) | {turns} | {lengths} | {over} | {scripts} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def read_as(row: dict) -> str:
+    return row["layout"] + (", UTF-8 BOM stripped" if row["utf8_bom"] else "")
 
 
 def overlong_cell(tokens: dict) -> str:

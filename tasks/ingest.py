@@ -24,7 +24,16 @@ from mixtune.core.config import PipelineConfig, Source
 from mixtune.core.logs import run_logger
 from mixtune.core.retry import retry_unless
 from tasks.keys import ingest_key
-from tasks.readers import CHUNK_SCHEMA, PARALLEL_FROM_BYTES, IngestError, chunks, normalise_chunk, ordered_map
+from tasks.readers import (
+    CHUNK_SCHEMA,
+    PARALLEL_FROM_BYTES,
+    IngestError,
+    chunks,
+    has_utf8_bom,
+    layout,
+    normalise_chunk,
+    ordered_map,
+)
 from tasks.records import IngestResult
 from tasks.synthetic import write_synthetic
 
@@ -191,6 +200,8 @@ class SourceReader:
         return {
             "file": str(self.path),
             "role": self.source.role,
+            "layout": layout(self.path),
+            "utf8_bom": has_utf8_bom(self.path),
             "rows_read": self.rows_read,
             "accepted": self.accepted,
             "duplicates": self.duplicates + self.near_duplicates,
@@ -267,8 +278,10 @@ def ingest_task(config: PipelineConfig) -> IngestResult:
     log = run_logger()
     for label, s in result.stats.items():
         log.info(
-            "%s: %d read, %d accepted, %d duplicate, %d quarantined %s",
+            "%s (%s%s): %d read, %d accepted, %d duplicate, %d quarantined %s",
             label,
+            s["layout"],
+            ", UTF-8 BOM stripped" if s["utf8_bom"] else "",
             s["rows_read"],
             s["accepted"],
             s["duplicates"],

@@ -63,9 +63,49 @@ def check_readable(path: Path) -> None:
         raise IngestError(f"{path}: file is empty")
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+# UTF-32 LE before UTF-16 LE: they share their first two bytes.
+FOREIGN_BOMS = {
+    b"\xff\xfe\x00\x00": "UTF-32",
+    b"\x00\x00\xfe\xff": "UTF-32",
+    b"\xff\xfe": "UTF-16",
+    b"\xfe\xff": "UTF-16",
+}
+
+
+def has_utf8_bom(path: Path) -> bool:
+    """A UTF-8 byte-order mark (Excel and Notepad write one) is stripped on reading and counted in the report;
+    a UTF-16 or UTF-32 file is an error naming the file, not a file of quarantined rows."""
+    if path.suffix == ".parquet":
+        return False
+    with path.open("rb") as handle:
+        head = handle.read(4)
+    for mark, name in FOREIGN_BOMS.items():
+        if head.startswith(mark):
+            raise IngestError(f"{path}: encoded as {name} (byte-order mark {mark.hex()}); save it as UTF-8")
+    return head.startswith(UTF8_BOM)
+
+
+def layout(path: Path) -> str:
+    """How the file is laid out: its extension's, except a .json file that holds one record per line."""
+    if path.suffix == ".json" and looks_like_jsonl(path):
+        return "jsonl (named .json)"
+    return {".jsonl": "jsonl", ".json": "json list", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}[path.suffix]
+
+
+def looks_like_jsonl(path: Path) -> bool:
+    with path.open("rb") as handle:
+        first = handle.readline().removeprefix(UTF8_BOM).strip()
+    try:
+        return first.startswith(b"{") and isinstance(orjson.loads(first), dict)
+    except orjson.JSONDecodeError:
+        return False
+
+
 def chunks(path: Path, text_split: str = "line") -> Iterator[list[tuple[int, object]] | tuple[int, bytes]]:
     check_readable(path)
-    if path.suffix == ".jsonl":
+    has_utf8_bom(path)
+    if layout(path).startswith("jsonl"):
         yield from jsonl_blocks(path)
         return
     readers = {
@@ -89,6 +129,8 @@ def jsonl_blocks(path: Path) -> Iterator[tuple[int, bytes]]:
     the workers split blocks into lines."""
     first, rest = 1, b""
     with path.open("rb") as handle:
+        if handle.read(len(UTF8_BOM)) != UTF8_BOM:
+            handle.seek(0)
         while block := handle.read(BLOCK_BYTES):
             block = rest + block
             cut = block.rfind(b"\n") + 1
@@ -109,7 +151,7 @@ def block_lines(first: int, block: bytes) -> list[tuple[int, bytes]]:
 def json_records(path: Path) -> Iterator[tuple[int, object]]:
     """A .json source is one document (a list of records): read whole, so keep large data in JSONL."""
     try:
-        rows = json.loads(path.read_bytes().decode("utf-8"))
+        rows = json.loads(path.read_bytes().decode("utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise IngestError(f"{path}: not a valid JSON document: {err}") from None
     if not isinstance(rows, list):
@@ -119,7 +161,7 @@ def json_records(path: Path) -> Iterator[tuple[int, object]]:
 
 def csv_records(path: Path) -> Iterator[tuple[int, object]]:
     """Records, not lines: a quoted cell may span lines. Bytes that are not UTF-8 spoil only their row."""
-    with path.open(newline="", encoding="utf-8", errors="surrogateescape") as handle:
+    with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
         reader = csv.DictReader(handle)
         if not reader.fieldnames:
             raise IngestError(f"{path}: CSV has no header row")
@@ -152,6 +194,8 @@ def text_documents(path: Path, split: str) -> Iterator[tuple[int, object]]:
     start, lines = None, []
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
+            if number == 1:
+                raw = raw.removeprefix(UTF8_BOM)
             try:
                 line = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as err:
