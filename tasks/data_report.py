@@ -33,6 +33,7 @@ def source_report(label: str, ingest: dict, tokens: dict | None) -> dict:
         "file": ingest["file"],
         "layout": ingest.get("layout", ""),
         "utf8_bom": ingest.get("utf8_bom", False),
+        "formats": ingest.get("formats", {}),
         "rows_read": ingest["rows_read"],
         "accepted": ingest["accepted"] - sum(late.values()),
         "duplicates": ingest["duplicates"],
@@ -77,7 +78,8 @@ def markdown(rows: list[dict], max_len: int) -> str:
 
 
 def read_as(row: dict) -> str:
-    return row["layout"] + (", UTF-8 BOM stripped" if row["utf8_bom"] else "")
+    formats = ", ".join(f"{name} {n:,}" for name, n in row["formats"].items())
+    return row["layout"] + (", UTF-8 BOM stripped" if row["utf8_bom"] else "") + (f"; {formats}" if formats else "")
 
 
 def overlong_cell(tokens: dict) -> str:

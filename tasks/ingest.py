@@ -120,7 +120,7 @@ class SourceReader:
     def __init__(self, source: Source, config: PipelineConfig, seen: set, near_seen: set):
         self.source, self.config, self.seen, self.near_seen = source, config, seen, near_seen
         self.path = resolve_source_path(source, config)
-        self.reasons, self.turns = Counter(), Counter()
+        self.reasons, self.turns, self.formats = Counter(), Counter(), Counter()
         self.rows_read = self.accepted = self.duplicates = self.near_duplicates = 0
         self.held_out = ValidationDraw(0 if source.role == "pretrain" else source.max_val_samples)
         self.script_sample: list[str] = []
@@ -132,6 +132,7 @@ class SourceReader:
         work = partial(normalise_chunk, spec=spec)
         for accepted, rejected in ordered_map(work, chunks(self.path, self.source.text_split), parallel):
             self.rows_read += accepted.num_rows + len(rejected)
+            self.formats.update(accepted.column("format").to_pylist())
             self.quarantine(rejected, quarantine)
             kept = self.deduplicate(accepted)
             if kept.num_rows:
@@ -202,6 +203,7 @@ class SourceReader:
             "role": self.source.role,
             "layout": layout(self.path),
             "utf8_bom": has_utf8_bom(self.path),
+            "formats": dict(self.formats.most_common()),
             "rows_read": self.rows_read,
             "accepted": self.accepted,
             "duplicates": self.duplicates + self.near_duplicates,
@@ -278,10 +280,11 @@ def ingest_task(config: PipelineConfig) -> IngestResult:
     log = run_logger()
     for label, s in result.stats.items():
         log.info(
-            "%s (%s%s): %d read, %d accepted, %d duplicate, %d quarantined %s",
+            "%s (%s%s; formats %s): %d read, %d accepted, %d duplicate, %d quarantined %s",
             label,
             s["layout"],
             ", UTF-8 BOM stripped" if s["utf8_bom"] else "",
+            s["formats"],
             s["rows_read"],
             s["accepted"],
             s["duplicates"],

@@ -23,7 +23,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.formats import RowError, check_turn_characters, to_conversation, to_text
+from tasks.formats import RowError, check_turn_characters, detect_format, to_conversation, to_text
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 CHUNK_ROWS = 4096
@@ -39,6 +39,7 @@ CHUNK_SCHEMA = pa.schema(
         ("near_id", pa.string()),
         ("turns", pa.int32()),
         ("split_hash", pa.uint64()),
+        ("format", pa.string()),
     ]
 )
 NOT_WORD = re.compile(r"[\W_]+")
@@ -261,6 +262,7 @@ def normalise_chunk(
         for name, value in zip(CHUNK_SCHEMA.names, values):
             columns[name].append(value)
         columns["split_hash"].append(split_hash(spec["seed"], values[3]))
+        columns["format"].append(row_format(row, spec))
     return pa.RecordBatch.from_pydict(columns, schema=CHUNK_SCHEMA), rejected
 
 
@@ -285,6 +287,15 @@ def normalise(row: object, spec: dict) -> tuple:
     messages = orjson.dumps(conversation).decode()
     check_turn_characters(conversation, messages)
     return messages, None, *sample_keys(messages, spec["dedupe"]), len(conversation)
+
+
+def row_format(row: object, spec: dict) -> str:
+    """The format a row was read as (rows that normalised only): reported per source with counts."""
+    if spec["role"] == "pretrain" or not isinstance(row, dict):
+        return "text"
+    if spec["mapping"]:
+        return "columns"
+    return spec["format"] if spec["format"] != "auto" else detect_format(row)
 
 
 def sample_keys(body: str, dedupe: str) -> tuple[str, str | None]:
