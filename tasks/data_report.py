@@ -13,8 +13,10 @@ from prefect import task
 
 from mixtune.core.cache import file_digest
 from mixtune.core.config import PipelineConfig
+from mixtune.core.retry import retry_unless
 from tasks import artifacts
 from tasks.plots import plt, save  # tasks.plots selects the Agg backend before pyplot loads
+from tasks.readers import IngestError
 from tasks.records import IngestResult, TokenizedData
 from tasks.tracking import Tracker
 
@@ -46,6 +48,19 @@ def source_report(label: str, ingest: dict, tokens: dict | None) -> dict:
         "scripts": ingest["scripts"],
         "tokens": {k: v for k, v in tokens.items() if k not in TOKENIZE_REASONS},
     }
+
+
+def check_quarantine(rows: list[dict], limit: float) -> None:
+    """max_quarantine_fraction holds for all of a source's rejects: those of ingest and those of tokenising
+    (too_long under `overlong: reject`, no_labels), so a source cannot vanish silently at either step."""
+    for r in rows:
+        if r["rows_read"] and r["quarantined"] > limit * r["rows_read"]:
+            top = ", ".join(f"{k} {v:,}" for k, v in sorted(r["quarantined_by_reason"].items(), key=lambda kv: -kv[1]))
+            raise IngestError(
+                f"{r['file']}: {r['quarantined']:,} of {r['rows_read']:,} rows quarantined "
+                f"({r['quarantined'] / r['rows_read']:.0%} > max_quarantine_fraction {limit:.0%}), "
+                f"tokenising included: {top}"
+            )
 
 
 def build_report(data: IngestResult, tokens: TokenizedData) -> list[dict]:
@@ -130,6 +145,7 @@ def log_datasets(tracker: Tracker, rows: list[dict]) -> None:
 def publish(config: PipelineConfig, tracker: Tracker, data: IngestResult, tokens: TokenizedData) -> tuple[str, Path]:
     folder = Path(tokens.folder)
     rows = build_report(data, tokens)
+    check_quarantine(rows, config.data.max_quarantine_fraction)
     text = markdown(rows, config.model.max_seq_len)
     (folder / "data_report.json").write_text(json.dumps(rows, indent=2, ensure_ascii=False))
     (folder / "data_report.md").write_text(text)
@@ -148,7 +164,7 @@ def publish(config: PipelineConfig, tracker: Tracker, data: IngestResult, tokens
     return text, plot
 
 
-@task(name="data-report", retries=2, retry_delay_seconds=[2, 10])
+@task(name="data-report", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_unless(IngestError))
 def data_report_task(config: PipelineConfig, tracker: Tracker, data: IngestResult, tokens: TokenizedData) -> str:
     text, plot = publish(config, tracker, data, tokens)
     artifacts.markdown("data-report", text, "What became of every row, per source")

@@ -360,6 +360,15 @@ def tokenize_task(
             s["max"],
             100 * s["over_max_seq_len_share"],
         )
+        rejects = {reason: s[reason] for reason in ("too_long", "no_labels") if s.get(reason)}
+        if rejects:
+            run_logger().warning(
+                "%s: %d rows rejected at tokenising (%s); they count toward max_quarantine_fraction and are in %s",
+                source,
+                sum(rejects.values()),
+                ", ".join(f"{reason} {n}" for reason, n in rejects.items()),
+                result.rejected,
+            )
     for source, s in result.stats["pretrain"].items():
         run_logger().info(
             "%s (pre-training): %d documents, %d tokens packed into %d blocks of up to %d, %.1f%% of tokens kept",
