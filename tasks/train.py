@@ -28,8 +28,8 @@ from tasks.callbacks import (
 )
 from tasks.guard import OverfitTracker
 from tasks.lm import PadCollator, TokenLossTrainer, training_arguments
-from tasks.models import is_adapter
-from tasks.records import StageMix, StageTraining
+from tasks.models import is_adapter, weights_digest
+from tasks.records import StageMix, StageTraining, TokenLosses
 from tasks.tables import TokenDataset, stage_table, validation_sets
 from tasks.tracking import Tracker, metric_name
 
@@ -197,6 +197,7 @@ def train_stage(
     )
     record_onsets(tracker, result)
     save_final(trainer.model, tokenizer, final)
+    result.best_losses, result.weights_digest = best_evaluation(state), weights_digest(str(final))
     record.write_text(result.model_dump_json(indent=2))
     mark_complete(final)
     return result
@@ -244,6 +245,15 @@ def record_onsets(tracker: Tracker, result: StageTraining) -> None:
             onsets,
             result.best_step,
         )
+
+
+def best_evaluation(state) -> TokenLosses | None:
+    """The losses logged when the restored checkpoint was evaluated (the same sets validation uses)."""
+    step = checkpoint_step(state.best_model_checkpoint)
+    for entry in state.log_history:
+        if entry.get("step") == step and "eval_domain_loss" in entry and "eval_general_loss" in entry:
+            return TokenLosses(domain=entry["eval_domain_loss"], general=entry["eval_general_loss"])
+    return None
 
 
 def checkpoint_step(path: str | None) -> int | None:
