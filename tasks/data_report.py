@@ -36,6 +36,7 @@ def source_report(label: str, ingest: dict, tokens: dict | None) -> dict:
         "layout": ingest.get("layout", ""),
         "utf8_bom": ingest.get("utf8_bom", False),
         "formats": ingest.get("formats", {}),
+        "exploded": ingest.get("exploded"),
         "rows_read": ingest["rows_read"],
         "accepted": ingest["accepted"] - sum(late.values()),
         "duplicates": ingest["duplicates"],
@@ -94,7 +95,11 @@ def markdown(rows: list[dict], max_len: int) -> str:
 
 def read_as(row: dict) -> str:
     formats = ", ".join(f"{name} {n:,}" for name, n in row["formats"].items())
-    return row["layout"] + (", UTF-8 BOM stripped" if row["utf8_bom"] else "") + (f"; {formats}" if formats else "")
+    text = row["layout"] + (", UTF-8 BOM stripped" if row["utf8_bom"] else "") + (f"; {formats}" if formats else "")
+    if row["exploded"]:
+        e = row["exploded"]
+        text += f"; {e['field']} exploded: {e['rows']:,} rows into {e['samples']:,} samples"
+    return text
 
 
 def overlong_cell(tokens: dict) -> str:

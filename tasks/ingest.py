@@ -121,6 +121,7 @@ class SourceReader:
         self.source, self.config, self.seen, self.near_seen = source, config, seen, near_seen
         self.path = resolve_source_path(source, config)
         self.reasons, self.turns, self.formats = Counter(), Counter(), Counter()
+        self.source_rows = 0  # rows of the file; more samples than rows when a list field is exploded
         self.rows_read = self.accepted = self.duplicates = self.near_duplicates = 0
         self.held_out = ValidationDraw(0 if source.role == "pretrain" else source.max_val_samples)
         self.script_sample: list[str] = []
@@ -133,6 +134,7 @@ class SourceReader:
         for accepted, rejected in ordered_map(work, chunks(self.path, self.source.text_split), parallel):
             self.rows_read += accepted.num_rows + len(rejected)
             self.formats.update(accepted.column("format").to_pylist())
+            self.source_rows += len({*accepted.column("line").to_pylist(), *(r["line"] for r in rejected)})
             self.quarantine(rejected, quarantine)
             kept = self.deduplicate(accepted)
             if kept.num_rows:
@@ -197,6 +199,10 @@ class SourceReader:
                 f"({quarantined / self.rows_read:.0%} > max_quarantine_fraction {limit:.0%}): {top}"
             )
 
+    def exploded(self) -> dict | None:
+        field = self.source.columns.explode if self.source.columns else None
+        return {"field": field, "rows": self.source_rows, "samples": self.rows_read} if field else None
+
     def stats(self) -> dict:
         return {
             "file": str(self.path),
@@ -204,6 +210,7 @@ class SourceReader:
             "layout": layout(self.path),
             "utf8_bom": has_utf8_bom(self.path),
             "formats": dict(self.formats.most_common()),
+            "exploded": self.exploded(),
             "rows_read": self.rows_read,
             "accepted": self.accepted,
             "duplicates": self.duplicates + self.near_duplicates,

@@ -95,10 +95,12 @@ def layout(path: Path) -> str:
 
 
 def looks_like_jsonl(path: Path) -> bool:
+    """A whole record on the first line and more after it: one JSON document cannot be that."""
     with path.open("rb") as handle:
         first = handle.readline().removeprefix(UTF8_BOM).strip()
+        more = any(line.strip() for line in handle)
     try:
-        return first.startswith(b"{") and isinstance(orjson.loads(first), dict)
+        return more and first.startswith(b"{") and isinstance(orjson.loads(first), dict)
     except orjson.JSONDecodeError:
         return False
 
@@ -240,30 +242,52 @@ def normalise_chunk(
         chunk = block_lines(*chunk)
     columns = {name: [] for name in CHUNK_SCHEMA.names}
     rejected = []
-    for location, row in chunk:
-        if isinstance(row, bytes):
-            row = parse_jsonl(row)
-        try:
-            if isinstance(row, RowError):
-                raise row
-            values = (location, *normalise(row, spec))
-        except RowError as err:
-            rejected.append(
-                {
-                    "file": spec["file"],
-                    "line": location,
-                    "reason": err.reason,
-                    "field": err.field,
-                    "message": err.args[0],
-                    "row": preview(row),
-                }
-            )
-            continue
-        for name, value in zip(CHUNK_SCHEMA.names, values):
-            columns[name].append(value)
-        columns["split_hash"].append(split_hash(spec["seed"], values[3]))
-        columns["format"].append(row_format(row, spec))
+    for location, raw in chunk:
+        row = parse_jsonl(raw) if isinstance(raw, bytes) else raw
+        for sample in exploded(row, spec):
+            accept_row(location, sample, spec, columns, rejected)
     return pa.RecordBatch.from_pydict(columns, schema=CHUNK_SCHEMA), rejected
+
+
+def exploded(row: object, spec: dict) -> list[object]:
+    """`columns.explode: instances`: one sample per item of the row's list of records, each item's keys over
+    the row's other fields; a row whose field is not such a list is one RowError."""
+    field = (spec["mapping"] or {}).get("explode")
+    if not field or not isinstance(row, dict):
+        return [row]
+    items = row.get(field)
+    if not isinstance(items, list) or not items:
+        return [RowError("wrong_type", f"field '{field}' to explode is not a non-empty list of records", field)]
+    rest = {k: v for k, v in row.items() if k != field}
+    return [
+        {**rest, **item}
+        if isinstance(item, dict)
+        else RowError("wrong_type", f"{field}[{i}] is a {type(item).__name__}, not a record", f"{field}[{i}]")
+        for i, item in enumerate(items)
+    ]
+
+
+def accept_row(location: int, row: object, spec: dict, columns: dict, rejected: list[dict]) -> None:
+    try:
+        if isinstance(row, RowError):
+            raise row
+        values = (location, *normalise(row, spec))
+    except RowError as err:
+        rejected.append(
+            {
+                "file": spec["file"],
+                "line": location,
+                "reason": err.reason,
+                "field": err.field,
+                "message": err.args[0],
+                "row": preview(row),
+            }
+        )
+        return
+    for name, value in zip(CHUNK_SCHEMA.names, values):
+        columns[name].append(value)
+    columns["split_hash"].append(split_hash(spec["seed"], values[3]))
+    columns["format"].append(row_format(row, spec))
 
 
 def split_hash(seed: int, sample_id: str) -> int:

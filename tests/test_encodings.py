@@ -62,7 +62,7 @@ def test_jsonl_named_json_is_read_as_jsonl_and_reported(tmp_path):
     stats = result.stats[str(path)]
     assert stats["accepted"] == len(ROWS) and stats["layout"] == "jsonl (named .json)"
     report = markdown(build_report(result, type("T", (), {"stats": {"sft": {}, "pretrain": {}}})()), 128)
-    assert f"{path} (jsonl (named .json))" in report
+    assert f"{path} (jsonl (named .json); alpaca 12)" in report
 
 
 def test_utf16_is_a_clear_error_naming_the_file(tmp_path):

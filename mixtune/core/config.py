@@ -46,6 +46,11 @@ class Columns(Strict):
     )
     response: str = Field(description="Field holding the assistant's answer.")
     system: str | None = Field(None, description="Field holding a system prompt, if any.")
+    explode: str | None = Field(
+        None,
+        description="A field holding a list of records (e.g. instances: [{input, output}]): one sample per item, "
+        "the item's keys over the row's other fields.",
+    )
 
     @model_validator(mode="after")
     def _one_prompt(self) -> Columns:
