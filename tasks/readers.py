@@ -245,7 +245,7 @@ def normalise_chunk(
     for location, raw in chunk:
         row = parse_jsonl(raw) if isinstance(raw, bytes) else raw
         for sample in exploded(row, spec):
-            accept_row(location, sample, spec, columns, rejected)
+            accept_row(location, sample, spec, columns, rejected, raw)
     return pa.RecordBatch.from_pydict(columns, schema=CHUNK_SCHEMA), rejected
 
 
@@ -267,7 +267,8 @@ def exploded(row: object, spec: dict) -> list[object]:
     ]
 
 
-def accept_row(location: int, row: object, spec: dict, columns: dict, rejected: list[dict]) -> None:
+def accept_row(location: int, row: object, spec: dict, columns: dict, rejected: list[dict], raw: object) -> None:
+    """`raw` is what the file held: a line that did not parse is quarantined as itself, not as the error."""
     try:
         if isinstance(row, RowError):
             raise row
@@ -280,7 +281,7 @@ def accept_row(location: int, row: object, spec: dict, columns: dict, rejected: 
                 "reason": err.reason,
                 "field": err.field,
                 "message": err.args[0],
-                "row": preview(row),
+                "row": preview(raw if isinstance(row, RowError) and isinstance(raw, bytes) else row),
             }
         )
         return

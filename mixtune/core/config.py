@@ -462,6 +462,18 @@ def format_errors(err: ValidationError, origin: Path | str) -> str:
     return "\n".join(lines)
 
 
+def model_hint(folder: Path) -> str:
+    """What a folder without config.json holds instead, when that says what to do."""
+    if folder.is_dir() and any(folder.glob("*.gguf")):
+        return (
+            "; it holds a .gguf file, a llama.cpp export that transformers cannot train: use the model's "
+            "Hugging Face folder (config.json, *.safetensors, tokenizer files)"
+        )
+    if not folder.exists():
+        return "; the folder does not exist"
+    return ""
+
+
 def resolve_paths(config: PipelineConfig, base: Path, origin: Path | str) -> PipelineConfig:
     """Make every path absolute and check that input files exist, before any work starts."""
     missing = []
@@ -476,7 +488,7 @@ def resolve_paths(config: PipelineConfig, base: Path, origin: Path | str) -> Pip
         model_dir = (base / config.model.path).resolve()
         config.model.path = str(model_dir)
         if not (model_dir / "config.json").is_file():
-            missing.append(f"  model.path: no Hugging Face model (config.json) in {model_dir}")
+            missing.append(f"  model.path: no Hugging Face model (config.json) in {model_dir}{model_hint(model_dir)}")
     config.run.output_dir = str((base / config.run.output_dir).resolve())
     if missing:
         raise ConfigError("\n".join([f"{origin}: missing input(s)", *missing]))
