@@ -107,6 +107,7 @@ class ForgettingStop(TrainerCallback):
     def __init__(self, base_general: float, budget: float):
         self.base_general, self.budget = base_general, budget
         self.stop_reason: str | None = None
+        self.breach_general: float | None = None
 
     @property
     def limit(self) -> float:
@@ -116,7 +117,7 @@ class ForgettingStop(TrainerCallback):
         general = (metrics or {}).get("eval_general_loss")
         if general is None or general <= self.limit or self.stop_reason:
             return
-        drift = general / self.base_general - 1
+        drift, self.breach_general = general / self.base_general - 1, general
         self.stop_reason = (
             f"general drift {drift:+.1%} at step {state.global_step} passed the forgetting budget of "
             f"{self.budget:.0%} (general val loss {general:.4f} vs the base model's {self.base_general:.4f})"

@@ -60,6 +60,7 @@ class StageTraining(BaseModel):
     # from it: validation reuses the numbers while the weights on disk are these.
     best_losses: TokenLosses | None = None
     weights_digest: str | None = None
+    breach_general: float | None = None  # general val loss at a mid-stage forgetting stop: what the gate judges
 
 
 class TokenLosses(BaseModel):

@@ -198,6 +198,7 @@ def train_stage(
     record_onsets(tracker, result)
     save_final(trainer.model, tokenizer, final)
     result.best_losses, result.weights_digest = best_evaluation(state), weights_digest(str(final))
+    result.breach_general = forgetting.breach_general if forgetting else None
     record.write_text(result.model_dump_json(indent=2))
     mark_complete(final)
     return result
