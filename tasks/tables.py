@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -43,8 +44,9 @@ def stage_table(sft_path: str, manifest: str) -> pd.DataFrame:
 
 
 def domain_val_digest(sft_path: str) -> str:
-    """Which domain validation set a model was judged on: a digest of its rows' content ids (they come from
-    the text, not the tokenizer), so two runs share it exactly when they hold out the same conversations."""
-    rows = pq.read_table(sft_path, columns=["sample_id"], filters=[("split", "==", "val"), ("tag", "==", "domain")])
-    ids = sorted(rows.column("sample_id").to_pylist())
-    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+    """Which domain validation a model was judged on: the files its domain validation rows come from (by
+    name). New rows in the same files keep it, so retraining on more data still challenges the champion
+    (which is re-scored on the challenger's rows); another pipeline's domain files change it."""
+    rows = pq.read_table(sft_path, columns=["source"], filters=[("split", "==", "val"), ("tag", "==", "domain")])
+    names = sorted({Path(source).name for source in rows.column("source").to_pylist()})
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
