@@ -159,7 +159,7 @@ def run_pipeline(config: PipelineConfig, tracker: Tracker) -> RunSummary:
             str(folder / "mix.parquet"),
             config.train.epochs,
         )
-        trained = train_task(config, mix, tokens.sft, model, base, str(folder), stage_run)
+        trained = train_task(config, mix, tokens.sft, model, base, str(folder), stage_run, baseline.general)
         losses = validate_task(config, trained, tokens.sft, base, probes, stage_run)
         report = gate_task(config, mix, trained, losses, baseline, cursor, stage_run)
         end_run_task(stage_run)
@@ -167,7 +167,7 @@ def run_pipeline(config: PipelineConfig, tracker: Tracker) -> RunSummary:
         cursor, model = cursor.after(report.gate.decision), trained.model_dir
     summary = publish_task(config, tracker, reports, baseline, base, str(run_folder))
 
-    champion, champion_sft = champion_task(config, tracker), None
+    champion, champion_sft = champion_task(config, tracker, tokens.sft), None
     if champion:  # the champion reads this run's validation conversations through its own tokenizer
         champion_sft = tokenize_task(
             data.samples, data.key, champion, config.model.max_seq_len, config.run.output_dir, config.data.overlong

@@ -167,7 +167,8 @@ def pretrain(model, tokenizer, table: pd.DataFrame, config: PipelineConfig, fold
     args = training_arguments(
         str(folder / "checkpoints"),
         epochs=p.epochs,
-        learning_rate=p.learning_rate,
+        max_steps=p.max_steps or -1,
+        learning_rate=config.pretrain_learning_rate()[0],
         batch_size=p.batch_size,
         eval_batch_size=config.validation.batch_size,
         seed=config.run.seed,

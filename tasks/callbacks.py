@@ -150,6 +150,45 @@ class EvaluateAtEnd(TrainerCallback):
             control.should_save = True
 
 
+class EvaluateEarly(TrainerCallback):
+    """The first evaluation comes after a few steps, not only at eval_steps: a learning rate that wrecks a
+    pretrained model does so within the warm-up, and the guard must see it then."""
+
+    def __init__(self, first_step: int):
+        self.first_step = first_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.first_step:
+            control.should_evaluate = True
+            control.should_save = True
+
+
+class ForgettingStop(TrainerCallback):
+    """Ends a stage at the first evaluation whose general loss passes the forgetting budget over the base
+    model's; the best checkpoint before the breach is what the stage keeps (see TokenLossTrainer's
+    guarded metric)."""
+
+    def __init__(self, base_general: float, budget: float):
+        self.base_general, self.budget = base_general, budget
+        self.stop_reason: str | None = None
+        self.breach_general: float | None = None
+
+    @property
+    def limit(self) -> float:
+        return self.base_general * (1 + self.budget)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        general = (metrics or {}).get("eval_general_loss")
+        if general is None or general <= self.limit or self.stop_reason:
+            return
+        drift, self.breach_general = general / self.base_general - 1, general
+        self.stop_reason = (
+            f"general drift {drift:+.1%} at step {state.global_step} passed the forgetting budget of "
+            f"{self.budget:.0%} (general val loss {general:.4f} vs the base model's {self.base_general:.4f})"
+        )
+        control.should_training_stop = True
+
+
 class SamplerPosition(TrainerCallback):
     """Writes the sampler's position into every checkpoint, so a resumed stage provably continues the same
     sample sequence: the manifest it was cut from (by digest) and how many samples were consumed."""

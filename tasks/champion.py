@@ -11,8 +11,9 @@ from prefect import task
 from mixtune.core.config import PipelineConfig
 from tasks.models import is_adapter, standalone_model
 from tasks.records import ByteLosses, Decision, TokenLosses, Verdict
-from tasks.registry import champion_version, fetch_version, move_alias, register_version
+from tasks.registry import fetch_version, model_for, move_alias, register_version
 from tasks.scoring import nats_per_byte, per_byte
+from tasks.tables import domain_val_digest
 from tasks.tracking import Tracker
 from tasks.verdicts import record_verdict
 
@@ -44,9 +45,10 @@ def version_description(tracker: Tracker, decision: Decision, reason: str, chall
     )
 
 
-def current_champion(config: PipelineConfig, tracker: Tracker) -> str | None:
-    """The files of the model that holds the alias now, or None when there is no champion yet."""
-    holder = champion_version(tracker, config.registered_model, config.registry.alias)
+def current_champion(config: PipelineConfig, tracker: Tracker, sft_path: str) -> str | None:
+    """The files of the model that holds the alias now for this run's domain validation set, or None when
+    there is no such champion yet."""
+    _, holder = model_for(tracker, config.registered_model, config.registry.alias, domain_val_digest(sft_path))
     return fetch_version(tracker, holder, config.run.output_dir) if holder else None
 
 
@@ -63,10 +65,10 @@ def challenge(
     """Challenger vs champion on the same validation conversations (`champion_sft`: tokenized the champion's
     way); the alias moves only on first/promote. The challenger's per-token losses on these sets were measured
     when it was validated: only rescaled here. The alias does not move here: see crown_task."""
-    name, alias = config.registered_model, config.registry.alias
+    alias, domain_val = config.registry.alias, domain_val_digest(sft_path)
+    name, holder = model_for(tracker, config.registered_model, alias, domain_val)
     challenger_dir = standalone_model(final_model, base_dir, work_dir / "merged_model")
     challenger = per_byte(final_losses, sft_path, challenger_dir)
-    holder = champion_version(tracker, name, alias)
     champion = None
     if holder and champion_sft:
         champion_dir = fetch_version(tracker, holder, config.run.output_dir)
@@ -86,6 +88,7 @@ def challenge(
             "challenger_general": challenger.general,
             "run_name": tracker.tags().get("mlflow.runName", ""),
             "prefect_flow_run_url": tracker.tags().get("mixtune.prefect_flow_run_url", ""),
+            "domain_val_digest": domain_val,
         },
         version_description(tracker, decision, reason, challenger),
     )
@@ -109,8 +112,8 @@ def crown_task(tracker: Tracker, verdict: Verdict) -> None:
 
 
 @task(name="champion", retries=2, retry_delay_seconds=[2, 10])
-def champion_task(config: PipelineConfig, tracker: Tracker) -> str | None:
-    return current_champion(config, tracker)
+def champion_task(config: PipelineConfig, tracker: Tracker, sft_path: str) -> str | None:
+    return current_champion(config, tracker, sft_path)
 
 
 # No retries: a second attempt would meet the version this one may already have promoted.

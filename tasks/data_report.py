@@ -13,8 +13,10 @@ from prefect import task
 
 from mixtune.core.cache import file_digest
 from mixtune.core.config import PipelineConfig
+from mixtune.core.retry import retry_unless
 from tasks import artifacts
 from tasks.plots import plt, save  # tasks.plots selects the Agg backend before pyplot loads
+from tasks.readers import IngestError
 from tasks.records import IngestResult, TokenizedData
 from tasks.tracking import Tracker
 
@@ -31,6 +33,10 @@ def source_report(label: str, ingest: dict, tokens: dict | None) -> dict:
         "source": label,
         "role": ingest["role"],
         "file": ingest["file"],
+        "layout": ingest.get("layout", ""),
+        "utf8_bom": ingest.get("utf8_bom", False),
+        "formats": ingest.get("formats", {}),
+        "exploded": ingest.get("exploded"),
         "rows_read": ingest["rows_read"],
         "accepted": ingest["accepted"] - sum(late.values()),
         "duplicates": ingest["duplicates"],
@@ -43,6 +49,19 @@ def source_report(label: str, ingest: dict, tokens: dict | None) -> dict:
         "scripts": ingest["scripts"],
         "tokens": {k: v for k, v in tokens.items() if k not in TOKENIZE_REASONS},
     }
+
+
+def check_quarantine(rows: list[dict], limit: float) -> None:
+    """max_quarantine_fraction holds for all of a source's rejects: those of ingest and those of tokenising
+    (too_long under `overlong: reject`, no_labels), so a source cannot vanish silently at either step."""
+    for r in rows:
+        if r["rows_read"] and r["quarantined"] > limit * r["rows_read"]:
+            top = ", ".join(f"{k} {v:,}" for k, v in sorted(r["quarantined_by_reason"].items(), key=lambda kv: -kv[1]))
+            raise IngestError(
+                f"{r['file']}: {r['quarantined']:,} of {r['rows_read']:,} rows quarantined "
+                f"({r['quarantined'] / r['rows_read']:.0%} > max_quarantine_fraction {limit:.0%}), "
+                f"tokenising included: {top}"
+            )
 
 
 def build_report(data: IngestResult, tokens: TokenizedData) -> list[dict]:
@@ -62,15 +81,35 @@ def markdown(rows: list[dict], max_len: int) -> str:
     for r in rows:
         t = r["tokens"]
         lengths = f"{t['p50']} / {t['p90']} / {t['p99']} / {t['max']}" if t else "–"
-        over = f"{t['over_max_seq_len_share']:.1%}" if t else "–"
+        over = overlong_cell(t)
         reasons = ", ".join(f"{k} {v}" for k, v in r["quarantined_by_reason"].items())
         turns = ", ".join(f"{k}: {v}" for k, v in r["turns"].items()) if r["role"] != "pretrain" else "–"
         scripts = ", ".join(f"{k} {v:.0%}" for k, v in r["scripts"].items())
         lines.append(
-            f"| {r['source']} | {r['role']} | {r['rows_read']:,} | {r['accepted']:,} | {r['duplicates']:,} "
+            f"| {r['source']} ({read_as(r)}) | {r['role']} | {r['rows_read']:,} | {r['accepted']:,} "
+            f"| {r['duplicates']:,} "
             f"| {r['quarantined']:,} ({reasons or 'none'}) | {turns} | {lengths} | {over} | {scripts} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def read_as(row: dict) -> str:
+    formats = ", ".join(f"{name} {n:,}" for name, n in row["formats"].items())
+    text = row["layout"] + (", UTF-8 BOM stripped" if row["utf8_bom"] else "") + (f"; {formats}" if formats else "")
+    if row["exploded"]:
+        e = row["exploded"]
+        text += f"; {e['field']} exploded: {e['rows']:,} rows into {e['samples']:,} samples"
+    return text
+
+
+def overlong_cell(tokens: dict) -> str:
+    """SFT samples over max_seq_len are cut or rejected; pre-training text is packed, so nothing is cut."""
+    if not tokens:
+        return "–"
+    if tokens.get("packed"):
+        kept = tokens["tokens_kept"] / max(tokens["tokens"], 1)
+        return f"packed: {tokens['tokens']:,} tokens in {tokens['blocks']:,} blocks ({kept:.1%} kept)"
+    return f"{tokens['over_max_seq_len_share']:.1%}"
 
 
 def histogram(rows: list[dict], path: Path) -> Path:
@@ -111,6 +150,7 @@ def log_datasets(tracker: Tracker, rows: list[dict]) -> None:
 def publish(config: PipelineConfig, tracker: Tracker, data: IngestResult, tokens: TokenizedData) -> tuple[str, Path]:
     folder = Path(tokens.folder)
     rows = build_report(data, tokens)
+    check_quarantine(rows, config.data.max_quarantine_fraction)
     text = markdown(rows, config.model.max_seq_len)
     (folder / "data_report.json").write_text(json.dumps(rows, indent=2, ensure_ascii=False))
     (folder / "data_report.md").write_text(text)
@@ -129,7 +169,7 @@ def publish(config: PipelineConfig, tracker: Tracker, data: IngestResult, tokens
     return text, plot
 
 
-@task(name="data-report", retries=2, retry_delay_seconds=[2, 10])
+@task(name="data-report", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_unless(IngestError))
 def data_report_task(config: PipelineConfig, tracker: Tracker, data: IngestResult, tokens: TokenizedData) -> str:
     text, plot = publish(config, tracker, data, tokens)
     artifacts.markdown("data-report", text, "What became of every row, per source")

@@ -79,10 +79,45 @@ def field_text(row: dict, key: str) -> str:
     return value
 
 
+class TextList(list):
+    """A list field in a prompt_template: `{laws}` is its items, one per line; `{laws[0]}` is one item."""
+
+    def __init__(self, key: str, items: list):
+        super().__init__(items)
+        self.key = key
+
+    def __getitem__(self, index):
+        try:
+            item = super().__getitem__(index)
+        except IndexError:
+            raise RowError("missing_field", f"field '{self.key}' has no item {index}", self.key) from None
+        if not isinstance(item, str):
+            raise RowError("wrong_type", f"{self.key}[{index}] is a {type(item).__name__}, not text", self.key)
+        return item
+
+    def __format__(self, spec: str) -> str:
+        return format("\n".join(self[i] for i in range(len(self))), spec)
+
+
+class TemplateFields(dict):
+    """The fields a template names, checked when named: a row's other fields may hold anything."""
+
+    def __init__(self, row: dict):
+        super().__init__()
+        self.row = row
+
+    def __missing__(self, key: str):
+        if isinstance(self.row.get(key), list):
+            return TextList(key, self.row[key])
+        if key not in self.row:
+            raise KeyError(key)
+        return field_text(self.row, key)
+
+
 def mapped_turns(row: dict, mapping: dict) -> list[dict[str, str]]:
     if mapping.get("prompt_template"):
         try:
-            prompt = mapping["prompt_template"].format_map({k: field_text(row, k) for k in row if k is not None})
+            prompt = mapping["prompt_template"].format_map(TemplateFields(row))
         except KeyError as err:
             raise RowError("missing_field", f"prompt_template needs field {err}", str(err.args[0])) from None
     else:

@@ -34,8 +34,14 @@ def stage_report(
         realised_share=mix.realised_share,
         source_epochs=mix.source_epochs,
         losses=losses,
+        # A stage stopped mid-way for forgetting is judged by the breach, not by the checkpoint it kept.
         gate=gate(
-            losses.general, baseline.general, v.forgetting_budget, v.on_forgetting, cursor.actions, v.max_guard_actions
+            trained.breach_general or losses.general,
+            baseline.general,
+            v.forgetting_budget,
+            v.on_forgetting,
+            cursor.actions,
+            v.max_guard_actions,
         ),
         steps=trained.global_step,
         best_step=trained.best_step,

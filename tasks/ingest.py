@@ -25,7 +25,16 @@ from mixtune.core.config import PipelineConfig, Source
 from mixtune.core.logs import run_logger
 from mixtune.core.retry import retry_unless
 from tasks.keys import ingest_key
-from tasks.readers import CHUNK_SCHEMA, PARALLEL_FROM_BYTES, IngestError, chunks, normalise_chunk, ordered_map
+from tasks.readers import (
+    CHUNK_SCHEMA,
+    PARALLEL_FROM_BYTES,
+    IngestError,
+    chunks,
+    has_utf8_bom,
+    layout,
+    normalise_chunk,
+    ordered_map,
+)
 from tasks.records import IngestResult
 from tasks.synthetic import write_synthetic
 
@@ -113,7 +122,8 @@ class SourceReader:
     def __init__(self, source: Source, config: PipelineConfig, seen: set, near_seen: set):
         self.source, self.config, self.seen, self.near_seen = source, config, seen, near_seen
         self.path = resolve_source_path(source, config)
-        self.reasons, self.turns = Counter(), Counter()
+        self.reasons, self.turns, self.formats = Counter(), Counter(), Counter()
+        self.source_rows = 0  # rows of the file; more samples than rows when a list field is exploded
         self.rows_read = self.accepted = self.duplicates = self.near_duplicates = 0
         self.held_out = ValidationDraw(0 if source.role == "pretrain" else source.max_val_samples)
         self.script_sample: list[str] = []
@@ -128,6 +138,8 @@ class SourceReader:
         rows = chunks(self.path, self.source.text_split, self.config.data.max_row_bytes)
         for accepted, rejected in ordered_map(work, rows, parallel):
             self.rows_read += accepted.num_rows + len(rejected)
+            self.formats.update(accepted.column("format").to_pylist())
+            self.source_rows += len({*accepted.column("line").to_pylist(), *(r["line"] for r in rejected)})
             self.quarantine(rejected, quarantine)
             kept = self.deduplicate(accepted)
             if kept.num_rows:
@@ -200,10 +212,18 @@ class SourceReader:
                 f"({quarantined / self.rows_read:.0%} > max_quarantine_fraction {limit:.0%}): {top}"
             )
 
+    def exploded(self) -> dict | None:
+        field = self.source.columns.explode if self.source.columns else None
+        return {"field": field, "rows": self.source_rows, "samples": self.rows_read} if field else None
+
     def stats(self) -> dict:
         return {
             "file": str(self.path),
             "role": self.source.role,
+            "layout": layout(self.path),
+            "utf8_bom": has_utf8_bom(self.path),
+            "formats": dict(self.formats.most_common()),
+            "exploded": self.exploded(),
             "rows_read": self.rows_read,
             "accepted": self.accepted,
             "duplicates": self.duplicates + self.near_duplicates,
@@ -311,8 +331,11 @@ def ingest_task(config: PipelineConfig) -> IngestResult:
     log = run_logger()
     for label, s in result.stats.items():
         log.info(
-            "%s: %d read, %d accepted, %d duplicate, %d quarantined %s",
+            "%s (%s%s; formats %s): %d read, %d accepted, %d duplicate, %d quarantined %s",
             label,
+            s["layout"],
+            ", UTF-8 BOM stripped" if s["utf8_bom"] else "",
+            s["formats"],
             s["rows_read"],
             s["accepted"],
             s["duplicates"],

@@ -9,7 +9,7 @@ from mixtune.core.config import PipelineConfig, Source
 from tasks.readers import check_readable
 from tasks.synthetic import GENERATOR_VERSION
 
-INGEST_VERSION = 2
+INGEST_VERSION = 3
 
 
 def source_fingerprint(source: Source, seed: int) -> dict:

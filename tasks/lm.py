@@ -4,6 +4,7 @@ validation reports, and a transformers Trainer that evaluates with that same los
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 
 import torch
@@ -128,10 +129,11 @@ def mean_token_loss(model, dataset: TokenDataset, collator: PadCollator | PackCo
 class TokenLossTrainer(Trainer):
     """Evaluates with mean_token_loss, so in-training curves, early stopping and final numbers agree."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, general_limit: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         # ProgressCallback prints the same numbers as one readable line.
         self.remove_callback(PrinterCallback)
+        self.general_limit = general_limit
 
     def _track_num_input_tokens(self, inputs):
         if TOKENS not in inputs:
@@ -158,9 +160,18 @@ class TokenLossTrainer(Trainer):
         for name, dataset in sets.items():
             key = f"{metric_key_prefix}_{name}_loss" if name else f"{metric_key_prefix}_loss"
             metrics[key] = mean_token_loss(self.model, dataset, self.data_collator, self.args.eval_batch_size)
+        self.add_guarded_loss(metrics, metric_key_prefix)
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+    def add_guarded_loss(self, metrics: dict[str, float], prefix: str) -> None:
+        """The best-checkpoint metric under a forgetting limit: the domain loss while general loss is within
+        the limit, infinite past it, so a checkpoint that forgot too much is never the one restored."""
+        domain, general = metrics.get(f"{prefix}_domain_loss"), metrics.get(f"{prefix}_general_loss")
+        if self.general_limit is None or domain is None or general is None:
+            return
+        metrics[f"{prefix}_guarded_domain_loss"] = domain if general <= self.general_limit else math.inf
 
 
 def use_bf16(precision: str) -> bool:

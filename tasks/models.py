@@ -9,7 +9,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mixtune.core.cache import is_complete, mark_complete
+from mixtune.core.cache import file_digest, is_complete, mark_complete
 from tasks.lm import PadCollator, mean_token_loss
 from tasks.records import TokenLosses
 from tasks.tables import validation_sets
@@ -17,6 +17,12 @@ from tasks.tables import validation_sets
 
 def is_adapter(folder: str) -> bool:
     return (Path(folder) / "adapter_config.json").is_file()
+
+
+def weights_digest(model_dir: str) -> str:
+    """What a saved model is, for "is this still the model that was evaluated?": its safetensors files."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    return ",".join(f"{f.name}:{file_digest(f)}" for f in files)
 
 
 def load_model(model_dir: str, base_dir: str):

@@ -36,6 +36,7 @@ class StageBudget(BaseModel):
     domain_epochs: float  # how many times the domain pool is seen in this stage
     cumulative_domain_epochs: float
     general_epochs: float
+    cumulative_general_epochs: float
 
 
 class EpochPlan(BaseModel):
@@ -43,6 +44,7 @@ class EpochPlan(BaseModel):
     domain_pool: int
     general_pool: int
     domain_epoch_budget: float
+    general_epoch_budget: float
     stages: list[StageBudget]
     warnings: list[str]
 
@@ -95,6 +97,7 @@ def advise(domain: int, general: int, pretrain_docs: int, config: PipelineConfig
         f"domain epochs {epochs:g} in total: {why}; so {samples:,} samples per stage "
         f"(the stages' domain shares add up to {epochs:g} passes over {domain:,} samples)"
     )
+    samples = cap_for_general(shares, samples, domain, general, config, reasons)
     pretrain_first = config.goal == "knowledge"
     if pretrain_first:
         note = (
@@ -107,6 +110,9 @@ def advise(domain: int, general: int, pretrain_docs: int, config: PipelineConfig
         reasons.append("no continued pre-training: the goal is behaviour (format, style, task), which is SFT's job")
     if general == 0:
         reasons.append("warning: no general samples, so nothing protects general ability")
+    chosen = config.model_copy(update={"train": config.train.model_copy(update={"method": method})})
+    rate, why = chosen.train_learning_rate()
+    reasons.append(f"learning rate {rate:g} for {method}: {why}")
     return Advice(
         method=method,
         domain_epochs=epochs,
@@ -120,6 +126,25 @@ def advise(domain: int, general: int, pretrain_docs: int, config: PipelineConfig
 def samples_for_epochs(shares: list[float], domain_pool: int, epochs: float, config: PipelineConfig) -> int:
     floor = config.train.batch_size * config.advisor.min_steps_per_stage
     return max(floor, math.floor(epochs * domain_pool / sum(shares))) if sum(shares) else floor
+
+
+def cap_for_general(
+    shares: list[float], samples: int, domain: int, general: int, config: PipelineConfig, reasons: list[str]
+) -> int:
+    """The general pool earns an epoch budget by its size too; a small general set shrinks the stages."""
+    budget, why = rule_epochs(general, config.advisor)
+    weight = len(shares) - sum(shares)
+    seen = samples * weight / general if general else 0.0
+    if not general or seen <= budget:
+        return samples
+    fitted = max(math.floor(budget * general / weight), config.train.batch_size * config.advisor.min_steps_per_stage)
+    domain_seen = fitted * sum(shares) / max(domain, 1)
+    reasons.append(
+        f"warning: general epochs capped at {budget:g} ({why.split(':')[0]}): {samples:,} samples per stage would "
+        f"show the {general:,} general samples {seen:.1f}x, so stages shrink to {fitted:,} samples and the domain "
+        f"set is seen {domain_seen:.2f}x in total; add general data to use more of the domain set"
+    )
+    return fitted
 
 
 def apply_advice(config: PipelineConfig, advice: Advice) -> PipelineConfig:
@@ -142,45 +167,60 @@ def epoch_plan(
     general_pool: int,
     config: PipelineConfig,
 ) -> EpochPlan:
-    """Per stage and in total, how often each pool is seen; stages are shrunk to keep the domain pool within
-    the epoch budget its size earns, with a warning in numbers when even that cannot hold."""
-    budget, _ = rule_epochs(domain_pool, config.advisor)
-    warnings = []
-    planned_domain = sum(round(s * samples_per_stage) for s in shares) * epochs
-    samples = samples_per_stage
-    if planned_domain > budget * domain_pool:
-        fitted = math.floor(budget * domain_pool / (epochs * sum(shares)))
-        floor = config.train.batch_size * config.advisor.min_steps_per_stage
-        samples = max(fitted, floor)
-        warnings.append(
-            f"domain pool of {domain_pool:,} would be seen {planned_domain / domain_pool:.2f}x, over its budget "
-            f"of {budget:g}x: samples_per_stage lowered from {samples_per_stage:,} to {samples:,}"
-        )
-        if fitted < floor:
-            seen = sum(round(s * samples) for s in shares) * epochs / domain_pool
+    """Per stage and in total, how often each pool is seen. The epoch rule holds for every pool by its size:
+    stages are shrunk until neither the domain nor the general pool is repeated past the budget it earns,
+    with a warning in numbers for each cut, and another when even the smallest stage cannot hold."""
+    pools = {"domain": domain_pool, "general": general_pool}
+    budgets = {role: rule_epochs(pool, config.advisor)[0] for role, pool in pools.items()}
+    floor = config.train.batch_size * config.advisor.min_steps_per_stage
+    warnings, samples = [], samples_per_stage
+    for role, pool in pools.items():
+        seen = times_seen(role, shares, samples, epochs, pool)
+        weight = sum(shares) if role == "domain" else len(shares) - sum(shares)
+        if pool and weight and seen > budgets[role] + 1e-9:
+            fitted = max(math.floor(budgets[role] * pool / (epochs * weight)), floor)
+            warnings.append(
+                f"{role} pool of {pool:,} would be seen {seen:.2f}x, over its budget of {budgets[role]:g}x: "
+                f"samples_per_stage lowered from {samples:,} to {fitted:,}"
+            )
+            samples = min(samples, fitted)
+    for role, pool in pools.items():
+        seen = times_seen(role, shares, samples, epochs, pool)
+        if pool and seen > budgets[role] + 1e-9:
             warnings.append(
                 f"cannot meet the budget: even {floor:,} samples per stage (the minimum of "
-                f"{config.advisor.min_steps_per_stage} steps) shows the domain pool {seen:.2f}x > {budget:g}x; "
-                "add domain data, lower the shares or use fewer stages"
+                f"{config.advisor.min_steps_per_stage} steps) shows the {role} pool {seen:.2f}x > "
+                f"{budgets[role]:g}x; add {role} data, "
+                f"{'lower' if role == 'domain' else 'raise'} the shares or use fewer stages"
             )
     return EpochPlan(
         samples_per_stage=samples,
         domain_pool=domain_pool,
         general_pool=general_pool,
-        domain_epoch_budget=budget,
+        domain_epoch_budget=budgets["domain"],
+        general_epoch_budget=budgets["general"],
         stages=stage_budgets(shares, samples, epochs, domain_pool, general_pool),
         warnings=warnings,
     )
 
 
+def times_seen(role: str, shares: list[float], samples: int, epochs: float, pool: int) -> float:
+    """How many passes over a pool the whole schedule makes (the mix draws each stage's rows from it)."""
+    domain = sum(round(s * samples) for s in shares)
+    drawn = domain if role == "domain" else samples * len(shares) - domain
+    return drawn * epochs / max(pool, 1)
+
+
 def stage_budgets(
     shares: list[float], samples: int, epochs: float, domain_pool: int, general_pool: int
 ) -> list[StageBudget]:
-    stages, cumulative = [], 0.0
+    stages, cumulative, cumulative_general = [], 0.0, 0.0
     for k, share in enumerate(shares, start=1):
         n_domain = round(share * samples)
         seen = n_domain * epochs / max(domain_pool, 1)
+        general_seen = (samples - n_domain) * epochs / max(general_pool, 1)
         cumulative += seen
+        cumulative_general += general_seen
         stages.append(
             StageBudget(
                 stage=k,
@@ -189,7 +229,8 @@ def stage_budgets(
                 domain_samples=n_domain,
                 domain_epochs=seen,
                 cumulative_domain_epochs=cumulative,
-                general_epochs=(samples - n_domain) * epochs / max(general_pool, 1),
+                general_epochs=general_seen,
+                cumulative_general_epochs=cumulative_general,
             )
         )
     return stages
@@ -203,14 +244,15 @@ def format_plan(advice: Advice | None, plan: EpochPlan, config: PipelineConfig) 
         f"Plan ({'auto: the advice is used' if config.plan == 'auto' else 'manual: the config as given'}):",
         f"  method {config.train.method}, {config.train.epochs:g} epoch(s) per stage, "
         f"{plan.samples_per_stage:,} samples per stage",
+        "  learning rate {:g}: {}".format(*config.train_learning_rate()),
         f"  domain pool {plan.domain_pool:,} (budget {plan.domain_epoch_budget:g} epochs), "
-        f"general pool {plan.general_pool:,}",
-        "  stage  share  domain samples  domain epochs  cumulative  general epochs",
+        f"general pool {plan.general_pool:,} (budget {plan.general_epoch_budget:g} epochs)",
+        "  stage  share  domain samples  domain epochs  cumulative  general epochs  cumulative",
     ]
     for s in plan.stages:
         lines.append(
             f"  {s.stage:>5}  {s.share:5.2f}  {s.domain_samples:>14,}  {s.domain_epochs:13.2f}  "
-            f"{s.cumulative_domain_epochs:10.2f}  {s.general_epochs:14.2f}"
+            f"{s.cumulative_domain_epochs:10.2f}  {s.general_epochs:14.2f}  {s.cumulative_general_epochs:10.2f}"
         )
     lines += [f"  warning: {w}" for w in plan.warnings]
     return "\n".join(lines)

@@ -23,7 +23,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.formats import RowError, check_turn_characters, to_conversation, to_text
+from tasks.formats import RowError, check_turn_characters, detect_format, to_conversation, to_text
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 CHUNK_ROWS = 4096
@@ -39,6 +39,7 @@ CHUNK_SCHEMA = pa.schema(
         ("near_id", pa.string()),
         ("turns", pa.int32()),
         ("split_hash", pa.uint64()),
+        ("format", pa.string()),
     ]
 )
 NOT_WORD = re.compile(r"[\W_]+")
@@ -63,11 +64,53 @@ def check_readable(path: Path) -> None:
         raise IngestError(f"{path}: file is empty")
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+# UTF-32 LE before UTF-16 LE: they share their first two bytes.
+FOREIGN_BOMS = {
+    b"\xff\xfe\x00\x00": "UTF-32",
+    b"\x00\x00\xfe\xff": "UTF-32",
+    b"\xff\xfe": "UTF-16",
+    b"\xfe\xff": "UTF-16",
+}
+
+
+def has_utf8_bom(path: Path) -> bool:
+    """A UTF-8 byte-order mark (Excel and Notepad write one) is stripped on reading and counted in the report;
+    a UTF-16 or UTF-32 file is an error naming the file, not a file of quarantined rows."""
+    if path.suffix == ".parquet":
+        return False
+    with path.open("rb") as handle:
+        head = handle.read(4)
+    for mark, name in FOREIGN_BOMS.items():
+        if head.startswith(mark):
+            raise IngestError(f"{path}: encoded as {name} (byte-order mark {mark.hex()}); save it as UTF-8")
+    return head.startswith(UTF8_BOM)
+
+
+def layout(path: Path) -> str:
+    """How the file is laid out: its extension's, except a .json file that holds one record per line."""
+    if path.suffix == ".json" and looks_like_jsonl(path):
+        return "jsonl (named .json)"
+    return {".jsonl": "jsonl", ".json": "json list", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}[path.suffix]
+
+
+def looks_like_jsonl(path: Path) -> bool:
+    """A whole record on the first line and more after it: one JSON document cannot be that."""
+    with path.open("rb") as handle:
+        first = handle.readline().removeprefix(UTF8_BOM).strip()
+        more = any(line.strip() for line in handle)
+    try:
+        return more and first.startswith(b"{") and isinstance(orjson.loads(first), dict)
+    except orjson.JSONDecodeError:
+        return False
+
+
 def chunks(
     path: Path, text_split: str = "line", max_row_bytes: int = 1_000_000
 ) -> Iterator[list[tuple[int, object]] | tuple[int, bytes]]:
     check_readable(path)
-    if path.suffix == ".jsonl":
+    has_utf8_bom(path)
+    if layout(path).startswith("jsonl"):
         yield from jsonl_blocks(path, max_row_bytes)
         return
     readers = {
@@ -96,6 +139,8 @@ def jsonl_blocks(path: Path, max_row_bytes: int) -> Iterator[tuple[int, bytes] |
     read past and it comes out as one too_large row, so memory stays bounded whatever a line's length."""
     first, rest, skipped = 1, b"", None  # skipped: bytes of an over-long line read so far
     with path.open("rb") as handle:
+        if handle.read(len(UTF8_BOM)) != UTF8_BOM:
+            handle.seek(0)
         while block := handle.read(BLOCK_BYTES):
             if skipped is not None:
                 end = block.find(b"\n")
@@ -129,7 +174,7 @@ def block_lines(first: int, block: bytes, max_row_bytes: int) -> list[tuple[int,
 def json_records(path: Path) -> Iterator[tuple[int, object]]:
     """A .json source is one document (a list of records): read whole, so keep large data in JSONL."""
     try:
-        rows = json.loads(path.read_bytes().decode("utf-8"))
+        rows = json.loads(path.read_bytes().decode("utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise IngestError(f"{path}: not a valid JSON document: {err}") from None
     except RecursionError:
@@ -143,7 +188,7 @@ def csv_records(path: Path, max_row_bytes: int) -> Iterator[tuple[int, object]]:
     """Records, not lines: a quoted cell may span lines. Bytes that are not UTF-8 spoil only their row."""
     csv.field_size_limit(max_row_bytes)  # the csv module's own cap (128 KiB) would refuse fields we accept
     number = 0
-    with path.open(newline="", encoding="utf-8", errors="surrogateescape") as handle:
+    with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
         try:
             reader = csv.DictReader(handle)
             if not reader.fieldnames:
@@ -194,6 +239,8 @@ def text_documents(path: Path, split: str, max_row_bytes: int) -> Iterator[tuple
             if isinstance(raw, RowError):
                 yield number, raw
                 continue
+            if number == 1:
+                raw = raw.removeprefix(UTF8_BOM)
             try:
                 line = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as err:
@@ -238,31 +285,55 @@ def normalise_chunk(
         chunk = block_lines(*chunk, limit)
     columns = {name: [] for name in CHUNK_SCHEMA.names}
     rejected = []
-    for location, row in chunk:
-        if isinstance(row, bytes):
-            row = parse_jsonl(row)
-        elif not isinstance(row, RowError) and (size := text_bytes(row)) > limit:
+    for location, raw in chunk:
+        row = parse_jsonl(raw) if isinstance(raw, bytes) else raw
+        if not isinstance(row, RowError) and not isinstance(raw, bytes) and (size := text_bytes(row)) > limit:
             row = too_large(size, limit)  # .json, .csv and Parquet rows: parsed already, but not tokenised
-        try:
-            if isinstance(row, RowError):
-                raise row
-            values = (location, *normalise(row, spec))
-        except RowError as err:
-            rejected.append(
-                {
-                    "file": spec["file"],
-                    "line": location,
-                    "reason": err.reason,
-                    "field": err.field,
-                    "message": err.args[0],
-                    "row": preview(row),
-                }
-            )
-            continue
-        for name, value in zip(CHUNK_SCHEMA.names, values):
-            columns[name].append(value)
-        columns["split_hash"].append(split_hash(spec["seed"], values[3]))
+        for sample in exploded(row, spec):
+            accept_row(location, sample, spec, columns, rejected, raw)
     return pa.RecordBatch.from_pydict(columns, schema=CHUNK_SCHEMA), rejected
+
+
+def exploded(row: object, spec: dict) -> list[object]:
+    """`columns.explode: instances`: one sample per item of the row's list of records, each item's keys over
+    the row's other fields; a row whose field is not such a list is one RowError."""
+    field = (spec["mapping"] or {}).get("explode")
+    if not field or not isinstance(row, dict):
+        return [row]
+    items = row.get(field)
+    if not isinstance(items, list) or not items:
+        return [RowError("wrong_type", f"field '{field}' to explode is not a non-empty list of records", field)]
+    rest = {k: v for k, v in row.items() if k != field}
+    return [
+        {**rest, **item}
+        if isinstance(item, dict)
+        else RowError("wrong_type", f"{field}[{i}] is a {type(item).__name__}, not a record", f"{field}[{i}]")
+        for i, item in enumerate(items)
+    ]
+
+
+def accept_row(location: int, row: object, spec: dict, columns: dict, rejected: list[dict], raw: object) -> None:
+    """`raw` is what the file held: a line that did not parse is quarantined as itself, not as the error."""
+    try:
+        if isinstance(row, RowError):
+            raise row
+        values = (location, *normalise(row, spec))
+    except RowError as err:
+        rejected.append(
+            {
+                "file": spec["file"],
+                "line": location,
+                "reason": err.reason,
+                "field": err.field,
+                "message": err.args[0],
+                "row": preview(raw if isinstance(row, RowError) and isinstance(raw, bytes) else row),
+            }
+        )
+        return
+    for name, value in zip(CHUNK_SCHEMA.names, values):
+        columns[name].append(value)
+    columns["split_hash"].append(split_hash(spec["seed"], values[3]))
+    columns["format"].append(row_format(row, spec))
 
 
 def text_bytes(row: object) -> int:
@@ -297,6 +368,15 @@ def normalise(row: object, spec: dict) -> tuple:
     messages = orjson.dumps(conversation).decode()
     check_turn_characters(conversation, messages)
     return messages, None, *sample_keys(messages, spec["dedupe"]), len(conversation)
+
+
+def row_format(row: object, spec: dict) -> str:
+    """The format a row was read as (rows that normalised only): reported per source with counts."""
+    if spec["role"] == "pretrain" or not isinstance(row, dict):
+        return "text"
+    if spec["mapping"]:
+        return "columns"
+    return spec["format"] if spec["format"] != "auto" else detect_format(row)
 
 
 def sample_keys(body: str, dedupe: str) -> tuple[str, str | None]:

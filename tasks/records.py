@@ -56,6 +56,11 @@ class StageTraining(BaseModel):
     learning_rate: float
     overfit_onset: dict[str, int | None]
     stop_reason: str | None  # why the stage ended before its last step
+    # The in-training evaluation of the checkpoint that was restored, and the digest of the weights saved
+    # from it: validation reuses the numbers while the weights on disk are these.
+    best_losses: TokenLosses | None = None
+    weights_digest: str | None = None
+    breach_general: float | None = None  # general val loss at a mid-stage forgetting stop: what the gate judges
 
 
 class TokenLosses(BaseModel):

@@ -40,6 +40,20 @@ def champion_version(tracker: Experiment, name: str, alias: str):
     return version
 
 
+DOMAIN_VAL_TAG = "mixtune.domain_val_digest"
+
+
+def model_for(tracker: Tracker, name: str, alias: str, domain_val: str) -> tuple[str, object | None]:
+    """The registered model a challenger competes in, and its champion (or None). A champion judged on another
+    domain validation set is not comparable: the challenger then belongs to `<name>-<digest>`, its own model,
+    and leaves that champion alone."""
+    holder = champion_version(tracker, name, alias)
+    if holder is None or holder.tags.get(DOMAIN_VAL_TAG) == domain_val:
+        return name, holder
+    own = f"{name}-{domain_val[:8]}"
+    return own, champion_version(tracker, own, alias)
+
+
 def fetch_version(tracker: Tracker, version, output_dir: str) -> str:
     """The version's files, downloaded once per version."""
     folder = entry_dir(output_dir, Entry.CHAMPION, fingerprint(version.name, version.version, version.run_id))

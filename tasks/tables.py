@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import pandas as pd
 import pyarrow.parquet as pq
 import torch
@@ -38,3 +41,12 @@ def stage_table(sft_path: str, manifest: str) -> pd.DataFrame:
     ).to_pandas()
     by_id = rows.drop_duplicates("sample_id").set_index("sample_id")
     return by_id.loc[order["sample_id"]].reset_index()
+
+
+def domain_val_digest(sft_path: str) -> str:
+    """Which domain validation a model was judged on: the files its domain validation rows come from (by
+    name). New rows in the same files keep it, so retraining on more data still challenges the champion
+    (which is re-scored on the challenger's rows); another pipeline's domain files change it."""
+    rows = pq.read_table(sft_path, columns=["source"], filters=[("split", "==", "val"), ("tag", "==", "domain")])
+    names = sorted({Path(source).name for source in rows.column("source").to_pylist()})
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]

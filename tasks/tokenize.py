@@ -1,7 +1,9 @@
 """Tokenise normalised samples once per (data, tokenizer, max length); every stage and re-run reuses them.
 
 Streams the samples table batch by batch. SFT labels cover assistant answers only (see tasks/chat.py and
-Encoder below for how they are found, fast and checked).
+Encoder below for how they are found, fast and checked). Pre-training text is packed, not cut: each source's
+documents are concatenated with EOS and split into max_seq_len blocks (the standard causal-LM recipe), so every
+token is trained on once per epoch.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from tasks.chat import BOS, CHATML, EOS, pieces_for
 from tasks.records import TokenizedData
 from tasks.tables import IGNORE
 
-TOKENIZE_VERSION = 2
+TOKENIZE_VERSION = 3
 BATCH_ROWS = 8192
 SCHEMA = pa.schema(
     [
@@ -215,6 +217,59 @@ class TableWriter:
         }
 
 
+class Packer:
+    """The pre-training table: per source, documents (each ending in EOS) run together and cut into blocks of
+    max_seq_len tokens; a source's last, shorter block is kept too, so no token is lost."""
+
+    def __init__(self, path: Path, max_len: int):
+        self.writer = pq.ParquetWriter(path, SCHEMA)
+        self.max_len = max_len
+        self.lengths: dict[str, array] = defaultdict(lambda: array("I"))
+        self.buffers: dict[str, list[int]] = defaultdict(list)
+        self.tags: dict[str, str] = {}
+        self.blocks: Counter = Counter()
+        self.kept: Counter = Counter()
+
+    def write(self, rows: dict, pairs: list[tuple[list[int], list[int]]]) -> None:
+        full = defaultdict(list)
+        for i, (ids, _) in enumerate(pairs):
+            source = rows["source"][i]
+            self.lengths[source].append(len(ids))
+            self.tags[source] = rows["tag"][i]
+            buffer = self.buffers[source]
+            buffer += ids
+            while len(buffer) >= self.max_len:
+                full[source].append(buffer[: self.max_len])
+                del buffer[: self.max_len]
+        self.emit(full)
+
+    def emit(self, blocks: dict[str, list[list[int]]]) -> None:
+        columns = {name: [] for name in SCHEMA.names}
+        for source, chunks in blocks.items():
+            for ids in chunks:
+                columns["sample_id"].append(f"{source}#block{self.blocks[source]}")
+                columns["source"].append(source)
+                columns["tag"].append(self.tags[source])
+                columns["split"].append("train")
+                columns["input_ids"].append(ids)
+                columns["labels"].append(ids)
+                for name in ("n_tokens", "n_labels", "full_tokens"):
+                    columns[name].append(len(ids))
+                self.blocks[source] += 1
+                self.kept[source] += len(ids)
+        if columns["sample_id"]:
+            self.writer.write_table(pa.Table.from_pydict(columns, schema=SCHEMA))
+
+    def close(self) -> dict[str, dict]:
+        self.emit({source: [buffer] for source, buffer in self.buffers.items() if buffer})
+        self.writer.close()
+        stats = {}
+        for source, lengths in self.lengths.items():
+            stats[source] = length_stats(lengths, self.max_len, Counter())
+            stats[source].update(packed=True, blocks=self.blocks[source], tokens_kept=self.kept[source])
+        return stats
+
+
 def length_stats(lengths: array, max_len: int, counts: Counter) -> dict:
     values = np.frombuffer(lengths, dtype=np.uint32)
     p50, p90, p99 = (int(v) for v in np.percentile(values, [50, 90, 99]))
@@ -259,7 +314,7 @@ def encode_all(samples_path: str, tokenizer_dir: str, max_len: int, overlong: st
     encoder = Encoder(AutoTokenizer.from_pretrained(tokenizer_dir))
     with open(result.rejected, "w", encoding="utf-8") as rejected:
         sft = TableWriter(Path(result.sft), max_len, overlong, rejected)
-        pretrain = TableWriter(Path(result.pretrain), max_len, "truncate", rejected)
+        pretrain = Packer(Path(result.pretrain), max_len)
         for batch in pq.ParquetFile(samples_path).iter_batches(batch_size=BATCH_ROWS):
             encode_batch(batch.to_pydict(), encoder, sft, pretrain)
         result.stats = {"sft": sft.close(), "pretrain": pretrain.close(), "label_method": encoder.method}
@@ -267,7 +322,7 @@ def encode_all(samples_path: str, tokenizer_dir: str, max_len: int, overlong: st
     mark_complete(folder)
 
 
-def encode_batch(rows: dict, encoder: Encoder, sft: TableWriter, pretrain: TableWriter) -> None:
+def encode_batch(rows: dict, encoder: Encoder, sft: TableWriter, pretrain: Packer) -> None:
     chats = [i for i, tag in enumerate(rows["tag"]) if tag != "pretrain"]
     if chats:
         picked = {k: [v[i] for i in chats] for k, v in rows.items()}
@@ -308,5 +363,24 @@ def tokenize_task(
             s["p90"],
             s["max"],
             100 * s["over_max_seq_len_share"],
+        )
+        rejects = {reason: s[reason] for reason in ("too_long", "no_labels") if s.get(reason)}
+        if rejects:
+            run_logger().warning(
+                "%s: %d rows rejected at tokenising (%s); they count toward max_quarantine_fraction and are in %s",
+                source,
+                sum(rejects.values()),
+                ", ".join(f"{reason} {n}" for reason, n in rejects.items()),
+                result.rejected,
+            )
+    for source, s in result.stats["pretrain"].items():
+        run_logger().info(
+            "%s (pre-training): %d documents, %d tokens packed into %d blocks of up to %d, %.1f%% of tokens kept",
+            source,
+            s["samples"],
+            s["tokens"],
+            s["blocks"],
+            max_len,
+            100 * s["tokens_kept"] / max(s["tokens"], 1),
         )
     return result

@@ -17,12 +17,20 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallb
 from mixtune.core.cache import is_complete, mark_complete
 from mixtune.core.config import PipelineConfig
 from mixtune.core.logs import run_logger
-from tasks.callbacks import EvaluateAtEnd, LiveProgress, OverfitWatch, ProgressCallback, SamplerPosition
+from tasks.callbacks import (
+    EvaluateAtEnd,
+    EvaluateEarly,
+    ForgettingStop,
+    LiveProgress,
+    OverfitWatch,
+    ProgressCallback,
+    SamplerPosition,
+)
 from tasks.checkpoints import Seal, last_good_checkpoint, problem_with, seal, set_aside
 from tasks.guard import OverfitTracker
 from tasks.lm import PackCollator, PadCollator, TokenLossTrainer, training_arguments
-from tasks.models import is_adapter
-from tasks.records import StageMix, StageTraining
+from tasks.models import is_adapter, weights_digest
+from tasks.records import StageMix, StageTraining, TokenLosses
 from tasks.schedule import stage_shares
 from tasks.tables import TokenDataset, stage_table, validation_sets
 from tasks.tracking import Tracker, metric_name
@@ -49,7 +57,7 @@ def load_for_training(config: PipelineConfig, init_dir: str, base_dir: str):
 
 
 def stage_learning_rate(config: PipelineConfig, stage: int) -> float:
-    return config.train.learning_rate * config.train.stage_lr_decay ** (stage - 1)
+    return config.train_learning_rate()[0] * config.train.stage_lr_decay ** (stage - 1)
 
 
 def stage_params(config: PipelineConfig, mix: StageMix, init_dir: str) -> dict:
@@ -93,7 +101,15 @@ def train_collator(config: PipelineConfig, pad_id: int) -> PackCollator | PadCol
 
 
 def build_trainer(
-    config: PipelineConfig, stage: int, model, tokenizer, train_set, eval_sets, checkpoints: Path, callbacks: list
+    config: PipelineConfig,
+    stage: int,
+    model,
+    tokenizer,
+    train_set,
+    eval_sets,
+    checkpoints: Path,
+    callbacks: list,
+    forgetting: ForgettingStop | None = None,
 ):
     """The mix manifest already holds every pass over the mix, so the Trainer runs one epoch over it."""
     t, v = config.train, config.validation
@@ -116,9 +132,10 @@ def build_trainer(
         # Two, so that when the newest checkpoint turns out damaged the one before it is still there.
         save_total_limit=2,
         load_best_model_at_end=True,
-        metric_for_best_model="eval_domain_loss",
+        metric_for_best_model="eval_guarded_domain_loss" if forgetting else "eval_domain_loss",
         greater_is_better=False,
     )
+    early = [EvaluateEarly(v.first_eval_step)] if v.first_eval_step < v.eval_steps else []
     stopper = EarlyStoppingCallback(early_stopping_patience=v.patience, early_stopping_threshold=v.min_delta)
     return TokenLossTrainer(
         model=model,
@@ -126,14 +143,23 @@ def build_trainer(
         train_dataset=train_set,
         eval_dataset=eval_sets,
         data_collator=train_collator(config, tokenizer.pad_token_id),
-        callbacks=[*callbacks, EvaluateAtEnd(), stopper, Seal()],
+        callbacks=[*callbacks, *([forgetting] if forgetting else []), *early, EvaluateAtEnd(), stopper, Seal()],
+        general_limit=forgetting.limit if forgetting else None,
     )
 
 
 def train_stage(
-    config: PipelineConfig, mix: StageMix, sft_path: str, init_dir: str, base_dir: str, stage_dir: str, tracker: Tracker
+    config: PipelineConfig,
+    mix: StageMix,
+    sft_path: str,
+    init_dir: str,
+    base_dir: str,
+    stage_dir: str,
+    tracker: Tracker,
+    base_general: float | None = None,
 ) -> StageTraining:
-    """Train one stage into `stage_dir`, logging to the stage's run (`tracker`)."""
+    """Train one stage into `stage_dir`, logging to the stage's run (`tracker`). Given the base model's general
+    loss, the stage also stops at the first evaluation past the forgetting budget."""
     stage_dir = Path(stage_dir)
     final, record = stage_dir / "final", stage_dir / "training.json"
     if finished(final, record, stage_dir / "set-aside"):
@@ -144,6 +170,7 @@ def train_stage(
     live = LiveProgress(f"stage {mix.stage}/{len(stage_shares(config.schedule))}")
     position = SamplerPosition(mix.manifest, config.train.batch_size * config.train.gradient_accumulation_steps)
     watch = OverfitWatch(overfit_tracker(config), tracker.log_metrics)
+    forgetting = forgetting_stop(config, base_general)
     trainer = build_trainer(
         config,
         mix.stage,
@@ -153,6 +180,7 @@ def train_stage(
         validation_sets(sft_path),
         stage_dir / "checkpoints",
         [progress, live, position, watch],
+        forgetting,
     )
     resume = last_good_checkpoint(stage_dir / "checkpoints", stage_dir / "set-aside", run_logger().warning)
     if resume:
@@ -180,16 +208,30 @@ def train_stage(
         tokens_per_second=progress.tokens_per_second,
         learning_rate=stage_learning_rate(config, mix.stage),
         overfit_onset=watch.tracker.onsets(),
-        stop_reason=early_stop_reason(state, watch, config),
+        stop_reason=early_stop_reason(state, watch, forgetting, config),
     )
     record_onsets(tracker, result)
     save_final(trainer.model, tokenizer, final)
+    result.best_losses, result.weights_digest = best_evaluation(state), weights_digest(str(final))
+    result.breach_general = forgetting.breach_general if forgetting else None
     record.write_text(result.model_dump_json(indent=2))
     mark_complete(final)
     return result
 
 
-def early_stop_reason(state, watch: OverfitWatch, config: PipelineConfig) -> str | None:
+def forgetting_stop(config: PipelineConfig, base_general: float | None) -> ForgettingStop | None:
+    v = config.validation
+    if base_general is None or not v.stop_mid_stage:
+        return None
+    return ForgettingStop(base_general, v.forgetting_budget)
+
+
+def early_stop_reason(
+    state, watch: OverfitWatch, forgetting: ForgettingStop | None, config: PipelineConfig
+) -> str | None:
+    if forgetting and forgetting.stop_reason:  # may come at the last step too: the stage did not end well
+        best = checkpoint_step(state.best_model_checkpoint)
+        return f"{forgetting.stop_reason}; best checkpoint before it (step {best}) kept"
     if state.global_step >= state.max_steps:
         return None
     return watch.stop_reason or (
@@ -219,6 +261,15 @@ def record_onsets(tracker: Tracker, result: StageTraining) -> None:
             onsets,
             result.best_step,
         )
+
+
+def best_evaluation(state) -> TokenLosses | None:
+    """The losses logged when the restored checkpoint was evaluated (the same sets validation uses)."""
+    step = checkpoint_step(state.best_model_checkpoint)
+    for entry in state.log_history:
+        if entry.get("step") == step and "eval_domain_loss" in entry and "eval_general_loss" in entry:
+            return TokenLosses(domain=entry["eval_domain_loss"], general=entry["eval_general_loss"])
+    return None
 
 
 def checkpoint_step(path: str | None) -> int | None:
@@ -253,9 +304,16 @@ def finished(final: Path, record: Path, aside: Path) -> bool:
     retry_delay_seconds=[5, 30],
 )
 def train_task(
-    config: PipelineConfig, mix: StageMix, sft_path: str, init_dir: str, base_dir: str, stage_dir: str, tracker: Tracker
+    config: PipelineConfig,
+    mix: StageMix,
+    sft_path: str,
+    init_dir: str,
+    base_dir: str,
+    stage_dir: str,
+    tracker: Tracker,
+    base_general: float | None = None,
 ) -> StageTraining:
-    result = train_stage(config, mix, sft_path, init_dir, base_dir, stage_dir, tracker)
+    result = train_stage(config, mix, sft_path, init_dir, base_dir, stage_dir, tracker, base_general)
     run_logger().info(
         "stage %d trained: %d/%d steps, best at %s, %.0f tokens/s%s",
         result.stage,
@@ -263,6 +321,6 @@ def train_task(
         result.max_steps,
         result.best_step,
         result.tokens_per_second,
-        " (stopped early)" if result.stopped_early else "",
+        f" (stopped early: {result.stop_reason})" if result.stop_reason else "",
     )
     return result

@@ -7,7 +7,7 @@ from prefect import task
 
 from mixtune.core.config import PipelineConfig
 from mixtune.core.logs import run_logger
-from tasks.models import evaluate
+from tasks.models import evaluate, weights_digest
 from tasks.probes import answer_probes, format_probes
 from tasks.records import StageTraining, TokenLosses
 from tasks.tracking import Tracker
@@ -28,7 +28,7 @@ def validate_stage(
 ) -> TokenLosses:
     """The stage's best model, reloaded from disk, on the domain and the general validation sets; and its
     answers to the fixed probe prompts, in the stage's run and in the parent's."""
-    losses = evaluate(trained.model_dir, base_dir, sft_path, config.validation.batch_size)
+    losses = stage_losses(config, trained, sft_path, base_dir)
     tracker.log_metrics(
         {
             "final_domain_val_loss": losses.domain,
@@ -41,6 +41,19 @@ def validate_stage(
     tracker.log_text(text, "probes.md")
     tracker.parent().log_text(text, f"probes/stage-{trained.stage}.md")
     return losses
+
+
+def stage_losses(config: PipelineConfig, trained: StageTraining, sft_path: str, base_dir: str) -> TokenLosses:
+    """The restored checkpoint was evaluated on these very sets during training: while the weights on disk are
+    the ones saved from it, that evaluation is the answer, and a second pass over the sets is only time."""
+    if trained.best_losses is not None and trained.weights_digest == weights_digest(trained.model_dir):
+        run_logger().info(
+            "stage %d: validation reuses the in-training evaluation of step %s (weights unchanged)",
+            trained.stage,
+            trained.best_step,
+        )
+        return trained.best_losses
+    return evaluate(trained.model_dir, base_dir, sft_path, config.validation.batch_size)
 
 
 @task(name="baseline", retries=2, retry_delay_seconds=[2, 10])

@@ -122,7 +122,12 @@ def test_forgetting_guard_stops_and_keeps_the_model_before_the_breach(prefect_ha
     assert sorted(runs) == [1, 2]
     tags, metrics = runs[2].data.tags, runs[2].data.metrics
     assert tags["mixtune.decision"] == "stop"
-    assert f"{breach.losses.general:.4f}" in tags["mixtune.decision_reason"]
+    judged = breach.losses.general if breach.stop_reason is None else breach.gate.general_drift
+    if breach.stop_reason is None:  # the breach came at the end of the stage
+        assert f"{judged:.4f}" in tags["mixtune.decision_reason"]
+    else:  # the stage stopped at the breach, keeping its checkpoint from before; the gate judges the breach
+        assert "passed the forgetting budget" in breach.stop_reason
+        assert f"{judged:+.1%}" in tags["mixtune.decision_reason"]
     assert f"{summary.baseline.general:.4f}" in tags["mixtune.decision_reason"]
     assert metrics["general_drift"] == pytest.approx(breach.gate.general_drift)
     assert summary.final_stage == 1 and summary.final_model == summary.stages[0].model_dir

@@ -34,6 +34,7 @@ def test_malformed_line_is_quarantined_and_counted(tmp_path):
     quarantined = [json.loads(line) for line in Path(result.quarantine).read_text().splitlines()]
     assert len(quarantined) == 1
     assert quarantined[0]["line"] == 8 and quarantined[0]["reason"] == "invalid_json"
+    assert quarantined[0]["row"] == lines[7]  # the line as the file holds it, not the parser's message
     assert quarantined[0]["file"] == str(path)
 
 

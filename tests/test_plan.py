@@ -96,3 +96,57 @@ def test_advice_is_one_short_note_and_only_when_it_differs_from_the_plan(tmp_pat
     note = advice_differs(scarce, config)
     assert note == "advice differs: method lora, schedule 0.50 (see mixtune advise)"
     assert advice_differs(scarce, apply_advice(config, scarce)) is None
+
+
+@pytest.mark.parametrize("role", ["domain", "general"])
+@pytest.mark.parametrize("pool, cut", [(60, False), (59, True)])
+def test_every_pool_is_kept_within_its_epoch_budget_at_the_boundary(tmp_path, role, pool, cut):
+    config = tiny_config(tmp_path)
+    # shares 0.5 x 3 stages of 120 samples draw 180 rows from each pool: exactly 3 passes over 60
+    pools = {"domain_pool": 10_000, "general_pool": 10_000, f"{role}_pool": pool}
+    plan = epoch_plan([0.5, 0.5, 0.5], 120, 1.0, config=config, **pools)
+    last = plan.stages[-1]
+    seen = last.cumulative_domain_epochs if role == "domain" else last.cumulative_general_epochs
+    if cut:
+        assert plan.samples_per_stage == 118 and seen <= 3.0
+        assert plan.warnings == [
+            f"{role} pool of 59 would be seen 3.05x, over its budget of 3x: samples_per_stage lowered from 120 to 118"
+        ]
+    else:
+        assert plan.samples_per_stage == 120 and seen == pytest.approx(3.0) and plan.warnings == []
+
+
+def test_auto_plan_caps_general_repeats_of_a_small_general_set(tmp_path):
+    config = tiny_config(tmp_path)
+    config.plan = "auto"
+    plan = make_plan(config, {"g": {"role": "general", "train": 887}, "d": {"role": "domain", "train": 5452}})
+    assert plan.epochs.stages[-1].cumulative_general_epochs <= 3.0 + 1e-9
+    assert plan.epochs.stages[-1].cumulative_domain_epochs <= 3.0 + 1e-9
+    assert any(
+        r.startswith("warning: general epochs capped at 3") and "887 general samples" in r for r in plan.advice.reasons
+    )
+    assert "general pool 887 (budget 3 epochs)" in plan.text
+
+
+@pytest.mark.parametrize(
+    "path, method, given, rate",
+    [
+        (None, "full", None, 1e-3),
+        (None, "lora", None, 1e-3),
+        ("/models/pretrained", "full", None, 2e-5),
+        ("/models/pretrained", "lora", None, 1e-4),
+        ("/models/pretrained", "full", 3e-4, 3e-4),
+    ],
+)
+def test_learning_rate_defaults_follow_the_kind_of_model(tmp_path, path, method, given, rate):
+    config = tiny_config(tmp_path)
+    config.model.path, config.train.method, config.train.learning_rate = path, method, given
+    assert config.train_learning_rate()[0] == rate
+    assert config.pretrain_learning_rate()[0] == (3e-3 if path is None else 5e-5)
+    plan = make_plan(config, {"g": {"role": "general", "train": 3000}, "d": {"role": "domain", "train": 600}})
+    assert f"learning rate {rate:g}: " in plan.text
+    advised = [r for r in plan.advice.reasons if r.startswith("learning rate")]
+    lora_rate = given or (1e-4 if path else 1e-3)  # 600 domain samples: the advice is LoRA
+    assert len(advised) == 1 and advised[0].startswith(f"learning rate {lora_rate:g} for lora: ")
+    if path and given is None:
+        assert ("LoRA on a pretrained model" if method == "lora" else "full SFT of a pretrained model") in plan.text

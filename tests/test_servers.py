@@ -255,7 +255,7 @@ def test_a_whole_run_logs_to_an_mlflow_server_with_basic_auth_and_its_password_i
         assert {c.info.status for c in children} == {"FINISHED"}
         assert parent.data.params["tracking.tracking_uri"] == uri
         assert "final_model" in {a.path for a in client.list_artifacts(parent.info.run_id)}
-        assert client.get_model_version_by_alias("mixtune", "champion").run_id == parent.info.run_id
+        assert client.get_model_version_by_alias("test-synthetic-domain", "champion").run_id == parent.info.run_id
 
         downloaded = tmp_path / "downloaded"
         for run in (parent, *children):

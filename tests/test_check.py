@@ -1,0 +1,41 @@
+"""`mixtune check` reads every input file: formats and quarantine counts per source, and a failure on a file
+that `run` could not use."""
+
+import json
+
+from mixtune.cli import main
+from tests.conftest import tiny_raw_config
+
+GOOD = {"conversations": [{"role": "user", "content": "q{}"}, {"role": "assistant", "content": "a{}"}]}
+
+
+def config_file(tmp_path, domain) -> str:
+    import yaml
+
+    raw = tiny_raw_config(tmp_path / "runs")
+    raw["data"]["sources"][1] = {"path": str(domain), "role": "domain"}
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def test_check_reports_formats_and_quarantine_counts(tmp_path, capsys):
+    rows = [json.dumps(GOOD).replace("{}", str(i)) for i in range(10)]
+    rows += [json.dumps({"instruction": f"i{i}", "output": f"o{i}"}) for i in range(4)]
+    rows += ['{"conversations": [', json.dumps(GOOD).replace("{}", "0")]  # one broken, one duplicate
+    domain = tmp_path / "domain.jsonl"
+    domain.write_text("\n".join(rows) + "\n")
+    assert main(["check", config_file(tmp_path, domain)]) == 0
+    out = capsys.readouterr().out
+    [line] = [line for line in out.splitlines() if line.startswith(str(domain))]
+    assert "jsonl; formats minimind 11, alpaca 4;" in line
+    assert "16 read, 14 accepted" in line and "1 duplicate, 1 quarantined (invalid_json 1)" in line
+    assert "synthetic:general: general, jsonl; formats minimind" in out
+
+
+def test_check_fails_on_an_unusable_file(tmp_path, capsys):
+    domain = tmp_path / "domain.jsonl"
+    domain.write_text('{"foo": 1}\n{"bar": 2}\n')
+    assert main(["check", config_file(tmp_path, domain)]) == 2
+    err = capsys.readouterr().err
+    assert str(domain) in err and "no row in a usable format" in err

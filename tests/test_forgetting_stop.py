@@ -1,0 +1,64 @@
+"""A stage whose general drift passes the forgetting budget mid-stage stops at that evaluation and keeps its
+best checkpoint from before the breach."""
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tasks import tracking
+from tasks.base_model import prepare_base, prepare_tokenizer
+from tasks.ingest import ingest
+from tasks.mix import mix_stage
+from tasks.models import evaluate
+from tasks.tokenize import tokenize
+from tasks.train import train_stage
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("forgetting")
+    config = tiny_config(
+        folder,
+        pretrain={"epochs": 4},
+        train={"learning_rate": 3e-2},
+        validation={"eval_steps": 2, "first_eval_step": 1, "patience": 5, "general_patience": 20},
+    )
+    data = ingest(config)
+    tokenizer_dir = prepare_tokenizer(config, data.samples, data.key)
+    tokens = tokenize(data.samples, data.key, tokenizer_dir, config.model.max_seq_len, config.run.output_dir)
+    base = prepare_base(config, tokenizer_dir, tokens.pretrain, tokens.key)
+    sft = pd.read_parquet(tokens.sft)
+    mix = mix_stage(sft[sft["split"] == "train"], 1, 1.0, 160, seed=0, manifest=str(folder / "mix.parquet"))
+    return config, tokens, base, mix
+
+
+def general_curve(config, tmp_path, prepared_data, name: str, base_general=None):
+    config, tokens, base, mix = prepared_data
+    stage_run = tracking.start_parent_run(config, f"flow-{name}").open_stage(1, "full")
+    result = train_stage(config, mix, tokens.sft, base, base, str(tmp_path / name), stage_run, base_general)
+    history = MlflowClient(stage_run.uri).get_metric_history(result.run_id, "general_val_loss")
+    return result, [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)]
+
+
+def test_general_drift_past_the_budget_stops_the_stage_and_keeps_the_checkpoint_before(prepared, tmp_path):
+    config, tokens, base, _ = prepared
+    free, curve = general_curve(config, tmp_path, prepared, "free")
+    assert free.stop_reason is None and curve[0][0] == 1  # the first evaluation comes after one step
+    # The first evaluation whose general loss rises over all before it: put the budget's limit just below it.
+    rises = [j for j in range(1, len(curve)) if curve[j][1] > max(v for _, v in curve[:j]) + 1e-3]
+    assert rises, f"domain-only training at 3e-2 should raise general loss: {curve}"
+    j = rises[0]
+    limit = (max(v for _, v in curve[:j]) + curve[j][1]) / 2
+    base_general = limit / (1 + config.validation.forgetting_budget)
+
+    guarded, guarded_curve = general_curve(config, tmp_path, prepared, "guarded", base_general)
+    breach_step = curve[j][0]
+    assert guarded_curve == curve[: j + 1]  # the same training up to the breach, then no more
+    assert guarded.global_step == breach_step < free.global_step
+    assert guarded.best_step is not None and guarded.best_step < breach_step
+    assert "passed the forgetting budget" in guarded.stop_reason
+    assert f"step {guarded.best_step}" in guarded.stop_reason
+    kept = evaluate(guarded.model_dir, base, tokens.sft, config.validation.batch_size)
+    assert kept.general <= limit
+    assert kept.general == pytest.approx(dict(curve)[guarded.best_step], rel=1e-4)
