@@ -189,28 +189,34 @@ def run(config: PipelineConfig, fresh: bool = False) -> int:
     started = time.perf_counter()
     from tasks.inputs import skip_if_unchanged
 
-    # A no-new-data tick answered before torch is imported and Prefect's temporary server starts: a skip run
-    # from the CLI leaves no Prefect flow run (a served or deployed tick goes through the flow and does).
-    verdict = skip_if_unchanged(config)
-    if verdict:
-        print(format_skip(verdict, config, time.perf_counter() - started))
-        return 0
-    from flows.finetune import finetune
-    from tasks.ingest import IngestError
-
     try:
+        # A no-new-data tick answered before torch is imported and Prefect's temporary server starts: a skip
+        # run from the CLI leaves no Prefect flow run (a served or deployed tick goes through the flow and does).
+        verdict = skip_if_unchanged(config)
+        if verdict:
+            print(format_skip(verdict, config, time.perf_counter() - started))
+            return 0
+        from flows.finetune import finetune
+
         summary = finetune(config, fresh=fresh)
-    except IngestError as err:
-        print(f"mixtune: unusable input, nothing was trained:\n  {err}", file=sys.stderr)
-        return 2
-    except Exception:
-        down = tracking_down(config)
-        if down is None:
-            raise
-        print(f"mixtune: the run failed: {down}\n  its MLflow runs end FAILED at the next start", file=sys.stderr)
-        return 1
+    except Exception as err:
+        return run_failed(config, err)
     print(format_summary(summary, time.perf_counter() - started))
     return 0
+
+
+def run_failed(config: PipelineConfig, err: Exception) -> int:
+    """Bad input, or a tracking server that went away: one message, no traceback; anything else is a bug."""
+    from tasks.ingest import IngestError
+
+    if isinstance(err, IngestError):
+        print(f"mixtune: unusable input, nothing was trained:\n  {err}", file=sys.stderr)
+        return 2
+    down = tracking_down(config)
+    if down is None:
+        raise err
+    print(f"mixtune: the run failed: {down}\n  its MLflow runs end FAILED at the next start", file=sys.stderr)
+    return 1
 
 
 def tracking_down(config: PipelineConfig) -> str | None:

@@ -44,3 +44,23 @@ def tiny_raw_config(output_dir: Path, **sections) -> dict:
 
 def tiny_config(output_dir: Path, **sections):
     return validate_config(tiny_raw_config(output_dir, **sections), "test config", base_dir=output_dir)
+
+
+def tiny_hf_model(folder: Path) -> Path:
+    """A real (random, tiny) Hugging Face model folder with a tokenizer: what a registry version needs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tasks.base_model import train_tokenizer
+
+    tokenizer = train_tokenizer(["a tiny model for the registry"] * 20, 300, folder)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=32,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder

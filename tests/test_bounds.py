@@ -283,7 +283,7 @@ def test_a_deleted_or_damaged_cache_entry_is_rebuilt_not_reported_cached(prefect
     config = tiny_config(tmp_path, schedule={"stages": 1, "samples_per_stage": 80}, registry={"skip_unchanged": False})
     finetune(config)
     cache = tmp_path / "cache"
-    (next(cache.glob("ingest-*")) / COMPLETE_MARKER).unlink()  # the marker gone
+    (next(p for p in cache.glob("ingest-*") if p.is_dir()) / COMPLETE_MARKER).unlink()  # the marker gone
     sft = next(cache.glob("tokens-*/sft.parquet"))
     sft_digest = file_digest(sft)
     with sft.open("r+b") as handle:  # truncated
@@ -301,7 +301,7 @@ def test_a_deleted_or_damaged_cache_entry_is_rebuilt_not_reported_cached(prefect
     assert states["ingest"] == states["tokenize"] == states["pretrain"] == "Completed", states
     assert states["tokenizer"] == "Cached", states  # untouched: still reused
     assert file_digest(sft) == sft_digest  # rebuilt whole, the same content as before the damage
-    assert (next(cache.glob("ingest-*")) / COMPLETE_MARKER).is_file()
+    assert (next(p for p in cache.glob("ingest-*") if p.is_dir()) / COMPLETE_MARKER).is_file()
 
 
 def test_runs_that_failed_while_the_server_was_down_end_failed_at_the_next_start(tmp_path):
@@ -324,24 +324,24 @@ def test_a_version_whose_run_did_not_finish_is_no_champion_and_no_reason_to_skip
     from tasks.inputs import INPUT_HASH_TAG, input_hash, unchanged_since
     from tasks.registry import champion_version, move_alias, register_version
     from tasks.tracking import start_parent_run
-    from tests.conftest import tiny_config
+    from tests.conftest import tiny_config, tiny_hf_model
 
     config = tiny_config(tmp_path)
     earner = start_parent_run(config, "flow-a")
     earner.set_tags({INPUT_HASH_TAG: input_hash(config), "mixtune.registered_model": config.registered_model})
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text("{}")
+    model = tiny_hf_model(tmp_path / "model")
     earner.log_artifacts(model, "final_model")
-    version = register_version(earner, config.registered_model, str(model), "final_model", {})
+    version = register_version(earner, config.registered_model, str(model), "final_model", {}, "an old run's model")
     move_alias(earner, config.registered_model, config.registry.alias, version)  # as an old run did, then died
     earner.end("KILLED")
     later = start_parent_run(config, "flow-b")
     assert champion_version(later, config.registered_model, config.registry.alias) is None
-    assert unchanged_since(config, later) is None  # same inputs, but the run that had them was KILLED
+    assert (
+        unchanged_since(config, later, input_hash(config)) is None
+    )  # same inputs, but the run that had them was KILLED
     earner.client.set_terminated(earner.parent_run_id, "FINISHED")
     assert int(champion_version(later, config.registered_model, config.registry.alias).version) == version
-    assert unchanged_since(config, later) == earner.parent_run_id
+    assert unchanged_since(config, later, input_hash(config)) == earner.parent_run_id
 
 
 @pytest.mark.e2e

@@ -9,7 +9,7 @@ from tasks import tracking
 from tasks.ingest import ingest
 from tasks.registry import model_for, move_alias, register_version
 from tasks.tables import domain_val_digest
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, tiny_hf_model
 
 
 def legal_config(tmp_path):
@@ -39,8 +39,11 @@ def test_a_challenger_for_another_domain_validation_set_gets_its_own_model(tmp_p
     tracker = tracking.start_parent_run(medical, "flow-medical")
     name = "shared"  # both pipelines forced into one registered model
     assert model_for(tracker, name, "champion", medical_val) == (name, None)
-    version = register_version(tracker, name, "unused", "final_model", {"domain_val_digest": medical_val})
+    model = tiny_hf_model(tmp_path / "model")
+    tracker.log_artifacts(model, "final_model")
+    version = register_version(tracker, name, str(model), "final_model", {"domain_val_digest": medical_val}, "medical")
     move_alias(tracker, name, "champion", version)
+    tracker.end()  # a champion's run has ended FINISHED
 
     same_name, holder = model_for(tracker, name, "champion", medical_val)
     assert same_name == name and int(holder.version) == version
