@@ -14,7 +14,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from prefect import task
 from transformers import AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallback, set_seed
 
-from mixtune.core.cache import is_complete, mark_complete
+from mixtune.core.cache import COMPLETE_MARKER, mark_complete
 from mixtune.core.config import PipelineConfig
 from mixtune.core.logs import run_logger
 from tasks.callbacks import (
@@ -288,7 +288,7 @@ def save_final(model, tokenizer, folder: Path) -> None:
 def finished(final: Path, record: Path, aside: Path) -> bool:
     """The stage's model and record are complete and `final/` still matches its manifest. A damaged one is set
     aside, and the stage is finished again from its last good checkpoint."""
-    if not is_complete(final):
+    if not (final / COMPLETE_MARKER).is_file():  # its seal's manifest, not the marker, says what is damaged
         return False
     reason = problem_with(final) or (None if record.is_file() else f"{record}: missing")
     if reason is None:

@@ -23,7 +23,8 @@ STAGES = 3
 
 
 def write_config(folder: Path) -> Path:
-    raw = tiny_raw_config(folder / "runs", validation={"forgetting_budget": 10.0})
+    # 5 epochs of the tiny config's packed pre-training text: 30 steps, a checkpoint sealed every 6
+    raw = tiny_raw_config(folder / "runs", pretrain={"epochs": 5}, validation={"forgetting_budget": 10.0})
     path = folder / "pipeline.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -80,7 +81,7 @@ def gate_passed(runs: Path, stage: int):
 
 
 def pretraining_checkpoint(runs: Path, step: int):
-    """25 pre-training steps on the tiny config, sealed every 5."""
+    """30 pre-training steps (see write_config), sealed every 6."""
     return lambda: any((runs / "cache").glob(f"base-*/checkpoints/checkpoint-{step}/manifest.json"))
 
 
@@ -107,7 +108,7 @@ def test_a_run_killed_three_times_ends_on_the_uninterrupted_weights(tmp_path):
 
     config, log, runs = write_config(resumed_dir), resumed_dir / "run.log", resumed_dir / "runs"
     rng = random.Random(14)
-    pretrained = rng.choice([5, 10, 15])  # killed right after this pre-training checkpoint is sealed
+    pretrained = rng.choice([6, 12, 18])  # killed right after this pre-training checkpoint is sealed
     mid = rng.choice([1, 2])  # killed right after the mid-stage checkpoint of this stage (10 steps, saves at 5)
     between = rng.choice(range(mid, STAGES))  # and after this stage's gate, before the next stage starts
     run_until(config, log, pretraining_checkpoint(runs, pretrained))

@@ -77,7 +77,7 @@ def test_served_deployment_runs_with_one_changed_parameter_and_the_server_reject
         manual = wait_for(lambda: deployment(api, "it-manual"), 90, "the served deployment")
         scheduled = wait_for(lambda: deployment(api, "it-scheduled"), 60, "the scheduled deployment")  # one by one
         assert scheduled["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
-        assert "Peak learning rate of each stage." in json.dumps(manual["parameter_openapi_schema"])
+        assert "Peak learning rate of each stage" in json.dumps(manual["parameter_openapi_schema"])
         form = manual["parameters"]["config"]  # the UI form's defaults: the loaded pipeline.yaml
         assert form["schedule"]["samples_per_stage"] == 48
 

@@ -10,7 +10,7 @@ import time
 import httpx
 
 CREDENTIALS_HINT = {"MLflow tracking server": "Set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD."}
-TIMEOUT_S = 4.0  # one probe's wait for an answer
+TIMEOUT_S = 10.0  # one probe's wait for an answer (a basic-auth MLflow on loaded cores takes seconds)
 PATIENCE_S = 30.0  # a server that accepts connections but answers slowly is busy, not dead: wait this long in all
 log = logging.getLogger("mixtune")
 clock, wait = time.monotonic, time.sleep  # this module's own names, so a test can stand in for them alone
