@@ -83,13 +83,12 @@ def test_served_deployment_runs_with_one_changed_parameter_and_the_server_reject
 
         bad = copy.deepcopy(form)
         bad["train"]["learning_rate"] = -1
-        rejected = api.post(f"/deployments/{manual['id']}/create_flow_run", json={"parameters": {"config": bad}})
+        rejected = post_run(api, manual["id"], bad)
         assert rejected.status_code == 409 and "learning_rate" in rejected.text, rejected.text
 
         changed = copy.deepcopy(form)
         changed["train"]["learning_rate"] = 0.002
-        created = api.post(f"/deployments/{manual['id']}/create_flow_run", json={"parameters": {"config": changed}})
-        assert created.status_code == 201, created.text
+        created = create_run(api, manual["id"], changed)
         run_id = created.json()["id"]
         assert end_state(api, run_id) == "COMPLETED", (tmp_path / "serve.log").read_text()[-4000:]
         client = MlflowClient(f"sqlite:///{tmp_path}/runs/mlflow.db")
@@ -116,15 +115,14 @@ def test_served_deployment_runs_with_one_changed_parameter_and_the_server_reject
         long = copy.deepcopy(form)
         long["data"]["sources"] = LONG_STAGE["data"]["sources"]
         long["schedule"].update(LONG_STAGE["schedule"])
-        run_id = api.post(f"/deployments/{manual['id']}/create_flow_run", json={"parameters": {"config": long}}).json()[
-            "id"
-        ]
+        run_id = create_run(api, manual["id"], long).json()["id"]
         query = f"tags.`mixtune.flow_run_id` = '{run_id}'"
         parent = wait_for(lambda: client.search_runs([experiment], query), 180, "the long run's MLflow run")[0]
         stage = f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
         wait_for(lambda: client.search_runs([experiment], stage), 180, "its stage to start")
         assert client.get_run(parent.info.run_id).info.status == "RUNNING"  # cancelled mid-stage, not after
-        api.post(f"/flow_runs/{run_id}/set_state", json={"state": {"type": "CANCELLING"}, "force": True})
+        cancel = {"state": {"type": "CANCELLING"}, "force": True}
+        wait_for(lambda: api.post(f"/flow_runs/{run_id}/set_state", json=cancel).status_code < 300, 60, "cancelling")
         assert end_state(api, run_id) == "CANCELLED"
         ended = [client.get_run(parent.info.run_id), *client.search_runs([experiment], stage)]
         wait_for(
@@ -136,13 +134,19 @@ def test_served_deployment_runs_with_one_changed_parameter_and_the_server_reject
         stop(served)
 
 
-def create_run(api: httpx.Client, deployment_id: str, config: dict) -> httpx.Response:
-    """A flow run of the deployment; a server error (its SQLite database busy on loaded cores) is tried again."""
-    for _ in range(3):
-        created = api.post(f"/deployments/{deployment_id}/create_flow_run", json={"parameters": {"config": config}})
-        if created.status_code < 500:
-            break
+def post_run(api: httpx.Client, deployment_id: str, config: dict) -> httpx.Response:
+    """Asks for a flow run of the deployment. The server answers 503 while its SQLite database is busy (loaded
+    cores, a flow run writing its states), so a server error is asked again for up to a minute."""
+    deadline = time.monotonic() + 60
+    while True:
+        answer = api.post(f"/deployments/{deployment_id}/create_flow_run", json={"parameters": {"config": config}})
+        if answer.status_code < 500 or time.monotonic() > deadline:
+            return answer
         time.sleep(2)
+
+
+def create_run(api: httpx.Client, deployment_id: str, config: dict) -> httpx.Response:
+    created = post_run(api, deployment_id, config)
     assert created.status_code == 201, created.text
     return created
 
@@ -171,11 +175,13 @@ def request_counter():
 
 
 def end_state(api: httpx.Client, run_id: str) -> str:
-    return wait_for(
-        lambda: (s := api.get(f"/flow_runs/{run_id}").json()["state"]["type"]) in TERMINAL and s,
-        300,
-        f"flow run {run_id} to end",
-    )
+    return wait_for(lambda: (s := state_of(api, run_id)) in TERMINAL and s, 300, f"flow run {run_id} to end")
+
+
+def state_of(api: httpx.Client, run_id: str) -> str | None:
+    """The flow run's state type; None while the server answers an error (a busy database is retried)."""
+    answer = api.get(f"/flow_runs/{run_id}")
+    return answer.json()["state"]["type"] if answer.status_code == 200 else None
 
 
 def test_deploy_registers_on_a_process_work_pool(prefect_api, tmp_path):
