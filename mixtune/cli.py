@@ -33,6 +33,12 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start over: do not continue an interrupted run of the same inputs (the default continues it)",
     )
+    run.add_argument(
+        "--devices",
+        type=int,
+        metavar="N",
+        help="train each stage on N processes through torchrun (GPUs, or gloo on CPU); same as --set train.devices=N",
+    )
     check = commands.add_parser(
         "check",
         help="validate a config and read every input file, print the stage plan",
@@ -87,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     os.umask(0o077)  # databases, caches, quarantined rows and models: readable by their owner only
     args = parser().parse_args(argv)
     try:
-        config = load_config(args.config, args.overrides)
+        devices = [f"train.devices={args.devices}"] if getattr(args, "devices", None) is not None else []
+        config = load_config(args.config, [*args.overrides, *devices])
         credentials_to_environment(config, args.command)
     except ConfigError as err:
         print(f"mixtune: invalid config\n{err}", file=sys.stderr)

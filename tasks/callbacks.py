@@ -200,6 +200,8 @@ class SamplerPosition(TrainerCallback):
         self.samples_per_step = samples_per_step
 
     def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         position = {
             "manifest_sha256": self.manifest_digest,

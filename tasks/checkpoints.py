@@ -123,7 +123,16 @@ def last_good_checkpoint(checkpoints: Path, aside: Path, warn: Callable[..., Non
 
 
 class Seal(TrainerCallback):
-    """Seals each checkpoint after every other on_save callback has added its files (list it last)."""
+    """Seals each checkpoint after every other on_save callback has added its files (list it last). With several
+    processes, each writes its own RNG state into the checkpoint: the first seals it once all have."""
 
     def on_save(self, args, state, control, **kwargs):
-        seal(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+        wait_for_every_process()
+        if state.is_world_process_zero:
+            seal(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+        wait_for_every_process()
+
+
+def wait_for_every_process() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()

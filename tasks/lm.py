@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import warnings
 
 import torch
@@ -172,6 +173,15 @@ class TokenLossTrainer(Trainer):
         if self.general_limit is None or domain is None or general is None:
             return
         metrics[f"{prefix}_guarded_domain_loss"] = domain if general <= self.general_limit else math.inf
+
+
+def world_rank() -> int:
+    """This process's rank among the processes torchrun started (0 when training alone)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def use_bf16(precision: str) -> bool:

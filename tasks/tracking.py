@@ -165,6 +165,29 @@ class Tracker(Experiment):
         if self.stage_run_id is None:
             release_lock(self.parent_run_id)
 
+    def silent(self) -> SilentTracker:
+        return SilentTracker(**self.model_dump())
+
+
+class SilentTracker(Tracker):
+    """What a training process other than the first (torchrun rank > 0) holds: rank 0 alone writes to MLflow,
+    so every curve has one writer and no step is logged N times."""
+
+    def log_params(self, params: dict) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        pass
+
+    def log_artifacts(self, path, artifact_path: str | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: dict) -> None:
+        pass
+
 
 def ui_url(uri: str) -> str | None:
     """A tracking server's UI lives at its own address; a database file or folder has none to link to."""

@@ -8,10 +8,18 @@ last checkpoint, and a stage that already finished is not trained again.
 from __future__ import annotations
 
 import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+from collections import deque
 from pathlib import Path
 
 from peft import LoraConfig, PeftModel, get_peft_model
 from prefect import task
+from pydantic import BaseModel
+from torch.distributed.elastic.multiprocessing.errors import record as report_worker_errors
 from transformers import AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallback, set_seed
 
 from mixtune.core.cache import COMPLETE_MARKER, mark_complete
@@ -28,7 +36,7 @@ from tasks.callbacks import (
 )
 from tasks.checkpoints import Seal, last_good_checkpoint, problem_with, seal, set_aside
 from tasks.guard import OverfitTracker
-from tasks.lm import PackCollator, PadCollator, TokenLossTrainer, training_arguments
+from tasks.lm import PackCollator, PadCollator, TokenLossTrainer, training_arguments, world_rank, world_size
 from tasks.models import is_adapter, weights_digest
 from tasks.records import StageMix, StageTraining, TokenLosses
 from tasks.schedule import stage_shares
@@ -71,6 +79,7 @@ def stage_params(config: PipelineConfig, mix: StageMix, init_dir: str) -> dict:
         "learning_rate": stage_learning_rate(config, mix.stage),
         "epochs": t.epochs,
         "batch_size": t.batch_size,
+        "devices": t.devices,
         "lr_scheduler": t.lr_scheduler,
         "rewarm": t.rewarm,
         "eval_steps": config.validation.eval_steps,
@@ -116,7 +125,7 @@ def build_trainer(
     args = training_arguments(
         str(checkpoints),
         learning_rate=stage_learning_rate(config, stage),
-        batch_size=t.batch_size,
+        batch_size=t.batch_size // world_size(),  # the global batch is the same on any number of processes
         eval_batch_size=v.batch_size,
         seed=config.run.seed,
         precision=t.precision,
@@ -157,7 +166,7 @@ def train_stage(
     stage_dir: str,
     tracker: Tracker,
     base_general: float | None = None,
-) -> StageTraining:
+) -> StageTraining | None:
     """Train one stage into `stage_dir`, logging to the stage's run (`tracker`). Given the base model's general
     loss, the stage also stops at the first evaluation past the forgetting budget."""
     stage_dir = Path(stage_dir)
@@ -165,9 +174,11 @@ def train_stage(
     if finished(final, record, stage_dir / "set-aside"):
         run_logger().info("stage %d: finished before, reused from %s", mix.stage, final)
         return StageTraining.model_validate_json(record.read_text())
+    first = world_rank() == 0
+    tracker = tracker if first else tracker.silent()
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     progress = ProgressCallback(f"stage {mix.stage}", run_logger().info, tracker.log_metrics)
-    live = LiveProgress(f"stage {mix.stage}/{len(stage_shares(config.schedule))}")
+    live = [LiveProgress(f"stage {mix.stage}/{len(stage_shares(config.schedule))}")] if first else []
     position = SamplerPosition(mix.manifest, config.train.batch_size * config.train.gradient_accumulation_steps)
     watch = OverfitWatch(overfit_tracker(config), tracker.log_metrics)
     forgetting = forgetting_stop(config, base_general)
@@ -179,7 +190,7 @@ def train_stage(
         TokenDataset(stage_table(sft_path, mix.manifest)),
         validation_sets(sft_path),
         stage_dir / "checkpoints",
-        [progress, live, position, watch],
+        [progress, *live, position, watch],
         forgetting,
     )
     resume = last_good_checkpoint(stage_dir / "checkpoints", stage_dir / "set-aside", run_logger().warning)
@@ -195,6 +206,8 @@ def train_stage(
     tracker.log_params(stage_params(config, mix, init_dir))  # after the resume check: it names a changed mix
     tracker.log_metrics(mix_metrics(mix), step=0)
     trainer.train(resume_from_checkpoint=resume)
+    if not first:
+        return None  # the first process saves the final model and the stage record
     state = trainer.state
     result = StageTraining(
         stage=mix.stage,
@@ -297,6 +310,81 @@ def finished(final: Path, record: Path, aside: Path) -> bool:
     return False
 
 
+class StageRequest(BaseModel):
+    """A train task's arguments, handed to the processes torchrun starts."""
+
+    config: PipelineConfig
+    mix: StageMix
+    sft_path: str
+    init_dir: str
+    base_dir: str
+    stage_dir: str
+    tracker: Tracker
+    base_general: float | None = None
+
+    def train(self) -> StageTraining | None:
+        return train_stage(
+            self.config,
+            self.mix,
+            self.sft_path,
+            self.init_dir,
+            self.base_dir,
+            self.stage_dir,
+            self.tracker,
+            self.base_general,
+        )
+
+
+def train_on_devices(request: StageRequest) -> StageTraining:
+    """The stage on train.devices processes through torchrun (gloo on CPU, nccl on GPUs): each runs train_stage
+    on its share of every global batch; the first alone logs to MLflow, seals checkpoints and writes the record."""
+    stage_dir, stage = Path(request.stage_dir), request.mix.stage
+    final, record = stage_dir / "final", stage_dir / "training.json"
+    if finished(final, record, stage_dir / "set-aside"):
+        run_logger().info("stage %d: finished before, reused from %s", stage, final)
+        return StageTraining.model_validate_json(record.read_text())
+    # Damaged checkpoints are set aside here, once, before several processes look for the last good one.
+    last_good_checkpoint(stage_dir / "checkpoints", stage_dir / "set-aside", run_logger().warning)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    request_file = stage_dir / "devices-request.json"
+    request_file.write_text(request.model_dump_json())
+    devices = request.config.train.devices
+    run_logger().info("stage %d: training on %d processes (torchrun)", stage, devices)
+    command = [sys.executable, "-m", "torch.distributed.run", *rendezvous(), f"--nproc-per-node={devices}"]
+    run_workers([*command, "-m", "tasks.train", str(request_file)], f"stage {stage} on {devices} processes")
+    if not (final / COMPLETE_MARKER).is_file():
+        raise RuntimeError(f"stage {stage}: the training processes ended without saving {final}")
+    return StageTraining.model_validate_json(record.read_text())
+
+
+def rendezvous() -> list[str]:
+    """One machine by default (a free port on localhost); MIXTUNE_TORCHRUN_ARGS joins several machines, e.g.
+    "--nnodes=2 --rdzv-backend=c10d --rdzv-endpoint=host0:29400 --rdzv-id=stage" (README, "Scale out")."""
+    extra = os.environ.get("MIXTUNE_TORCHRUN_ARGS", "").strip()
+    return shlex.split(extra) if extra else ["--standalone"]
+
+
+def run_workers(command: list[str], what: str) -> None:
+    """Runs torchrun, passing its lines to the run log; a failing process fails the task with its last lines."""
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    tail: deque[str] = deque(maxlen=40)
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as workers:
+        for line in workers.stdout:
+            tail.append(line.rstrip())
+            run_logger().info("%s", line.rstrip())
+    if workers.returncode != 0:
+        lines = "\n".join(tail)
+        raise RuntimeError(f"{what}: a training process failed (torchrun exit {workers.returncode}):\n{lines}")
+
+
+@report_worker_errors
+def worker_main(request_file: str) -> None:
+    """One of the processes torchrun starts: `python -m torch.distributed.run ... -m tasks.train REQUEST`."""
+    logging.basicConfig(level=logging.INFO if world_rank() == 0 else logging.WARNING, format="%(message)s")
+    StageRequest.model_validate_json(Path(request_file).read_text()).train()
+
+
 @task(
     name="train",
     task_run_name="train stage {mix.stage} (share {mix.target_share:.2f})",
@@ -313,7 +401,17 @@ def train_task(
     tracker: Tracker,
     base_general: float | None = None,
 ) -> StageTraining:
-    result = train_stage(config, mix, sft_path, init_dir, base_dir, stage_dir, tracker, base_general)
+    request = StageRequest(
+        config=config,
+        mix=mix,
+        sft_path=sft_path,
+        init_dir=init_dir,
+        base_dir=base_dir,
+        stage_dir=stage_dir,
+        tracker=tracker,
+        base_general=base_general,
+    )
+    result = train_on_devices(request) if config.train.devices > 1 else request.train()
     run_logger().info(
         "stage %d trained: %d/%d steps, best at %s, %.0f tokens/s%s",
         result.stage,
@@ -324,3 +422,7 @@ def train_task(
         f" (stopped early: {result.stop_reason})" if result.stop_reason else "",
     )
     return result
+
+
+if __name__ == "__main__":
+    worker_main(sys.argv[1])

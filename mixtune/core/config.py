@@ -225,7 +225,16 @@ class Train(Strict):
         description="Peak learning rate of each stage; unset: by model kind (1e-3 scratch; model.path: 2e-5 full, "
         "1e-4 LoRA).",
     )
-    batch_size: int = Field(16, gt=0, description="Samples per device per step.")
+    batch_size: int = Field(
+        16, gt=0, description="Samples per optimizer step over all devices (each of N devices takes 1/N of them)."
+    )
+    devices: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="Processes that train each SFT/LoRA stage (torchrun: one per GPU; gloo processes on CPU). "
+        "The same global batch and sample order as one device.",
+    )
     gradient_accumulation_steps: int = Field(1, gt=0, description="Steps whose gradients add up to one update.")
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="Share of each stage's steps spent warming up.")
     rewarm: bool = Field(True, description="Warm the learning rate up again at every stage (else stage 1 only).")
@@ -246,6 +255,15 @@ class Train(Strict):
         "a sample; the same loss as padding, without computing on padding). False: pad to the longest.",
     )
     lora: Lora = Field(default_factory=Lora)
+
+    @model_validator(mode="after")
+    def _batch_splits_over_devices(self) -> Train:
+        if self.batch_size % self.devices:
+            raise ValueError(
+                f"batch_size {self.batch_size} does not split over devices {self.devices}: "
+                "give a batch_size that is a multiple of devices"
+            )
+        return self
 
 
 class Validation(Strict):
