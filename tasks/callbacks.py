@@ -1,5 +1,5 @@
 """Trainer callbacks: progress lines (and the same numbers to MLflow), evaluation at the last step, the
-sampler's position in every checkpoint, and the overfitting watch."""
+sampler's position in every checkpoint, the overfitting watch and the stage's peak memory."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from transformers import TrainerCallback
 
 from mixtune.core.cache import file_digest
@@ -241,3 +242,41 @@ class OverfitWatch(TrainerCallback):
             onset = self.tracker.sets["general"].onset_step
             self.stop_reason = f"general val loss rising since step {onset} while train loss falls"
             control.should_training_stop = True
+
+
+class MemoryPeak(TrainerCallback):
+    """The stage's own peak memory, logged when it ends: resident set size (`peak_rss_mb`; the process's
+    high-water mark is reset when the stage starts, where Linux allows it) and on a GPU the most memory CUDA
+    held (`cuda_max_memory_mb`)."""
+
+    def __init__(self, sink: Callable[[dict, int], None], log: Callable[[str], None]):
+        self.sink, self.log = sink, log
+        self.since_start = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        try:  # "5" resets VmHWM (Linux >= 4.0); without it the peak includes earlier stages of this process
+            Path("/proc/self/clear_refs").write_text("5")
+            self.since_start = True
+        except OSError:
+            self.since_start = False
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        metrics = {"peak_rss_mb": peak_rss_mb()}
+        if torch.cuda.is_available():
+            metrics["cuda_max_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        if state.is_world_process_zero:
+            self.sink(metrics, state.global_step)
+            scope = "this stage" if self.since_start else "the process so far"
+            self.log(f"peak memory of {scope}: " + ", ".join(f"{k} {v:,.0f}" for k, v in metrics.items()))
+
+
+def peak_rss_mb() -> float:
+    """VmHWM, not ru_maxrss: the latter cannot be reset, and keeps the peak of a parent this process forked from."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -30,6 +30,7 @@ from tasks.callbacks import (
     EvaluateEarly,
     ForgettingStop,
     LiveProgress,
+    MemoryPeak,
     OverfitWatch,
     ProgressCallback,
     SamplerPosition,
@@ -190,7 +191,7 @@ def train_stage(
         TokenDataset(stage_table(sft_path, mix.manifest)),
         validation_sets(sft_path),
         stage_dir / "checkpoints",
-        [progress, *live, position, watch],
+        [progress, *live, position, watch, MemoryPeak(tracker.log_metrics, run_logger().info)],
         forgetting,
     )
     resume = last_good_checkpoint(stage_dir / "checkpoints", stage_dir / "set-aside", run_logger().warning)
