@@ -97,7 +97,7 @@ class PackCollator:
                 positions[r, start : start + n] = torch.arange(n)
                 start += n
             positions[r, start:] = torch.arange(width - start)  # the padding tail: a segment of its own
-        tokens = torch.tensor(sum(len(b["input_ids"]) for b in batch))
+        tokens = sum(len(b["input_ids"]) for b in batch)  # an int: counting it needs no device round trip
         # A cache would switch transformers' packed-sequence detection off (masking_utils).
         return {"input_ids": ids, "labels": labels, "position_ids": positions, "use_cache": False, TOKENS: tokens}
 
@@ -168,6 +168,9 @@ class TokenLossTrainer(Trainer):
     def _track_num_input_tokens(self, inputs):
         if TOKENS not in inputs:
             return super()._track_num_input_tokens(inputs)
+        if self.accelerator.num_processes == 1:  # no host-device sync per step on a GPU
+            self.state.num_input_tokens_seen += int(inputs[TOKENS])
+            return
         tokens = torch.as_tensor(inputs[TOKENS], device=self.args.device, dtype=torch.int64)
         self.state.num_input_tokens_seen += self.accelerator.gather(tokens).sum().item()
 
