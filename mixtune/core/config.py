@@ -22,11 +22,45 @@ Format = Literal["auto", "minimind", "openai", "sharegpt", "alpaca", "text"]
 
 
 def form_schema(schema: dict) -> None:
-    """The Prefect form reads this schema: every field gets a title (a nullable sub-model had none, and showed as
-    "Field (Optional)"). Nullable fields keep their `anyOf [type, null]`: the v1 form draws no input at all for a
-    `type: [string, null]` list, and the server validates run parameters against this schema."""
+    """The Prefect form reads this schema, and the Prefect server validates run parameters against it.
+
+    Every field gets a title (a nullable sub-model had none, and showed as "Field (Optional)"). A nullable
+    scalar is written as its type alone, without a default: the form offers one empty input instead of a
+    type switch on which "None" reads 'Property is type "None"'. Null stays valid where it was: for a
+    property without a default, the server's schema preprocessing adds the null alternative back before it
+    validates (an enum lists null itself, since an enum is checked apart from the type)."""
     for name, prop in schema.get("properties", {}).items():
         prop.setdefault("title", name.replace("_", " ").capitalize())
+        alternatives = prop.get("anyOf", [])
+        if len(alternatives) != 2 or {"type": "null"} not in alternatives:
+            continue
+        [kept] = [a for a in alternatives if a != {"type": "null"}]
+        prop.pop("default", None)  # a default of null would pick the "None" alternative in the form again
+        if "type" in kept:  # a sub-model ($ref) keeps its anyOf: the server adds no null to a $ref
+            del prop["anyOf"]
+            prop.update(kept)
+            if "enum" in prop:
+                prop["enum"] = [*prop["enum"], None]
+
+
+def form_values(config: PipelineConfig) -> dict:
+    """The config as the form's initial values: public_dump without the fields left unset (None where None is
+    the default), which the flow's validation restores; a null there would show the form's "None" switch."""
+
+    def strip(model: BaseModel, dumped: dict) -> dict:
+        kept = {}
+        for name, value in dumped.items():
+            field, attribute = type(model).model_fields[name], getattr(model, name)
+            if value is None and field.default is None:
+                continue
+            if isinstance(attribute, BaseModel):
+                value = strip(attribute, value)
+            elif isinstance(attribute, list) and attribute and isinstance(attribute[0], BaseModel):
+                value = [strip(item, item_dump) for item, item_dump in zip(attribute, value)]
+            kept[name] = value
+        return kept
+
+    return strip(config, config.public_dump())
 
 
 # Learning rates when the config gives none. A scratch preset is tiny and starts from random weights: it
@@ -137,7 +171,7 @@ class Model(Strict):
     """The base model: a local HF folder, or a preset built from scratch with its own tokenizer."""
 
     preset: Literal["tiny", "small", "minimind2-small"] | None = Field(
-        "tiny", description="Build a model from scratch with these shapes (ignored when path is set)."
+        "tiny", description="Build a model from scratch with these shapes (default tiny; ignored when path is set)."
     )
     path: str | None = Field(None, description="A local Hugging Face model folder (loaded offline).")
     vocab_size: int | None = Field(
