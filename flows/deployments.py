@@ -2,13 +2,13 @@
 the config's cron. Their default parameters are the loaded config, so the Prefect UI shows the pipeline.yaml
 values in a form built from the schema (field descriptions included), and the server rejects a bad value.
 
-The manual deployment's form opens on what a run changes (data, schedule, train, validation); the other
-sections start collapsed, each as one JSON box that the field's menu turns back into a form."""
+The form opens on what a run changes (data, schedule, train, validation); the other sections follow, titled
+"More: ...". The v1 form cannot fold an object, and a value of the form's JSON kind (a folded box) is refused
+in a deployment's own parameters, which the server checks against the schema before hydrating them."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from pathlib import Path
 
@@ -20,31 +20,19 @@ from prefect.exceptions import ObjectAlreadyExists
 from prefect.schedules import Cron
 
 from flows.finetune import finetune
-from mixtune.core.config import FORM_MORE, PipelineConfig, form_values
+from mixtune.core.config import PipelineConfig, form_values
 from mixtune.core.policy import ServedPolicy
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 ENTRYPOINT = "flows/finetune.py:finetune"
 
 
-def collapsed_form(config: PipelineConfig) -> dict:
-    """The manual run form's values: Prefect's form shows a value of kind "json" as a JSON box, and the server
-    parses it back (hydration) before it validates and creates the run."""
-    values = form_values(config)
-    for name in FORM_MORE:
-        if isinstance(values.get(name), dict):
-            values[name] = {"__prefect_kind": "json", "value": json.dumps(values[name], indent=2)}
-    return values
-
-
 def deployment_specs(config: PipelineConfig) -> list[dict]:
-    # The scheduler passes a deployment's parameters to its runs unhydrated: the scheduled one keeps plain values.
-    common = {"parameters": {"config": config.public_dump()}, "tags": ["mixtune", config.run.name]}
+    common = {"parameters": {"config": form_values(config)}, "tags": ["mixtune", config.run.name]}
     specs = [
         {
             "name": f"{config.deploy.name}-manual",
             **common,
-            "parameters": {"config": collapsed_form(config)},
             "description": "Run the pipeline now: change any field of the form, or none.",
         }
     ]

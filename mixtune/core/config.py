@@ -25,19 +25,20 @@ def form_schema(schema: dict) -> None:
     """The Prefect form reads this schema, and the Prefect server validates run parameters against it.
 
     Every field gets a title (a nullable sub-model had none, and showed as "Field (Optional)"). A nullable
-    scalar is written as its type alone, without a default: the form offers one empty input instead of a
-    type switch on which "None" reads 'Property is type "None"'. Null stays valid where it was: for a
-    property without a default, the server's schema preprocessing adds the null alternative back before it
-    validates (an enum lists null itself, since an enum is checked apart from the type)."""
+    scalar that is unset by default is written as its type alone, without the default: the form offers one
+    empty input instead of a type switch on which "None" reads 'Property is type "None"', and the form's
+    values leave such fields out (form_values). A run may still send null: for a property without a default,
+    the server's schema preprocessing adds the null alternative back before it validates a run (an enum
+    lists null itself, being checked apart from the type). A deployment's own parameters are checked without
+    that preprocessing, so a field whose default is a value keeps its anyOf: its null must stay valid there."""
     for name, prop in schema.get("properties", {}).items():
         prop.setdefault("title", name.replace("_", " ").capitalize())
         alternatives = prop.get("anyOf", [])
-        if len(alternatives) != 2 or {"type": "null"} not in alternatives:
+        if len(alternatives) != 2 or {"type": "null"} not in alternatives or prop.get("default", 0) is not None:
             continue
         [kept] = [a for a in alternatives if a != {"type": "null"}]
-        prop.pop("default", None)  # a default of null would pick the "None" alternative in the form again
         if "type" in kept:  # a sub-model ($ref) keeps its anyOf: the server adds no null to a $ref
-            del prop["anyOf"]
+            del prop["anyOf"], prop["default"]
             prop.update(kept)
             if "enum" in prop:
                 prop["enum"] = [*prop["enum"], None]
@@ -171,7 +172,7 @@ class Model(Strict):
     """The base model: a local HF folder, or a preset built from scratch with its own tokenizer."""
 
     preset: Literal["tiny", "small", "minimind2-small"] | None = Field(
-        "tiny", description="Build a model from scratch with these shapes (default tiny; ignored when path is set)."
+        "tiny", description="Build a model from scratch with these shapes (ignored when path is set)."
     )
     path: str | None = Field(None, description="A local Hugging Face model folder (loaded offline).")
     vocab_size: int | None = Field(
