@@ -1,6 +1,10 @@
 """The finetune flow as Prefect deployments: `<name>-manual` for UI and API triggers, `<name>-scheduled` on
 the config's cron. Their default parameters are the loaded config, so the Prefect UI shows the pipeline.yaml
-values in a form built from the schema (field descriptions included), and the server rejects a bad value."""
+values in a form built from the schema (field descriptions included), and the server rejects a bad value.
+
+The form opens on what a run changes (data, schedule, train, validation); the other sections follow, titled
+"More: ...". The v1 form cannot fold an object, and a value of the form's JSON kind (a folded box) is refused
+in a deployment's own parameters, which the server checks against the schema before hydrating them."""
 
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from prefect.exceptions import ObjectAlreadyExists
 from prefect.schedules import Cron
 
 from flows.finetune import finetune
-from mixtune.core.config import PipelineConfig
+from mixtune.core.config import PipelineConfig, form_values
 from mixtune.core.policy import ServedPolicy
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +28,7 @@ ENTRYPOINT = "flows/finetune.py:finetune"
 
 
 def deployment_specs(config: PipelineConfig) -> list[dict]:
-    common = {"parameters": {"config": config.public_dump()}, "tags": ["mixtune", config.run.name]}
+    common = {"parameters": {"config": form_values(config)}, "tags": ["mixtune", config.run.name]}
     specs = [
         {
             "name": f"{config.deploy.name}-manual",

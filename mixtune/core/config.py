@@ -22,11 +22,46 @@ Format = Literal["auto", "minimind", "openai", "sharegpt", "alpaca", "text"]
 
 
 def form_schema(schema: dict) -> None:
-    """The Prefect form reads this schema: every field gets a title (a nullable sub-model had none, and showed as
-    "Field (Optional)"). Nullable fields keep their `anyOf [type, null]`: the v1 form draws no input at all for a
-    `type: [string, null]` list, and the server validates run parameters against this schema."""
+    """The Prefect form reads this schema, and the Prefect server validates run parameters against it.
+
+    Every field gets a title (a nullable sub-model had none, and showed as "Field (Optional)"). A nullable
+    scalar that is unset by default is written as its type alone, without the default: the form offers one
+    empty input instead of a type switch on which "None" reads 'Property is type "None"', and the form's
+    values leave such fields out (form_values). A run may still send null: for a property without a default,
+    the server's schema preprocessing adds the null alternative back before it validates a run (an enum
+    lists null itself, being checked apart from the type). A deployment's own parameters are checked without
+    that preprocessing, so a field whose default is a value keeps its anyOf: its null must stay valid there."""
     for name, prop in schema.get("properties", {}).items():
         prop.setdefault("title", name.replace("_", " ").capitalize())
+        alternatives = prop.get("anyOf", [])
+        if len(alternatives) != 2 or {"type": "null"} not in alternatives or prop.get("default", 0) is not None:
+            continue
+        [kept] = [a for a in alternatives if a != {"type": "null"}]
+        if "type" in kept:  # a sub-model ($ref) keeps its anyOf: the server adds no null to a $ref
+            del prop["anyOf"], prop["default"]
+            prop.update(kept)
+            if "enum" in prop:
+                prop["enum"] = [*prop["enum"], None]
+
+
+def form_values(config: PipelineConfig) -> dict:
+    """The config as the form's initial values: public_dump without the fields left unset (None where None is
+    the default), which the flow's validation restores; a null there would show the form's "None" switch."""
+
+    def strip(model: BaseModel, dumped: dict) -> dict:
+        kept = {}
+        for name, value in dumped.items():
+            field, attribute = type(model).model_fields[name], getattr(model, name)
+            if value is None and field.default is None:
+                continue
+            if isinstance(attribute, BaseModel):
+                value = strip(attribute, value)
+            elif isinstance(attribute, list) and attribute and isinstance(attribute[0], BaseModel):
+                value = [strip(item, item_dump) for item, item_dump in zip(attribute, value)]
+            kept[name] = value
+        return kept
+
+    return strip(config, config.public_dump())
 
 
 # Learning rates when the config gives none. A scratch preset is tiny and starts from random weights: it

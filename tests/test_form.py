@@ -1,0 +1,110 @@
+"""The Prefect run form, checked on what the server stores: the manual deployment's parameter schema and its
+default values, validated the way the server validates a run (hydration, then its schema preprocessing)."""
+
+import copy
+import json
+
+import pytest
+from prefect._internal.schemas.validators import validate_values_conform_to_schema
+from prefect.utilities.schema_tools.hydration import HydrationContext, hydrate
+from prefect.utilities.schema_tools.validation import ValidationError, validate
+
+from flows.deployments import deployment_specs
+from flows.finetune import finetune
+from mixtune.core.config import FORM_FIRST, FORM_MORE, PipelineConfig
+from tests.conftest import tiny_config
+
+
+def manual_deployment(tmp_path, **sections):
+    config = tiny_config(tmp_path, deploy={"name": "form", "cron": "0 3 * * *"}, **sections)
+    [manual, scheduled] = [finetune.to_deployment(**spec) for spec in deployment_specs(config)]
+    schema = manual._parameter_openapi_schema.model_dump_for_openapi()
+    return config, schema, manual.parameters, scheduled.parameters
+
+
+def properties(schema: dict):
+    """(where, name, property) of every property of the schema and of each sub-model it refers to."""
+    for where, node in [("parameters", schema), *schema["definitions"].items()]:
+        for name, prop in node.get("properties", {}).items():
+            yield where, name, prop
+
+
+def server_accepts(schema: dict, parameters: dict) -> None:
+    validate(hydrate(parameters, HydrationContext(raise_on_error=True)), schema, raise_on_error=True)
+
+
+def test_every_field_has_a_title_and_only_two_offer_a_none_alternative(tmp_path):
+    _, schema, _, _ = manual_deployment(tmp_path)
+    untitled = [f"{where}.{name}" for where, name, prop in properties(schema) if not prop.get("title")]
+    assert untitled == []
+    nullable = {
+        f"{where}.{name}" for where, name, prop in properties(schema) if {"type": "null"} in prop.get("anyOf", [])
+    }
+    # A sub-model may be absent, and a preset may be unset when model.path is given: both shown on another tab.
+    assert nullable == {"Source.columns", "Model.preset"}
+    assert "Field (Optional)" not in json.dumps(schema)
+    model = schema["definitions"]["Model"]["properties"]
+    assert model["path"]["type"] == "string" and "default" not in model["path"]
+    assert schema["definitions"]["Source"]["properties"]["synthetic"]["enum"] == ["general", "domain", None]
+
+
+def test_the_form_opens_on_per_run_sections_and_titles_the_rest_more(tmp_path):
+    _, schema, manual, scheduled = manual_deployment(tmp_path)
+    sections = schema["definitions"]["PipelineConfig"]["properties"]
+    assert list(sections)[: len(FORM_FIRST)] == list(FORM_FIRST)
+    assert all(sections[name]["title"].startswith("More: ") for name in FORM_MORE)
+    form = manual["config"]
+    # Unset fields are left out, so the form shows no null values; the flow restores their defaults.
+    assert "path" not in form["data"]["sources"][0] and "columns" not in form["data"]["sources"][0]
+    assert "learning_rate" not in form["train"] and "tracking_uri" not in form["tracking"]
+    assert scheduled == manual
+
+
+def test_the_server_registers_the_deployment_with_these_values(tmp_path):
+    """What the server checks when `mixtune serve` registers it: its own parameters, unhydrated."""
+    _, schema, manual, _ = manual_deployment(tmp_path)
+    validate_values_conform_to_schema(manual, schema, ignore_required=True)
+
+
+def test_the_server_accepts_the_form_as_it_opens_and_the_flow_reads_the_same_config(tmp_path):
+    config, schema, manual, _ = manual_deployment(tmp_path, train={"learning_rate": 0.002})
+    server_accepts(schema, manual)
+    hydrated = hydrate(manual, HydrationContext(raise_on_error=True))["config"]
+    assert PipelineConfig.model_validate(hydrated) == config
+
+
+@pytest.mark.parametrize(
+    ("section", "field", "value"),
+    [
+        ("train", "learning_rate", None),
+        ("model", "preset", None),
+        ("model", "path", None),
+        ("tracking", "tracking_uri", None),
+        ("schedule", "shares", None),
+        ("pretrain", "enabled", None),
+    ],
+)
+def test_an_explicit_null_still_passes_the_server(tmp_path, section, field, value):
+    config, schema, _, _ = manual_deployment(tmp_path)
+    plain = config.public_dump()
+    plain[section][field] = value
+    plain["data"]["sources"][0]["columns"] = None
+    server_accepts(schema, {"config": plain})
+
+
+@pytest.mark.parametrize(
+    ("section", "field", "value"),
+    [
+        ("train", "learning_rate", -1),
+        ("model", "preset", "huge"),
+        ("registry", "model_name", "has spaces"),
+        ("schedule", "shares", [1.5]),
+    ],
+)
+def test_the_server_still_refuses_a_bad_value_naming_the_field(tmp_path, section, field, value):
+    config, schema, manual, _ = manual_deployment(tmp_path)
+    bad = copy.deepcopy(manual)
+    hydrated = hydrate(bad, HydrationContext(raise_on_error=True))
+    hydrated["config"][section][field] = value
+    with pytest.raises(ValidationError, match=field):
+        server_accepts(schema, hydrated)
