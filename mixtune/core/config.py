@@ -277,7 +277,12 @@ class Validation(Strict):
     general_min_delta: float = Field(
         0.02, ge=0.0, description="Smallest general loss rise over its best that counts (absolute, in nats)."
     )
-    batch_size: int = Field(32, gt=0, description="Samples per validation forward pass.")
+    batch_size: int = Field(32, gt=0, description="Samples per validation forward pass (and probe prompts per batch).")
+    probe_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="Seconds one model may spend answering all probe prompts; an answer cut short is marked so.",
+    )
 
 
 class Tracking(Strict):
