@@ -31,7 +31,9 @@ def form_schema(schema: dict) -> None:
 
 # Learning rates when the config gives none. A scratch preset is tiny and starts from random weights: it
 # learns fast at high rates. A pretrained model forgets at those rates (full SFT of a 135M model at 1e-3
-# drifted +14.7% on general loss in 4 steps), so it gets the rates its usual recipes use.
+# drifted +14.7% on general loss in 4 steps), so it gets the rates its usual recipes use. The three defaults
+# cited below were checked against the sources: trl/trainer/sft_config.py (learning_rate 2e-5, overriding
+# TrainingArguments' 5e-5), MiniMind's trainer/train_lora.py (--learning_rate 1e-4) and transformers 5.24.
 SCRATCH_LR, SCRATCH_PRETRAIN_LR = 1e-3, 3e-3
 PRETRAINED_FULL_LR, PRETRAINED_LORA_LR, PRETRAINED_PRETRAIN_LR = 2e-5, 1e-4, 5e-5
 LR_SOURCES = {
