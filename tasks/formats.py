@@ -16,13 +16,16 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
 
 
 class RowError(ValueError):
-    def __init__(self, reason: str, message: str, field: str | None = None):
+    """`raw`: what a reader kept of a row it refused before parsing it into a record, for the quarantine."""
+
+    def __init__(self, reason: str, message: str, field: str | None = None, raw: object = None):
         super().__init__(message)
         self.reason = reason
         self.field = field
+        self.raw = raw
 
     def __reduce__(self):  # a worker process hands rejected rows back pickled
-        return RowError, (self.reason, self.args[0], self.field)
+        return RowError, (self.reason, self.args[0], self.field, self.raw)
 
 
 def detect_format(row: object) -> str:
@@ -115,21 +118,28 @@ class TemplateFields(dict):
 
 
 def mapped_turns(row: dict, mapping: dict) -> list[dict[str, str]]:
+    """A flat record's turns, each checked here against the source's own field that fed it: an empty answer
+    is `answer (turn[1].content)`, the key a person finds in the file, not only the turn it became."""
     if mapping.get("prompt_template"):
         try:
             prompt = mapping["prompt_template"].format_map(TemplateFields(row))
         except KeyError as err:
             raise RowError("missing_field", f"prompt_template needs field {err}", str(err.args[0])) from None
+        origins = [("user", prompt, "prompt_template")]
     else:
-        prompt = field_text(row, mapping["prompt"])
-    turns = [
-        {"role": "user", "content": prompt},
-        {"role": "assistant", "content": field_text(row, mapping["response"])},
-    ]
-    system = field_text(row, mapping["system"]) if mapping.get("system") else mapping.get("system_prompt")
-    if system:
-        turns.insert(0, {"role": "system", "content": system})
-    return turns
+        origins = [("user", field_text(row, mapping["prompt"]), mapping["prompt"])]
+    origins.append(("assistant", field_text(row, mapping["response"]), mapping["response"]))
+    own = field_text(row, mapping["system"]) if mapping.get("system") else ""
+    if own and not own.isspace():
+        origins.insert(0, ("system", own, mapping["system"]))
+    elif mapping.get("system_prompt"):  # the source's fixed system turn, where the row brings none
+        origins.insert(0, ("system", mapping["system_prompt"], "system_prompt"))
+    for i, (role, content, origin) in enumerate(origins):
+        field = f"{origin} (turn[{i}].content)"
+        if not content or content.isspace():
+            raise RowError("empty_content", f"field '{origin}' is empty (turn {i}, {role})", field)
+        check_characters(content, field)
+    return [{"role": role, "content": content} for role, content, _ in origins]
 
 
 def to_text(row: object, fmt: str, field: str = "text") -> str:

@@ -32,8 +32,10 @@ from tasks.readers import (
     chunks,
     has_utf8_bom,
     layout,
+    location_unit,
     normalise_chunk,
     ordered_map,
+    where,
 )
 from tasks.records import IngestResult
 from tasks.synthetic import write_synthetic
@@ -64,7 +66,8 @@ def resolve_source_path(source: Source, config: PipelineConfig) -> Path:
 
 def worker_spec(source: Source, config: PipelineConfig, path: Path) -> dict:
     """What a worker process needs to normalise rows: plain data only."""
-    mapping = source.columns.model_dump() if source.columns else None
+    # A mapped row's turns are numbered as trained: the source's system turn is part of its mapping.
+    mapping = {**source.columns.model_dump(), "system_prompt": source.system_prompt} if source.columns else None
     return {
         "file": str(path),
         "role": source.role,
@@ -76,6 +79,7 @@ def worker_spec(source: Source, config: PipelineConfig, path: Path) -> dict:
         "dedupe": config.data.dedupe,
         "seed": config.run.seed,
         "max_row_bytes": config.data.max_row_bytes,
+        "unit": location_unit(path),
     }
 
 
@@ -139,7 +143,8 @@ class SourceReader:
         for accepted, rejected in ordered_map(work, rows, parallel):
             self.rows_read += accepted.num_rows + len(rejected)
             self.formats.update(accepted.column("format").to_pylist())
-            self.source_rows += len({*accepted.column("line").to_pylist(), *(r["line"] for r in rejected)})
+            numbers = {*accepted.column("line").to_pylist(), *(r[spec["unit"]] for r in rejected)}
+            self.source_rows += len(numbers)
             self.quarantine(rejected, quarantine)
             kept = self.deduplicate(accepted)
             if kept.num_rows:
@@ -203,7 +208,7 @@ class SourceReader:
             raise IngestError(f"{self.path}: holds no rows")
         if self.accepted + self.duplicates + self.near_duplicates == 0:
             first = self.first_rejection
-            raise IngestError(f"{self.path}: no row in a usable format; line {first['line']}: {first['message']}")
+            raise IngestError(f"{self.path}: no row in a usable format; {where(first)}: {first['message']}")
         limit = self.config.data.max_quarantine_fraction
         if quarantined > limit * self.rows_read:
             top = ", ".join(f"{r} {n}" for r, n in self.reasons.most_common(3))

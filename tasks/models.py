@@ -20,8 +20,9 @@ def is_adapter(folder: str) -> bool:
 
 
 def weights_digest(model_dir: str) -> str:
-    """What a saved model is, for "is this still the model that was evaluated?": its safetensors files."""
-    files = sorted(Path(model_dir).glob("*.safetensors"))
+    """What a saved model is, for "is this still the model that was evaluated?": its weight files (a user's
+    model may hold PyTorch .bin files instead of safetensors)."""
+    files = sorted([*Path(model_dir).glob("*.safetensors"), *Path(model_dir).glob("*.bin")])
     return ",".join(f"{f.name}:{file_digest(f)}" for f in files)
 
 

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pandas as pd
 import torch
 from transformers import AutoTokenizer
 
 from tasks.models import load_model
+
+PROBE_TOKENS = 48
 
 
 def probe_prompts(sft_path: str, samples_path: str, per_set: int) -> list[dict]:
@@ -28,24 +33,68 @@ def probe_prompts(sft_path: str, samples_path: str, per_set: int) -> list[dict]:
 
 
 @torch.no_grad()
-def answer_probes(model_dir: str, base_dir: str, probes: list[dict], max_new_tokens: int = 48) -> list[dict]:
+def answer_probes(
+    model_dir: str,
+    base_dir: str,
+    probes: list[dict],
+    batch_size: int = 8,
+    time_bound_s: float | None = None,
+    max_new_tokens: int = PROBE_TOKENS,
+) -> list[dict]:
+    """Greedy answers, a batch of prompts at a time, all within one time bound: a real model's probes once took
+    minutes. An answer the bound cut short (or never began) is marked `cut`, so its file can say so."""
     model, tokenizer = load_model(model_dir, base_dir), AutoTokenizer.from_pretrained(base_dir)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
     model.eval()
+    deadline = None if time_bound_s is None else time.monotonic() + time_bound_s
     answers = []
-    for probe in probes:
-        ids = tokenizer.apply_chat_template(
-            probe["prompt"], add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
+    for start in range(0, len(probes), batch_size):
+        batch = probes[start : start + batch_size]
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            answers += [{**probe, "answer": "", "cut": True} for probe in batch]
+            continue
+        replies = generate_answers(model, tokenizer, [probe["prompt"] for probe in batch], max_new_tokens, left)
+        answers += [{**probe, **reply} for probe, reply in zip(batch, replies)]
+    return answers
+
+
+@contextmanager
+def left_padded(tokenizer) -> Iterator[int]:
+    """Padding on the left while generating, so each prompt ends where its answer begins; a tokenizer without a
+    pad token pads with EOS (masked out either way). The tokenizer is left as it was found."""
+    side, pad = tokenizer.padding_side, tokenizer.pad_token
+    tokenizer.padding_side = "left"
+    tokenizer.pad_token = pad if pad is not None else tokenizer.eos_token
+    try:
+        yield tokenizer.pad_token_id
+    finally:
+        tokenizer.padding_side, tokenizer.pad_token = side, pad
+
+
+def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, max_time: float | None):
+    with left_padded(tokenizer) as pad_id:
+        texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
+        inputs = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(model.device)
         out = model.generate(
-            **ids,
+            **inputs,
             max_new_tokens=max_new_tokens,
+            max_time=max_time,
             do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
+            pad_token_id=pad_id,
             eos_token_id=tokenizer.eos_token_id,
         )
-        answer = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-        answers.append({**probe, "answer": answer})
-    return answers
+    new = out[:, inputs["input_ids"].shape[1] :]
+    # Every row has the batch's length: shorter than max_new_tokens with no EOS means the clock stopped it.
+    stopped_by_clock = new.shape[1] < max_new_tokens
+    return [
+        {
+            "answer": tokenizer.decode(row, skip_special_tokens=True).strip(),
+            "cut": stopped_by_clock and not (row == tokenizer.eos_token_id).any().item(),
+        }
+        for row in new
+    ]
 
 
 def format_probes(title: str, answers: list[dict]) -> str:
@@ -54,7 +103,7 @@ def format_probes(title: str, answers: list[dict]) -> str:
         lines += [
             f"## {a['set']}: {a['prompt'][-1]['content']}",
             f"- reference: {a['reference']}",
-            f"- model: {a['answer']}",
+            f"- model: {a['answer']}" + (" *[cut short: validation.probe_timeout_s ran out]*" if a.get("cut") else ""),
             "",
         ]
     return "\n".join(lines)

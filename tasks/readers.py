@@ -1,8 +1,8 @@
 """Sources read in bounded chunks, and rows turned into samples, in parallel where a file is large.
 
 A chunk is a list of (location, row): location is the 1-based line (JSONL, text) or record number (JSON,
-CSV, Parquet); row is raw bytes (JSONL: parsed in the worker), a parsed record, a text document, or a
-RowError. Memory stays bounded by the chunks in flight, not by the file.
+CSV, Parquet), and a rejected row names it as such; row is raw bytes (JSONL: parsed in the worker), a parsed
+record, a text document, or a RowError. Memory stays bounded by the chunks in flight, not by the file.
 """
 
 from __future__ import annotations
@@ -92,6 +92,18 @@ def layout(path: Path) -> str:
     if path.suffix == ".json" and looks_like_jsonl(path):
         return "jsonl (named .json)"
     return {".jsonl": "jsonl", ".json": "json list", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}[path.suffix]
+
+
+def location_unit(path: Path) -> str:
+    """What a row's number counts: lines of a JSONL or text file; records of a JSON list, a CSV file (a quoted
+    cell may span lines) or a Parquet file, where a line number would say "line 1" for every row."""
+    return "line" if path.suffix == ".txt" or layout(path).startswith("jsonl") else "record"
+
+
+def where(rejection: dict) -> str:
+    """A rejected row's place in its file, as a person would look for it: "line 8" or "record 3"."""
+    unit = "line" if "line" in rejection else "record"
+    return f"{unit} {rejection[unit]}"
 
 
 def looks_like_jsonl(path: Path) -> bool:
@@ -201,9 +213,11 @@ def csv_records(path: Path, max_row_bytes: int) -> Iterator[tuple[int, object]]:
 
 def csv_row(row: dict, width: int) -> dict | RowError:
     if None in row:
-        return RowError("bad_csv_row", f"{len(row[None])} more cell(s) than the header's {width}")
+        cells = [v for k, v in row.items() if k is not None] + row[None]
+        return RowError("bad_csv_row", f"{len(row[None])} more cell(s) than the header's {width}", raw=cells)
     if any(value is not None and SURROGATE.search(value) for value in row.values()):
-        return RowError("invalid_utf8", "cell is not valid UTF-8")
+        readable = {k: v.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for k, v in row.items() if v}
+        return RowError("invalid_utf8", "cell is not valid UTF-8", raw=readable)
     return row
 
 
@@ -313,7 +327,7 @@ def exploded(row: object, spec: dict) -> list[object]:
 
 
 def accept_row(location: int, row: object, spec: dict, columns: dict, rejected: list[dict], raw: object) -> None:
-    """`raw` is what the file held: a line that did not parse is quarantined as itself, not as the error."""
+    """`raw` is what the file held: a rejected row is quarantined as itself, never as its error message."""
     try:
         if isinstance(row, RowError):
             raise row
@@ -322,11 +336,11 @@ def accept_row(location: int, row: object, spec: dict, columns: dict, rejected: 
         rejected.append(
             {
                 "file": spec["file"],
-                "line": location,
+                spec["unit"]: location,
                 "reason": err.reason,
                 "field": err.field,
                 "message": err.args[0],
-                "row": preview(raw if isinstance(row, RowError) and isinstance(raw, bytes) else row),
+                "row": preview(as_read(raw, row)),
             }
         )
         return
@@ -334,6 +348,14 @@ def accept_row(location: int, row: object, spec: dict, columns: dict, rejected: 
         columns[name].append(value)
     columns["split_hash"].append(split_hash(spec["seed"], values[3]))
     columns["format"].append(row_format(row, spec))
+
+
+def as_read(raw: object, row: object) -> object:
+    """The row as the file held it: the line or record read, or what a reader kept of a row it refused (a
+    CSV row's cells; nothing of a row too large to keep). The reason and message have fields of their own."""
+    if isinstance(raw, RowError):
+        return raw.raw
+    return raw if isinstance(row, RowError) else row
 
 
 def text_bytes(row: object) -> int:
@@ -383,9 +405,9 @@ def sample_keys(body: str, dedupe: str) -> tuple[str, str | None]:
     return sample_key(body, "exact"), sample_key(body, "normalized") if dedupe == "normalized" else None
 
 
-def preview(row: object, limit: int = 500) -> str:
-    if isinstance(row, RowError):
-        return row.args[0][:limit]
+def preview(row: object, limit: int = 500) -> str | None:
+    if row is None:
+        return None
     if isinstance(row, bytes):
         return row[:limit].decode("utf-8", errors="replace")
     return json.dumps(row, ensure_ascii=False, default=str)[:limit]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -50,3 +51,15 @@ def domain_val_digest(sft_path: str) -> str:
     rows = pq.read_table(sft_path, columns=["source"], filters=[("split", "==", "val"), ("tag", "==", "domain")])
     names = sorted({Path(source).name for source in rows.column("source").to_pylist()})
     return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+
+
+def validation_digest(sft_path: str) -> str:
+    """What the validation sets are, token for token: a loss measured on them holds while this does. Rows by
+    id, so the same sets read in another order are the same sets."""
+    val = pq.read_table(
+        sft_path, columns=["sample_id", "tag", "input_ids", "labels"], filters=[("split", "==", "val")]
+    ).sort_by("sample_id")
+    digest = hashlib.sha256()
+    for batch in val.to_batches(max_chunksize=1024):
+        digest.update(json.dumps(batch.to_pydict(), separators=(",", ":")).encode())
+    return digest.hexdigest()[:20]

@@ -3,24 +3,52 @@ their answers to the fixed probe prompts, recorded in MLflow."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import task
 
+from mixtune.core.cache import Entry, building, entry_dir, fingerprint, mark_complete
 from mixtune.core.config import PipelineConfig
 from mixtune.core.logs import run_logger
 from tasks.models import evaluate, weights_digest
-from tasks.probes import answer_probes, format_probes
+from tasks.probes import PROBE_TOKENS, answer_probes, format_probes
 from tasks.records import StageTraining, TokenLosses
+from tasks.tables import validation_digest
 from tasks.tracking import Tracker
+
+BASELINE_VERSION = 1
 
 
 def validate_base(
     config: PipelineConfig, base_dir: str, sft_path: str, probes: list[dict], tracker: Tracker
 ) -> TokenLosses:
-    losses = evaluate(base_dir, base_dir, sft_path, config.validation.batch_size)
+    """The base model's losses and probe answers, measured once per (base weights, validation sets, probes):
+    a rerun on the same ones reads them from the cache, and logs them to its own run all the same."""
+    folder = entry_dir(config.run.output_dir, Entry.BASELINE, baseline_key(config, base_dir, sft_path, probes))
+    with building(folder) as build:
+        if build:
+            measure_base(config, base_dir, sft_path, probes, folder)
+        else:
+            run_logger().info("base model: losses and probe answers reused from %s (same weights and sets)", folder)
+    losses = TokenLosses.model_validate_json((folder / "losses.json").read_text())
     tracker.log_metrics({"base_domain_val_loss": losses.domain, "base_general_val_loss": losses.general}, step=0)
-    text = format_probes("Base model", answer_probes(base_dir, base_dir, probes))
-    tracker.log_text(text, "probes/stage-0-base.md")
+    tracker.log_text((folder / "probes.md").read_text(), "probes/stage-0-base.md")
     return losses
+
+
+def baseline_key(config: PipelineConfig, base_dir: str, sft_path: str, probes: list[dict]) -> str:
+    """The weights' and the sets' content, not their paths: the same base model saved elsewhere, or the same
+    validation rows re-tokenised into another cache entry, is the same baseline."""
+    generation = (PROBE_TOKENS, config.validation.probe_timeout_s)
+    return fingerprint(BASELINE_VERSION, weights_digest(base_dir), validation_digest(sft_path), probes, generation)
+
+
+def measure_base(config: PipelineConfig, base_dir: str, sft_path: str, probes: list[dict], folder: Path) -> None:
+    losses = evaluate(base_dir, base_dir, sft_path, config.validation.batch_size)
+    answers = answer_probes(base_dir, base_dir, probes, config.validation.batch_size, config.validation.probe_timeout_s)
+    (folder / "losses.json").write_text(losses.model_dump_json())
+    (folder / "probes.md").write_text(format_probes("Base model", answers))
+    mark_complete(folder)
 
 
 def validate_stage(
@@ -37,7 +65,10 @@ def validate_stage(
         },
         step=trained.global_step,
     )
-    text = format_probes(f"Stage {trained.stage}", answer_probes(trained.model_dir, base_dir, probes))
+    answers = answer_probes(
+        trained.model_dir, base_dir, probes, config.validation.batch_size, config.validation.probe_timeout_s
+    )
+    text = format_probes(f"Stage {trained.stage}", answers)
     tracker.log_text(text, "probes.md")
     tracker.parent().log_text(text, f"probes/stage-{trained.stage}.md")
     return losses

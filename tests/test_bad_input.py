@@ -128,8 +128,11 @@ def test_csv_cells_columns_and_templates(tmp_path):
         "missing_field": 1,
         "control_character": 1,
     }
-    lines = sorted(json.loads(line)["line"] for line in Path(result.quarantine).read_text().splitlines())
-    assert lines == [2, 3, 4, 5]
+    quarantined = [json.loads(line) for line in Path(result.quarantine).read_text().splitlines()]
+    assert sorted(q["record"] for q in quarantined) == [2, 3, 4, 5]  # records: a quoted cell may span lines
+    by_reason = {q["reason"]: q for q in quarantined}
+    assert by_reason["empty_content"]["field"] == "answer (turn[2].content)"  # after the system turn
+    assert json.loads(by_reason["bad_csv_row"]["row"]) == ["Q3", "A", "x", "y", "extra"]  # cells, not the message
 
 
 def test_parquet_nan_and_wrong_types(tmp_path):
@@ -227,6 +230,34 @@ def test_unusable_files_are_clear_errors_naming_them(tmp_path, name, content, su
     with pytest.raises(IngestError, match=message) as err:
         run_ingest(tmp_path, Source(path=str(path), role="domain", columns=columns))
     assert str(path) in str(err.value), name
+
+
+def test_json_list_rows_are_named_by_record_not_line(tmp_path):
+    path = tmp_path / "domain.json"
+    rows = [good(1), good(2), {"messages": "not a list"}, good(4)]
+    path.write_text(json.dumps(rows, indent=2))  # the whole list on many lines: line numbers mean nothing here
+    result, stats = run_ingest(tmp_path, Source(path=str(path), role="domain"), max_quarantine_fraction=0.5)
+    [row] = [json.loads(line) for line in Path(result.quarantine).read_text().splitlines()]
+    assert row["record"] == 3 and "line" not in row
+    assert json.loads(row["row"]) == rows[2]
+
+    path.write_text(json.dumps([{"foo": 1}] * 3))
+    with pytest.raises(IngestError, match="no row in a usable format; record 1: "):
+        run_ingest(tmp_path / "again", Source(path=str(path), role="domain"))
+
+
+def test_a_mapped_column_error_names_the_source_field(tmp_path):
+    path = tmp_path / "domain.jsonl"
+    rows = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(9)] + [{"question": "q9", "answer": "  "}]
+    rows += [{"question": "bell\x07", "answer": "a10"}]
+    path.write_text("".join(json.dumps(r).replace("\\\\x07", "\\u0007") + "\n" for r in rows))
+    columns = Columns(prompt="question", response="answer")
+    result, stats = run_ingest(tmp_path, Source(path=str(path), role="domain", columns=columns))
+    assert_accounted(stats)
+    empty, control = [json.loads(line) for line in Path(result.quarantine).read_text().splitlines()]
+    assert (empty["line"], empty["reason"], empty["field"]) == (10, "empty_content", "answer (turn[1].content)")
+    assert "field 'answer' is empty" in empty["message"]
+    assert (control["reason"], control["field"]) == ("control_character", "question (turn[0].content)")
 
 
 def test_directories_and_unreadable_paths_are_errors(tmp_path):

@@ -156,6 +156,7 @@ def test_too_large_rows_in_text_and_json_sources_are_quarantined(tmp_path):
     text.write_text("short one\n" + "y" * 3000 + "\nshort two\n")
     spec = {"file": str(text), "role": "pretrain", "format": "text", "text_field": "text", "dedupe": "exact"}
     spec |= {"seed": 0, "max_row_bytes": 1000, "mapping": None, "reasoning": "keep", "system_prompt": None}
+    spec["unit"] = "line"
     batches = [normalise_chunk(c, spec) for c in chunks(text, "line", 1000)]
     assert [b.num_rows for b, _ in batches] == [2]
     assert [(r["line"], r["reason"]) for r in batches[0][1]] == [(2, "too_large")]
@@ -163,9 +164,9 @@ def test_too_large_rows_in_text_and_json_sources_are_quarantined(tmp_path):
     assert (restored.reason, restored.args[0]) == ("too_large", "row is 3,000 bytes, over data.max_row_bytes 1,000")
     records = tmp_path / "rows.json"
     records.write_text(json.dumps([{"text": "ok"}, {"text": "z" * 3000}]))
-    spec["file"] = str(records)
+    spec["file"], spec["unit"] = str(records), "record"
     accepted, rejected = normalise_chunk(next(chunks(records, "line", 1000)), spec)
-    assert accepted.num_rows == 1 and [(r["line"], r["reason"]) for r in rejected] == [(2, "too_large")]
+    assert accepted.num_rows == 1 and [(r["record"], r["reason"]) for r in rejected] == [(2, "too_large")]
 
 
 def test_ingest_errors_name_the_file_without_a_traceback(tmp_path):

@@ -1,15 +1,19 @@
 """A stage whose general drift passes the forgetting budget mid-stage stops at that evaluation and keeps its
-best checkpoint from before the breach."""
+best checkpoint from before the breach: in one stage, and in the whole flow."""
+
+from pathlib import Path
 
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from flows.finetune import finetune
 from tasks import tracking
 from tasks.base_model import prepare_base, prepare_tokenizer
 from tasks.ingest import ingest
 from tasks.mix import mix_stage
 from tasks.models import evaluate
+from tasks.records import StageTraining
 from tasks.tokenize import tokenize
 from tasks.train import train_stage
 from tests.conftest import tiny_config
@@ -62,3 +66,48 @@ def test_general_drift_past_the_budget_stops_the_stage_and_keeps_the_checkpoint_
     kept = evaluate(guarded.model_dir, base, tokens.sft, config.validation.batch_size)
     assert kept.general <= limit
     assert kept.general == pytest.approx(dict(curve)[guarded.best_step], rel=1e-4)
+
+
+@pytest.mark.e2e
+def test_the_flow_stops_a_stage_at_the_breach_and_keeps_the_checkpoint_before(prefect_harness, tmp_path):
+    """Domain-only at a high rate drifts past a tight budget within a few evaluations, on any machine: the stage
+    ends at the first evaluation past it, not at its planned last step, and keeps the checkpoint before."""
+    budget = 0.05
+    config = tiny_config(
+        tmp_path,
+        pretrain={"epochs": 4},
+        train={"learning_rate": 3e-2},
+        schedule={"shares": [1.0], "samples_per_stage": 160},
+        validation={
+            "eval_steps": 2,
+            "first_eval_step": 1,
+            "patience": 5,
+            "general_patience": 20,
+            "forgetting_budget": budget,
+            "on_forgetting": "stop",
+        },
+    )
+    summary = finetune(config)
+    [stage] = summary.stages
+    trained = StageTraining.model_validate_json((Path(stage.stage_dir) / "training.json").read_text())
+    client = MlflowClient(summary.tracking_uri)
+    curve = sorted((m.step, m.value) for m in client.get_metric_history(stage.run_id, "general_val_loss"))
+    limit = summary.baseline.general * (1 + budget)
+    breach = next(step for step, value in curve if value > limit)
+    assert trained.global_step == breach < trained.max_steps  # stopped at the breach, before its planned steps
+    assert curve[-1][0] == breach  # and evaluated nothing after it
+    assert trained.best_step is not None and trained.best_step < breach
+    kept = evaluate(stage.model_dir, stage.model_dir, sft_table(config), config.validation.batch_size)
+    assert kept.general <= limit
+    assert kept.general == pytest.approx(dict(curve)[trained.best_step], rel=1e-4)
+    assert "passed the forgetting budget" in stage.stop_reason and f"step {trained.best_step}" in stage.stop_reason
+    assert stage.gate.decision == "stop" and stage.gate.general_drift > budget  # judged on the breach
+    tags = client.get_run(stage.run_id).data.tags
+    assert tags["mixtune.decision"] == "stop" and f"{stage.gate.general_drift:+.1%}" in tags["mixtune.decision_reason"]
+    assert summary.final_stage == 0  # a stage that breached is never the final model
+    assert client.get_run(summary.parent_run_id).data.tags["mixtune.stopped_reason"] == stage.gate.reason
+
+
+def sft_table(config) -> str:
+    [path] = Path(config.run.output_dir).rglob("sft.parquet")
+    return str(path)

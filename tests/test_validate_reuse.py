@@ -1,8 +1,10 @@
 """The validate task reuses the in-training evaluation of the restored checkpoint while its weights are
 unchanged, and evaluates again when they are not."""
 
+import pandas as pd
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file, save_file
 
 from tasks import tracking, validate
@@ -32,3 +34,36 @@ def test_validate_does_not_re_evaluate_an_unchanged_checkpoint(prepared, tmp_pat
     save_file(tensors, weights, metadata={"format": "pt"})
     validate.validate_stage(config, trained, tokens.sft, base, [], stage_run)
     assert len(calls) == 1  # changed weights: evaluated again
+
+
+def test_the_baseline_is_measured_once_per_base_model_and_validation_sets(prepared, tmp_path, monkeypatch):  # noqa: F811
+    config, tokens, base = prepared
+    config = config.model_copy(deep=True)
+    config.run.output_dir = str(tmp_path)  # a cache of its own: no other test's baseline
+    probes = [{"set": "domain", "prompt": [{"role": "user", "content": "hello"}], "reference": "hi"}]
+    evaluated, answered = [], []
+    real_evaluate, real_answers = validate.evaluate, validate.answer_probes
+    monkeypatch.setattr(validate, "evaluate", lambda *a: evaluated.append(a) or real_evaluate(*a))
+    monkeypatch.setattr(validate, "answer_probes", lambda *a: answered.append(a) or real_answers(*a))
+
+    def baseline(sft_path: str, name: str):
+        parent = tracking.start_parent_run(config, name)
+        losses = validate.validate_base(config, base, sft_path, probes, parent)
+        run = MlflowClient(parent.uri).get_run(parent.parent_run_id)
+        artifacts = [a.path for a in MlflowClient(parent.uri).list_artifacts(parent.parent_run_id, "probes")]
+        return losses, run.data.metrics, artifacts
+
+    first, _, _ = baseline(tokens.sft, "flow-base-1")
+    again, metrics, artifacts = baseline(tokens.sft, "flow-base-2")
+    assert (len(evaluated), len(answered)) == (1, 1)  # the second run measured nothing
+    assert again == first
+    assert metrics["base_domain_val_loss"] == first.domain and metrics["base_general_val_loss"] == first.general
+    assert artifacts == ["probes/stage-0-base.md"]
+
+    sft = pd.read_parquet(tokens.sft)
+    val = sft.index[sft["split"] == "val"]
+    changed = tmp_path / "sft-changed.parquet"
+    sft.drop(val[:1]).to_parquet(changed)  # one validation row fewer: other sets
+    third, _, _ = baseline(str(changed), "flow-base-3")
+    assert (len(evaluated), len(answered)) == (2, 2)
+    assert third != first

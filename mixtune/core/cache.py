@@ -1,4 +1,4 @@
-"""Content-addressed caching shared by every cached stage (ingest, base model, tokenisation)."""
+"""Content-addressed caching shared by every cached stage (ingest, base model, tokenisation, baseline)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ class Entry(StrEnum):
     TOKENIZER = "tokenizer"
     TOKENS = "tokens"
     BASE = "base"
+    BASELINE = "baseline"  # the base model's validation losses and probe answers
     CHAMPION = "champion"
 
 

@@ -66,7 +66,9 @@ def form_values(config: PipelineConfig) -> dict:
 
 # Learning rates when the config gives none. A scratch preset is tiny and starts from random weights: it
 # learns fast at high rates. A pretrained model forgets at those rates (full SFT of a 135M model at 1e-3
-# drifted +14.7% on general loss in 4 steps), so it gets the rates its usual recipes use.
+# drifted +14.7% on general loss in 4 steps), so it gets the rates its usual recipes use. The three defaults
+# cited below were checked against the sources: trl/trainer/sft_config.py (learning_rate 2e-5, overriding
+# TrainingArguments' 5e-5), MiniMind's trainer/train_lora.py (--learning_rate 1e-4) and transformers 5.24.
 SCRATCH_LR, SCRATCH_PRETRAIN_LR = 1e-3, 3e-3
 PRETRAINED_FULL_LR, PRETRAINED_LORA_LR, PRETRAINED_PRETRAIN_LR = 2e-5, 1e-4, 5e-5
 LR_SOURCES = {
@@ -330,7 +332,12 @@ class Validation(Strict):
     general_min_delta: float = Field(
         0.02, ge=0.0, description="Smallest general loss rise over its best that counts (absolute, in nats)."
     )
-    batch_size: int = Field(32, gt=0, description="Samples per validation forward pass.")
+    batch_size: int = Field(32, gt=0, description="Samples per validation forward pass (and probe prompts per batch).")
+    probe_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="Seconds one model may spend answering all probe prompts; an answer cut short is marked so.",
+    )
 
 
 class Tracking(Strict):
