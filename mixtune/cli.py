@@ -4,9 +4,11 @@ so a bad value fails in about a second, naming the file and the field."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -203,13 +205,35 @@ def run(config: PipelineConfig, fresh: bool = False) -> int:
         if verdict:
             print(format_skip(verdict, config, time.perf_counter() - started))
             return 0
+        server_up = start_temporary_prefect_server()
         from flows.finetune import finetune
 
+        server_up()
         summary = finetune(config, fresh=fresh)
     except Exception as err:
         return run_failed(config, err)
     print(format_summary(summary, time.perf_counter() - started))
     return 0
+
+
+def start_temporary_prefect_server():
+    """Without PREFECT_API_URL the flow's first API call starts Prefect's temporary server and waits for it (10-25 s
+    on two cores). Started here, it boots in its own process while torch and transformers are imported. Returns
+    the wait for the boot, which must end before the flow starts: a server marked running but not yet answering
+    would not be waited for again. A boot that failed leaves it stopped, and the flow's own start says why."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return lambda: None
+    from prefect.server.api.server import SubprocessASGIServer  # here, not in the thread: imports race otherwise
+
+    def start() -> None:
+        with contextlib.suppress(Exception):
+            SubprocessASGIServer().start()
+
+    boot = threading.Thread(target=start, name="prefect-server-boot", daemon=True)
+    boot.start()
+    return boot.join
 
 
 def run_failed(config: PipelineConfig, err: Exception) -> int:
