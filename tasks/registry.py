@@ -78,6 +78,7 @@ def save_mlflow_model(model_dir: str, folder: Path) -> None:
     import mlflow.transformers
     import torch
     import transformers
+    from huggingface_hub import ModelCard
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     components = {
@@ -86,7 +87,11 @@ def save_mlflow_model(model_dir: str, folder: Path) -> None:
     }
     requirements = [f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__}"]
     requirements.append(f"transformers=={transformers.__version__}")
-    mlflow.transformers.save_model(components, str(folder), task="text-generation", pip_requirements=requirements)
+    # A card of our own: without one MLflow asks the hub for a card named after the local path, and warns.
+    card = ModelCard(f"A causal language model fine-tuned by mixtune, saved from `{model_dir}`.")
+    mlflow.transformers.save_model(
+        components, str(folder), task="text-generation", pip_requirements=requirements, model_card=card
+    )
 
 
 def register_version(
