@@ -18,7 +18,6 @@ from tasks.base_model import pretrain_task, tokenizer_task
 from tasks.champion import challenge_task, champion_task, crown_task
 from tasks.data_report import data_report_task
 from tasks.gate import finished_stage, gate_task
-from tasks.guard import ShareCursor
 from tasks.ingest import ingest_task
 from tasks.inputs import input_hash, input_tags, skip_task, unchanged_task
 from tasks.mix import mix_task
@@ -26,7 +25,7 @@ from tasks.plan import plan_task
 from tasks.probes import probe_prompts
 from tasks.records import RunSummary
 from tasks.report import publish_task
-from tasks.schedule import stage_shares
+from tasks.schedule import advance, first_cursor
 from tasks.tokenize import tokenize_task
 from tasks.tracking import (
     Tracker,
@@ -139,7 +138,7 @@ def run_pipeline(config: PipelineConfig, tracker: Tracker) -> RunSummary:
     baseline = baseline_task(config, base, tokens.sft, probes, tracker)
 
     run_folder = Path(tracker.run_folder)
-    cursor, model, reports = ShareCursor(shares=stage_shares(config.schedule)), base, []
+    cursor, model, reports = first_cursor(config.schedule), base, []
     while cursor.share is not None:
         folder = stage_dir(run_folder, cursor.stage)
         stage_run = open_stage_task(tracker, cursor.stage, config.train.method)
@@ -148,7 +147,7 @@ def run_pipeline(config: PipelineConfig, tracker: Tracker) -> RunSummary:
             run_logger().info("stage %d: finished before the interruption, reused (%s)", report.stage, folder)
             end_run_task(stage_run)
             reports.append(report)
-            cursor, model = cursor.after(report.gate.decision), report.model_dir
+            cursor, model = advance(cursor, report), report.model_dir
             continue
         mix = mix_task(
             tokens.sft,
@@ -164,7 +163,7 @@ def run_pipeline(config: PipelineConfig, tracker: Tracker) -> RunSummary:
         report = gate_task(config, mix, trained, losses, baseline, cursor, stage_run)
         end_run_task(stage_run)
         reports.append(report)
-        cursor, model = cursor.after(report.gate.decision), trained.model_dir
+        cursor, model = advance(cursor, report), trained.model_dir
     summary = publish_task(config, tracker, reports, baseline, base, str(run_folder))
 
     champion, champion_sft = champion_task(config, tracker, tokens.sft), None

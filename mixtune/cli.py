@@ -150,6 +150,8 @@ def check(config: PipelineConfig) -> int:
     from tasks.schedule import stage_shares
 
     shares = ", ".join(f"{s:.3f}" for s in stage_shares(config.schedule))
+    if config.schedule.shape == "adaptive":
+        shares = f"adaptive, {config.schedule.start:.3f} rising toward at most {config.schedule.end:.3f}"
     print(
         f"config OK: {len(config.data.sources)} source(s), method {config.train.method}, "
         f"domain share per stage: {shares}"
@@ -347,6 +349,8 @@ def format_summary(summary, seconds: float) -> str:
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
     out = ["", line(headers), line(["-" * w for w in widths]), *map(line, rows), ""]
     for r in summary.stages:
+        if r.next_share:
+            out.append(f"adaptive ramp after stage {r.stage}: {r.next_share.reason}")
         if r.stopped_early:
             out.append(f"* stage {r.stage} stopped early: {r.stop_reason}; best checkpoint (step {r.best_step}) kept")
     if summary.stopped_reason:

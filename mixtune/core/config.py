@@ -209,8 +209,10 @@ class Schedule(Strict):
     start: float = Field(0.1, ge=0.0, le=1.0, description="Domain share of the first stage.")
     end: float = Field(0.5, ge=0.0, le=1.0, description="Domain share of the last stage.")
     stages: int = Field(4, ge=1, le=64, description="Number of stages, each a new mix and a training run.")
-    shape: Literal["linear", "step", "cosine"] = Field(
-        "linear", description="linear: even steps; cosine: slow start and end; step: start, then end halfway."
+    shape: Literal["linear", "step", "cosine", "adaptive"] = Field(
+        "linear",
+        description="linear: even steps; cosine: slow start and end; step: start, then end halfway; adaptive: "
+        "start, then each next share chosen from the measured general drift and domain gain (README: Adaptive ramp).",
     )
     shares: list[Share] | None = Field(
         None, description="An explicit list of per-stage shares; overrides start/end/stages/shape."
@@ -225,6 +227,10 @@ class Schedule(Strict):
             bad = [s for s in self.shares if not 0.0 <= s <= 1.0]
             if bad:
                 raise ValueError(f"every share must be within [0, 1], got {bad}")
+            if self.shape == "adaptive":
+                raise ValueError("shape adaptive chooses every share itself: give shares or shape adaptive, not both")
+        if self.shape == "adaptive" and self.end < self.start:
+            raise ValueError(f"shape adaptive raises the share from start toward end: end {self.end} < {self.start}")
         return self
 
 
