@@ -38,7 +38,7 @@ from tasks.tracking import (
     start_tracking_task,
 )
 from tasks.train import train_task
-from tasks.validate import baseline_task, validate_task
+from tasks.validate import baseline_task, task_metrics_task, validate_task
 
 PROBES_PER_SET = 3
 
@@ -136,6 +136,7 @@ def run_pipeline(config: PipelineConfig, tracker: Tracker) -> RunSummary:
     base = pretrain_task(config, tokenizer_dir, tokens.pretrain, tokens.key)
     probes = probe_prompts(tokens.sft, data.samples, PROBES_PER_SET)
     baseline = baseline_task(config, base, tokens.sft, probes, tracker)
+    base_tasks = task_metrics_task(config, base, base, tokens.sft, data.samples, tracker, 0)
 
     run_folder = Path(tracker.run_folder)
     cursor, model, reports = first_cursor(config.schedule), base, []
@@ -160,11 +161,12 @@ def run_pipeline(config: PipelineConfig, tracker: Tracker) -> RunSummary:
         )
         trained = train_task(config, mix, tokens.sft, model, base, str(folder), stage_run, baseline.general)
         losses = validate_task(config, trained, tokens.sft, base, probes, stage_run)
-        report = gate_task(config, mix, trained, losses, baseline, cursor, stage_run)
+        tasks = task_metrics_task(config, trained.model_dir, base, tokens.sft, data.samples, stage_run, cursor.stage)
+        report = gate_task(config, mix, trained, losses, baseline, cursor, stage_run, tasks)
         end_run_task(stage_run)
         reports.append(report)
         cursor, model = advance(cursor, report), trained.model_dir
-    summary = publish_task(config, tracker, reports, baseline, base, str(run_folder))
+    summary = publish_task(config, tracker, reports, baseline, base, str(run_folder), base_tasks)
 
     champion, champion_sft = champion_task(config, tracker, tokens.sft), None
     if champion:  # the champion reads this run's validation conversations through its own tokenizer

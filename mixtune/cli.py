@@ -330,8 +330,12 @@ def format_summary(summary, seconds: float) -> str:
                 *open_ui_lines(summary.tracking_uri, summary.experiment),
             ]
         )
+    tasks = sorted({*summary.baseline_tasks, *(name for r in summary.stages for name in r.task_metrics)})
+    scores = lambda values: [f"{values[n]:.3f}" if n in values else "-" for n in tasks]  # noqa: E731
     headers = ["stage", "target", "realised", "domain val", "general val", "drift", "steps", "decision"]
-    rows = [["base", "", "", f"{summary.baseline.domain:.4f}", f"{summary.baseline.general:.4f}", "", "", ""]]
+    headers += [name.removeprefix("task/") for name in tasks]
+    base = ["base", "", "", f"{summary.baseline.domain:.4f}", f"{summary.baseline.general:.4f}", "", "", ""]
+    rows = [base + scores(summary.baseline_tasks)]
     for r in summary.stages:
         rows.append(
             [
@@ -343,6 +347,7 @@ def format_summary(summary, seconds: float) -> str:
                 f"{r.gate.general_drift:+.1%}",
                 f"{r.steps}{'*' if r.stopped_early else ''}",
                 r.gate.decision,
+                *scores(r.task_metrics),
             ]
         )
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]

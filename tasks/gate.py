@@ -27,6 +27,7 @@ def stage_report(
     losses: TokenLosses,
     baseline: TokenLosses,
     cursor: ShareCursor,
+    tasks: dict[str, float] | None = None,
 ) -> StageReport:
     v = config.validation
     decision = gate(
@@ -53,6 +54,7 @@ def stage_report(
         model_dir=trained.model_dir,
         run_id=trained.run_id,
         next_share=steer(config, mix, losses, baseline, cursor, decision),
+        task_metrics=tasks or {},
     )
 
 
@@ -137,8 +139,9 @@ def gate_task(
     baseline: TokenLosses,
     cursor: ShareCursor,
     tracker: Tracker,
+    tasks: dict[str, float] | None = None,
 ) -> StageReport:
-    report = stage_report(config, mix, trained, losses, baseline, cursor)
+    report = stage_report(config, mix, trained, losses, baseline, cursor, tasks)
     plot = record_gate(config, report, mix, baseline, tracker)
     artifacts.image(
         f"stage-{report.stage}-loss-curves", plot, f"Stage {report.stage}: loss curves against the base model's"

@@ -109,6 +109,7 @@ class StageReport(BaseModel):
     model_dir: str
     run_id: str
     next_share: ShareChoice | None = None  # adaptive ramp only
+    task_metrics: dict[str, float] = {}  # task/<source>/<metric>, for sources with an eval
 
 
 Decision = Literal["skip", "first", "promote", "reject"]
@@ -131,6 +132,7 @@ class RunSummary(BaseModel):
     tracking_uri: str
     experiment: str
     baseline: TokenLosses | None = None  # None: the run was skipped, nothing was trained
+    baseline_tasks: dict[str, float] = {}  # the base model's task metrics
     stages: list[StageReport] = []
     final_model: str | None = None
     final_stage: int = 0  # 0: the base model (no stage passed the gate)

@@ -104,6 +104,17 @@ class Columns(Strict):
         return self
 
 
+class TaskEval(Strict):
+    """A task metric by generation on one source's validation rows, for the base model and after each stage."""
+
+    metric: Literal["exact_match", "choice"] = Field(
+        description="exact_match: the answer's final number (after ####, else its last number; else its text) "
+        "equals the reference's; choice: the answer's letter A-D equals the reference's."
+    )
+    max_samples: int = Field(50, gt=0, description="Validation rows scored (the first by id), so it stays cheap.")
+    max_new_tokens: int = Field(64, gt=0, description="Greedy generation bound per answer.")
+
+
 class Source(Strict):
     """One input: a file on disk, or a family of the embedded generated data."""
 
@@ -124,11 +135,14 @@ class Source(Strict):
     )
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Seeded share of this source held out.")
     max_val_samples: int = Field(200, ge=0, description="Cap on held-out rows, so validation stays cheap.")
+    eval: TaskEval | None = Field(None, description="A task metric by generation on this source's validation rows.")
 
     @model_validator(mode="after")
     def _one_origin(self) -> Source:
         if (self.path is None) == (self.synthetic is None):
             raise ValueError("give exactly one of 'path' or 'synthetic'")
+        if self.eval and self.role == "pretrain":
+            raise ValueError("eval scores answers to conversations: role pretrain has none")
         if self.synthetic and self.role == "pretrain":
             raise ValueError("synthetic data is conversations: role must be general or domain")
         return self
