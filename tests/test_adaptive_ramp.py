@@ -101,3 +101,14 @@ def test_adaptive_plans_on_its_ceiling_and_refuses_a_share_list_or_a_falling_ram
         tiny_config(tmp_path, schedule={"shape": "adaptive", "shares": [0.1, 0.2]})
     with pytest.raises(ConfigError, match=r"schedule: .*end 0.1 < 0.5"):
         tiny_config(tmp_path, schedule={"shape": "adaptive", "start": 0.5, "end": 0.1})
+
+
+def test_plan_auto_replaces_an_adaptive_schedule_with_the_advice_unless_the_advisor_ramps_adaptively(tmp_path):
+    from tasks.plan import advise, apply_advice
+
+    config = tiny_config(tmp_path, schedule={"shape": "adaptive"})
+    fixed = apply_advice(config, advise(20_000, 100_000, 0, config))  # full SFT, the advisor's linear ramp
+    assert fixed.schedule.shape == "linear" and fixed.schedule.shares == pytest.approx([0.1, 0.2333, 0.3667, 0.5], 1e-3)
+    config = tiny_config(tmp_path, advisor={"schedule": {"shape": "adaptive", "stages": 5}})
+    ramped = apply_advice(config, advise(20_000, 100_000, 0, config))
+    assert (ramped.schedule.shape, ramped.schedule.stages, ramped.schedule.shares) == ("adaptive", 5, None)
