@@ -18,7 +18,6 @@ from tasks.base_model import pretrain_task, tokenizer_task
 from tasks.champion import challenge_task, champion_task, crown_task
 from tasks.data_report import data_report_task
 from tasks.gate import finished_stage, gate_task
-from tasks.guard import ShareCursor
 from tasks.ingest import ingest_task
 from tasks.inputs import input_hash, input_tags, skip_task, unchanged_task
 from tasks.mix import mix_task
@@ -26,7 +25,7 @@ from tasks.plan import plan_task
 from tasks.probes import probe_prompts
 from tasks.records import RunSummary
 from tasks.report import publish_task
-from tasks.schedule import stage_shares
+from tasks.schedule import advance, first_cursor
 from tasks.tokenize import tokenize_task
 from tasks.tracking import (
     Tracker,
@@ -39,7 +38,7 @@ from tasks.tracking import (
     start_tracking_task,
 )
 from tasks.train import train_task
-from tasks.validate import baseline_task, validate_task
+from tasks.validate import baseline_task, task_metrics_task, validate_task
 
 PROBES_PER_SET = 3
 
@@ -137,9 +136,10 @@ def run_pipeline(config: PipelineConfig, tracker: Tracker) -> RunSummary:
     base = pretrain_task(config, tokenizer_dir, tokens.pretrain, tokens.key)
     probes = probe_prompts(tokens.sft, data.samples, PROBES_PER_SET)
     baseline = baseline_task(config, base, tokens.sft, probes, tracker)
+    base_tasks = task_metrics_task(config, base, base, tokens.sft, data.samples, tracker, 0)
 
     run_folder = Path(tracker.run_folder)
-    cursor, model, reports = ShareCursor(shares=stage_shares(config.schedule)), base, []
+    cursor, model, reports = first_cursor(config.schedule), base, []
     while cursor.share is not None:
         folder = stage_dir(run_folder, cursor.stage)
         stage_run = open_stage_task(tracker, cursor.stage, config.train.method)
@@ -148,7 +148,7 @@ def run_pipeline(config: PipelineConfig, tracker: Tracker) -> RunSummary:
             run_logger().info("stage %d: finished before the interruption, reused (%s)", report.stage, folder)
             end_run_task(stage_run)
             reports.append(report)
-            cursor, model = cursor.after(report.gate.decision), report.model_dir
+            cursor, model = advance(cursor, report), report.model_dir
             continue
         mix = mix_task(
             tokens.sft,
@@ -161,11 +161,12 @@ def run_pipeline(config: PipelineConfig, tracker: Tracker) -> RunSummary:
         )
         trained = train_task(config, mix, tokens.sft, model, base, str(folder), stage_run, baseline.general)
         losses = validate_task(config, trained, tokens.sft, base, probes, stage_run)
-        report = gate_task(config, mix, trained, losses, baseline, cursor, stage_run)
+        tasks = task_metrics_task(config, trained.model_dir, base, tokens.sft, data.samples, stage_run, cursor.stage)
+        report = gate_task(config, mix, trained, losses, baseline, cursor, stage_run, tasks)
         end_run_task(stage_run)
         reports.append(report)
-        cursor, model = cursor.after(report.gate.decision), trained.model_dir
-    summary = publish_task(config, tracker, reports, baseline, base, str(run_folder))
+        cursor, model = advance(cursor, report), trained.model_dir
+    summary = publish_task(config, tracker, reports, baseline, base, str(run_folder), base_tasks)
 
     champion, champion_sft = champion_task(config, tracker, tokens.sft), None
     if champion:  # the champion reads this run's validation conversations through its own tokenizer

@@ -152,6 +152,8 @@ def check(config: PipelineConfig) -> int:
     from tasks.schedule import stage_shares
 
     shares = ", ".join(f"{s:.3f}" for s in stage_shares(config.schedule))
+    if config.schedule.shape == "adaptive":
+        shares = f"adaptive, {config.schedule.start:.3f} rising toward at most {config.schedule.end:.3f}"
     print(
         f"config OK: {len(config.data.sources)} source(s), method {config.train.method}, "
         f"domain share per stage: {shares}"
@@ -352,8 +354,12 @@ def format_summary(summary, seconds: float) -> str:
                 *open_ui_lines(summary.tracking_uri, summary.experiment),
             ]
         )
+    tasks = sorted({*summary.baseline_tasks, *(name for r in summary.stages for name in r.task_metrics)})
+    scores = lambda values: [f"{values[n]:.3f}" if n in values else "-" for n in tasks]  # noqa: E731
     headers = ["stage", "target", "realised", "domain val", "general val", "drift", "steps", "decision"]
-    rows = [["base", "", "", f"{summary.baseline.domain:.4f}", f"{summary.baseline.general:.4f}", "", "", ""]]
+    headers += [name.removeprefix("task/") for name in tasks]
+    base = ["base", "", "", f"{summary.baseline.domain:.4f}", f"{summary.baseline.general:.4f}", "", "", ""]
+    rows = [base + scores(summary.baseline_tasks)]
     for r in summary.stages:
         rows.append(
             [
@@ -365,12 +371,15 @@ def format_summary(summary, seconds: float) -> str:
                 f"{r.gate.general_drift:+.1%}",
                 f"{r.steps}{'*' if r.stopped_early else ''}",
                 r.gate.decision,
+                *scores(r.task_metrics),
             ]
         )
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
     out = ["", line(headers), line(["-" * w for w in widths]), *map(line, rows), ""]
     for r in summary.stages:
+        if r.next_share:
+            out.append(f"adaptive ramp after stage {r.stage}: {r.next_share.reason}")
         if r.stopped_early:
             out.append(f"* stage {r.stage} stopped early: {r.stop_reason}; best checkpoint (step {r.best_step}) kept")
     if summary.stopped_reason:

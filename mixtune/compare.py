@@ -64,6 +64,8 @@ def comparison(runs: pd.DataFrame, champions: set[str]) -> pd.DataFrame:
     general_base = pd.to_numeric(runs["metrics.base_general_val_loss"], errors="coerce")
     table["domain gain"] = (domain_base - table["domain val"]) / domain_base
     table["general drift"] = (table["general val"] - general_base) / general_base
+    for column in sorted(c for c in runs if c.startswith("metrics.final_task/")):  # only runs with an eval
+        table[column.removeprefix("metrics.final_task/")] = pd.to_numeric(runs[column], errors="coerce")
     table["champion"] = ["*" if run_id in champions else "" for run_id in runs["run_id"]]
     table["run_id"] = runs["run_id"]
     return table.reset_index(drop=True)
@@ -96,6 +98,7 @@ def format_table(table: pd.DataFrame) -> str:
         ("domain gain", "{:+.1%}"),
         ("general drift", "{:+.1%}"),
         ("tokens/s", "{:,.0f}"),
+        *((column, "{:.3f}") for column in shown if column.endswith(("/exact_match", "/choice"))),
     ):
         shown[column] = [fmt.format(v) if pd.notna(v) else "-" for v in pd.to_numeric(shown[column], errors="coerce")]
     return shown.fillna("-").to_string(index=False)

@@ -45,4 +45,6 @@ def report_row(report: StageReport) -> dict:
         "stopped early": report.stop_reason or "",
         "decision": report.gate.decision,
         "reason": report.gate.reason,
+        **{name.removeprefix("task/"): f"{value:.3f}" for name, value in report.task_metrics.items()},
+        **({"next share": f"{report.next_share.share:.3f} ({report.next_share.reason})"} if report.next_share else {}),
     }

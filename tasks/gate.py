@@ -12,10 +12,11 @@ from mixtune.core.config import PipelineConfig
 from mixtune.core.logs import run_logger
 from tasks import artifacts
 from tasks.checkpoints import problem_with
-from tasks.guard import ShareCursor, gate
+from tasks.guard import GateDecision, ShareCursor, gate
 from tasks.models import is_adapter
 from tasks.plots import COLOURS, loss_plot, stage_curves
-from tasks.records import StageMix, StageReport, StageTraining, TokenLosses
+from tasks.records import ShareChoice, StageMix, StageReport, StageTraining, TokenLosses
+from tasks.schedule import next_share
 from tasks.tracking import Tracker
 
 
@@ -26,23 +27,24 @@ def stage_report(
     losses: TokenLosses,
     baseline: TokenLosses,
     cursor: ShareCursor,
+    tasks: dict[str, float] | None = None,
 ) -> StageReport:
     v = config.validation
+    decision = gate(
+        trained.breach_general or losses.general,  # a stage stopped mid-way is judged by the breach
+        baseline.general,
+        v.forgetting_budget,
+        v.on_forgetting,
+        cursor.actions,
+        v.max_guard_actions,
+    )
     return StageReport(
         stage=mix.stage,
         target_share=mix.target_share,
         realised_share=mix.realised_share,
         source_epochs=mix.source_epochs,
         losses=losses,
-        # A stage stopped mid-way for forgetting is judged by the breach, not by the checkpoint it kept.
-        gate=gate(
-            trained.breach_general or losses.general,
-            baseline.general,
-            v.forgetting_budget,
-            v.on_forgetting,
-            cursor.actions,
-            v.max_guard_actions,
-        ),
+        gate=decision,
         steps=trained.global_step,
         best_step=trained.best_step,
         stopped_early=trained.stopped_early,
@@ -51,7 +53,47 @@ def stage_report(
         stage_dir=trained.stage_dir,
         model_dir=trained.model_dir,
         run_id=trained.run_id,
+        next_share=steer(config, mix, losses, baseline, cursor, decision),
+        task_metrics=tasks or {},
     )
+
+
+def steer(
+    config: PipelineConfig,
+    mix: StageMix,
+    losses: TokenLosses,
+    baseline: TokenLosses,
+    cursor: ShareCursor,
+    decision: GateDecision,
+) -> ShareChoice | None:
+    """The adaptive ramp's share for the next stage; None for a fixed schedule, or when no stage follows."""
+    if config.schedule.shape != "adaptive" or decision.decision == "stop" or mix.stage >= config.schedule.stages:
+        return None
+    return next_share(
+        mix.target_share,
+        decision.general_drift,
+        (baseline.domain - losses.domain) / baseline.domain,
+        config.validation.forgetting_budget,
+        config.schedule,
+        previous_drift=cursor.drift,
+        previous_gain=cursor.gain,
+    )
+
+
+def record_share_choice(choice: ShareChoice, stage: int, step: int, tracker: Tracker) -> None:
+    numbers = {
+        "ramp/next_domain_share": choice.share,
+        "ramp/budget_left": choice.budget_left,
+        "ramp/added_drift": choice.added_drift,
+        "ramp/stage_cost": choice.cost,
+        "ramp/domain_gain": choice.gain,
+        "ramp/added_domain_gain": choice.added_gain,
+    }
+    if choice.room is not None:
+        numbers["ramp/room"] = choice.room
+    tracker.log_metrics(numbers, step=step)
+    tracker.set_tags({"mixtune.next_share": f"{choice.share:.4f}", "mixtune.next_share_reason": choice.reason})
+    run_logger().info("stage %d adaptive ramp: next share %.3f (%s)", stage, choice.share, choice.reason)
 
 
 def record_gate(
@@ -65,6 +107,8 @@ def record_gate(
     tracker.log_artifacts(plot)
     tracker.log_metrics({"general_drift": report.gate.general_drift}, step=report.steps)
     tracker.set_tags({"mixtune.decision": report.gate.decision, "mixtune.decision_reason": report.gate.reason})
+    if report.next_share is not None:
+        record_share_choice(report.next_share, report.stage, report.steps, tracker)
     tracker.log_artifacts(mix.manifest, "mix")
     tracker.log_table(pd.read_parquet(mix.manifest), "mix/mix.json")  # parquet: MLflow shows no preview
     if config.tracking.log_models:
@@ -95,8 +139,9 @@ def gate_task(
     baseline: TokenLosses,
     cursor: ShareCursor,
     tracker: Tracker,
+    tasks: dict[str, float] | None = None,
 ) -> StageReport:
-    report = stage_report(config, mix, trained, losses, baseline, cursor)
+    report = stage_report(config, mix, trained, losses, baseline, cursor, tasks)
     plot = record_gate(config, report, mix, baseline, tracker)
     artifacts.image(
         f"stage-{report.stage}-loss-curves", plot, f"Stage {report.stage}: loss curves against the base model's"

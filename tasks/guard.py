@@ -45,16 +45,39 @@ def gate(
 
 
 class ShareCursor(BaseModel):
-    """Where the run stands in its schedule; gate decisions move it."""
+    """Where the run stands in its schedule; gate decisions move it. An adaptive ramp's shares grow one stage
+    at a time (`limit` stages in all), and the cursor keeps the last stage's drift and gain, which the next
+    choice is measured against (the base model's: 0)."""
 
     shares: list[float]
     index: int = 0
     stage: int = 1
     actions: int = 0
+    limit: int | None = None
+    drift: float = 0.0
+    gain: float = 0.0
 
     @property
     def share(self) -> float | None:
+        if self.limit is not None and self.stage > self.limit:
+            return None
         return self.shares[self.index] if self.index < len(self.shares) else None
+
+    def steered(self, decision: str, share: float, drift: float, gain: float) -> ShareCursor:
+        """The adaptive ramp's next stage: its share is the rule's (which already lowers it past the budget),
+        so a gate's hold or back_off only counts against max_guard_actions; stop still ends the run."""
+        actions = self.actions + (decision in ("hold", "back_off"))
+        shares = self.shares if decision == "stop" else [*self.shares, share]
+        return self.model_copy(
+            update={
+                "shares": shares,
+                "index": len(self.shares),
+                "stage": self.stage + 1,
+                "actions": actions,
+                "drift": drift,
+                "gain": gain,
+            }
+        )
 
     def after(self, decision: str) -> ShareCursor:
         index, actions = self.index, self.actions

@@ -152,7 +152,11 @@ def apply_advice(config: PipelineConfig, advice: Advice) -> PipelineConfig:
     planned = config.model_copy(deep=True)
     planned.train.method = advice.method
     planned.train.epochs = 1.0  # the stage sizes carry the domain epochs; each stage's mix is seen once
-    planned.schedule.shares = advice.shares
+    if advice.method == "full" and config.advisor.schedule.shape == "adaptive":  # the ramp chooses its shares
+        planned.schedule = config.advisor.schedule.model_copy()
+    else:  # the advice's shares replace a config's own adaptive shape, which refuses a list of shares
+        shape = "linear" if planned.schedule.shape == "adaptive" else planned.schedule.shape
+        planned.schedule = planned.schedule.model_copy(update={"shape": shape, "shares": advice.shares})
     planned.schedule.samples_per_stage = advice.samples_per_stage
     if advice.pretrain_first:
         planned.pretrain.enabled = True

@@ -77,6 +77,22 @@ class ByteLosses(BaseModel):
     general: float
 
 
+class ShareChoice(BaseModel):
+    """The adaptive ramp's choice of the next stage's domain share, with the numbers that made it."""
+
+    share: float  # chosen for the next stage
+    measured_share: float  # the share of the stage whose numbers chose it
+    drift: float  # general drift after that stage, relative to the base model
+    added_drift: float  # drift minus the drift before that stage (the base model's is 0)
+    budget_left: float  # forgetting budget minus drift
+    cost: float  # added_drift, but at least budget / stages: what the rule counts a stage as costing
+    room: float | None  # budget_left / cost: stages like the last that still fit; None: a zero budget
+    gain: float  # domain gain after that stage, relative to the base model
+    added_gain: float
+    step: float  # one step of the linear ramp from start to end
+    reason: str
+
+
 class StageReport(BaseModel):
     stage: int
     target_share: float
@@ -92,6 +108,8 @@ class StageReport(BaseModel):
     stage_dir: str
     model_dir: str
     run_id: str
+    next_share: ShareChoice | None = None  # adaptive ramp only
+    task_metrics: dict[str, float] = {}  # task/<source>/<metric>, for sources with an eval
 
 
 Decision = Literal["skip", "first", "promote", "reject"]
@@ -114,6 +132,7 @@ class RunSummary(BaseModel):
     tracking_uri: str
     experiment: str
     baseline: TokenLosses | None = None  # None: the run was skipped, nothing was trained
+    baseline_tasks: dict[str, float] = {}  # the base model's task metrics
     stages: list[StageReport] = []
     final_model: str | None = None
     final_stage: int = 0  # 0: the base model (no stage passed the gate)

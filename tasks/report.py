@@ -62,6 +62,7 @@ def publish_final(
     baseline: TokenLosses,
     base_dir: str,
     run_folder: str,
+    base_tasks: dict[str, float] | None = None,
 ) -> RunSummary:
     """The best model so far becomes the run's final model: the best stage that passed the gate, or the
     base model itself when none did."""
@@ -72,6 +73,9 @@ def publish_final(
     kind = "adapter" if is_adapter(model_dir) else "model"
     tracker.log_artifacts(model_dir, f"final_{kind}")
     tracker.log_metrics({"final_domain_val_loss": losses.domain, "final_general_val_loss": losses.general}, step=stage)
+    final_tasks = final.task_metrics if final else base_tasks or {}
+    if final_tasks:  # `mixtune compare` reads the delivered model's task metrics from these
+        tracker.log_metrics({f"final_{name}": value for name, value in final_tasks.items()}, step=stage)
     plots = publish_plots(tracker, reports, baseline, config.validation.forgetting_budget, plots_dir(run_folder))
     speeds = [r.tokens_per_second for r in reports if r.tokens_per_second]
     if speeds:
@@ -91,6 +95,7 @@ def publish_final(
         tracking_uri=tracker.uri,
         experiment=config.tracking.experiment,
         baseline=baseline,
+        baseline_tasks=base_tasks or {},
         stages=reports,
         final_model=model_dir,
         final_stage=stage,
@@ -123,8 +128,9 @@ def publish_task(
     baseline: TokenLosses,
     base_dir: str,
     run_folder: str,
+    base_tasks: dict[str, float] | None = None,
 ) -> RunSummary:
-    summary = publish_final(config, tracker, reports, baseline, base_dir, run_folder)
+    summary = publish_final(config, tracker, reports, baseline, base_dir, run_folder, base_tasks)
     artifacts.markdown(
         "final-model", summary_markdown(summary, tracker.run_url(tracker.parent_run_id)), "The run's final model"
     )

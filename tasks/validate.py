@@ -3,18 +3,21 @@ their answers to the fixed probe prompts, recorded in MLflow."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pandas as pd
 from prefect import task
 
 from mixtune.core.cache import Entry, building, entry_dir, fingerprint, mark_complete
 from mixtune.core.config import PipelineConfig
 from mixtune.core.logs import run_logger
+from tasks.answers import correct
 from tasks.models import evaluate, weights_digest
 from tasks.probes import PROBE_TOKENS, answer_probes, format_probes
 from tasks.records import StageTraining, TokenLosses
 from tasks.tables import validation_digest
-from tasks.tracking import Tracker
+from tasks.tracking import Tracker, metric_name
 
 BASELINE_VERSION = 1
 
@@ -105,3 +108,55 @@ def validate_task(
         "stage %d: domain val loss %.4f, general val loss %.4f", trained.stage, losses.domain, losses.general
     )
     return losses
+
+
+def eval_rows(sft_path: str, samples_path: str, label: str, count: int) -> list[dict]:
+    """A source's first `count` validation rows by id, as prompt and reference: the same rows for the base
+    model and every stage."""
+    val = pd.read_parquet(sft_path, columns=["sample_id"], filters=[("split", "==", "val"), ("source", "==", label)])
+    ids = sorted(val["sample_id"].unique())[:count]
+    if not ids:
+        return []
+    texts = pd.read_parquet(samples_path, columns=["sample_id", "messages"], filters=[("sample_id", "in", ids)])
+    rows = []
+    for messages in texts.drop_duplicates("sample_id").sort_values("sample_id")["messages"]:
+        turns = json.loads(messages)
+        rows.append({"set": label, "prompt": turns[:-1], "reference": turns[-1]["content"]})
+    return rows
+
+
+def task_metrics(config: PipelineConfig, model_dir: str, base_dir: str, sft_path: str, samples_path: str) -> dict:
+    """Per source with an `eval`: the share of its scored validation rows answered right (greedy)."""
+    metrics = {}
+    for source in config.data.sources:
+        rows = eval_rows(sft_path, samples_path, source.label, source.eval.max_samples) if source.eval else []
+        if not rows:
+            continue
+        answers = answer_probes(
+            model_dir, base_dir, rows, config.validation.batch_size, max_new_tokens=source.eval.max_new_tokens
+        )
+        right = sum(correct(source.eval.metric, a["answer"], a["reference"]) for a in answers)
+        metrics[f"task/{metric_name(source.label)}/{source.eval.metric}"] = right / len(answers)
+    return metrics
+
+
+@task(name="task-metrics", task_run_name="task metrics stage {stage}", retries=2, retry_delay_seconds=[2, 10])
+def task_metrics_task(
+    config: PipelineConfig,
+    model_dir: str,
+    base_dir: str,
+    sft_path: str,
+    samples_path: str,
+    tracker: Tracker,
+    stage: int,
+) -> dict[str, float]:
+    """Stage 0 is the base model. Logged at step `stage` on the parent run, so each metric is one series from
+    the base on, and on the stage's own run."""
+    metrics = task_metrics(config, model_dir, base_dir, sft_path, samples_path)
+    if metrics:
+        tracker.log_metrics(metrics, step=stage)
+        if tracker.stage is not None:
+            tracker.parent().log_metrics(metrics, step=stage)
+        shown = ", ".join(f"{name} {value:.3f}" for name, value in metrics.items())
+        run_logger().info("%s: %s", f"stage {stage}" if stage else "base model", shown)
+    return metrics

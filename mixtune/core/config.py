@@ -104,6 +104,17 @@ class Columns(Strict):
         return self
 
 
+class TaskEval(Strict):
+    """A task metric by generation on one source's validation rows, for the base model and after each stage."""
+
+    metric: Literal["exact_match", "choice"] = Field(
+        description="exact_match: the answer's final number (after ####, else its last number; else its text) "
+        "equals the reference's; choice: the answer's letter A-D equals the reference's."
+    )
+    max_samples: int = Field(50, gt=0, description="Validation rows scored (the first by id), so it stays cheap.")
+    max_new_tokens: int = Field(64, gt=0, description="Greedy generation bound per answer.")
+
+
 class Source(Strict):
     """One input: a file on disk, or a family of the embedded generated data."""
 
@@ -124,11 +135,14 @@ class Source(Strict):
     )
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Seeded share of this source held out.")
     max_val_samples: int = Field(200, ge=0, description="Cap on held-out rows, so validation stays cheap.")
+    eval: TaskEval | None = Field(None, description="A task metric by generation on this source's validation rows.")
 
     @model_validator(mode="after")
     def _one_origin(self) -> Source:
         if (self.path is None) == (self.synthetic is None):
             raise ValueError("give exactly one of 'path' or 'synthetic'")
+        if self.eval and self.role == "pretrain":
+            raise ValueError("eval scores answers to conversations: role pretrain has none")
         if self.synthetic and self.role == "pretrain":
             raise ValueError("synthetic data is conversations: role must be general or domain")
         return self
@@ -209,8 +223,10 @@ class Schedule(Strict):
     start: float = Field(0.1, ge=0.0, le=1.0, description="Domain share of the first stage.")
     end: float = Field(0.5, ge=0.0, le=1.0, description="Domain share of the last stage.")
     stages: int = Field(4, ge=1, le=64, description="Number of stages, each a new mix and a training run.")
-    shape: Literal["linear", "step", "cosine"] = Field(
-        "linear", description="linear: even steps; cosine: slow start and end; step: start, then end halfway."
+    shape: Literal["linear", "step", "cosine", "adaptive"] = Field(
+        "linear",
+        description="linear: even steps; cosine: slow start and end; step: start, then end halfway; adaptive: "
+        "start, then each next share chosen from the measured general drift and domain gain (README: Adaptive ramp).",
     )
     shares: list[Share] | None = Field(
         None, description="An explicit list of per-stage shares; overrides start/end/stages/shape."
@@ -225,6 +241,10 @@ class Schedule(Strict):
             bad = [s for s in self.shares if not 0.0 <= s <= 1.0]
             if bad:
                 raise ValueError(f"every share must be within [0, 1], got {bad}")
+            if self.shape == "adaptive":
+                raise ValueError("shape adaptive chooses every share itself: give shares or shape adaptive, not both")
+        if self.shape == "adaptive" and self.end < self.start:
+            raise ValueError(f"shape adaptive raises the share from start toward end: end {self.end} < {self.start}")
         return self
 
 
