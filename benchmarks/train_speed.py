@@ -8,7 +8,9 @@
 --batch/--steps/--repeats: the speed arms (samples per step, timed steps after one untimed, repeats).
 --memory-*: samples per step, tokens per sample and steps of each peak-RSS stage.
 --run-minutes: how long the `mixtune run` stage should train (sized from the packed arm's samples/s).
---quick: a smoke test of every part at toy sizes (about a minute on a quiet machine); its figures mean nothing.
+--quick: a smoke test of every part at toy sizes (batch 2, 1 step, 1 repeat; memory stages of 2 x 32 tokens, the
+    135M shape with 2 of its 30 layers; a 3-step `mixtune run` on 600 rows): it checks that everything runs, its
+    figures mean nothing.
 
 1. Speed. A mixtune step (packed, and padded to the batch's longest) against a MiniMind-style step that pads
    every sample to 768 tokens, and against a bare transformers forward/backward/AdamW loop on the very same
@@ -316,7 +318,7 @@ def memory_part(work: Path, args) -> None:
         f"\npeak RSS per stage (fresh process each; batch {args.memory_batch} x {args.memory_seq} tokens, "
         f"{args.memory_steps} steps, fp32, AdamW; LoRA r/alpha/dropout/targets: mixtune's defaults)"
     )
-    header = ("stage", "params", "runtime MB", "peak MB", "stage MB", "weights", "grad+adam", "activ.", "logits")
+    header = ("stage", "params", "runtime", "loaded", "peak", "stage", "weights", "grad+adam", "activ.", "logits")
     print(f"{header[0]:34} " + " ".join(f"{h:>10}" for h in header[1:]))
     results = []
     for name, shape in shapes.items():
@@ -328,12 +330,16 @@ def memory_part(work: Path, args) -> None:
             parts = [r["weights"], 3 * r["trainable"], r["activations"], r["logits"]]
             estimate = sum(parts) / 2**20
             label = f"{name} {method}"
-            cells = [r["params"] / 1e6, r["runtime_mb"], r["peak_rss_mb"], own, *(x / 2**20 for x in parts)]
+            cells = [r["params"] / 1e6, r["runtime_mb"], r["loaded_mb"], r["peak_rss_mb"], own]
+            cells += [x / 2**20 for x in parts]
             print(f"{label:34} {cells[0]:9.1f}M " + " ".join(f"{c:10,.0f}" for c in cells[1:]))
             if not r["since_stage_start"]:
                 print(f"  ({label}: VmHWM could not be reset at the stage's start; the peak includes loading)")
             results.append((label, own, estimate, r["peak_rss_mb"] / (r["runtime_mb"] + estimate)))
-    print(f"(stage MB = peak less runtime; {tokens:,} tokens a step; MB = 2^20 bytes)")
+    print(
+        f"(MB of 2^20 bytes. runtime: RSS before the model is loaded; loaded: after; peak: the stage's peak_rss_mb; "
+        f"stage: peak less runtime; the rest: the estimate's parts; {tokens:,} tokens a step)"
+    )
     for label, own, estimate, whole in results:
         ratio = own / estimate
         goal(
