@@ -1,7 +1,6 @@
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,16 @@ def test_default_pipeline_yaml_is_valid():
     config = load_config(ROOT / "pipeline.yaml")
     assert {s.role for s in config.data.sources} == {"general", "domain"}
     assert Path(config.run.output_dir).is_absolute()
+
+
+# `mixtune run` on a bad config, reporting which heavy libraries it had imported when it refused: the refusal is
+# fast because none is (wall time on a shared machine would measure the machine, not this).
+REFUSE_AND_LIST_IMPORTS = """
+import sys
+from mixtune.cli import main
+code = main(["run", sys.argv[1]])
+print(code, sorted({"torch", "transformers", "prefect", "mlflow", "peft"} & sys.modules.keys()))
+"""
 
 
 @pytest.mark.parametrize(
@@ -74,18 +83,15 @@ def test_set_overrides_one_field_with_its_type(tmp_path):
 )
 def test_cli_rejects_bad_config_fast_and_trains_nothing(tmp_path, mutate, expected):
     path = write_config(tmp_path, mutate)
-    started = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "mixtune.cli", "run", str(path)],
+        [sys.executable, "-c", REFUSE_AND_LIST_IMPORTS, str(path)],
         capture_output=True,
         text=True,
         cwd=tmp_path,
         timeout=60,
     )
-    elapsed = time.perf_counter() - started
-    assert done.returncode == 2
+    assert done.stdout.split() == ["2", "[]"], done.stdout + done.stderr[-2000:]
     assert expected in done.stderr and "Traceback" not in done.stderr
-    assert elapsed < 5, f"took {elapsed:.1f} s"
     assert not (tmp_path / "runs").exists()
 
 

@@ -19,6 +19,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from flows.finetune import finetune
+from mixtune.core import preflight
 from mixtune.core.preflight import Unreachable, check_tracking_server
 from tests.conftest import tiny_config, tiny_raw_config
 from tests.servers import BIN, QUIET_ENV, free_port, launch, mlflow_server, prefect_server, stop
@@ -282,7 +283,9 @@ def test_a_whole_run_logs_to_an_mlflow_server_with_basic_auth_and_its_password_i
     assert (tmp_path / "prefect-home").is_dir() and list(downloaded.rglob("plan.json"))  # the grep saw them
 
 
-def test_unreachable_servers_fail_within_seconds_naming_the_url(prefect_harness, tmp_path):
+def test_unreachable_servers_fail_at_once_naming_the_url(prefect_harness, tmp_path, monkeypatch):
+    """A refused connection is not waited for: no retry line, no backoff wait (the subprocesses' 60 s timeout is
+    only the outer bound: wall time on a loaded machine is no measure of it)."""
     dead = f"http://127.0.0.1:{free_port()}"
     env = {**os.environ, **QUIET_ENV, "PREFECT_HOME": str(tmp_path / "home")}
     (tmp_path / "mlflow").mkdir(), (tmp_path / "prefect").mkdir()
@@ -291,14 +294,12 @@ def test_unreachable_servers_fail_within_seconds_naming_the_url(prefect_harness,
         (write_config(tmp_path / "prefect"), {**env, "PREFECT_API_URL": f"{dead}/api"}, f"{dead}/api"),
     ]
     for config_path, case_env, url in cases:
-        started = time.monotonic()
         done = subprocess.run(
             [str(BIN / "mixtune"), "run", str(config_path)], env=case_env, capture_output=True, text=True, timeout=60
         )
-        assert time.monotonic() - started < 10
         assert done.returncode == 2 and url in done.stderr and "unreachable" in done.stderr, done.stderr
+        assert "asking again" not in done.stderr
         assert not (config_path.parent / "runs").exists()  # before any work
-    started = time.monotonic()
     done = subprocess.run(
         [str(BIN / "mixtune"), "compare", str(cases[1][0]), "--tracking-uri", dead],
         env=env,
@@ -306,8 +307,7 @@ def test_unreachable_servers_fail_within_seconds_naming_the_url(prefect_harness,
         text=True,
         timeout=60,
     )
-    assert done.returncode == 2 and dead in done.stderr and time.monotonic() - started < 10
-    started = time.monotonic()
+    assert done.returncode == 2 and dead in done.stderr and "asking again" not in done.stderr
+    monkeypatch.setattr(preflight, "wait", lambda seconds: pytest.fail(f"waited {seconds} s for a refused connection"))
     with pytest.raises(Unreachable, match=dead):  # a deployment's run: the flow checks before its first task
         finetune(tiny_config(tmp_path / "runs", tracking={"tracking_uri": dead}))
-    assert time.monotonic() - started < 10
