@@ -2,9 +2,10 @@
 the config's cron. Their default parameters are the loaded config, so the Prefect UI shows the pipeline.yaml
 values in a form built from the schema (field descriptions included), and the server rejects a bad value.
 
-The form opens on what a run changes (data, schedule, train, validation); the other sections follow, titled
-"More: ...". The v1 form cannot fold an object, and a value of the form's JSON kind (a folded box) is refused
-in a deployment's own parameters, which the server checks against the schema before hydrating them."""
+The form opens on what a run changes (data, schedule, train, validation); run, model, pre-training and registry
+follow, titled "More: ...". Tracking, deploy and advisor are not in the form at all: the deployment fixes them
+(SERVED_FIXED), and the server refuses a run that sends them. (The v1 form cannot fold an object: a value of
+its JSON kind is refused in a deployment's own parameters, which the server checks before hydrating them.)"""
 
 from __future__ import annotations
 
@@ -15,12 +16,12 @@ from pathlib import Path
 from prefect import serve
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
-from prefect.deployments.runner import EntrypointType
+from prefect.deployments.runner import EntrypointType, RunnerDeployment, deploy
 from prefect.exceptions import ObjectAlreadyExists
 from prefect.schedules import Cron
 
 from flows.finetune import finetune
-from mixtune.core.config import PipelineConfig, form_values
+from mixtune.core.config import SERVED_FIXED, PipelineConfig, form_values
 from mixtune.core.policy import ServedPolicy
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +29,8 @@ ENTRYPOINT = "flows/finetune.py:finetune"
 
 
 def deployment_specs(config: PipelineConfig) -> list[dict]:
-    common = {"parameters": {"config": form_values(config)}, "tags": ["mixtune", config.run.name]}
+    values = {name: value for name, value in form_values(config).items() if name not in SERVED_FIXED}
+    common = {"parameters": {"config": values}, "tags": ["mixtune", config.run.name]}
     specs = [
         {
             "name": f"{config.deploy.name}-manual",
@@ -49,6 +51,15 @@ def deployment_specs(config: PipelineConfig) -> list[dict]:
     return specs
 
 
+def run_form(deployment: RunnerDeployment) -> RunnerDeployment:
+    """Leaves the sections the deployment fixes out of its run form. The schema allows no other property
+    (the config forbids extra keys), so the server also refuses a run whose parameters send one."""
+    sections = deployment._parameter_openapi_schema.definitions["PipelineConfig"]["properties"]
+    for name in SERVED_FIXED:
+        del sections[name]
+    return deployment
+
+
 def serve_deployments(config: PipelineConfig, policy: ServedPolicy) -> None:
     """Blocks: this process polls the server and runs each flow run in a subprocess, which inherits the
     policy from this process's environment (a run's parameters cannot change it)."""
@@ -56,7 +67,7 @@ def serve_deployments(config: PipelineConfig, policy: ServedPolicy) -> None:
     # By module path, so the served runs import the installed package whatever folder serve started in.
     serve(
         *(
-            finetune.to_deployment(entrypoint_type=EntrypointType.MODULE_PATH, **spec)
+            run_form(finetune.to_deployment(entrypoint_type=EntrypointType.MODULE_PATH, **spec))
             for spec in deployment_specs(config)
         )
     )
@@ -72,13 +83,7 @@ def deploy_to_pool(config: PipelineConfig, pool: str, policy: ServedPolicy) -> l
     policy in the flow process's environment (a deployment job variable)."""
     ensure_process_pool(pool)
     source, specs = finetune.from_source(source=str(PROJECT_ROOT), entrypoint=ENTRYPOINT), deployment_specs(config)
-    for spec in specs:
-        source.deploy(
-            work_pool_name=pool,
-            build=False,
-            push=False,
-            print_next_steps=False,
-            job_variables={"env": policy.to_env()},
-            **spec,
-        )
+    env = {"env": policy.to_env()}
+    deployments = [run_form(source.to_deployment(work_pool_name=pool, job_variables=env, **spec)) for spec in specs]
+    deploy(*deployments, work_pool_name=pool, build=False, push=False, print_next_steps_message=False)
     return [spec["name"] for spec in specs]

@@ -43,11 +43,11 @@ from tasks.validate import baseline_task, task_metrics_task, validate_task
 PROBES_PER_SET = 3
 
 
-def confine(config: PipelineConfig, is_deployment_run: bool) -> None:
-    """A deployment's run may only use the tracking servers and read the folders its deployment allows."""
+def confine(config: PipelineConfig, is_deployment_run: bool) -> PipelineConfig:
+    """A deployment's run gets the sections its deployment fixes, and may only use the tracking servers and
+    read the folders the deployment allows."""
     policy = served_policy(is_deployment_run)
-    if policy:
-        enforce(config, policy)
+    return enforce(config, policy) if policy else config
 
 
 def end_tracking(status: str):
@@ -57,7 +57,7 @@ def end_tracking(status: str):
     def hook(flow, flow_run, state) -> None:  # these names: Prefect's runner passes them as keywords
         try:
             config = PipelineConfig.model_validate(flow_run.parameters["config"])
-            confine(config, flow_run.deployment_id is not None)
+            config = confine(config, flow_run.deployment_id is not None)
         except (ValidationError, ConfigError):
             return  # parameters the flow refused: it never started an MLflow run, nor may it reach the server
         try:
@@ -97,7 +97,7 @@ def finetune(config: PipelineConfig, fresh: bool = False) -> RunSummary:
 
     A run of the same inputs whose process died is continued where it stopped, unless `fresh`."""
     os.umask(0o077)  # databases, caches, quarantined rows and models: readable by their owner only
-    confine(config, deployment.id is not None)
+    config = confine(config, deployment.id is not None)
     config = resolve_paths(config, Path.cwd(), "flow parameter config")
     check_tracking_server(tracking_uri(config))
     experiment, digest = open_experiment_task(config), input_hash(config)

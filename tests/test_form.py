@@ -9,15 +9,15 @@ from prefect._internal.schemas.validators import validate_values_conform_to_sche
 from prefect.utilities.schema_tools.hydration import HydrationContext, hydrate
 from prefect.utilities.schema_tools.validation import ValidationError, validate
 
-from flows.deployments import deployment_specs
+from flows.deployments import deployment_specs, run_form
 from flows.finetune import finetune
-from mixtune.core.config import FORM_FIRST, FORM_MORE, PipelineConfig
+from mixtune.core.config import FORM_FIRST, FORM_MORE, SERVED_FIXED, PipelineConfig
 from tests.conftest import tiny_config
 
 
 def manual_deployment(tmp_path, **sections):
     config = tiny_config(tmp_path, deploy={"name": "form", "cron": "0 3 * * *"}, **sections)
-    [manual, scheduled] = [finetune.to_deployment(**spec) for spec in deployment_specs(config)]
+    [manual, scheduled] = [run_form(finetune.to_deployment(**spec)) for spec in deployment_specs(config)]
     schema = manual._parameter_openapi_schema.model_dump_for_openapi()
     return config, schema, manual.parameters, scheduled.parameters
 
@@ -52,11 +52,13 @@ def test_the_form_opens_on_per_run_sections_and_titles_the_rest_more(tmp_path):
     _, schema, manual, scheduled = manual_deployment(tmp_path)
     sections = schema["definitions"]["PipelineConfig"]["properties"]
     assert list(sections)[: len(FORM_FIRST)] == list(FORM_FIRST)
-    assert all(sections[name]["title"].startswith("More: ") for name in FORM_MORE)
+    assert all(sections[name]["title"].startswith("More: ") for name in FORM_MORE if name not in SERVED_FIXED)
     form = manual["config"]
+    # The sections the deployment fixes are neither in the form nor in its values.
+    assert not set(SERVED_FIXED) & (set(sections) | set(form))
     # Unset fields are left out, so the form shows no null values; the flow restores their defaults.
     assert "path" not in form["data"]["sources"][0] and "columns" not in form["data"]["sources"][0]
-    assert "learning_rate" not in form["train"] and "tracking_uri" not in form["tracking"]
+    assert "learning_rate" not in form["train"]
     assert scheduled == manual
 
 
@@ -70,7 +72,17 @@ def test_the_server_accepts_the_form_as_it_opens_and_the_flow_reads_the_same_con
     config, schema, manual, _ = manual_deployment(tmp_path, train={"learning_rate": 0.002})
     server_accepts(schema, manual)
     hydrated = hydrate(manual, HydrationContext(raise_on_error=True))["config"]
-    assert PipelineConfig.model_validate(hydrated) == config
+    fixed = {name: getattr(config, name) for name in SERVED_FIXED}  # the served policy puts them back
+    assert PipelineConfig.model_validate(hydrated).model_copy(update=fixed) == config
+
+
+@pytest.mark.parametrize("section", SERVED_FIXED)
+def test_the_server_refuses_a_run_that_sends_a_section_the_deployment_fixes(tmp_path, section):
+    config, schema, manual, _ = manual_deployment(tmp_path)
+    sneaky = hydrate(manual, HydrationContext(raise_on_error=True))
+    sneaky["config"][section] = config.public_dump()[section]
+    with pytest.raises(ValidationError, match=section):
+        server_accepts(schema, sneaky)
 
 
 @pytest.mark.parametrize(
@@ -79,14 +91,13 @@ def test_the_server_accepts_the_form_as_it_opens_and_the_flow_reads_the_same_con
         ("train", "learning_rate", None),
         ("model", "preset", None),
         ("model", "path", None),
-        ("tracking", "tracking_uri", None),
         ("schedule", "shares", None),
         ("pretrain", "enabled", None),
     ],
 )
 def test_an_explicit_null_still_passes_the_server(tmp_path, section, field, value):
     config, schema, _, _ = manual_deployment(tmp_path)
-    plain = config.public_dump()
+    plain = {name: value for name, value in config.public_dump().items() if name not in SERVED_FIXED}
     plain[section][field] = value
     plain["data"]["sources"][0]["columns"] = None
     server_accepts(schema, {"config": plain})

@@ -33,8 +33,28 @@ def run_config(tmp_path, **sections):
     return tiny_config(tmp_path / "run", **sections)
 
 
+def test_a_served_run_gets_the_fixed_sections_and_may_not_set_them(tmp_path):
+    policy, _ = served(
+        tmp_path, advisor={"lora_below": 7}, deploy={"allowed_tracking_uris": ["https://other.example/"]}
+    )
+    config = enforce(run_config(tmp_path), policy)
+    assert config.tracking.tracking_uri == "http://127.0.0.1:5000" and config.advisor.lora_below == 7
+    assert config.deploy.allowed_tracking_uris == ["https://other.example/"]
+    enforce(run_config(tmp_path, tracking={"tracking_uri": "http://127.0.0.1:5000"}), policy)  # the same: no change
+    changes = [
+        ("tracking", {"tracking_uri": "https://other.example"}),  # even an allowed one: the deployment says where
+        ("deploy", {"data_roots": ["/"]}),
+        ("advisor", {"lora_below": 8}),
+    ]
+    for section, value in changes:
+        with pytest.raises(ConfigError, match=rf"  {section}: fixed by the deployment"):
+            enforce(run_config(tmp_path, **{section: value}), policy)
+
+
 def test_a_run_may_name_only_allowed_tracking_servers(tmp_path):
+    """A policy that fixes no section (as from an older `mixtune serve`) still confines the tracking server."""
     policy, _ = served(tmp_path, deploy={"allowed_tracking_uris": ["https://other.example/"]})
+    policy.fixed = {}
     enforce(run_config(tmp_path), policy)  # unset: the worker's own
     enforce(run_config(tmp_path, tracking={"tracking_uri": "http://127.0.0.1:5000/"}), policy)
     enforce(run_config(tmp_path, tracking={"tracking_uri": "https://other.example"}), policy)

@@ -97,18 +97,20 @@ def test_served_deployment_runs_with_one_changed_parameter_and_the_server_reject
         [run] = client.search_runs([experiment], f"tags.`mixtune.flow_run_id` = '{run_id}'")
         assert run.data.params["train.learning_rate"] == "0.002" and run.info.status == "FINISHED"
 
-        # A run may not send the worker's credentials elsewhere, nor read outside the served folder.
+        # A run may not send the worker's credentials elsewhere, nor read outside the served folder. The
+        # tracking section is the deployment's: not in the form, and refused by the server if a run sends it.
+        assert "tracking" not in form
         outside = tmp_path.parent / f"{tmp_path.name}-creds.jsonl"
         outside.write_text('{"secret": "s3cret-row"}\n')
         with request_counter() as (listener, requests):
-            elsewhere = copy.deepcopy(form)
-            elsewhere["tracking"]["tracking_uri"] = listener
+            elsewhere = {**copy.deepcopy(form), "tracking": {"tracking_uri": listener}}
+            refused = post_run(api, manual["id"], elsewhere)
+            assert refused.status_code == 409 and "tracking" in refused.text, refused.text
             sneaky = copy.deepcopy(form)
             sneaky["data"]["sources"][1] = {"path": str(tmp_path / ".." / outside.name), "role": "domain"}
-            for params, field in ((elsewhere, "tracking.tracking_uri"), (sneaky, "data.sources.1.path")):
-                created = create_run(api, manual["id"], params)
-                assert end_state(api, created.json()["id"]) == "FAILED"
-                assert f"{field}:" in (tmp_path / "serve.log").read_text()
+            created = create_run(api, manual["id"], sneaky)
+            assert end_state(api, created.json()["id"]) == "FAILED"
+            assert "data.sources.1.path:" in (tmp_path / "serve.log").read_text()
             assert requests == []
         assert "s3cret-row" not in "".join(p.read_text(errors="replace") for p in (tmp_path / "runs").rglob("*.jsonl"))
 
@@ -200,6 +202,11 @@ def test_deploy_registers_on_a_process_work_pool(prefect_api, tmp_path):
     pooled = deployment(api, "pooled-manual")
     assert pooled["work_pool_name"] == "it-pool" and pooled["entrypoint"] == "flows/finetune.py:finetune"
     assert api.get("/work_pools/it-pool").json()["type"] == "process"
+    # The worker's runs get tracking, deploy and advisor from the deployment, not from the form.
+    sections = pooled["parameter_openapi_schema"]["definitions"]["PipelineConfig"]["properties"]
+    assert not {"tracking", "deploy", "advisor"} & (set(sections) | set(pooled["parameters"]["config"]))
+    policy = json.loads(pooled["job_variables"]["env"]["MIXTUNE_SERVED_POLICY"])
+    assert policy["fixed"]["deploy"]["name"] == "pooled"
 
 
 def running_runs(db: Path) -> list:

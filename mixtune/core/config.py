@@ -405,8 +405,8 @@ class Deploy(Strict):
     timezone: str = Field("UTC", description="Time zone the cron schedule is read in.")
     allowed_tracking_uris: list[str] = Field(
         default_factory=list,
-        description="Tracking servers a served run may name in tracking.tracking_uri, besides the served config's "
-        "own; any other is refused before a request (credentials go only to these).",
+        description="Tracking servers that may also get the worker's credentials, besides the served config's own. "
+        "A served run's tracking is the deployment's; this list confines runs registered without it.",
     )
     data_roots: list[str] | None = Field(
         None,
@@ -445,6 +445,9 @@ class Run(Strict):
 # The run form opens on what people change per run; the rest follows under "More:" titles.
 FORM_FIRST = ("data", "schedule", "train", "validation")
 FORM_MORE = ("run", "model", "pretrain", "plan", "goal", "registry", "tracking", "deploy", "advisor")
+# Where runs go and what a served run may reach belong to the serving side: a deployment fixes these
+# sections, and its run form leaves them out (flows/deployments.py, mixtune/core/policy.py).
+SERVED_FIXED = ("tracking", "deploy", "advisor")
 
 
 def pipeline_form(schema: dict) -> None:

@@ -1,6 +1,8 @@
 """What a served run may do. A deployment's flow runs take their whole config from whoever can reach the
 Prefect API, so the serving side fixes two things a run's parameters cannot: which tracking servers get
-the worker's MLflow credentials, and which folders the run may read. Local `mixtune run` is not confined.
+the worker's MLflow credentials, and which folders the run may read. It also carries the sections a
+deployment fixes (tracking, deploy, advisor: SERVED_FIXED), which its run form leaves out. Local `mixtune run`
+is not confined.
 
 `mixtune serve` / `mixtune deploy` put the policy in the environment of the processes that run the
 flow (MIXTUNE_SERVED_POLICY); the flow checks every deployment run against it before any request."""
@@ -13,7 +15,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from mixtune.core.config import ConfigError, PipelineConfig
+from mixtune.core.config import SERVED_FIXED, ConfigError, PipelineConfig
 from mixtune.core.paths import tracking_uri
 from mixtune.core.uris import split_credentials
 
@@ -28,6 +30,7 @@ class ServedPolicy(BaseModel):
     tracking_uris: list[str]  # servers a run may name in tracking.tracking_uri (credentials stripped)
     data_roots: list[str]  # folders a run may read sources and models from
     files: list[str] = []  # and exactly these: the served config's own inputs
+    fixed: dict = {}  # the served config's SERVED_FIXED sections, credentials stripped: every run gets these
 
     @classmethod
     def for_served(cls, config: PipelineConfig, config_dir: Path) -> ServedPolicy:
@@ -38,10 +41,19 @@ class ServedPolicy(BaseModel):
             tracking_uris=[split_credentials(u)[0] for u in uris],
             data_roots=[str((config_dir / r).resolve()) for r in roots],
             files=[str(Path(p).resolve()) for p in own],
+            fixed=fixed_sections(config),
         )
 
     def to_env(self) -> dict[str, str]:
         return {POLICY_ENV: self.model_dump_json()}
+
+
+def fixed_sections(config: PipelineConfig) -> dict:
+    fixed = {name: getattr(config, name).model_dump(mode="json") for name in SERVED_FIXED}
+    if config.tracking.tracking_uri:
+        fixed["tracking"]["tracking_uri"] = split_credentials(config.tracking.tracking_uri)[0]
+    fixed["deploy"]["allowed_tracking_uris"] = [split_credentials(u)[0] for u in config.deploy.allowed_tracking_uris]
+    return fixed
 
 
 def served_policy(is_deployment_run: bool) -> ServedPolicy | None:
@@ -55,11 +67,27 @@ def served_policy(is_deployment_run: bool) -> ServedPolicy | None:
     return ServedPolicy(tracking_uris=[worker_uri] if worker_uri else [], data_roots=[str(Path.cwd().resolve())])
 
 
-def enforce(config: PipelineConfig, policy: ServedPolicy) -> None:
-    """Refuse, naming the field, a run that would send credentials elsewhere or read outside its roots."""
-    problems = tracking_problems(config, policy) + input_problems(config, policy)
+def enforce(config: PipelineConfig, policy: ServedPolicy) -> PipelineConfig:
+    """The run's config with the deployment's fixed sections; refused, naming the field, if its parameters set
+    one of those, or would send credentials elsewhere, or read outside its roots."""
+    problems = fixed_problems(config, policy)
+    if not problems:
+        config = config.model_copy(
+            update={name: getattr(config, name).model_validate(value) for name, value in policy.fixed.items()}
+        )
+        problems = tracking_problems(config, policy) + input_problems(config, policy)
     if problems:
         raise ConfigError("\n".join(["a served run's parameters were refused before any request:", *problems]))
+    return config
+
+
+def fixed_problems(config: PipelineConfig, policy: ServedPolicy) -> list[str]:
+    """A section the deployment fixes may be absent from a run's parameters, or equal to the fixed one."""
+    return [
+        f"  {name}: fixed by the deployment; a run's parameters cannot set it"
+        for name in policy.fixed
+        if name in config.model_fields_set and getattr(config, name).model_dump(mode="json") != policy.fixed[name]
+    ]
 
 
 def tracking_problems(config: PipelineConfig, policy: ServedPolicy) -> list[str]:
