@@ -33,15 +33,15 @@ def server_accepts(schema: dict, parameters: dict) -> None:
     validate(hydrate(parameters, HydrationContext(raise_on_error=True)), schema, raise_on_error=True)
 
 
-def test_every_field_has_a_title_and_only_sub_models_and_the_preset_offer_a_none_alternative(tmp_path):
+def test_every_field_has_a_title_and_only_optional_sub_models_offer_a_none_alternative(tmp_path):
     _, schema, _, _ = manual_deployment(tmp_path)
     untitled = [f"{where}.{name}" for where, name, prop in properties(schema) if not prop.get("title")]
     assert untitled == []
     nullable = {
         f"{where}.{name}" for where, name, prop in properties(schema) if {"type": "null"} in prop.get("anyOf", [])
     }
-    # A sub-model may be absent, and a preset may be unset when model.path is given: shown on another tab.
-    assert nullable == {"Source.columns", "Source.eval", "Model.preset"}
+    # An optional sub-model may be absent: the form shows it on another tab.
+    assert nullable == {"Source.columns", "Source.eval"}
     assert "Field (Optional)" not in json.dumps(schema)
     model = schema["definitions"]["Model"]["properties"]
     assert model["path"]["type"] == "string" and "default" not in model["path"]
@@ -89,7 +89,6 @@ def test_the_server_refuses_a_run_that_sends_a_section_the_deployment_fixes(tmp_
     ("section", "field", "value"),
     [
         ("train", "learning_rate", None),
-        ("model", "preset", None),
         ("model", "path", None),
         ("schedule", "shares", None),
         ("pretrain", "enabled", None),

@@ -187,7 +187,7 @@ class Data(Strict):
 class Model(Strict):
     """The base model: a local HF folder, or a preset built from scratch with its own tokenizer."""
 
-    preset: Literal["tiny", "small", "minimind2-small"] | None = Field(
+    preset: Literal["tiny", "small", "minimind2-small"] = Field(
         "tiny", description="Build a model from scratch with these shapes (ignored when path is set)."
     )
     path: str | None = Field(None, description="A local Hugging Face model folder (loaded offline).")
@@ -196,11 +196,12 @@ class Model(Strict):
     )
     max_seq_len: int = Field(256, ge=16, description="Longer samples are truncated (and counted).")
 
-    @model_validator(mode="after")
-    def _has_origin(self) -> Model:
-        if self.path is None and self.preset is None:
-            raise ValueError("give model.path or model.preset")
-        return self
+    @field_validator("preset", mode="before")
+    @classmethod
+    def _unset_preset(cls, value):
+        # `preset: null` beside a path meant "no scratch model"; the preset is ignored then anyway, and the
+        # run form gets a plain choice instead of a type switch.
+        return "tiny" if value is None else value
 
 
 class Pretrain(Strict):
