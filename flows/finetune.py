@@ -24,6 +24,7 @@ from tasks.mix import mix_task
 from tasks.plan import plan_task
 from tasks.probes import probe_prompts
 from tasks.records import RunSummary
+from tasks.rehearse import planned_sizes, rehearse_task
 from tasks.report import publish_task
 from tasks.schedule import advance, first_cursor
 from tasks.tokenize import tokenize_task
@@ -127,13 +128,20 @@ def finetune(config: PipelineConfig, fresh: bool = False) -> RunSummary:
 
 def run_pipeline(config: PipelineConfig, tracker: Tracker) -> RunSummary:
     data = ingest_task(config)
-    config = plan_task(config, data.stats, tracker).config
+    config = plan_task(config, {**data.stats, **planned_sizes(config)}, tracker).config
     tokenizer_dir = tokenizer_task(config, data.samples, data.key)
     tokens = tokenize_task(
         data.samples, data.key, tokenizer_dir, config.model.max_seq_len, config.run.output_dir, config.data.overlong
     )
-    data_report_task(config, tracker, data, tokens)
+    if config.data.rehearsal == "none":  # reported before pre-training: a source over its quarantine limit fails fast
+        data_report_task(config, tracker, data, tokens)
     base = pretrain_task(config, tokenizer_dir, tokens.pretrain, tokens.key)
+    if config.data.rehearsal == "self":  # the general source is the base model's own answers, added as any source
+        data = rehearse_task(config, data, base, tracker)
+        tokens = tokenize_task(
+            data.samples, data.key, tokenizer_dir, config.model.max_seq_len, config.run.output_dir, config.data.overlong
+        )
+        data_report_task(config, tracker, data, tokens)
     probes = probe_prompts(tokens.sft, data.samples, PROBES_PER_SET)
     baseline = baseline_task(config, base, tokens.sft, probes, tracker)
     base_tasks = task_metrics_task(config, base, base, tokens.sft, data.samples, tracker, 0)

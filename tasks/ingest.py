@@ -10,7 +10,6 @@ from __future__ import annotations
 import heapq
 import json
 import os
-import re
 from collections import Counter
 from functools import partial
 from pathlib import Path
@@ -38,6 +37,7 @@ from tasks.readers import (
     where,
 )
 from tasks.records import IngestResult
+from tasks.sources import check_validation_sets, script_mix
 from tasks.synthetic import write_synthetic
 
 __all__ = ["IngestError", "IngestResult", "ingest", "ingest_task"]
@@ -241,25 +241,6 @@ class SourceReader:
         }
 
 
-SCRIPTS = {
-    "LATIN": re.compile(r"[A-Za-z\u00C0-\u024F]"),
-    "CJK": re.compile(r"[\u3040-\u30FF\u3400-\u4DBF\u4E00-\u9FFF\uAC00-\uD7AF]"),
-    "CYRILLIC": re.compile(r"[\u0400-\u04FF]"),
-    "ARABIC": re.compile(r"[\u0600-\u06FF]"),
-    "DEVANAGARI": re.compile(r"[\u0900-\u097F]"),
-}
-LETTER = re.compile(r"[^\W\d_]")
-
-
-def script_mix(texts: list[str]) -> dict[str, float]:
-    """Share of letters per writing system in a sample of the source (e.g. LATIN 0.62, CJK 0.38)."""
-    sample = "".join(texts)
-    total = len(LETTER.findall(sample)) or 1
-    counts = {name: len(pattern.findall(sample)) for name, pattern in SCRIPTS.items()}
-    counts["OTHER"] = max(total - sum(counts.values()), 0)
-    return {name: round(n / total, 4) for name, n in sorted(counts.items(), key=lambda kv: -kv[1]) if n}
-
-
 def ingest(config: PipelineConfig, key: str | None = None) -> IngestResult:
     key = key or ingest_key(config)
     folder = entry_dir(config.run.output_dir, Entry.INGEST, key)
@@ -303,20 +284,6 @@ def read_source(source: Source, config: PipelineConfig, seen: set, near_seen: se
         raise IngestError(f"{source.label}: cannot be read: {type(err).__name__}: {err}") from None
 
 
-def check_validation_sets(stats: dict[str, dict], minimum: int) -> None:
-    """A validation loss over no rows is no measurement (it read 0.0 and passed every gate): refuse it here,
-    before anything trains, naming the sources that should have filled the set."""
-    for role in ("domain", "general"):
-        parts = {label: s for label, s in stats.items() if s["role"] == role}
-        held_out = sum(s["val"] for s in parts.values())
-        if held_out < minimum:
-            detail = "; ".join(f"{label}: {s['val']} of {s['accepted']} accepted row(s)" for label, s in parts.items())
-            raise IngestError(
-                f"{role} validation set holds {held_out} row(s), fewer than data.min_val_samples {minimum} "
-                f"({detail}); add distinct rows or raise val_fraction"
-            )
-
-
 def ingest_cache_key(config: PipelineConfig) -> str:
     return prefect_cache_key(Entry.INGEST, ingest_key(config), config.run.output_dir)
 
@@ -332,7 +299,9 @@ def ingest_cache_key(config: PipelineConfig) -> str:
 )
 def ingest_task(config: PipelineConfig) -> IngestResult:
     result = ingest(config)
-    check_validation_sets(result.stats, config.data.min_val_samples)
+    # rehearsal: self adds its general source after the base model is built, and checks the general set then
+    roles = ("domain",) if config.data.rehearsal == "self" else ("domain", "general")
+    check_validation_sets(result.stats, config.data.min_val_samples, roles)
     log = run_logger()
     for label, s in result.stats.items():
         log.info(

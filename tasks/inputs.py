@@ -11,7 +11,7 @@ from mixtune.core.cache import fingerprint
 from mixtune.core.config import PipelineConfig
 from mixtune.core.logs import run_logger
 from tasks import artifacts
-from tasks.keys import ingest_key
+from tasks.keys import ingest_key, rehearsal_inputs
 from tasks.records import Verdict
 from tasks.registry import champion_version
 from tasks.tracking import INPUT_HASH_TAG, Experiment, Tracker, open_experiment
@@ -30,7 +30,9 @@ def input_hash(config: PipelineConfig) -> str:
     if config.model.path:
         # Names, sizes and mtimes: hashing a 200M-parameter model's weights every tick costs more than it tells.
         origin = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(config.model.path).iterdir())
-    return fingerprint(ingest_key(config), recipe, origin, config.run.seed)
+    rehearsal = rehearsal_inputs(config)
+    extra = [rehearsal] if rehearsal else []  # absent without rehearsal: earlier runs' hashes still match
+    return fingerprint(ingest_key(config), recipe, origin, config.run.seed, *extra)
 
 
 def input_tags(config: PipelineConfig, digest: str) -> dict[str, str]:

@@ -20,7 +20,23 @@ def source_fingerprint(source: Source, seed: int) -> dict:
     return {**spec, "sha256": file_digest(source.path)}
 
 
+BUNDLED_PROMPTS = Path(__file__).with_name("rehearsal_prompts.jsonl")
+
+
+def rehearsal_prompts(config: PipelineConfig) -> Path:
+    return Path(config.data.self_rehearsal.prompts or BUNDLED_PROMPTS)
+
+
 def ingest_key(config: PipelineConfig) -> str:
     seed, data = config.run.seed, config.data
-    options = data.model_dump(exclude={"sources"})
+    # The rehearsal is made after ingest, from the base model: its settings are no part of what ingest reads.
+    options = data.model_dump(exclude={"sources", "rehearsal", "self_rehearsal"})
     return fingerprint(INGEST_VERSION, seed, options, [source_fingerprint(s, seed) for s in data.sources])
+
+
+def rehearsal_inputs(config: PipelineConfig) -> dict | None:
+    """What the rehearsal source is made from, besides the base model: its settings and its prompts' bytes."""
+    if config.data.rehearsal == "none":
+        return None
+    settings = config.data.self_rehearsal.model_dump(exclude={"prompts"})
+    return {**settings, "prompts_sha256": file_digest(rehearsal_prompts(config))}

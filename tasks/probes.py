@@ -88,13 +88,17 @@ def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens
     new = out[:, inputs["input_ids"].shape[1] :]
     # Every row has the batch's length: shorter than max_new_tokens with no EOS means the clock stopped it.
     stopped_by_clock = new.shape[1] < max_new_tokens
-    return [
-        {
-            "answer": tokenizer.decode(row, skip_special_tokens=True).strip(),
-            "cut": stopped_by_clock and not (row == tokenizer.eos_token_id).any().item(),
-        }
-        for row in new
-    ]
+    replies = []
+    for row in new:
+        ended = (row == tokenizer.eos_token_id).any().item()  # else max_new_tokens or the clock stopped it
+        replies.append(
+            {
+                "answer": tokenizer.decode(row, skip_special_tokens=True).strip(),
+                "cut": stopped_by_clock and not ended,
+                "ended": ended,
+            }
+        )
+    return replies
 
 
 def format_probes(title: str, answers: list[dict]) -> str:

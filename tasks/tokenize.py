@@ -315,22 +315,30 @@ def encode_all(samples_path: str, tokenizer_dir: str, max_len: int, overlong: st
     with open(result.rejected, "w", encoding="utf-8") as rejected:
         sft = TableWriter(Path(result.sft), max_len, overlong, rejected)
         pretrain = Packer(Path(result.pretrain), max_len)
+        corpus = pretraining_tags(samples_path)
         for batch in pq.ParquetFile(samples_path).iter_batches(batch_size=BATCH_ROWS):
-            encode_batch(batch.to_pydict(), encoder, sft, pretrain)
+            encode_batch(batch.to_pydict(), encoder, sft, pretrain, corpus)
         result.stats = {"sft": sft.close(), "pretrain": pretrain.close(), "label_method": encoder.method}
     (folder / "stats.json").write_text(json.dumps(result.stats, indent=2))
     mark_complete(folder)
 
 
-def encode_batch(rows: dict, encoder: Encoder, sft: TableWriter, pretrain: Packer) -> None:
+def pretraining_tags(samples_path: str) -> set[str]:
+    """Pre-training reads general conversations as whole rendered text, so a scratch model learns the template;
+    domain rows stay out (they are what fine-tuning adds), and so do validation rows. Data with no general or
+    pretrain text at all (data.rehearsal: self, whose general source the base model writes later) leaves a
+    scratch model the domain's conversations as the only text to learn to speak from."""
+    tags = set(pq.read_table(samples_path, columns=["tag"]).column("tag").unique().to_pylist())
+    return {"general", "pretrain"} if tags - {"domain"} else {"domain"}
+
+
+def encode_batch(rows: dict, encoder: Encoder, sft: TableWriter, pretrain: Packer, corpus_tags: set[str]) -> None:
     chats = [i for i, tag in enumerate(rows["tag"]) if tag != "pretrain"]
     if chats:
         picked = {k: [v[i] for i in chats] for k, v in rows.items()}
         sft.write(picked, encoder.conversations([orjson.loads(m) for m in picked["messages"]]))
-    # Pre-training reads general conversations as whole rendered text, so a scratch model learns the
-    # template; domain rows stay out (they are what fine-tuning adds), and so do validation rows.
     corpus = [
-        i for i, (tag, split) in enumerate(zip(rows["tag"], rows["split"])) if tag != "domain" and split == "train"
+        i for i, (tag, split) in enumerate(zip(rows["tag"], rows["split"])) if tag in corpus_tags and split == "train"
     ]
     if corpus:
         picked = {k: [v[i] for i in corpus] for k, v in rows.items()}

@@ -14,6 +14,7 @@ STAGES = {
         "plan",
         "tokenize",
         "base_model",
+        "rehearse",
         "data_report",
         "inputs",
         "mix",

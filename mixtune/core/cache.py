@@ -1,4 +1,5 @@
-"""Content-addressed caching shared by every cached stage (ingest, base model, tokenisation, baseline)."""
+"""Content-addressed caching shared by every cached stage (ingest, base model, tokenisation, baseline,
+rehearsal)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ class Entry(StrEnum):
     TOKENS = "tokens"
     BASE = "base"
     BASELINE = "baseline"  # the base model's validation losses and probe answers
+    REHEARSAL = "rehearsal"  # the base model's answers to the rehearsal prompts (data.rehearsal: self)
+    REHEARSED = "rehearsed"  # the ingested samples with those answers added as a general source
     CHAMPION = "champion"
 
 

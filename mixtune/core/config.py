@@ -152,8 +152,25 @@ class Source(Strict):
         return self.path or f"synthetic:{self.synthetic}"
 
 
+class SelfRehearsal(Strict):
+    """How `data.rehearsal: self` builds its general source: the base model's own greedy answers to general
+    prompts, for when the base model's general SFT data is not at hand."""
+
+    prompts: str | None = Field(
+        None,
+        description="A prompts file (relative to the config file): .txt, one prompt per line, or .jsonl rows "
+        "with a 'prompt' field; unset: the bundled English and Chinese general prompts.",
+    )
+    max_prompts: int = Field(300, gt=0, description="Prompts answered, the first of the file: bounds generation.")
+    max_new_tokens: int = Field(128, gt=0, le=4096, description="Greedy generation bound per answer (tokens).")
+    batch_size: int = Field(16, gt=0, description="Prompts answered per batch (left-padded).")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Seeded share of the answers held out.")
+    max_val_samples: int = Field(200, ge=0, description="Cap on held-out answers, so validation stays cheap.")
+
+
 class Data(Strict):
-    """Where the conversations come from; needs at least one general and one domain source."""
+    """Where the conversations come from; needs at least one general and one domain source (or only a domain
+    source with rehearsal: self)."""
 
     sources: list[Source] = Field(min_length=1, description="Inputs, each tagged general, domain or pretrain.")
     reasoning: Literal["keep", "drop"] = Field(
@@ -174,11 +191,20 @@ class Data(Strict):
     min_val_samples: int = Field(
         1, ge=1, description="Fail before training when the domain or general validation set has fewer rows."
     )
+    rehearsal: Literal["none", "self"] = Field(
+        "none",
+        description="self: a general source made of the base model's own answers to general prompts (for "
+        "domain data without general data); none: the general sources alone.",
+    )
+    self_rehearsal: SelfRehearsal = Field(
+        default_factory=SelfRehearsal, description="Prompts and generation of the rehearsal: self source."
+    )
 
     @model_validator(mode="after")
     def _needs_both_roles(self) -> Data:
         roles = {s.role for s in self.sources}
-        missing = {"general", "domain"} - roles
+        # With rehearsal: self the base model answers for the general side, which exists only once it is built.
+        missing = {"general", "domain"} - roles - ({"general"} if self.rehearsal == "self" else set())
         if missing:
             raise ValueError(f"needs at least one source with role {' and '.join(sorted(missing))}")
         return self
@@ -659,6 +685,12 @@ def resolve_paths(config: PipelineConfig, base: Path, origin: Path | str) -> Pip
         source.path = str(resolved)
         if not resolved.is_file():
             missing.append(f"  data.sources.{i}.path: file not found: {resolved}")
+    prompts = config.data.self_rehearsal.prompts
+    if prompts is not None:
+        resolved = (base / prompts).resolve()
+        config.data.self_rehearsal.prompts = str(resolved)
+        if not resolved.is_file():
+            missing.append(f"  data.self_rehearsal.prompts: file not found: {resolved}")
     if config.model.path is not None:
         model_dir = (base / config.model.path).resolve()
         config.model.path = str(model_dir)

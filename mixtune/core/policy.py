@@ -36,7 +36,7 @@ class ServedPolicy(BaseModel):
     def for_served(cls, config: PipelineConfig, config_dir: Path) -> ServedPolicy:
         uris = [tracking_uri(config), *config.deploy.allowed_tracking_uris]
         roots = config.deploy.data_roots or [str(config_dir)]
-        own = [s.path for s in config.data.sources if s.path] + ([config.model.path] if config.model.path else [])
+        own = [path for _, path in input_files(config)]
         return cls(
             tracking_uris=[split_credentials(u)[0] for u in uris],
             data_roots=[str((config_dir / r).resolve()) for r in roots],
@@ -108,14 +108,22 @@ def tracking_problems(config: PipelineConfig, policy: ServedPolicy) -> list[str]
     ]
 
 
-def input_problems(config: PipelineConfig, policy: ServedPolicy) -> list[str]:
+def input_files(config: PipelineConfig) -> list[tuple[str, str]]:
+    """(field, path) of every file or folder the run reads; rehearsal prompts too, since the model's answers
+    to them end up in MLflow."""
     inputs = [(f"data.sources.{i}.path", s.path) for i, s in enumerate(config.data.sources) if s.path]
+    if config.data.self_rehearsal.prompts:
+        inputs.append(("data.self_rehearsal.prompts", config.data.self_rehearsal.prompts))
     if config.model.path:
         inputs.append(("model.path", config.model.path))
+    return inputs
+
+
+def input_problems(config: PipelineConfig, policy: ServedPolicy) -> list[str]:
     return [
         f"  {field}: {path} is outside the folders this deployment may read ({', '.join(policy.data_roots)}); "
         "see deploy.data_roots"
-        for field, path in inputs
+        for field, path in input_files(config)
         if not readable(path, policy)
     ]
 

@@ -1,0 +1,311 @@
+"""`data.rehearsal: self`: the general source, when there is no general data, is the base model's own greedy
+answers to a set of general prompts. Fine-tuning then rehearses what the base model already says, and
+general drift is measured on answers it gave itself.
+
+The answers are generated once per (base weights and tokenizer, prompts, generation settings). Each answer
+is accepted, a duplicate of an ingested conversation, or quarantined with a reason (`empty_answer`,
+`degenerate_answer`, `duplicate_answer`); accepted answers get the seeded validation split of any source.
+The result is the ingested data with this source added: tokenised, mixed and reported like the rest.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import task
+
+from mixtune.core.cache import Entry, building, entry_dir, file_digest, fingerprint, mark_complete
+from mixtune.core.config import PipelineConfig, SelfRehearsal
+from mixtune.core.logs import run_logger
+from mixtune.core.retry import retry_unless
+from tasks.keys import rehearsal_prompts
+from tasks.models import weights_digest
+from tasks.probes import answer_probes
+from tasks.readers import IngestError, preview, sample_key, split_hash
+from tasks.records import IngestResult
+from tasks.sources import check_validation_sets, script_mix
+from tasks.tracking import Tracker
+
+REHEARSAL_VERSION = 1
+LABEL = "rehearsal:self"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+# A greedy small model that loops repeats a phrase until max_new_tokens. Over characters (so a loop without
+# spaces, "GiveGiveGive", and Chinese count alike), prose repeats under a tenth of its 6-grams and two copies of
+# one sentence under half; past half, the answer is the loop, not language.
+NGRAM, MAX_REPEATED_SHARE, MIN_NGRAMS = 6, 0.5, 8
+
+
+def read_prompts(path: Path, limit: int) -> list[str]:
+    """The first `limit` prompts: non-blank lines of a .txt file, or the 'prompt' field of JSONL rows."""
+    prompts = []
+    with path.open(encoding="utf-8-sig") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            prompts.append(line.strip() if path.suffix == ".txt" else jsonl_prompt(path, number, line))
+            if len(prompts) == limit:
+                break
+    if not prompts:
+        raise IngestError(f"{path}: holds no prompts (data.self_rehearsal.prompts)")
+    return prompts
+
+
+def jsonl_prompt(path: Path, number: int, line: str) -> str:
+    try:
+        prompt = json.loads(line).get("prompt")
+    except (ValueError, AttributeError):
+        prompt = None
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise IngestError(f"{path}: line {number}: expected a JSON object with a non-empty 'prompt' text")
+    return prompt.strip()
+
+
+def planned_sizes(config: PipelineConfig) -> dict[str, dict]:
+    """What the plan counts the rehearsal source as before it exists: every prompt answered and accepted. The
+    answers quarantined later shrink the pool; the rehearsal stage says by how much."""
+    if config.data.rehearsal == "none":
+        return {}
+    settings = config.data.self_rehearsal
+    answered = len(read_prompts(rehearsal_prompts(config), settings.max_prompts))
+    return {LABEL: {"role": "general", "train": answered - held_out(answered, settings)}}
+
+
+def held_out(accepted: int, settings: SelfRehearsal) -> int:
+    """The same rule as an ingested source's validation share."""
+    return min(settings.max_val_samples, round(settings.val_fraction * accepted))
+
+
+def model_digest(base_dir: str) -> str:
+    """The weights and the tokenizer: a base model answers through both."""
+    files = [Path(base_dir) / name for name in TOKENIZER_FILES]
+    return fingerprint(weights_digest(base_dir), [f"{f.name}:{file_digest(f)}" for f in files if f.is_file()])
+
+
+def answers_key(base_dir: str, prompts: list[str], settings: SelfRehearsal) -> str:
+    return fingerprint(REHEARSAL_VERSION, model_digest(base_dir), prompts, settings.max_new_tokens)
+
+
+def generate(base_dir: str, prompts: list[str], settings: SelfRehearsal, output_dir: str) -> Path:
+    """answers.jsonl: one row per prompt, in order (greedy, so the same model always says the same)."""
+    folder = entry_dir(output_dir, Entry.REHEARSAL, answers_key(base_dir, prompts, settings))
+    with building(folder) as build:
+        if build:
+            run_logger().info("rehearsal: the base model answers %d prompts", len(prompts))
+            asked = [{"prompt": [{"role": "user", "content": p}]} for p in prompts]
+            replies = answer_probes(
+                base_dir, base_dir, asked, settings.batch_size, max_new_tokens=settings.max_new_tokens
+            )
+            with (folder / "answers.jsonl").open("w", encoding="utf-8") as out:
+                for number, (prompt, reply) in enumerate(zip(prompts, replies), start=1):
+                    row = {"line": number, "prompt": prompt, "answer": reply["answer"], "ended": reply["ended"]}
+                    out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            mark_complete(folder)
+        else:
+            run_logger().info("rehearsal: answers reused from %s (same model, prompts and settings)", folder)
+    return folder / "answers.jsonl"
+
+
+def repeated_share(answer: str) -> float:
+    """The share of an answer's character 6-grams (case and runs of whitespace aside) that repeat an earlier one."""
+    text = " ".join(answer.lower().split())
+    grams = [text[i : i + NGRAM] for i in range(len(text) - NGRAM + 1)]
+    return 0.0 if len(grams) < MIN_NGRAMS else 1 - len(set(grams)) / len(grams)
+
+
+def quarantine_reason(answer: str, earlier: dict[str, int]) -> tuple[str, str] | None:
+    """Why an answer must not be trained on, or None. `earlier`: accepted answers (normalised) -> their line."""
+    if not answer.strip():
+        return "empty_answer", "the base model gave no answer"
+    share = repeated_share(answer)
+    if share > MAX_REPEATED_SHARE:
+        return "degenerate_answer", f"{share:.0%} of its 6-grams repeat (over {MAX_REPEATED_SHARE:.0%}): a loop"
+    first = earlier.get(sample_key(answer, "normalized"))
+    if first is not None:
+        return "duplicate_answer", f"the same answer as line {first}: one answer for many prompts teaches nothing"
+    return None
+
+
+def judge(answers: list[dict], file: str, known_ids: set[str]) -> tuple[list[dict], list[dict], int]:
+    """(accepted rows, quarantine records, duplicates of ingested conversations): every answer in one of them."""
+    accepted, quarantined, duplicates, earlier = [], [], 0, {}
+    for row in answers:
+        reason = quarantine_reason(row["answer"], earlier)
+        if reason:
+            quarantined.append(quarantine_record(file, row, *reason))
+            continue
+        messages = orjson.dumps(
+            [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["answer"]}]
+        ).decode()
+        sample_id = sample_key(messages, "exact")
+        if sample_id in known_ids:  # as ingest counts it: the conversation is in the data already
+            duplicates += 1
+            continue
+        known_ids.add(sample_id)
+        earlier[sample_key(row["answer"], "normalized")] = row["line"]
+        accepted.append({"line": row["line"], "messages": messages, "sample_id": sample_id, "ended": row["ended"]})
+    return accepted, quarantined, duplicates
+
+
+def quarantine_record(file: str, row: dict, reason: str, message: str) -> dict:
+    """Shaped like ingest's records, so the data report and quarantine.jsonl read both alike."""
+    shown = preview({"prompt": row["prompt"], "answer": row["answer"]})
+    return {"file": file, "line": row["line"], "reason": reason, "field": "answer", "message": message, "row": shown}
+
+
+def split(accepted: list[dict], seed: int, settings: SelfRehearsal) -> None:
+    """The seeded validation draw of any source: the rows with the smallest split hashes are held out."""
+    n_val = held_out(len(accepted), settings)
+    ranked = sorted(accepted, key=lambda r: split_hash(seed, r["sample_id"]))
+    for i, row in enumerate(ranked):
+        row["split"] = "val" if i < n_val else "train"
+
+
+def source_stats(config: PipelineConfig, file: Path, answers: list[dict], judged: tuple) -> dict:
+    """The counts ingest gives a source, so the data report and the plan read this one alike."""
+    accepted, quarantined, duplicates = judged
+    prompts = rehearsal_prompts(config)
+    return {
+        "file": str(file),
+        "role": "general",
+        "layout": f"answers of the base model to {prompts.name}",
+        "utf8_bom": False,
+        "formats": {},
+        "exploded": None,
+        "rows_read": len(answers),
+        "accepted": len(accepted),
+        "duplicates": duplicates,
+        "exact_duplicates": duplicates,
+        "near_duplicates": 0,
+        "quarantined": len(quarantined),
+        "quarantined_by_reason": dict(Counter(r["reason"] for r in quarantined).most_common()),
+        "turns": {"2": len(accepted)} if accepted else {},
+        "scripts": script_mix([json.loads(r["messages"])[1]["content"][:500] for r in accepted]),
+        "train": sum(r["split"] == "train" for r in accepted),
+        "val": sum(r["split"] == "val" for r in accepted),
+        "unfinished": sum(not r["ended"] for r in accepted),  # stopped by max_new_tokens, not by the model
+        "prompts": str(prompts),
+        "max_new_tokens": config.data.self_rehearsal.max_new_tokens,
+    }
+
+
+def write_rehearsed(config: PipelineConfig, data: IngestResult, answers_file: Path, folder: Path) -> None:
+    answers = [json.loads(line) for line in answers_file.read_text(encoding="utf-8").splitlines()]
+    known = set(pq.read_table(data.samples, columns=["sample_id"]).column("sample_id").to_pylist())
+    judged = judge(answers, str(answers_file), known)
+    accepted, quarantined, _ = judged
+    split(accepted, config.run.seed, config.data.self_rehearsal)
+    copy_samples(data.samples, accepted, folder / "samples.parquet")
+    with (folder / "quarantine.jsonl").open("w", encoding="utf-8") as out:
+        out.write(Path(data.quarantine).read_text(encoding="utf-8"))
+        out.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in quarantined)
+    with (folder / "conversations.jsonl").open("w", encoding="utf-8") as out:
+        for r in accepted:
+            out.write(json.dumps({"line": r["line"], "split": r["split"], "messages": json.loads(r["messages"])}))
+            out.write("\n")
+    stats = {**data.stats, LABEL: source_stats(config, answers_file, answers, judged)}
+    (folder / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False))
+    mark_complete(folder)
+
+
+def copy_samples(samples: str, accepted: list[dict], path: Path) -> None:
+    """The ingested table streamed through, then the rehearsal rows: tokenisation reads one samples table."""
+    source = pq.ParquetFile(samples)
+    schema = source.schema_arrow
+    with pq.ParquetWriter(path, schema) as writer:
+        for batch in source.iter_batches(batch_size=8192):
+            writer.write_batch(batch)
+        if accepted:
+            rows = {
+                "line": [r["line"] for r in accepted],
+                "messages": [r["messages"] for r in accepted],
+                "text": [None] * len(accepted),
+                "sample_id": [r["sample_id"] for r in accepted],
+                "turns": [2] * len(accepted),
+                "source": [LABEL] * len(accepted),
+                "tag": ["general"] * len(accepted),
+                "split": [r["split"] for r in accepted],
+            }
+            writer.write_table(pa.Table.from_pydict(rows, schema=schema))
+
+
+def rehearse(config: PipelineConfig, data: IngestResult, base_dir: str) -> IngestResult:
+    """The ingested data with the rehearsal source added, as a new cache entry keyed by both."""
+    settings = config.data.self_rehearsal
+    prompts = read_prompts(rehearsal_prompts(config), settings.max_prompts)
+    answers = generate(base_dir, prompts, settings, config.run.output_dir)
+    split_settings = (config.run.seed, settings.val_fraction, settings.max_val_samples)
+    key = fingerprint(REHEARSAL_VERSION, data.key, file_digest(answers), split_settings)
+    folder = entry_dir(config.run.output_dir, Entry.REHEARSED, key)
+    with building(folder) as build:
+        if build:
+            write_rehearsed(config, data, answers, folder)
+    stats = json.loads((folder / "stats.json").read_text())
+    return IngestResult(
+        key=key,
+        folder=str(folder),
+        samples=str(folder / "samples.parquet"),
+        quarantine=str(folder / "quarantine.jsonl"),
+        stats=stats,
+    )
+
+
+def track(tracker: Tracker, result: IngestResult, planned: int) -> None:
+    """Counts as params and metrics of the parent run, and every answer (accepted or not) as artifacts."""
+    stats = result.stats[LABEL]
+    tracker.log_params(
+        {
+            "rehearsal.prompts": stats["prompts"],
+            "rehearsal.prompts_answered": stats["rows_read"],
+            "rehearsal.max_new_tokens": stats["max_new_tokens"],
+        }
+    )
+    counts = ("rows_read", "accepted", "duplicates", "quarantined", "train", "val", "unfinished")
+    metrics = {f"rehearsal_{name}": stats[name] for name in counts}
+    metrics.update({f"rehearsal_quarantined/{k}": v for k, v in stats["quarantined_by_reason"].items()})
+    metrics["rehearsal_planned_train"] = planned
+    tracker.log_metrics(metrics, step=0)
+    tracker.log_artifacts(Path(result.folder) / "conversations.jsonl", "data/rehearsal")
+    tracker.log_artifacts(stats["file"], "data/rehearsal")
+
+
+# Not cached by Prefect, as the baseline is not: a cached task would skip logging to this run's MLflow run.
+# The content-addressed entries make a rerun read the answers instead of generating them again.
+@task(name="rehearse", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_unless(IngestError))
+def rehearse_task(config: PipelineConfig, data: IngestResult, base_dir: str, tracker: Tracker) -> IngestResult:
+    result = rehearse(config, data, base_dir)
+    check_validation_sets(result.stats, config.data.min_val_samples, ("general",))
+    s, planned = result.stats[LABEL], planned_sizes(config)[LABEL]["train"]
+    track(tracker, result, planned)
+    log = run_logger()
+    log.info(
+        "%s: %d answered, %d accepted (%d train, %d val), %d duplicate, %d quarantined %s",
+        LABEL,
+        s["rows_read"],
+        s["accepted"],
+        s["train"],
+        s["val"],
+        s["duplicates"],
+        s["quarantined"],
+        s["quarantined_by_reason"] or "",
+    )
+    if s["train"] < planned:
+        log.warning(
+            "%s: the plan counted %d general training rows, %d remain after quarantine: the general pool is "
+            "repeated more often than planned",
+            LABEL,
+            planned,
+            s["train"],
+        )
+    if s["unfinished"]:
+        log.warning(
+            "%s: %d accepted answers stopped at data.self_rehearsal.max_new_tokens %d, not by the model's own end",
+            LABEL,
+            s["unfinished"],
+            s["max_new_tokens"],
+        )
+    return result

@@ -1,0 +1,40 @@
+"""What a source's accepted rows are said and checked to be, the same for a file read by ingest and for a
+source generated later in the run (data.rehearsal: self)."""
+
+from __future__ import annotations
+
+import re
+
+from tasks.readers import IngestError
+
+SCRIPTS = {
+    "LATIN": re.compile(r"[A-Za-z\u00C0-\u024F]"),
+    "CJK": re.compile(r"[\u3040-\u30FF\u3400-\u4DBF\u4E00-\u9FFF\uAC00-\uD7AF]"),
+    "CYRILLIC": re.compile(r"[\u0400-\u04FF]"),
+    "ARABIC": re.compile(r"[\u0600-\u06FF]"),
+    "DEVANAGARI": re.compile(r"[\u0900-\u097F]"),
+}
+LETTER = re.compile(r"[^\W\d_]")
+
+
+def script_mix(texts: list[str]) -> dict[str, float]:
+    """Share of letters per writing system in a sample of the source (e.g. LATIN 0.62, CJK 0.38)."""
+    sample = "".join(texts)
+    total = len(LETTER.findall(sample)) or 1
+    counts = {name: len(pattern.findall(sample)) for name, pattern in SCRIPTS.items()}
+    counts["OTHER"] = max(total - sum(counts.values()), 0)
+    return {name: round(n / total, 4) for name, n in sorted(counts.items(), key=lambda kv: -kv[1]) if n}
+
+
+def check_validation_sets(stats: dict[str, dict], minimum: int, roles: tuple[str, ...] = ("domain", "general")) -> None:
+    """A validation loss over no rows is no measurement (it read 0.0 and passed every gate): refuse it here,
+    before anything trains, naming the sources that should have filled the set."""
+    for role in roles:
+        parts = {label: s for label, s in stats.items() if s["role"] == role}
+        held_out = sum(s["val"] for s in parts.values())
+        if held_out < minimum:
+            detail = "; ".join(f"{label}: {s['val']} of {s['accepted']} accepted row(s)" for label, s in parts.items())
+            raise IngestError(
+                f"{role} validation set holds {held_out} row(s), fewer than data.min_val_samples {minimum} "
+                f"({detail}); add distinct rows or raise val_fraction"
+            )
