@@ -61,7 +61,7 @@ def is_scratch(config: PipelineConfig) -> bool:
 
 def needs_pretraining(config: PipelineConfig) -> bool:
     enabled = config.pretrain.enabled
-    return is_scratch(config) if enabled is None else enabled
+    return is_scratch(config) if enabled == "auto" else enabled
 
 
 def preset_shapes(config: PipelineConfig) -> dict:

@@ -54,6 +54,8 @@ print(code, sorted({"torch", "transformers", "prefect", "mlflow", "peft"} & sys.
             "deploy.timezone: Value error, unknown time zone 'Mars/Olympus'",
         ),
         (lambda raw: raw.update(registry={"alias": "not an alias"}), "registry.alias"),
+        (lambda raw: raw.update(pretrain={"enabled": False}), "pretrain.enabled: false needs model.path"),
+        (lambda raw: raw.update(pretrain={"enabled": "sometimes"}), "pretrain.enabled"),
     ],
 )
 def test_bad_config_names_the_field(tmp_path, mutate, expected):
@@ -176,3 +178,9 @@ def test_the_prefect_form_opens_on_data_schedule_train_validation_with_a_title_o
     # preprocessing gives fields without a default their null back)
     raw = tiny_config(tmp_path, model={"path": None, "preset": "tiny"}).model_dump(mode="json")
     validate({"config": raw}, {**schema, "definitions": definitions}, raise_on_error=True)
+
+
+@pytest.mark.parametrize(("written", "read"), [(None, "auto"), ("auto", "auto"), (True, True)])
+def test_pretraining_is_auto_true_or_false_and_null_still_reads_as_auto(tmp_path, written, read):
+    config = load_config(write_config(tmp_path, lambda raw: raw.update(pretrain={"enabled": written})))
+    assert config.pretrain.enabled == read

@@ -46,6 +46,8 @@ def test_every_field_has_a_title_and_only_optional_sub_models_offer_a_none_alter
     model = schema["definitions"]["Model"]["properties"]
     assert model["path"]["type"] == "string" and "default" not in model["path"]
     assert schema["definitions"]["Source"]["properties"]["synthetic"]["enum"] == ["general", "domain", None]
+    # A choice, not a nullable bool: the form drew that as an off switch, and an untouched form sent false.
+    assert schema["definitions"]["Pretrain"]["properties"]["enabled"]["enum"] == ["auto", True, False]
 
 
 def test_the_form_opens_on_per_run_sections_and_titles_the_rest_more(tmp_path):
@@ -91,7 +93,6 @@ def test_the_server_refuses_a_run_that_sends_a_section_the_deployment_fixes(tmp_
         ("train", "learning_rate", None),
         ("model", "path", None),
         ("schedule", "shares", None),
-        ("pretrain", "enabled", None),
     ],
 )
 def test_an_explicit_null_still_passes_the_server(tmp_path, section, field, value):

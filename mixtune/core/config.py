@@ -233,7 +233,11 @@ class Model(Strict):
 class Pretrain(Strict):
     """Continued pre-training: where knowledge goes (SFT only shapes behaviour)."""
 
-    enabled: bool | None = Field(None, description="None: only for a scratch model. True/False forces it.")
+    # Three states, not a nullable bool: the run form draws a nullable bool as an off switch, and submitting
+    # it untouched sent `false` where the config meant "auto".
+    enabled: Literal["auto", True, False] = Field(
+        "auto", description="auto: only for a scratch model (no model.path); true/false forces it."
+    )
     epochs: float = Field(2.0, gt=0, description="Passes over the pre-training text.")
     learning_rate: float | None = Field(
         None, gt=0, description="Peak learning rate (cosine decay); unset: 3e-3 from scratch, 5e-5 for model.path."
@@ -242,6 +246,11 @@ class Pretrain(Strict):
     max_steps: int | None = Field(
         None, gt=0, description="Cap on optimiser steps (ends the stage early); unset: epochs decide."
     )
+
+    @field_validator("enabled", mode="before")
+    @classmethod
+    def _unset_is_auto(cls, value):
+        return "auto" if value is None else value  # older configs wrote `enabled: null` for auto
 
 
 class Schedule(Strict):
@@ -509,6 +518,15 @@ class PipelineConfig(Strict):
         "behaviour", description="knowledge: continued pre-training first (SFT does not add knowledge)."
     )
     advisor: Advisor = Field(default_factory=Advisor)
+
+    @model_validator(mode="after")
+    def _scratch_model_is_pretrained(self) -> PipelineConfig:
+        if self.pretrain.enabled is False and self.model.path is None:
+            raise ValueError(
+                "pretrain.enabled: false needs model.path; a scratch model (model.preset) has no weights to "
+                "start from before pre-training"
+            )
+        return self
 
     def train_learning_rate(self) -> tuple[float, str]:
         """The stage learning rate and why: the user's, else the default for this kind of model and method."""
