@@ -96,7 +96,12 @@ def finetune(config: PipelineConfig, fresh: bool = False) -> RunSummary:
     mix domain into general data, train, validate on domain and general data, and let the gate continue, hold,
     back off or stop. The final model then challenges the registered champion.
 
-    A run of the same inputs whose process died is continued where it stopped, unless `fresh`."""
+    A run of the same inputs whose process died is continued where it stopped, unless `fresh`.
+
+    Args:
+        config: The pipeline config (pipeline.yaml's sections).
+        fresh: Start over even if an interrupted run of the same inputs could be continued.
+    """
     os.umask(0o077)  # databases, caches, quarantined rows and models: readable by their owner only
     config = confine(config, deployment.id is not None)
     config = resolve_paths(config, Path.cwd(), "flow parameter config")

@@ -201,6 +201,7 @@ def pretrain(model, tokenizer, table: pd.DataFrame, config: PipelineConfig, fold
 
 @task(
     name="tokenizer",
+    task_run_name="tokenizer",
     retries=2,
     retry_delay_seconds=[2, 10],
     persist_result=True,
@@ -217,6 +218,7 @@ def tokenizer_task(config: PipelineConfig, samples_path: str, ingest_key: str) -
 
 @task(
     name="pretrain",
+    task_run_name="pretrain",
     retries=2,
     retry_delay_seconds=[5, 30],
     persist_result=True,

@@ -105,19 +105,19 @@ def challenge(
 
 
 # The flow calls it after the parent run has ended FINISHED: a run killed before that never holds the champion.
-@task(name="crown", retries=2, retry_delay_seconds=[2, 10])
+@task(name="crown", task_run_name="crown", retries=2, retry_delay_seconds=[2, 10])
 def crown_task(tracker: Tracker, verdict: Verdict) -> None:
     if verdict.decision in ("first", "promote"):
         move_alias(tracker, verdict.model_name, verdict.alias, verdict.version)
 
 
-@task(name="champion", retries=2, retry_delay_seconds=[2, 10])
+@task(name="champion", task_run_name="champion", retries=2, retry_delay_seconds=[2, 10])
 def champion_task(config: PipelineConfig, tracker: Tracker, sft_path: str) -> str | None:
     return current_champion(config, tracker, sft_path)
 
 
 # No retries: a second attempt would meet the version this one may already have promoted.
-@task(name="challenge")
+@task(name="challenge", task_run_name="challenge")
 def challenge_task(
     config: PipelineConfig,
     tracker: Tracker,

@@ -169,7 +169,13 @@ def publish(config: PipelineConfig, tracker: Tracker, data: IngestResult, tokens
     return text, plot
 
 
-@task(name="data-report", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_unless(IngestError))
+@task(
+    name="data-report",
+    task_run_name="data report",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=retry_unless(IngestError),
+)
 def data_report_task(config: PipelineConfig, tracker: Tracker, data: IngestResult, tokens: TokenizedData) -> str:
     text, plot = publish(config, tracker, data, tokens)
     artifacts.markdown("data-report", text, "What became of every row, per source")

@@ -290,6 +290,7 @@ def ingest_cache_key(config: PipelineConfig) -> str:
 
 @task(
     name="ingest",
+    task_run_name="ingest",
     retries=2,
     retry_delay_seconds=[2, 10],
     persist_result=True,

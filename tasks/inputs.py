@@ -108,7 +108,7 @@ def skip_if_unchanged(config: PipelineConfig) -> Verdict | None:
     return verdict
 
 
-@task(name="check-inputs", retries=2, retry_delay_seconds=[2, 5])
+@task(name="check-inputs", task_run_name="check inputs", retries=2, retry_delay_seconds=[2, 5])
 def unchanged_task(config: PipelineConfig, experiment: Experiment, digest: str) -> str | None:
     return unchanged_since(config, experiment, digest)
 

@@ -305,7 +305,7 @@ def make_plan(config: PipelineConfig, stats: dict[str, dict]) -> RunPlan:
     return RunPlan(config=planned, advice=advice, epochs=epochs, text=format_plan(advice, epochs, planned))
 
 
-@task(name="plan", retries=2, retry_delay_seconds=[2, 10])
+@task(name="plan", task_run_name="plan", retries=2, retry_delay_seconds=[2, 10])
 def plan_task(config: PipelineConfig, stats: dict[str, dict], tracker: Tracker) -> RunPlan:
     plan = make_plan(config, stats)
     tracker.log_text(plan.text, "plan/plan.txt")

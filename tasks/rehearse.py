@@ -275,7 +275,13 @@ def track(tracker: Tracker, result: IngestResult, planned: int) -> None:
 
 # Not cached by Prefect, as the baseline is not: a cached task would skip logging to this run's MLflow run.
 # The content-addressed entries make a rerun read the answers instead of generating them again.
-@task(name="rehearse", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_unless(IngestError))
+@task(
+    name="rehearse",
+    task_run_name="rehearse",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=retry_unless(IngestError),
+)
 def rehearse_task(config: PipelineConfig, data: IngestResult, base_dir: str, tracker: Tracker) -> IngestResult:
     result = rehearse(config, data, base_dir)
     check_validation_sets(result.stats, config.data.min_val_samples, ("general",))

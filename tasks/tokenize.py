@@ -350,6 +350,7 @@ def encode_batch(rows: dict, encoder: Encoder, sft: TableWriter, pretrain: Packe
 
 @task(
     name="tokenize",
+    task_run_name="tokenize",
     retries=2,
     retry_delay_seconds=[2, 10],
     persist_result=True,

@@ -449,12 +449,12 @@ def alias_run_id(uri: str, model_name: str, alias: str) -> str | None:
         return None
 
 
-@task(name="open-experiment", retries=3, retry_delay_seconds=[2, 5, 15])
+@task(name="open-experiment", task_run_name="open experiment", retries=3, retry_delay_seconds=[2, 5, 15])
 def open_experiment_task(config: PipelineConfig) -> Experiment:
     return open_experiment(config)
 
 
-@task(name="start-tracking", retries=3, retry_delay_seconds=[2, 5, 15])
+@task(name="start-tracking", task_run_name="start tracking", retries=3, retry_delay_seconds=[2, 5, 15])
 def start_tracking_task(
     config: PipelineConfig,
     flow_run_id: str,

@@ -90,7 +90,7 @@ def stage_losses(config: PipelineConfig, trained: StageTraining, sft_path: str, 
     return evaluate(trained.model_dir, base_dir, sft_path, config.validation.batch_size)
 
 
-@task(name="baseline", retries=2, retry_delay_seconds=[2, 10])
+@task(name="baseline", task_run_name="baseline (base model)", retries=2, retry_delay_seconds=[2, 10])
 def baseline_task(
     config: PipelineConfig, base_dir: str, sft_path: str, probes: list[dict], tracker: Tracker
 ) -> TokenLosses:

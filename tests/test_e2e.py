@@ -1,6 +1,7 @@
 """The real flow on a tiny config: ephemeral Prefect server, SQLite MLflow, a 2-layer model on CPU."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -98,10 +99,13 @@ def test_second_run_reuses_ingest_and_pretraining(prefect_harness, tmp_path):
     flow_run_id = client.get_run(second.parent_run_id).data.tags["mixtune.flow_run_id"]
     with get_client(sync_client=True) as prefect:
         task_runs = prefect.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    states = {run.name.rsplit("-", 1)[0]: run.state.name for run in task_runs}
+    states = {run.name: run.state.name for run in task_runs}
     assert {states[name] for name in CACHED_TASKS} == {"Cached"}, states
-    # Stage tasks are named by stage and share (`train stage 1 (share 0.10)`), the others `<task>-<id>`.
+    # Stage tasks are named by stage and share (`train stage 1 (share 0.10)`), the others by what they do, with
+    # no random suffix (Prefect's default `ingest-a3f`).
     assert {states["train stage 1 (share 0.10)"], states["train stage 2 (share 0.50)"]} == {"Completed"}
+    assert {"baseline (base model)", "data report", "publish", "challenge", "crown"} <= set(states)
+    assert [name for name in states if re.search(r"-[0-9a-f]{3}$", name)] == []
 
 
 def test_forgetting_guard_stops_and_keeps_the_model_before_the_breach(prefect_harness, tmp_path):
