@@ -468,6 +468,9 @@ def main() -> None:
     parser.add_argument("--memory-steps", type=int, default=3)
     parser.add_argument("--run-minutes", type=float, default=5.0)
     parser.add_argument("--quick", action="store_true", help="toy sizes: checks that every part runs")
+    parser.add_argument(
+        "--skip-memory", action="store_true", help="leave out the peak-RSS part (its figures do not depend on load)"
+    )
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -482,8 +485,9 @@ def main() -> None:
     try:
         samples_per_second = speed_part(work, args)
         print(f"(speed part: {time.perf_counter() - started:.0f} s so far)")
-        memory_part(work, args)
-        print(f"(memory part: {time.perf_counter() - started:.0f} s so far)")
+        if not args.skip_memory:
+            memory_part(work, args)
+            print(f"(memory part: {time.perf_counter() - started:.0f} s so far)")
         run_part(work, args, work / "tokenizer", samples_per_second)
         print(f"(whole benchmark: {time.perf_counter() - started:.0f} s)")
     finally:
