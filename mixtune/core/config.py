@@ -174,7 +174,7 @@ class Data(Strict):
 
     sources: list[Source] = Field(min_length=1, description="Inputs, each tagged general, domain or pretrain.")
     reasoning: Literal["keep", "drop"] = Field(
-        "keep", description="An assistant turn's reasoning_content: kept (as a think block before the answer) or dropped."
+        "keep", description="An assistant turn's reasoning_content: kept (as a think block) or dropped."
     )
     dedupe: Literal["exact", "normalized"] = Field(
         "exact", description="normalized also drops near-duplicates (case, whitespace and punctuation aside)."
