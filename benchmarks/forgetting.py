@@ -2,9 +2,9 @@
 model learns the domain? Measured from one base model, on one set of validation rows, at equal compute.
 
     python benchmarks/forgetting.py [--out forgetting-bench] [--config pipeline.yaml] [--base MODEL_DIR]
-                                    [--samples-per-stage 256] [--stages 4] [--max-seq-len 384]
-                                    [--preset small] [--vocab-size N] [--pretrain-epochs 1]
-                                    [--base-samples 512] [--arms domain-only,ramp,...]
+                                    [--samples-per-stage 128] [--stages 4] [--max-seq-len 512]
+                                    [--preset small] [--vocab-size 6400] [--pretrain-epochs 1]
+                                    [--pretrain-steps 60] [--base-samples 256] [--arms domain-only,ramp,...]
 
 Arms, each an ordinary `mixtune run <out>/configs/<arm>.yaml --fresh` (the commands are printed, so the same
 arms can be run by hand), all into the MLflow experiment `forgetting` of one SQLite database, <out>/mlflow.db:
@@ -47,9 +47,12 @@ is there for `--base` with a real model.
 Output in --out: table.md (the markdown table, also printed), compare.txt and compare-forgetting.png
 (`mixtune compare` on the experiment), configs/, logs/ (each run's output), runs/ (caches, checkpoints).
 
-Budget: the defaults fit about 30 minutes on 2 CPU cores (base creation included). On a GPU, scale up, e.g.
-`--preset minimind2-small --vocab-size 6400 --max-seq-len 1024 --samples-per-stage 20000 --base-samples
-50000 --pretrain-epochs 2` (bf16 comes from `train.precision: auto`), or `--base` with a real model.
+Budget: the defaults (a `small` model, 4x128 in MiniMind's layout with its 6,400-token vocabulary, about 1.7M
+parameters; 512 tokens, since cmrc's contexts are long and a sample cut before its answer has no labels; 60
+pre-training steps; 256 general SFT samples for the base; 4 stages of 128 samples per arm; 100 validation rows
+per source) aim at 30 minutes on 2 CPU cores, base creation included. On a GPU, scale up, e.g.
+`--preset minimind2-small --max-seq-len 1024 --pretrain-steps 5000 --base-samples 50000
+--samples-per-stage 20000` (bf16 comes from `train.precision: auto`), or `--base` with a real model.
 """
 
 from __future__ import annotations
@@ -88,6 +91,7 @@ class Arm:
     name: str
     method: str
     schedule: dict  # replaces the schedule's shape fields; stages and samples_per_stage are shared
+    gated: bool = False  # keeps the config's forgetting budget (the adaptive ramp steers by it); else GATE_OFF
     validation: dict = field(default_factory=dict)  # on top of the shared, end-only validation
     data: dict = field(default_factory=dict)  # e.g. the rehearsal switch
 
@@ -113,7 +117,7 @@ def arm_list(stages: int, rehearsal: bool | None = None) -> list[Arm]:
         arms.append(Arm("self-rehearsal", "full", ramp, data={"rehearsal": "self"}))
     # hold, never stop, so that it trains every stage; its share after a breach is the rule's own
     adaptive = {"on_forgetting": "hold", "max_guard_actions": stages}
-    arms.append(Arm("adaptive", "full", {"start": 0.1, "end": 0.5, "shape": "adaptive"}, validation=adaptive))
+    arms.append(Arm("adaptive", "full", {"start": 0.1, "end": 0.5, "shape": "adaptive"}, True, adaptive))
     return arms
 
 
@@ -129,22 +133,24 @@ def select_arms(arms: list[Arm], names: list[str] | None) -> list[Arm]:
 
 def default_raw_config(data: Path = DATA) -> dict:
     """The benchmark's own pipeline on the shared public data (README: Config reference)."""
-    cmrc_eval = {"metric": "exact_match", "max_samples": 40, "max_new_tokens": 32}
+    cmrc_eval = {"metric": "exact_match", "max_samples": 30, "max_new_tokens": 24}
+    val = {"max_val_samples": 100}  # validation is forward passes at every stage end of every arm
     return {
         "run": {"name": "forgetting", "seed": 0},
         "data": {
             "sources": [
-                {"path": str(data / "general_en_selfinstruct.alpaca.jsonl"), "role": "general"},
-                {"path": str(data / "general_zh_cmrc2018.minimind.jsonl"), "role": "general", "eval": cmrc_eval},
-                {"path": str(data / "domain_med_zh_huatuo.alpaca.jsonl"), "role": "domain"},
+                {"path": str(data / "general_en_selfinstruct.alpaca.jsonl"), "role": "general", **val},
+                {"path": str(data / "general_zh_cmrc2018.minimind.jsonl"), "role": "general", "eval": cmrc_eval, **val},
+                {"path": str(data / "domain_med_zh_huatuo.alpaca.jsonl"), "role": "domain", **val},
                 {"path": str(data / "pretrain_en_wiki.txt"), "role": "pretrain"},
                 {"path": str(data / "pretrain_en_c4.jsonl"), "role": "pretrain"},
                 {"path": str(data / "pretrain_zh_cmrc_contexts.jsonl"), "role": "pretrain"},
             ]
         },
-        "model": {"preset": "small", "max_seq_len": 384},
-        "pretrain": {"epochs": 1},
-        "schedule": {"stages": 4, "samples_per_stage": 256},
+        "model": {"preset": "small", "vocab_size": 6400, "max_seq_len": 512},
+        # pre-training reads the general conversations as text too: ~2.9M tokens an epoch, an hour here; capped
+        "pretrain": {"epochs": 1, "max_steps": 60},
+        "schedule": {"stages": 4, "samples_per_stage": 128},
         "train": {"method": "full", "batch_size": 16},
         "validation": {"forgetting_budget": 0.10},
     }
@@ -206,7 +212,7 @@ def arm_config(config: PipelineConfig, arm: Arm, base: str, scratch_base: bool, 
     raw = config.model_dump(mode="json")
     keep = ("domain",) if arm.data.get("rehearsal") else ("general", "domain")
     raw["schedule"] = arm_schedule(config, arm)
-    budget = config.validation.forgetting_budget if arm.validation else GATE_OFF
+    budget = config.validation.forgetting_budget if arm.gated else GATE_OFF
     overrides = measurement(config, out, arm.name, EXPERIMENT, budget)
     overrides["validation"].update(arm.validation)
     overrides |= {
@@ -476,6 +482,7 @@ def knob_overrides(args) -> list[str]:
         "schedule.samples_per_stage": args.samples_per_stage,
         "schedule.stages": args.stages,
         "pretrain.epochs": args.pretrain_epochs,
+        "pretrain.max_steps": args.pretrain_steps,
     }
     return [f"{key}={value}" for key, value in knobs.items() if value is not None]
 
@@ -502,6 +509,7 @@ def main() -> None:
     parser.add_argument("--preset", choices=["tiny", "small", "minimind2-small"], default=None)
     parser.add_argument("--vocab-size", type=int, default=None)
     parser.add_argument("--pretrain-epochs", type=float, default=None)
+    parser.add_argument("--pretrain-steps", type=int, default=None, help="cap on pre-training steps")
     parser.add_argument("--base-samples", type=int, default=None, help="general SFT samples of the scratch base")
     args = parser.parse_args()
     out = Path(args.out).resolve()
