@@ -349,6 +349,29 @@ def arm_record(client, experiment: str, name: str, wall_s: float) -> dict:
     }
 
 
+def common_validation_table(out: Path) -> Path:
+    """The token table of a run that read the real general sources. Each source's validation split depends only
+    on that source and the seed, so every such run holds the same validation rows: any one will do."""
+    from tasks.rehearse import LABEL
+
+    for report in sorted((out / "runs" / "cache").glob("tokens-*/data_report.json")):
+        if LABEL not in report.read_text(encoding="utf-8"):
+            return report.parent / "sft.parquet"
+    raise RuntimeError(f"no token table under {out / 'runs' / 'cache'} holds the general sources' validation rows")
+
+
+def remeasured(record: dict, client, base: str, out: Path, batch_size: int) -> dict:
+    """A self-rehearsal arm validates on held-out answers of its own base, not on the general sources' rows. For
+    the table, its base and delivered model are measured again on those rows, which it never trained on, the
+    same way the other arms were (mixtune's own evaluation, the config's batch size)."""
+    from tasks.models import evaluate
+
+    table = str(common_validation_table(out))
+    final = final_model_dir(client, EXPERIMENT, record["arm"])
+    losses = {"base": evaluate(base, base, table, batch_size), "final": evaluate(final, base, table, batch_size)}
+    return {**record, **{key: value.model_dump() for key, value in losses.items()}}
+
+
 # --- the table (pure) --------------------------------------------------------------------------------------
 
 
@@ -458,10 +481,13 @@ def run_benchmark(
     for path in paths.values():
         print(f"  mixtune {' '.join(run_command(path))}")
     client, records = client_for(tracking_uri(out)), []
-    for name, path in paths.items():
-        walls[name] = timed(runner, run_command(path), out / "logs" / f"{name}.log")
-        records.append(arm_record(client, EXPERIMENT, name, walls[name]))
-        print(f"arm {name}: {walls[name]:.0f} s", flush=True)
+    for arm in arms:
+        walls[arm.name] = timed(runner, run_command(paths[arm.name]), out / "logs" / f"{arm.name}.log")
+        records.append(arm_record(client, EXPERIMENT, arm.name, walls[arm.name]))
+        print(f"arm {arm.name}: {walls[arm.name]:.0f} s", flush=True)
+    for i, arm in enumerate(arms):
+        if arm.data.get("rehearsal"):
+            records[i] = remeasured(records[i], client, base, out, config.validation.batch_size)
     plot = out / f"compare-{EXPERIMENT}.png"
     compare_args = ["compare", str(next(iter(paths.values()))), "--experiment", EXPERIMENT]
     compare_args += ["--tracking-uri", tracking_uri(out), "--out", str(plot)]
