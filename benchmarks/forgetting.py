@@ -481,22 +481,42 @@ def run_benchmark(
     for path in paths.values():
         print(f"  mixtune {' '.join(run_command(path))}")
     client, records = client_for(tracking_uri(out)), []
+    failed = {}
     for arm in arms:
-        walls[arm.name] = timed(runner, run_command(paths[arm.name]), out / "logs" / f"{arm.name}.log")
-        records.append(arm_record(client, EXPERIMENT, arm.name, walls[arm.name]))
-        print(f"arm {arm.name}: {walls[arm.name]:.0f} s", flush=True)
-    for i, arm in enumerate(arms):
+        try:
+            walls[arm.name] = timed(runner, run_command(paths[arm.name]), out / "logs" / f"{arm.name}.log")
+        except RuntimeError as err:  # one arm that cannot run (a base that cannot answer) must not sink the rest
+            failed[arm.name] = why_failed(str(err))
+            print(f"arm {arm.name}: failed: {failed[arm.name]}", flush=True)
+            continue
+        record = arm_record(client, EXPERIMENT, arm.name, walls[arm.name])
         if arm.data.get("rehearsal"):
-            records[i] = remeasured(records[i], client, base, out, config.validation.batch_size)
+            record = remeasured(record, client, base, out, config.validation.batch_size)
+        records.append(record)
+        print(f"arm {arm.name}: {walls[arm.name]:.0f} s", flush=True)
     plot = out / f"compare-{EXPERIMENT}.png"
     compare_args = ["compare", str(next(iter(paths.values()))), "--experiment", EXPERIMENT]
     compare_args += ["--tracking-uri", tracking_uri(out), "--out", str(plot)]
     walls["compare"] = timed(runner, compare_args, out / "compare.txt")
     rows = result_rows(records)
-    table = markdown_table(rows)
+    table = markdown_table(rows) + "".join(f"\n\nArm {name} did not finish: {why}" for name, why in failed.items())
     (out / "table.md").write_text(table + "\n", encoding="utf-8")
     walls["total"] = time.perf_counter() - started
-    return {"rows": rows, "markdown": table, "walls": walls, "compare": out / "compare.txt", "plot": plot}
+    return {
+        "rows": rows,
+        "markdown": table,
+        "walls": walls,
+        "failed": failed,
+        "compare": out / "compare.txt",
+        "plot": plot,
+    }
+
+
+def why_failed(error: str) -> str:
+    """mixtune's own message from the log's tail (the lines from its last `mixtune:` line), else the last line."""
+    lines = [line.strip() for line in error.splitlines() if line.strip()]
+    starts = [i for i, line in enumerate(lines) if line.startswith("mixtune:") and " failed (exit " not in line]
+    return " ".join(lines[starts[-1] : starts[-1] + 2]) if starts else lines[-1]
 
 
 def knob_overrides(args) -> list[str]:

@@ -212,6 +212,18 @@ def write_rehearsed(config: PipelineConfig, data: IngestResult, answers_file: Pa
     mark_complete(folder)
 
 
+def refuse_unusable(stats: dict) -> None:
+    """No accepted answer: the base model cannot rehearse itself, which says more than an empty validation set."""
+    if stats["accepted"]:
+        return
+    reasons = ", ".join(f"{reason} {n}" for reason, n in stats["quarantined_by_reason"].items()) or "none quarantined"
+    raise IngestError(
+        f"{LABEL}: none of the base model's {stats['rows_read']} answers is usable ({reasons}); a model that does "
+        "not answer yet has nothing to rehearse: give model.path a model that answers, or pre-train it longer "
+        f"(every answer: {stats['file']})"
+    )
+
+
 def copy_samples(samples: str, accepted: list[dict], path: Path) -> None:
     """The ingested table streamed through, then the rehearsal rows: tokenisation reads one samples table."""
     source = pq.ParquetFile(samples)
@@ -284,9 +296,10 @@ def track(tracker: Tracker, result: IngestResult, planned: int) -> None:
 )
 def rehearse_task(config: PipelineConfig, data: IngestResult, base_dir: str, tracker: Tracker) -> IngestResult:
     result = rehearse(config, data, base_dir)
-    check_validation_sets(result.stats, config.data.min_val_samples, ("general",))
     s, planned = result.stats[LABEL], planned_sizes(config)[LABEL]["train"]
-    track(tracker, result, planned)
+    track(tracker, result, planned)  # first: the answers and their reasons are in MLflow even when refused below
+    refuse_unusable(s)
+    check_validation_sets(result.stats, config.data.min_val_samples, ("general",))
     log = run_logger()
     log.info(
         "%s: %d answered, %d accepted (%d train, %d val), %d duplicate, %d quarantined %s",

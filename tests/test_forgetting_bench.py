@@ -130,3 +130,18 @@ def test_two_arms_from_one_scratch_base_are_measured_against_the_same_base_losse
     table = (out / "table.md").read_text()
     assert "| domain-only | full |" in table and "| ramp | full |" in table
     assert "domain-only-" in result["compare"].read_text() and result["plot"].is_file()
+
+
+def test_a_failed_arm_is_reported_by_mixtunes_own_message():
+    error = (
+        "mixtune run /b/configs/self-rehearsal.yaml --fresh failed (exit 2); log /b/logs/self-rehearsal.log:\n"
+        "Traceback (most recent call last):\n  ...\n"
+        "mixtune: unusable input, nothing was trained:\n"
+        "  rehearsal:self: none of the base model's 180 answers is usable (empty_answer 180)\n"
+        "01:23:16.003 | INFO    | prefect - Stopping temporary server on http://127.0.0.1:8204\n"
+    )
+    assert bench.why_failed(error) == (
+        "mixtune: unusable input, nothing was trained: "
+        "rehearsal:self: none of the base model's 180 answers is usable (empty_answer 180)"
+    )
+    assert bench.why_failed("mixtune run x failed (exit 1); log l:\nKilled") == "Killed"

@@ -60,6 +60,16 @@ def test_a_conversation_already_ingested_is_a_duplicate_not_a_new_row():
     assert again[0] == [] and again[1] == [] and again[2] == 1
 
 
+def test_a_base_model_with_no_usable_answer_is_refused_with_the_reasons():
+    from tasks.readers import IngestError
+    from tasks.rehearse import refuse_unusable
+
+    stats = {"accepted": 0, "rows_read": 180, "quarantined_by_reason": {"empty_answer": 170, "degenerate_answer": 10}}
+    with pytest.raises(IngestError, match=r"none of the base model's 180 answers is usable \(empty_answer 170, degen"):
+        refuse_unusable({**stats, "file": "answers.jsonl"})
+    refuse_unusable({**stats, "accepted": 1, "file": "answers.jsonl"})
+
+
 def test_the_validation_split_is_seeded_and_follows_val_fraction():
     rows = [answer(i, f"answer number {i} says something different") for i in range(1, 41)]
     settings = SelfRehearsal(val_fraction=0.2, max_val_samples=5)
