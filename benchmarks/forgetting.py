@@ -15,8 +15,8 @@ arms can be run by hand), all into the MLflow experiment `forgetting` of one SQL
     adaptive           full SFT, `schedule.shape: adaptive` from 0.1 toward 0.5, steered by the forgetting budget
     lora-ramp          LoRA on the ramp
     lora-domain-only   LoRA, domain share 1.0 in every stage
-    self-rehearsal     domain source only, `data.rehearsal: self`; listed only once the config schema has that
-                       field (it comes from another branch), so it switches on by itself when that is merged
+    self-rehearsal     domain source only, `data.rehearsal: self`: the general side is the base model's own
+                       answers; measured on the general sources' validation rows like every other arm
 
 Equal compute: every arm trains `--stages` stages of `--samples-per-stage` samples, evaluated only at each
 stage's end (no early stop cuts a stage short; the best checkpoint is the last), so the arms differ only in
@@ -72,7 +72,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mixtune.core.config import Data, PipelineConfig, load_config, validate_config  # noqa: E402
+from mixtune.core.config import PipelineConfig, load_config, validate_config  # noqa: E402
 
 EXPERIMENT, BASE_EXPERIMENT = "forgetting", "forgetting-base"
 # A forgetting budget no run reaches (general loss 11x the base's): the gate and the mid-stage stop stay off.
@@ -96,14 +96,9 @@ class Arm:
     data: dict = field(default_factory=dict)  # e.g. the rehearsal switch
 
 
-def has_rehearsal() -> bool:
-    return "rehearsal" in Data.model_fields
-
-
-def arm_list(stages: int, rehearsal: bool | None = None) -> list[Arm]:
+def arm_list(stages: int) -> list[Arm]:
     """Every arm of the benchmark. The adaptive ramp runs last: `mixtune compare` draws the newest run's
     forgetting budget as its line, and only the adaptive arm has a real one."""
-    rehearsal = has_rehearsal() if rehearsal is None else rehearsal
     ramp = {"start": 0.1, "end": 0.5, "shape": "linear"}
     arms = [
         Arm("domain-only", "full", {"shares": [1.0] * stages}),
@@ -112,9 +107,9 @@ def arm_list(stages: int, rehearsal: bool | None = None) -> list[Arm]:
         Arm("ramp", "full", ramp),
         Arm("lora-ramp", "lora", ramp),
         Arm("lora-domain-only", "lora", {"shares": [1.0] * stages}),
+        # the general half of the mix is the model's own answers: no general source at all
+        Arm("self-rehearsal", "full", ramp, data={"rehearsal": "self"}),
     ]
-    if rehearsal:  # the general half of the mix is the model's own answers: no general source at all
-        arms.append(Arm("self-rehearsal", "full", ramp, data={"rehearsal": "self"}))
     # hold, never stop, so that it trains every stage; its share after a breach is the rule's own
     adaptive = {"on_forgetting": "hold", "max_guard_actions": stages}
     arms.append(Arm("adaptive", "full", {"start": 0.1, "end": 0.5, "shape": "adaptive"}, True, adaptive))
