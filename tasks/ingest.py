@@ -37,7 +37,7 @@ from tasks.readers import (
     where,
 )
 from tasks.records import IngestResult
-from tasks.sources import check_validation_sets, script_mix
+from tasks.sources import check_validation_sets, script_mix, validation_count
 from tasks.synthetic import write_synthetic
 
 __all__ = ["IngestError", "IngestResult", "ingest", "ingest_task"]
@@ -151,7 +151,7 @@ class SourceReader:
                 self.write(writer, self.held_out.offer(kept), "train")
         self.check_unchanged(before, digest)
         self.check_usable()
-        n_val = min(self.source.max_val_samples, round(self.source.val_fraction * self.accepted))
+        n_val = validation_count(self.accepted, self.source.val_fraction, self.source.max_val_samples)
         val, train = self.held_out.final(n_val)
         self.write(writer, train, "train")
         self.write(writer, val, "val")

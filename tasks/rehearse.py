@@ -28,7 +28,7 @@ from tasks.models import weights_digest
 from tasks.probes import answer_probes
 from tasks.readers import IngestError, preview, sample_key, split_hash
 from tasks.records import IngestResult
-from tasks.sources import check_validation_sets, script_mix
+from tasks.sources import check_validation_sets, script_mix, validation_count
 from tasks.tracking import Tracker
 
 REHEARSAL_VERSION = 1
@@ -72,12 +72,12 @@ def planned_sizes(config: PipelineConfig) -> dict[str, dict]:
         return {}
     settings = config.data.self_rehearsal
     answered = len(read_prompts(rehearsal_prompts(config), settings.max_prompts))
-    return {LABEL: {"role": "general", "train": answered - held_out(answered, settings)}}
-
-
-def held_out(accepted: int, settings: SelfRehearsal) -> int:
-    """The same rule as an ingested source's validation share."""
-    return min(settings.max_val_samples, round(settings.val_fraction * accepted))
+    return {
+        LABEL: {
+            "role": "general",
+            "train": answered - validation_count(answered, settings.val_fraction, settings.max_val_samples),
+        }
+    }
 
 
 def model_digest(base_dir: str) -> str:
@@ -159,7 +159,7 @@ def quarantine_record(file: str, row: dict, reason: str, message: str) -> dict:
 
 def split(accepted: list[dict], seed: int, settings: SelfRehearsal) -> None:
     """The seeded validation draw of any source: the rows with the smallest split hashes are held out."""
-    n_val = held_out(len(accepted), settings)
+    n_val = validation_count(len(accepted), settings.val_fraction, settings.max_val_samples)
     ranked = sorted(accepted, key=lambda r: split_hash(seed, r["sample_id"]))
     for i, row in enumerate(ranked):
         row["split"] = "val" if i < n_val else "train"

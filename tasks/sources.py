@@ -17,6 +17,11 @@ SCRIPTS = {
 LETTER = re.compile(r"[^\W\d_]")
 
 
+def validation_count(accepted: int, val_fraction: float, max_val_samples: int) -> int:
+    """How many of a source's accepted rows are held out for validation."""
+    return min(max_val_samples, round(val_fraction * accepted))
+
+
 def script_mix(texts: list[str]) -> dict[str, float]:
     """Share of letters per writing system in a sample of the source (e.g. LATIN 0.62, CJK 0.38)."""
     sample = "".join(texts)
