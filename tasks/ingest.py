@@ -29,6 +29,7 @@ from tasks.readers import (
     PARALLEL_FROM_BYTES,
     IngestError,
     checked_files,
+    expansion,
     has_utf8_bom,
     location_unit,
     normalise_item,
@@ -140,7 +141,8 @@ class SourceReader:
     def run(self, writer: pq.ParquetWriter, quarantine) -> dict:
         before = self.part_states()
         digest = source_digest(self.files)  # what the cache key hashed, unless a file changed since
-        parallel = sum(size for size, _ in before) >= PARALLEL_FROM_BYTES
+        data_bytes = sum(size * expansion(part) for part, (size, _) in zip(self.files.parts, before))
+        parallel = data_bytes >= PARALLEL_FROM_BYTES
         spec_of = partial(worker_spec, self.source, self.config)
         rows = source_chunks(self.files, spec_of, self.source.text_split, self.config.data.max_row_bytes)
         for accepted, rejected in ordered_map(normalise_item, rows, parallel):
