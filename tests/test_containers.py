@@ -102,28 +102,6 @@ def test_the_cache_key_is_the_hash_of_the_compressed_bytes(tmp_path):
     assert source_fingerprint(config.data.sources[1], 0)["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize(
-    "content, message",
-    [
-        (gzip.compress(jsonl([conversation(i) for i in range(50)]))[:-30], "damaged gzip data"),
-        (b"not gzip at all", "not readable as gzip"),
-    ],
-)
-def test_damaged_compressed_file_is_an_error_naming_it(tmp_path, content, message):
-    path = tmp_path / "domain.jsonl.gz"
-    path.write_bytes(content)
-    with pytest.raises(IngestError, match=message) as err:
-        ingest(domain_config(tmp_path, path))
-    assert str(path) in str(err.value)
-
-
-def test_a_compressed_parquet_file_is_refused_with_the_reason(tmp_path):
-    path = tmp_path / "domain.parquet.gz"
-    path.write_bytes(gzip.compress(b"PAR1"))
-    with pytest.raises(IngestError, match="Parquet compresses inside the file"):
-        ingest(domain_config(tmp_path, path))
-
-
 def parquet_shards(folder: Path, rows: list[dict], shards: int = 4) -> list[Path]:
     folder.mkdir()
     size = len(rows) // shards
