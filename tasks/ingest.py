@@ -23,22 +23,17 @@ from mixtune.core.config import PipelineConfig, Source
 from mixtune.core.datafiles import Part
 from mixtune.core.logs import run_logger
 from mixtune.core.retry import retry_unless
-from tasks.keys import ingest_key
-from tasks.readers import (
-    CHUNK_SCHEMA,
-    PARALLEL_FROM_BYTES,
+from tasks.files import (
     IngestError,
     checked_files,
     expansion,
     has_utf8_bom,
     location_unit,
-    normalise_item,
-    ordered_map,
-    source_chunks,
     source_digest,
     source_layout,
-    where,
 )
+from tasks.keys import ingest_key
+from tasks.readers import CHUNK_SCHEMA, PARALLEL_FROM_BYTES, normalise_item, ordered_map, source_chunks, where
 from tasks.records import IngestResult
 from tasks.sources import check_validation_sets, script_mix, validation_count
 from tasks.synthetic import write_synthetic

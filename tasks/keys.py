@@ -6,7 +6,7 @@ from pathlib import Path
 
 from mixtune.core.cache import file_digest, fingerprint
 from mixtune.core.config import PipelineConfig, Source
-from tasks.readers import checked_files, source_digest
+from tasks.files import checked_files, source_digest
 from tasks.synthetic import GENERATOR_VERSION
 
 INGEST_VERSION = 4  # 4: prompt-completion and key-pair rows read; compressed files and folders
