@@ -1,9 +1,10 @@
 """Ingest at scale: a generated MiniMind-style conversations file (1,000,000 rows, ~300 tokens each by
 default) through parse -> validate -> dedupe (mixtune's ingest), then tokenisation, each in its own process
 so that peak RSS is that phase's own. Baselines run in the same script: pandas `read_json(lines=True)` of
-the same file, and the raw `tokenizers` batch-encode of the same rendered texts.
+the same file, and the raw `tokenizers` batch-encode of the same rendered texts. The same rows are also
+ingested as a `.jsonl.gz` file and as a folder of 4 Parquet shards, next to the plain JSONL.
 
-    python benchmarks/ingest.py [--rows 1000000] [--workdir /tmp/mixtune-bench]
+    python benchmarks/ingest.py [--rows 1000000] [--workdir /tmp/mixtune-bench] [--ingest-only]
 
 Prints one table; figures are ratios and rates from this run only (the machine is shared and noisy).
 """
@@ -125,6 +126,28 @@ def phase_ingest(path: str, workdir: str) -> dict:
     }
 
 
+def containers(data: Path, clean: Path, work: Path) -> tuple[Path, Path]:
+    """The file gzip-compressed (streamed, level 6), and its rows less the broken lines (Parquet cannot hold
+    them) as 4 Parquet shards: the same data in the containers sets are published in."""
+    import gzip
+    import shutil
+
+    import pyarrow.json as pj
+    import pyarrow.parquet as pq
+
+    packed, shards = work / f"{data.name}.gz", work / f"{clean.stem}-parquet"
+    if not packed.is_file():
+        with data.open("rb") as source, gzip.open(packed, "wb", compresslevel=6) as sink:
+            shutil.copyfileobj(source, sink, 1 << 20)
+    if not shards.is_dir():
+        table = pj.read_json(clean)
+        shards.mkdir()
+        step = -(-table.num_rows // 4)
+        for k in range(4):
+            pq.write_table(table.slice(k * step, step), shards / f"train-{k:05d}-of-00004.parquet")
+    return packed, shards
+
+
 def train_tokenizer(samples: str, workdir: str) -> str:
     import pyarrow.parquet as pq
 
@@ -200,6 +223,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--workdir", default="/tmp/mixtune-bench")
+    parser.add_argument("--ingest-only", action="store_true", help="only the ingest rates by container")
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
     if args.phase:
@@ -211,7 +235,16 @@ def main() -> None:
         generate(data, clean, args.rows)
     size_mib = data.stat().st_size / 2**20
     subprocess.run(["rm", "-rf", str(work / "runs")], check=True)
-    ingest = run_phase("ingest", str(data), str(work))
+    packed, shards = containers(data, clean, work)
+    gzipped = run_phase("ingest", str(packed), str(work))
+    subprocess.run(["rm", "-rf", str(work / "runs")], check=True)  # each read from scratch, not from the cache
+    sharded = run_phase("ingest", str(shards), str(work))
+    subprocess.run(["rm", "-rf", str(work / "runs")], check=True)
+    ingest = run_phase("ingest", str(data), str(work))  # last: tokenise reads its cache entry
+    gz_name = f"{packed.name} ({packed.stat().st_size / 2**20:,.0f} MiB)"
+    report_containers(ingest, {gz_name: gzipped, f"{shards.name}/ (4 Parquet shards)": sharded})
+    if args.ingest_only:
+        return
     pandas = run_phase("pandas", str(clean))
     tokenizer = run_phase("tokenizer", ingest["samples"], str(work))["folder"]
     tokenize = run_phase("tokenize", ingest["samples"], ingest["key"], tokenizer, str(work))
@@ -243,6 +276,19 @@ def report(rows: int, size_mib: float, ingest: dict, pandas: dict, tokenize: dic
         f"{ours / baseline:.0%} of raw"
     )
     print(f"peak RSS of ingest or tokenise / file size: {peak / size_mib:.2f}x (goal <= 2x)")
+
+
+def report_containers(plain: dict, others: dict[str, dict]) -> None:
+    rate = plain["rows"] / plain["seconds"]
+    print(f"cores: {os.cpu_count()}")
+    print(f"ingest by container: plain JSONL {rate:,.0f} rows/s ({plain['rows']:,} rows)", flush=True)
+    for name, result in others.items():
+        other = result["rows"] / result["seconds"]
+        print(
+            f"  {name}: {other:,.0f} rows/s ({result['rows']:,} rows, {other / rate:.2f}x plain)  "
+            f"peak RSS {result['peak_rss_mib']:,.0f} MiB",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

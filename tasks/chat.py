@@ -26,7 +26,7 @@ def chatml_pieces(messages: list[dict]) -> Pieces:
         thought = turn.get("reasoning_content")
         body = (f"<think>\n{thought}\n</think>\n" if thought else "") + f"{turn['content']}{EOS}\n"
         pieces.append((f"{BOS}{turn['role']}\n", False))
-        pieces.append((body, turn["role"] == "assistant"))
+        pieces.append((body, trained(turn)))
     return merge(pieces)
 
 
@@ -35,7 +35,7 @@ def template_pieces(tokenizer, messages: list[dict]) -> Pieces:
     full = tokenizer.apply_chat_template(messages, tokenize=False)
     pieces, done = [], 0
     for i, turn in enumerate(messages):
-        if turn["role"] != "assistant":
+        if not trained(turn):
             continue
         start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
         through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
@@ -45,6 +45,12 @@ def template_pieces(tokenizer, messages: list[dict]) -> Pieces:
         done = len(through)
     pieces.append((full[done:], False))
     return merge(pieces)
+
+
+def trained(turn: dict) -> bool:
+    """An assistant turn is trained on, unless it is context before the answer (`train: False`: an assistant
+    turn in a prompt-completion row's prompt)."""
+    return turn["role"] == "assistant" and turn.get("train", True)
 
 
 def merge(pieces: Pieces) -> Pieces:

@@ -33,6 +33,7 @@ def source_report(label: str, ingest: dict, tokens: dict | None) -> dict:
         "source": label,
         "role": ingest["role"],
         "file": ingest["file"],
+        "sha256": ingest.get("sha256"),  # a folder's: of its shards; absent for the rehearsal's answers
         "layout": ingest.get("layout", ""),
         "utf8_bom": ingest.get("utf8_bom", False),
         "formats": ingest.get("formats", {}),
@@ -142,7 +143,8 @@ def log_datasets(tracker: Tracker, rows: list[dict]) -> None:
         with warnings.catch_warnings():  # MLflow registers the local-file source twice and says so each time
             warnings.simplefilter("ignore", UserWarning)
             location = resolve_dataset_source(row["file"])
-        dataset = MetaDataset(location, name=Path(row["source"]).name, digest=file_digest(row["file"])[:36])
+        digest = row.get("sha256") or file_digest(row["file"])
+        dataset = MetaDataset(location, name=Path(row["source"]).name, digest=digest[:36])
         inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", row["role"])]))
     tracker.log_inputs(inputs)
 

@@ -28,8 +28,27 @@ class RowError(ValueError):
         return RowError, (self.reason, self.args[0], self.field, self.raw)
 
 
+# Everyday prompt/response key pairs, read without a `columns` mapping when a row matches exactly one.
+PAIRS = (
+    ("question", "answer"),
+    ("question", "response"),
+    ("query", "response"),
+    ("query", "answer"),
+    ("prompt", "response"),
+    ("prompt", "answer"),
+    ("input", "output"),
+    ("instruction", "response"),
+    ("instruction", "answer"),
+)
+# Fields beside a pair that say nothing to the model: a row with any other text field is ambiguous (is it
+# part of the prompt?), and gets the `columns` line to write instead of a guess.
+PAIR_METADATA = {"id", "idx", "uid", "uuid", "source", "category", "type", "task", "split", "lang", "language"}
+PREFERENCE_KEYS = ("chosen", "rejected")
+
+
 def detect_format(row: object) -> str:
-    """Decide by the inner keys: ShareGPT's `conversations` hold from/value, MiniMind's role/content."""
+    """Decide by the keys: ShareGPT's `conversations` hold from/value, MiniMind's role/content; TRL's
+    prompt-completion rows hold text or message lists; a common key pair is read when it is unambiguous."""
     if not isinstance(row, dict):
         raise RowError("not_object", f"row is a JSON {type(row).__name__}, not an object")
     if "messages" in row:
@@ -40,11 +59,71 @@ def detect_format(row: object) -> str:
         if isinstance(first, dict) and "from" in first:
             return "sharegpt"
         return "minimind"
-    if "instruction" in row or "output" in row:
+    if "completion" in row or any(row.get(key) is not None for key in PREFERENCE_KEYS):
+        return trl_format(row)
+    if "instruction" in row and "output" in row:
         return "alpaca"
     if "text" in row:
         return "text"
-    raise RowError("unknown_format", f"no known format has keys {sorted(row)[:8]}")
+    if ("instruction" in row or "output" in row) and not pair_matches(row):
+        return "alpaca"  # an Alpaca row short of a field: missing_field names it
+    return pair_format(row)
+
+
+def pair_matches(row: dict) -> list[tuple[str, str]]:
+    """The pairs whose both keys hold a value (a Parquet row's null column is no key of it), else those whose
+    keys are there at all: then a null answer is named as such."""
+    held = [pair for pair in PAIRS if row.get(pair[0]) is not None and row.get(pair[1]) is not None]
+    return held or [pair for pair in PAIRS if pair[0] in row and pair[1] in row]
+
+
+def trl_format(row: dict) -> str:
+    """Parquet and Arrow rows hold every column of their file: a null is a field the row does not have."""
+    held = [key for key in ("prompt", *PREFERENCE_KEYS) if row.get(key) is not None]
+    if set(held) & set(PREFERENCE_KEYS):
+        raise RowError(
+            "preference_row",
+            f"a TRL preference row ({', '.join(held)}): it trains DPO-style, not SFT; give prompt-completion rows "
+            "or conversations",
+        )
+    if "prompt" not in row:
+        raise RowError("missing_field", "a TRL completion row needs its 'prompt'", "prompt")
+    return "prompt_completion_chat" if isinstance(row["prompt"], list) else "prompt_completion"
+
+
+def pair_format(row: dict) -> str:
+    """`pair question/answer` and the like, or a RowError that says which `columns` line reads the row."""
+    keys = set(row)
+    if keys - PAIR_METADATA == {"prompt"}:
+        raise RowError("prompt_only", "a TRL prompt-only row: no completion or answer to train on", "prompt")
+    matches = pair_matches(row)
+    if not matches:
+        raise RowError("unknown_format", f"no known format has keys {sorted(row)[:8]}{columns_hint(row)}")
+    if len(matches) > 1:
+        lines = " or ".join(f"columns: {{prompt: {p}, response: {r}}}" for p, r in matches)
+        raise RowError(
+            "ambiguous_format", f"keys match {len(matches)} prompt/response pairs; add to this source {lines}"
+        )
+    prompt, response = matches[0]
+    extra = sorted(k for k in keys - {prompt, response, "system"} - PAIR_METADATA if isinstance(row[k], str | list))
+    if extra:
+        fields = "\\n".join(f"{{{k}}}" for k in [prompt, *extra])
+        raise RowError(
+            "ambiguous_format",
+            f"keys {prompt}/{response} with {', '.join(extra)} beside them (part of the prompt?); add to this source "
+            f"columns: {{prompt: {prompt}, response: {response}}} or, to use {', '.join(extra)} too, "
+            f'columns: {{prompt_template: "{fields}", response: {response}}}',
+        )
+    return f"pair {prompt}/{response}"
+
+
+def columns_hint(row: dict) -> str:
+    texts = [key for key, value in row.items() if isinstance(value, str)]
+    if len(texts) < 2:
+        return ""
+    return f"; if {texts[0]} is the prompt and {texts[-1]} the answer, add to this source: " + (
+        f"columns: {{prompt: {texts[0]}, response: {texts[-1]}}}"
+    )
 
 
 def to_conversation(
@@ -61,6 +140,13 @@ def to_conversation(
         fmt = detect_format(row)
     if fmt == "alpaca":
         turns = alpaca_turns(row)
+    elif fmt.startswith("prompt_completion"):
+        turns = prompt_completion_turns(row, reasoning)
+    elif fmt.startswith("pair "):
+        prompt, response = fmt.removeprefix("pair ").split("/")
+        turns = mapped_turns(
+            row, {"prompt": prompt, "response": response, "system": "system" if "system" in row else None}
+        )
     elif fmt == "sharegpt":
         turns = [sharegpt_turn(t, i) for i, t in enumerate(turn_list(row, "conversations"))]
     elif fmt in ("minimind", "openai"):
@@ -224,6 +310,21 @@ def alpaca_turns(row: dict) -> list[dict[str, str]]:
     if isinstance(system, str) and system.strip():
         turns.insert(0, {"role": "system", "content": system})
     return turns
+
+
+def prompt_completion_turns(row: dict, reasoning: str) -> list[dict]:
+    """TRL's prompt-completion rows, plain (text) or conversational (message lists). The completion is the
+    answer trained on: assistant turns in a conversational prompt are context, marked `train: False`."""
+    prompt, completion = row.get("prompt"), row.get("completion")
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    if not isinstance(prompt, list) or not isinstance(completion, list):
+        raise RowError("wrong_type", "prompt and completion must be both text or both lists of messages", "completion")
+    context = [role_content_turn(t, "prompt", i, reasoning) for i, t in enumerate(prompt)]
+    answer = [role_content_turn(t, "completion", i, reasoning) for i, t in enumerate(completion)]
+    if not answer or any(turn["role"] != "assistant" for turn in answer):
+        raise RowError("bad_turn", "completion must be assistant message(s)", "completion")
+    return [{**turn, "train": False} if turn["role"] == "assistant" else turn for turn in context] + answer
 
 
 def check_conversation(turns: list[dict[str, str]], characters: bool = True) -> list[dict[str, str]]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import heapq
 import json
-import os
 from collections import Counter
 from functools import partial
 from pathlib import Path
@@ -19,23 +18,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import task
 
-from mixtune.core.cache import Entry, building, entry_dir, file_digest, mark_complete, prefect_cache_key
+from mixtune.core.cache import Entry, building, entry_dir, mark_complete, prefect_cache_key
 from mixtune.core.config import PipelineConfig, Source
+from mixtune.core.datafiles import Part
 from mixtune.core.logs import run_logger
 from mixtune.core.retry import retry_unless
-from tasks.keys import ingest_key
-from tasks.readers import (
-    CHUNK_SCHEMA,
-    PARALLEL_FROM_BYTES,
+from tasks.files import (
     IngestError,
-    chunks,
+    checked_files,
+    expansion,
     has_utf8_bom,
-    layout,
     location_unit,
-    normalise_chunk,
-    ordered_map,
-    where,
+    source_digest,
+    source_layout,
 )
+from tasks.keys import ingest_key
+from tasks.readers import CHUNK_SCHEMA, PARALLEL_FROM_BYTES, normalise_item, ordered_map, source_chunks, where
 from tasks.records import IngestResult
 from tasks.sources import check_validation_sets, script_mix, validation_count
 from tasks.synthetic import write_synthetic
@@ -64,12 +62,13 @@ def resolve_source_path(source: Source, config: PipelineConfig) -> Path:
     return Path(source.path)
 
 
-def worker_spec(source: Source, config: PipelineConfig, path: Path) -> dict:
-    """What a worker process needs to normalise rows: plain data only."""
+def worker_spec(source: Source, config: PipelineConfig, part: Part) -> dict:
+    """What a worker process needs to normalise one part's rows: plain data only."""
     # A mapped row's turns are numbered as trained: the source's system turn is part of its mapping.
     mapping = {**source.columns.model_dump(), "system_prompt": source.system_prompt} if source.columns else None
     return {
-        "file": str(path),
+        "file": str(part.path),
+        "plain": part.suffix == ".txt",
         "role": source.role,
         "format": source.format,
         "mapping": mapping,
@@ -79,7 +78,7 @@ def worker_spec(source: Source, config: PipelineConfig, path: Path) -> dict:
         "dedupe": config.data.dedupe,
         "seed": config.run.seed,
         "max_row_bytes": config.data.max_row_bytes,
-        "unit": location_unit(path),
+        "unit": location_unit(part),
     }
 
 
@@ -126,6 +125,7 @@ class SourceReader:
     def __init__(self, source: Source, config: PipelineConfig, seen: set, near_seen: set):
         self.source, self.config, self.seen, self.near_seen = source, config, seen, near_seen
         self.path = resolve_source_path(source, config)
+        self.files = checked_files(self.path, source.split)
         self.reasons, self.turns, self.formats = Counter(), Counter(), Counter()
         self.source_rows = 0  # rows of the file; more samples than rows when a list field is exploded
         self.rows_read = self.accepted = self.duplicates = self.near_duplicates = 0
@@ -134,16 +134,16 @@ class SourceReader:
         self.first_rejection: dict | None = None
 
     def run(self, writer: pq.ParquetWriter, quarantine) -> dict:
-        spec = worker_spec(self.source, self.config, self.path)
-        before = self.path.stat()
-        digest = file_digest(self.path)  # what the cache key hashed, unless the file changed since
-        parallel = before.st_size >= PARALLEL_FROM_BYTES
-        work = partial(normalise_chunk, spec=spec)
-        rows = chunks(self.path, self.source.text_split, self.config.data.max_row_bytes)
-        for accepted, rejected in ordered_map(work, rows, parallel):
+        before = self.part_states()
+        digest = source_digest(self.files)  # what the cache key hashed, unless a file changed since
+        data_bytes = sum(size * expansion(part) for part, (size, _) in zip(self.files.parts, before))
+        parallel = data_bytes >= PARALLEL_FROM_BYTES
+        spec_of = partial(worker_spec, self.source, self.config)
+        rows = source_chunks(self.files, spec_of, self.source.text_split, self.config.data.max_row_bytes)
+        for accepted, rejected in ordered_map(normalise_item, rows, parallel):
             self.rows_read += accepted.num_rows + len(rejected)
             self.formats.update(accepted.column("format").to_pylist())
-            numbers = {*accepted.column("line").to_pylist(), *(r[spec["unit"]] for r in rejected)}
+            numbers = {*accepted.column("line").to_pylist(), *(r.get("line", r.get("record")) for r in rejected)}
             self.source_rows += len(numbers)
             self.quarantine(rejected, quarantine)
             kept = self.deduplicate(accepted)
@@ -195,11 +195,12 @@ class SourceReader:
         constants = [pa.array([value] * n, pa.string()) for value in (self.source.label, self.source.role, split)]
         writer.write_table(pa.Table.from_arrays([*columns, *constants], schema=SCHEMA))
 
-    def check_unchanged(self, before: os.stat_result, digest: str) -> None:
-        """The entry is keyed by the file's hash: rows read from a file that changed meanwhile are not its rows."""
-        after = self.path.stat()
-        changed = (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns)
-        if changed or file_digest(self.path) != digest:
+    def part_states(self) -> list[tuple[int, int]]:
+        return [(stat.st_size, stat.st_mtime_ns) for stat in (part.path.stat() for part in self.files.parts)]
+
+    def check_unchanged(self, before: list[tuple[int, int]], digest: str) -> None:
+        """The entry is keyed by the files' hash: rows read from a file that changed meanwhile are not its rows."""
+        if self.part_states() != before or source_digest(self.files) != digest:
             raise IngestError(f"{self.path}: changed while it was being read; ingest it again once it is complete")
 
     def check_usable(self) -> None:
@@ -208,7 +209,8 @@ class SourceReader:
             raise IngestError(f"{self.path}: holds no rows")
         if self.accepted + self.duplicates + self.near_duplicates == 0:
             first = self.first_rejection
-            raise IngestError(f"{self.path}: no row in a usable format; {where(first)}: {first['message']}")
+            shard = f"{first['file']} " if first["file"] != str(self.path) else ""
+            raise IngestError(f"{self.path}: no row in a usable format; {shard}{where(first)}: {first['message']}")
         limit = self.config.data.max_quarantine_fraction
         if quarantined > limit * self.rows_read:
             top = ", ".join(f"{r} {n}" for r, n in self.reasons.most_common(3))
@@ -225,8 +227,10 @@ class SourceReader:
         return {
             "file": str(self.path),
             "role": self.source.role,
-            "layout": layout(self.path),
-            "utf8_bom": has_utf8_bom(self.path),
+            "layout": source_layout(self.files),
+            "shards": [part.path.name for part in self.files.parts] if self.files.kind != "file" else None,
+            "sha256": source_digest(self.files),
+            "utf8_bom": any(has_utf8_bom(part) for part in self.files.parts),
             "formats": dict(self.formats.most_common()),
             "exploded": self.exploded(),
             "rows_read": self.rows_read,

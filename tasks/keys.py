@@ -6,18 +6,17 @@ from pathlib import Path
 
 from mixtune.core.cache import file_digest, fingerprint
 from mixtune.core.config import PipelineConfig, Source
-from tasks.readers import check_readable
+from tasks.files import checked_files, source_digest
 from tasks.synthetic import GENERATOR_VERSION
 
-INGEST_VERSION = 3
+INGEST_VERSION = 4  # 4: prompt-completion and key-pair rows read; compressed files and folders
 
 
 def source_fingerprint(source: Source, seed: int) -> dict:
     spec = source.model_dump(exclude={"path"})
     if source.synthetic:
         return {**spec, "generator": GENERATOR_VERSION, "seed": seed}
-    check_readable(Path(source.path))
-    return {**spec, "sha256": file_digest(source.path)}
+    return {**spec, "sha256": source_digest(checked_files(Path(source.path), source.split))}
 
 
 BUNDLED_PROMPTS = Path(__file__).with_name("rehearsal_prompts.jsonl")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 import re
@@ -17,17 +18,25 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
-from pathlib import Path
 
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mixtune.core.datafiles import ARROW, Part, SourceFiles
+from tasks.files import (
+    BLOCK_BYTES,
+    DECOMPRESSION_ERRORS,
+    UTF8_BOM,
+    IngestError,
+    check_readable,
+    has_utf8_bom,
+    layout,
+    open_binary,
+)
 from tasks.formats import RowError, check_turn_characters, detect_format, to_conversation, to_text
 
-SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 CHUNK_ROWS = 4096
-BLOCK_BYTES = 4 << 20  # JSONL is handed to workers in blocks of whole lines
 PARALLEL_FROM_BYTES = 32 << 20  # below this, starting worker processes costs more than it saves
 SURROGATE = re.compile("[\udc80-\udcff]")
 CHUNK_SCHEMA = pa.schema(
@@ -45,94 +54,53 @@ CHUNK_SCHEMA = pa.schema(
 NOT_WORD = re.compile(r"[\W_]+")
 
 
-class IngestError(RuntimeError):
-    """A source that cannot be read at all: the message names the file."""
-
-
-def check_readable(path: Path) -> None:
-    if path.is_dir():
-        raise IngestError(f"{path}: is a directory, not a data file")
-    if path.suffix not in SUFFIXES:
-        raise IngestError(f"{path}: unsupported extension {path.suffix!r} (use {', '.join(SUFFIXES)})")
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as handle:
-            handle.read(1)
-    except OSError as err:
-        raise IngestError(f"{path}: cannot read: {err.strerror}") from None
-    if size == 0:
-        raise IngestError(f"{path}: file is empty")
-
-
-UTF8_BOM = b"\xef\xbb\xbf"
-# UTF-32 LE before UTF-16 LE: they share their first two bytes.
-FOREIGN_BOMS = {
-    b"\xff\xfe\x00\x00": "UTF-32",
-    b"\x00\x00\xfe\xff": "UTF-32",
-    b"\xff\xfe": "UTF-16",
-    b"\xfe\xff": "UTF-16",
-}
-
-
-def has_utf8_bom(path: Path) -> bool:
-    """A UTF-8 byte-order mark (Excel and Notepad write one) is stripped on reading and counted in the report;
-    a UTF-16 or UTF-32 file is an error naming the file, not a file of quarantined rows."""
-    if path.suffix == ".parquet":
-        return False
-    with path.open("rb") as handle:
-        head = handle.read(4)
-    for mark, name in FOREIGN_BOMS.items():
-        if head.startswith(mark):
-            raise IngestError(f"{path}: encoded as {name} (byte-order mark {mark.hex()}); save it as UTF-8")
-    return head.startswith(UTF8_BOM)
-
-
-def layout(path: Path) -> str:
-    """How the file is laid out: its extension's, except a .json file that holds one record per line."""
-    if path.suffix == ".json" and looks_like_jsonl(path):
-        return "jsonl (named .json)"
-    return {".jsonl": "jsonl", ".json": "json list", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}[path.suffix]
-
-
-def location_unit(path: Path) -> str:
-    """What a row's number counts: lines of a JSONL or text file; records of a JSON list, a CSV file (a quoted
-    cell may span lines) or a Parquet file, where a line number would say "line 1" for every row."""
-    return "line" if path.suffix == ".txt" or layout(path).startswith("jsonl") else "record"
-
-
 def where(rejection: dict) -> str:
     """A rejected row's place in its file, as a person would look for it: "line 8" or "record 3"."""
     unit = "line" if "line" in rejection else "record"
     return f"{unit} {rejection[unit]}"
 
 
-def looks_like_jsonl(path: Path) -> bool:
-    """A whole record on the first line and more after it: one JSON document cannot be that."""
-    with path.open("rb") as handle:
-        first = handle.readline().removeprefix(UTF8_BOM).strip()
-        more = any(line.strip() for line in handle)
-    try:
-        return more and first.startswith(b"{") and isinstance(orjson.loads(first), dict)
-    except orjson.JSONDecodeError:
-        return False
+def source_chunks(files: SourceFiles, spec_of: Callable[[Part], dict], text_split: str, max_row_bytes: int) -> Iterator:
+    """(part's spec, chunk) for every chunk of every part in order: one worker pool serves every shard."""
+    for part in files.parts:
+        spec = spec_of(part)
+        for chunk in chunks(part, text_split, max_row_bytes):
+            yield spec, chunk
+
+
+def normalise_item(item: tuple[dict, object]) -> tuple[pa.RecordBatch, list[dict]]:
+    spec, chunk = item
+    return normalise_chunk(chunk, spec)
 
 
 def chunks(
-    path: Path, text_split: str = "line", max_row_bytes: int = 1_000_000
+    part: Part, text_split: str = "line", max_row_bytes: int = 1_000_000
 ) -> Iterator[list[tuple[int, object]] | tuple[int, bytes]]:
-    check_readable(path)
-    has_utf8_bom(path)
-    if layout(path).startswith("jsonl"):
-        yield from jsonl_blocks(path, max_row_bytes)
+    check_readable(part)
+    has_utf8_bom(part)
+    try:
+        yield from part_chunks(part, text_split, max_row_bytes)
+    except DECOMPRESSION_ERRORS as err:
+        raise IngestError(f"{part.path}: damaged {part.compression} data: {err}") from None
+    except OSError as err:
+        if part.compression is None:
+            raise
+        raise IngestError(f"{part.path}: damaged {part.compression} data: {err}") from None
+
+
+def part_chunks(part: Part, text_split: str, max_row_bytes: int) -> Iterator:
+    if layout(part).startswith("jsonl"):
+        yield from jsonl_blocks(part, max_row_bytes)
         return
     readers = {
         ".json": json_records,
         ".csv": (lambda p: csv_records(p, max_row_bytes)),
         ".parquet": parquet_records,
+        ARROW: arrow_records,
         ".txt": (lambda p: text_documents(p, text_split, max_row_bytes)),
     }
     batch = []
-    for item in readers[path.suffix](path):
+    for item in readers[part.suffix](part):
         batch.append(item)
         if len(batch) == CHUNK_ROWS:
             yield batch
@@ -145,14 +113,13 @@ def too_large(size: int, limit: int) -> RowError:
     return RowError("too_large", f"row is {size:,} bytes, over data.max_row_bytes {limit:,}")
 
 
-def jsonl_blocks(path: Path, max_row_bytes: int) -> Iterator[tuple[int, bytes] | list[tuple[int, RowError]]]:
+def jsonl_blocks(part: Part, max_row_bytes: int) -> Iterator[tuple[int, bytes] | list[tuple[int, RowError]]]:
     """(number of the block's first line, whole lines as one bytes block): the reader does no per-line work,
     the workers split blocks into lines. A line that outgrows max_row_bytes is not kept: the rest of it is
     read past and it comes out as one too_large row, so memory stays bounded whatever a line's length."""
     first, rest, skipped = 1, b"", None  # skipped: bytes of an over-long line read so far
-    with path.open("rb") as handle:
-        if handle.read(len(UTF8_BOM)) != UTF8_BOM:
-            handle.seek(0)
+    with open_binary(part) as handle:
+        rest = handle.read(len(UTF8_BOM)).removeprefix(UTF8_BOM)  # no seek: a decompressing stream goes forward
         while block := handle.read(BLOCK_BYTES):
             if skipped is not None:
                 end = block.find(b"\n")
@@ -183,10 +150,13 @@ def block_lines(first: int, block: bytes, max_row_bytes: int) -> list[tuple[int,
     ]
 
 
-def json_records(path: Path) -> Iterator[tuple[int, object]]:
-    """A .json source is one document (a list of records): read whole, so keep large data in JSONL."""
+def json_records(part: Part) -> Iterator[tuple[int, object]]:
+    """A .json source is one document (a list of records): parsed whole, compressed or not, so keep large data
+    in JSONL."""
+    path = part.path
     try:
-        rows = json.loads(path.read_bytes().decode("utf-8-sig"))
+        with open_binary(part) as handle:
+            rows = json.loads(handle.read().decode("utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise IngestError(f"{path}: not a valid JSON document: {err}") from None
     except RecursionError:
@@ -196,11 +166,11 @@ def json_records(path: Path) -> Iterator[tuple[int, object]]:
     yield from enumerate(rows, start=1)
 
 
-def csv_records(path: Path, max_row_bytes: int) -> Iterator[tuple[int, object]]:
+def csv_records(part: Part, max_row_bytes: int) -> Iterator[tuple[int, object]]:
     """Records, not lines: a quoted cell may span lines. Bytes that are not UTF-8 spoil only their row."""
     csv.field_size_limit(max_row_bytes)  # the csv module's own cap (128 KiB) would refuse fields we accept
-    number = 0
-    with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
+    number, path = 0, part.path
+    with io.TextIOWrapper(open_binary(part), encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
         try:
             reader = csv.DictReader(handle)
             if not reader.fieldnames:
@@ -221,13 +191,31 @@ def csv_row(row: dict, width: int) -> dict | RowError:
     return row
 
 
-def parquet_records(path: Path) -> Iterator[tuple[int, object]]:
+def parquet_records(part: Part) -> Iterator[tuple[int, object]]:
     try:
-        table = pq.ParquetFile(path)
+        table = pq.ParquetFile(part.path)
     except Exception as err:  # pyarrow raises several types for a file that is not Parquet
-        raise IngestError(f"{path}: not a readable Parquet file: {err}") from None
+        raise IngestError(f"{part.path}: not a readable Parquet file: {err}") from None
+    yield from numbered(table.iter_batches(batch_size=CHUNK_ROWS))
+
+
+def arrow_records(part: Part) -> Iterator[tuple[int, object]]:
+    """An Arrow IPC file, as datasets' save_to_disk writes it (the stream format; the file format too), read a
+    record batch at a time from a memory map."""
+    with pa.memory_map(str(part.path)) as source:
+        try:
+            is_file = source.read(6) == b"ARROW1"
+            source.seek(0)
+            reader = pa.ipc.open_file(source) if is_file else pa.ipc.open_stream(source)
+        except pa.ArrowException as err:
+            raise IngestError(f"{part.path}: not a readable Arrow file: {err}") from None
+        batches = (reader.get_batch(i) for i in range(reader.num_record_batches)) if is_file else reader
+        yield from numbered(batches)
+
+
+def numbered(batches: Iterable[pa.RecordBatch]) -> Iterator[tuple[int, dict]]:
     number = 0
-    for batch in table.iter_batches(batch_size=CHUNK_ROWS):
+    for batch in batches:
         for row in batch.to_pylist():
             number += 1
             yield number, row
@@ -245,10 +233,10 @@ def bounded_lines(handle, limit: int) -> Iterator[bytes | RowError]:
         yield too_large(size + len(piece.rstrip(b"\n")), limit)
 
 
-def text_documents(path: Path, split: str, max_row_bytes: int) -> Iterator[tuple[int, object]]:
+def text_documents(part: Part, split: str, max_row_bytes: int) -> Iterator[tuple[int, object]]:
     """One document per line, or (blank_line) paragraphs separated by blank lines."""
     start, lines = None, []
-    with path.open("rb") as handle:
+    with open_binary(part) as handle:
         for number, raw in enumerate(bounded_lines(handle, max_row_bytes), start=1):
             if isinstance(raw, RowError):
                 yield number, raw
@@ -376,7 +364,7 @@ def split_hash(seed: int, sample_id: str) -> int:
 
 
 def normalise(row: object, spec: dict) -> tuple:
-    plain = spec["file"].endswith(".txt")
+    plain = spec["plain"]
     if plain and spec["role"] != "pretrain":
         raise RowError("wrong_format", "plain text where a conversation was expected")
     if not plain and not isinstance(row, dict):

@@ -263,7 +263,7 @@ def test_a_mapped_column_error_names_the_source_field(tmp_path):
 def test_directories_and_unreadable_paths_are_errors(tmp_path):
     folder = tmp_path / "data.jsonl"
     folder.mkdir()
-    with pytest.raises(IngestError, match="is a directory"):
+    with pytest.raises(IngestError, match="a folder with no readable shard"):
         run_ingest(
             tmp_path,
             Source.model_construct(

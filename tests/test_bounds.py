@@ -150,22 +150,23 @@ def test_a_50_mb_row_is_quarantined_too_large_in_bounded_memory(tmp_path):
 
 
 def test_too_large_rows_in_text_and_json_sources_are_quarantined(tmp_path):
+    from mixtune.core.datafiles import Part
     from tasks.readers import chunks, normalise_chunk, too_large
 
     text = tmp_path / "docs.txt"
     text.write_text("short one\n" + "y" * 3000 + "\nshort two\n")
     spec = {"file": str(text), "role": "pretrain", "format": "text", "text_field": "text", "dedupe": "exact"}
     spec |= {"seed": 0, "max_row_bytes": 1000, "mapping": None, "reasoning": "keep", "system_prompt": None}
-    spec["unit"] = "line"
-    batches = [normalise_chunk(c, spec) for c in chunks(text, "line", 1000)]
+    spec |= {"unit": "line", "plain": True}
+    batches = [normalise_chunk(c, spec) for c in chunks(Part(text, ".txt"), "line", 1000)]
     assert [b.num_rows for b, _ in batches] == [2]
     assert [(r["line"], r["reason"]) for r in batches[0][1]] == [(2, "too_large")]
     restored = pickle.loads(pickle.dumps(batches[0][1] and too_large(3000, 1000)))  # from a worker process
     assert (restored.reason, restored.args[0]) == ("too_large", "row is 3,000 bytes, over data.max_row_bytes 1,000")
     records = tmp_path / "rows.json"
     records.write_text(json.dumps([{"text": "ok"}, {"text": "z" * 3000}]))
-    spec["file"], spec["unit"] = str(records), "record"
-    accepted, rejected = normalise_chunk(next(chunks(records, "line", 1000)), spec)
+    spec |= {"file": str(records), "unit": "record", "plain": False}
+    accepted, rejected = normalise_chunk(next(chunks(Part(records, ".json"), "line", 1000)), spec)
     assert accepted.num_rows == 1 and [(r["record"], r["reason"]) for r in rejected] == [(2, "too_large")]
 
 
@@ -192,21 +193,21 @@ def test_a_file_rewritten_during_ingest_is_refused_naming_it(tmp_path, monkeypat
 
     path = tmp_path / "domain.jsonl"
     path.write_text("".join(ROW % (i, i) for i in range(300)))
-    original = tasks.ingest.chunks
+    original = tasks.ingest.source_chunks
 
-    def rewritten_after_the_first_chunk(source, *args):
-        for number, chunk in enumerate(original(source, *args)):
-            yield chunk
-            if number == 0 and source == path:
+    def rewritten_after_the_first_chunk(files, *args):
+        for number, item in enumerate(original(files, *args)):
+            yield item
+            if number == 0 and files.parts[0].path == path:
                 path.write_text("".join(ROW % (i, -i) for i in range(300)))
 
-    monkeypatch.setattr(tasks.ingest, "chunks", rewritten_after_the_first_chunk)
+    monkeypatch.setattr(tasks.ingest, "source_chunks", rewritten_after_the_first_chunk)
     monkeypatch.setattr("tasks.readers.BLOCK_BYTES", 4096)  # several chunks from a small file
     config = domain_source(tmp_path, tiny_config(tmp_path / "out"), path)
     with pytest.raises(IngestError, match="changed while it was being read") as err:
         ingest(config)
     assert str(path) in str(err.value)
-    monkeypatch.setattr(tasks.ingest, "chunks", original)
+    monkeypatch.setattr(tasks.ingest, "source_chunks", original)
     assert ingest(config).stats[str(path)]["accepted"] == 300  # the finished file ingests under its new hash
 
 

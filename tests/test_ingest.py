@@ -1,3 +1,4 @@
+import gzip
 import json
 from pathlib import Path
 
@@ -50,15 +51,22 @@ def test_json_list_and_mixed_formats_per_row(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "content, message",
+    "name, content, message",
     [
-        (b"", "file is empty"),
-        (b'{"foo": 1}\n{"bar": 2}\n', "no row in a usable format"),
-        (b"[1, 2", "not a valid JSON document"),
+        ("domain.jsonl", b"", "file is empty"),
+        ("domain.jsonl", b'{"foo": 1}\n{"bar": 2}\n', "no row in a usable format"),
+        ("domain.json", b"[1, 2", "not a valid JSON document"),
+        (
+            "domain.jsonl.gz",
+            gzip.compress(b"".join(good_row(i).encode() + b"\n" for i in range(50)))[:-30],
+            "damaged gzip",
+        ),
+        ("domain.jsonl.gz", b"not gzip at all", "not readable as gzip"),
+        ("domain.parquet.gz", gzip.compress(b"PAR1"), "Parquet compresses inside the file"),
     ],
 )
-def test_unusable_file_is_a_clear_error_naming_it(tmp_path, content, message):
-    path = tmp_path / ("domain.json" if content.startswith(b"[") else "domain.jsonl")
+def test_unusable_file_is_a_clear_error_naming_it(tmp_path, name, content, message):
+    path = tmp_path / name
     path.write_bytes(content)
     with pytest.raises(IngestError, match=message) as err:
         ingest(config_with(tmp_path, path))
@@ -84,3 +92,20 @@ def test_split_is_seeded_and_cached_by_content(tmp_path):
         assert stats["val"] == round(0.15 * stats["accepted"]) or stats["val"] == round(0.1 * stats["accepted"])
     reseeded = tiny_config(tmp_path / "other", run={"seed": 1, "output_dir": str(tmp_path / "other")})
     assert ingest(reseeded).key != first.key
+
+
+def test_trl_rows_are_read_and_their_refusals_counted(tmp_path):
+    def chat(i):
+        return {
+            "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"q{i}"}],
+            "completion": [{"role": "assistant", "content": f"a{i}"}],
+        }
+
+    rows = [chat(i) for i in range(6)] + [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(3)]
+    rows += [{"prompt": "p", "chosen": "c", "rejected": "r"}, {"prompt": "only"}, chat(0)]
+    path = tmp_path / "domain.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stats = ingest(config_with(tmp_path, path)).stats[str(path)]
+    assert (stats["rows_read"], stats["accepted"], stats["duplicates"], stats["quarantined"]) == (12, 9, 1, 2)
+    assert stats["formats"] == {"prompt_completion_chat": 7, "prompt_completion": 3}
+    assert stats["quarantined_by_reason"] == {"preference_row": 1, "prompt_only": 1}

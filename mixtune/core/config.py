@@ -14,11 +14,12 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mixtune.core.datafiles import DataPathError, source_files
 from mixtune.core.uris import redact_uri
 
 Role = Literal["general", "domain", "pretrain"]
 Share = Annotated[float, Field(ge=0.0, le=1.0)]  # bounds in the JSON schema too: the Prefect server checks them
-Format = Literal["auto", "minimind", "openai", "sharegpt", "alpaca", "text"]
+Format = Literal["auto", "minimind", "openai", "sharegpt", "alpaca", "prompt_completion", "text"]
 
 
 def form_schema(schema: dict) -> None:
@@ -119,8 +120,11 @@ class Source(Strict):
     """One input: a file on disk, or a family of the embedded generated data."""
 
     path: str | None = Field(
-        None, description="A .jsonl, .json, .csv, .parquet or .txt file (relative to the config file)."
+        None,
+        description="A .jsonl, .json, .csv, .parquet or .txt file, maybe compressed (.gz, .zst, .bz2, .xz), or a "
+        "folder of shards of one format or saved by datasets' save_to_disk (relative to the config file).",
     )
+    split: str | None = Field(None, description="A datasets folder with several splits: the one to read.")
     synthetic: Literal["general", "domain"] | None = Field(
         None, description="Instead of a file: generate the embedded default data of this kind."
     )
@@ -143,6 +147,8 @@ class Source(Strict):
             raise ValueError("give exactly one of 'path' or 'synthetic'")
         if self.eval and self.role == "pretrain":
             raise ValueError("eval scores answers to conversations: role pretrain has none")
+        if self.split is not None and self.path is None:
+            raise ValueError("split names a split of a datasets folder: it needs 'path'")
         if self.synthetic and self.role == "pretrain":
             raise ValueError("synthetic data is conversations: role must be general or domain")
         return self
@@ -701,8 +707,13 @@ def resolve_paths(config: PipelineConfig, base: Path, origin: Path | str) -> Pip
             continue
         resolved = (base / source.path).resolve()
         source.path = str(resolved)
-        if not resolved.is_file():
+        if not resolved.exists():
             missing.append(f"  data.sources.{i}.path: file not found: {resolved}")
+        elif resolved.is_dir() or source.split is not None:
+            try:
+                source_files(resolved, source.split)  # a file's own format is checked when it is read
+            except DataPathError as err:
+                missing.append(f"  data.sources.{i}.{err.field}: {err}")
     prompts = config.data.self_rehearsal.prompts
     if prompts is not None:
         resolved = (base / prompts).resolve()
