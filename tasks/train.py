@@ -350,12 +350,19 @@ def train_on_devices(request: StageRequest) -> StageTraining:
     request_file = stage_dir / "devices-request.json"
     request_file.write_text(request.model_dump_json())
     devices = request.config.train.devices
-    run_logger().info("stage %d: training on %d processes (torchrun)", stage, devices)
+    run_logger().info(
+        "stage %d: training on %d process(es) per node (torchrun %s)", stage, devices, " ".join(rendezvous())
+    )
     command = [sys.executable, "-m", "torch.distributed.run", *rendezvous(), f"--nproc-per-node={devices}"]
     run_workers([*command, "-m", "tasks.train", str(request_file)], f"stage {stage} on {devices} processes")
     if not (final / COMPLETE_MARKER).is_file():
         raise RuntimeError(f"stage {stage}: the training processes ended without saving {final}")
     return StageTraining.model_validate_json(record.read_text())
+
+
+def on_several_processes(config: PipelineConfig) -> bool:
+    """More than one device here, or nodes joined through MIXTUNE_TORCHRUN_ARGS (even one process per node)."""
+    return config.train.devices > 1 or bool(os.environ.get("MIXTUNE_TORCHRUN_ARGS", "").strip())
 
 
 def rendezvous() -> list[str]:
@@ -383,7 +390,13 @@ def run_workers(command: list[str], what: str) -> None:
 def worker_main(request_file: str) -> None:
     """One of the processes torchrun starts: `python -m torch.distributed.run ... -m tasks.train REQUEST`."""
     logging.basicConfig(level=logging.INFO if world_rank() == 0 else logging.WARNING, format="%(message)s")
-    StageRequest.model_validate_json(Path(request_file).read_text()).train()
+    request = StageRequest.model_validate_json(Path(request_file).read_text())
+    if request.config.train.batch_size % world_size():  # nodes joined by hand: the schema saw one node only
+        raise ValueError(
+            f"train.batch_size {request.config.train.batch_size} does not split over {world_size()} processes "
+            "on all nodes: give a multiple of the world size"
+        )
+    request.train()
 
 
 @task(
@@ -412,7 +425,7 @@ def train_task(
         tracker=tracker,
         base_general=base_general,
     )
-    result = train_on_devices(request) if config.train.devices > 1 else request.train()
+    result = train_on_devices(request) if on_several_processes(config) else request.train()
     run_logger().info(
         "stage %d trained: %d/%d steps, best at %s, %.0f tokens/s%s",
         result.stage,
