@@ -240,12 +240,17 @@ def start_temporary_prefect_server():
 
 
 def run_failed(config: PipelineConfig, err: Exception) -> int:
-    """Bad input, or a tracking server that went away: one message, no traceback; anything else is a bug."""
+    """Bad input, a full disk or a tracking server that went away: one message, no traceback; anything else is a
+    bug."""
+    from mixtune.core.disk import DiskFull
     from tasks.ingest import IngestError
 
     if isinstance(err, IngestError):
         print(unusable_input(err), file=sys.stderr)
         return 2
+    if isinstance(err, DiskFull):
+        print(f"mixtune: {err}", file=sys.stderr)
+        return 1
     down = tracking_down(config)
     if down is None:
         raise err
