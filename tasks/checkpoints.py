@@ -23,7 +23,7 @@ from safetensors import safe_open
 from transformers import TrainerCallback
 from transformers.trainer_pt_utils import safe_globals
 
-from mixtune.core.disk import free_bytes
+from mixtune.core.disk import free_bytes, space_for
 
 MANIFEST = "manifest.json"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -178,3 +178,11 @@ def make_room(checkpoints: Path, aside: Path, needed: int, warn: Callable[..., N
     removed (they are kept for inspection only while the space allows)."""
     if free_bytes(checkpoints) < needed and aside.is_dir() and any(aside.iterdir()):
         free_checkpoint_space(checkpoints, aside, warn)
+
+
+def space_for_checkpoints(
+    target: Path, what: str, needed: int, checkpoints: Path, aside: Path, warn: Callable[..., None]
+):
+    """A full disk while writing `target` fails as one DiskFull naming it, once the checkpoints in `checkpoints`
+    and `aside` that can no longer be used (cut off mid-write, set aside) are freed for the rerun."""
+    return space_for(target, what, needed, lambda: free_checkpoint_space(checkpoints, aside, warn))

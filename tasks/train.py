@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallb
 
 from mixtune.core.cache import COMPLETE_MARKER, mark_complete
 from mixtune.core.config import PipelineConfig
-from mixtune.core.disk import DiskFull, space_for
+from mixtune.core.disk import DiskFull
 from mixtune.core.logs import run_logger
 from mixtune.core.retry import retry_unless
 from tasks.callbacks import (
@@ -40,12 +40,12 @@ from tasks.callbacks import (
 from tasks.checkpoints import (
     Seal,
     checkpoint_bytes,
-    free_checkpoint_space,
     last_good_checkpoint,
     make_room,
     problem_with,
     seal,
     set_aside,
+    space_for_checkpoints,
 )
 from tasks.guard import OverfitTracker
 from tasks.lm import PackCollator, PadCollator, TokenLossTrainer, training_arguments, world_rank, world_size
@@ -249,12 +249,9 @@ def train_stage(
 
 
 def stage_space(stage_dir: Path, folder: str, needed: int):
-    """A full disk while the stage writes `folder` fails as one DiskFull naming it, once the checkpoints the stage
-    can no longer use (cut off mid-write, set aside) are freed for the rerun."""
-    checkpoints, aside = stage_dir / "checkpoints", stage_dir / "set-aside"
-    free = lambda: free_checkpoint_space(checkpoints, aside, run_logger().warning)  # noqa: E731
     what = "a checkpoint" if folder == "checkpoints" else "the stage's final model"
-    return space_for(stage_dir / folder, what, needed, free)
+    checkpoints, aside = stage_dir / "checkpoints", stage_dir / "set-aside"
+    return space_for_checkpoints(stage_dir / folder, what, needed, checkpoints, aside, run_logger().warning)
 
 
 def forgetting_stop(config: PipelineConfig, base_general: float | None) -> ForgettingStop | None:

@@ -24,7 +24,7 @@ class WithoutTraceback(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         err = record.exc_info[1] if record.exc_info else None
         if isinstance(err, self.kinds):
-            record.msg, record.args = "%s failed: %s", (type(err).__name__, err)
+            record.msg, record.args = "%s: %s", (type(err).__name__, err)
             record.exc_info = record.exc_text = None
         return True
 
