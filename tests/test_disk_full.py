@@ -34,6 +34,14 @@ def test_a_full_disk_is_one_message_naming_the_folder_and_the_space_needed(tmp_p
     assert raised.value.__cause__ is None and raised.value.__suppress_context__  # no chained traceback
 
 
+def test_torchs_write_failed_counts_as_a_full_disk_only_when_space_is_short(tmp_path):
+    torch_says = RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+    with pytest.raises(DiskFull), space_for(tmp_path, "a checkpoint", 2**62):
+        raise torch_says
+    with pytest.raises(RuntimeError, match="file write failed"), space_for(tmp_path, "a checkpoint", 1):
+        raise torch_says
+
+
 def test_other_errors_pass_through(tmp_path):
     with pytest.raises(ValueError), space_for(tmp_path, "a checkpoint", 1):
         raise ValueError("not about space")

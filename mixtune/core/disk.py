@@ -42,7 +42,7 @@ def megabytes(n: int) -> str:
 def space_for(folder: Path, what: str, needed: int, free_some: Callable[[], int] = lambda: 0) -> Iterator[None]:
     """Writes inside the block that fail for want of space raise DiskFull, naming `folder` and `needed` bytes.
 
-    A writer that only says "write failed" (torch) counts as a full disk when less than `needed` is free.
+    A writer that only says "file write failed" (torch.save) counts as a full disk when less than `needed` is free.
     `free_some` frees what the writer may (returns the bytes freed) before the message is made, so that a
     rerun finds the room this one did not."""
     try:
@@ -50,7 +50,7 @@ def space_for(folder: Path, what: str, needed: int, free_some: Callable[[], int]
     except DiskFull:
         raise
     except Exception as err:
-        if not (says_disk_full(err) or (isinstance(err, (OSError, RuntimeError)) and free_bytes(folder) < needed)):
+        if not (says_disk_full(err) or ("write failed" in str(err) and free_bytes(folder) < needed)):
             raise
         freed = free_some()
         raise DiskFull(
