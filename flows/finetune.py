@@ -10,10 +10,11 @@ from prefect.runtime import deployment, flow_run
 from pydantic import ValidationError
 
 from mixtune.core.config import ConfigError, PipelineConfig, resolve_paths
-from mixtune.core.logs import run_logger
+from mixtune.core.disk import DiskFull
+from mixtune.core.logs import log_refusals_without_traceback, run_logger
 from mixtune.core.paths import run_dir, stage_dir, tracking_uri
 from mixtune.core.policy import enforce, served_policy
-from mixtune.core.preflight import check_tracking_server
+from mixtune.core.preflight import Unreachable, check_tracking_server
 from tasks.base_model import pretrain_task, tokenizer_task
 from tasks.champion import challenge_task, champion_task, crown_task
 from tasks.data_report import data_report_task
@@ -23,6 +24,7 @@ from tasks.inputs import input_hash, input_tags, skip_task, unchanged_task
 from tasks.mix import mix_task
 from tasks.plan import plan_task
 from tasks.probes import probe_prompts
+from tasks.readers import IngestError
 from tasks.records import RunSummary
 from tasks.rehearse import planned_sizes, rehearse_task
 from tasks.report import publish_task
@@ -42,6 +44,7 @@ from tasks.train import train_task
 from tasks.validate import baseline_task, task_metrics_task, validate_task
 
 PROBES_PER_SET = 3
+log_refusals_without_traceback(ConfigError, IngestError, DiskFull, Unreachable)
 
 
 def confine(config: PipelineConfig, is_deployment_run: bool) -> PipelineConfig:
@@ -65,12 +68,15 @@ def end_tracking(status: str):
             check_tracking_server(tracking_uri(config))  # a server that is down: say so now, not after retries
             end_runs_of_flow_run(config, str(flow_run.id), status)
         except Exception as err:  # a hook must not hide the failure that called it
-            leave_status(config, str(flow_run.id), status)  # the next start ends them so once the server is back
+            recorded = leave_status(config, str(flow_run.id), status)  # read by the next start on this host
             run_logger().warning(
-                "could not end the MLflow runs of flow run %s (%s); the next run on this host ends them %s",
+                "could not end the MLflow runs of flow run %s %s: the tracking store is not writable (%s). They "
+                "stay RUNNING: the next run of the same inputs on this host adopts them, as after a kill; any "
+                "other run there ends them %s",
                 flow_run.id,
-                err,
                 status,
+                err,
+                status if recorded else "KILLED",
             )
 
     hook.__name__ = f"end_mlflow_runs_{status.lower()}"  # how Prefect's log names it

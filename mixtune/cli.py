@@ -148,7 +148,7 @@ def preflight(config: PipelineConfig) -> None:
 
 
 def check(config: PipelineConfig) -> int:
-    from tasks.ingest import IngestError, ingest
+    from tasks.ingest import IngestError, ingest, refuse_unusable_inputs
     from tasks.schedule import stage_shares
 
     shares = ", ".join(f"{s:.3f}" for s in stage_shares(config.schedule))
@@ -160,11 +160,12 @@ def check(config: PipelineConfig) -> int:
     )
     try:
         data = ingest(config)
+        for label, s in data.stats.items():
+            print(source_line(label, s))
+        refuse_unusable_inputs(config, data.stats)
     except IngestError as err:
-        print(f"mixtune: {err}", file=sys.stderr)
+        print(unusable_input(err), file=sys.stderr)
         return 2
-    for label, s in data.stats.items():
-        print(source_line(label, s))
     print("inputs OK: every file read")
     return 0
 
@@ -239,17 +240,27 @@ def start_temporary_prefect_server():
 
 
 def run_failed(config: PipelineConfig, err: Exception) -> int:
-    """Bad input, or a tracking server that went away: one message, no traceback; anything else is a bug."""
+    """Bad input, a full disk or a tracking server that went away: one message, no traceback; anything else is a
+    bug."""
+    from mixtune.core.disk import DiskFull
     from tasks.ingest import IngestError
 
     if isinstance(err, IngestError):
-        print(f"mixtune: unusable input, nothing was trained:\n  {err}", file=sys.stderr)
+        print(unusable_input(err), file=sys.stderr)
         return 2
+    if isinstance(err, DiskFull):
+        print(f"mixtune: {err}", file=sys.stderr)
+        return 1
     down = tracking_down(config)
     if down is None:
         raise err
     print(f"mixtune: the run failed: {down}\n  its MLflow runs end FAILED at the next start", file=sys.stderr)
     return 1
+
+
+def unusable_input(err: Exception) -> str:
+    """What `run` and `check` both say about an input `run` refuses."""
+    return f"mixtune: unusable input, nothing was trained:\n  {err}"
 
 
 def tracking_down(config: PipelineConfig) -> str | None:

@@ -17,10 +17,12 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Pr
 
 from mixtune.core.cache import Entry, building, entry_dir, fingerprint, mark_complete, prefect_cache_key
 from mixtune.core.config import PipelineConfig
+from mixtune.core.disk import DiskFull
 from mixtune.core.logs import run_logger
+from mixtune.core.retry import retry_unless
 from tasks.callbacks import ProgressCallback
 from tasks.chat import BOS, CHATML, EOS, PAD
-from tasks.checkpoints import Seal, last_good_checkpoint
+from tasks.checkpoints import Seal, checkpoint_bytes, last_good_checkpoint, make_room, space_for_checkpoints
 from tasks.lm import PadCollator, TokenLossTrainer, training_arguments
 from tasks.tables import TokenDataset
 
@@ -190,12 +192,17 @@ def pretrain(model, tokenizer, table: pd.DataFrame, config: PipelineConfig, fold
         data_collator=PadCollator(tokenizer.pad_token_id),
         callbacks=[ProgressCallback("pretrain", run_logger().info), Seal()],
     )
-    resume = last_good_checkpoint(folder / "checkpoints", folder / "set-aside", run_logger().warning)
+    checkpoints, aside, warn = folder / "checkpoints", folder / "set-aside", run_logger().warning
+    resume = last_good_checkpoint(checkpoints, aside, warn)
     if resume:
         run_logger().info("pre-training resumes from %s; later steps are redone", resume)
-    trainer.train(resume_from_checkpoint=resume)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    needed = checkpoint_bytes(model)
+    make_room(checkpoints, aside, needed, warn)
+    with space_for_checkpoints(checkpoints, "a pre-training checkpoint", needed, checkpoints, aside, warn):
+        trainer.train(resume_from_checkpoint=resume)
+    with space_for_checkpoints(folder, "the base model", needed, checkpoints, aside, warn):
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
     shutil.rmtree(folder / "checkpoints")  # the cache entry is the model; optimizer state has served its purpose
 
 
@@ -221,6 +228,7 @@ def tokenizer_task(config: PipelineConfig, samples_path: str, ingest_key: str) -
     task_run_name="pretrain",
     retries=2,
     retry_delay_seconds=[5, 30],
+    retry_condition_fn=retry_unless(DiskFull),
     persist_result=True,
     result_serializer="json",
     cache_key_fn=lambda _ctx, p: (

@@ -227,12 +227,29 @@ class OverfitWatch(TrainerCallback):
         self.train_loss = math.nan
         self.stop_reason: str | None = None
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step:  # resumed from a checkpoint
+            self.replay_history(state.log_history)
+
+    def replay_history(self, history: list[dict]) -> None:
+        """A resumed stage's tracker is fed the evaluations its checkpoint's state recorded, in order, so its
+        slopes, gaps and onsets continue exactly as in a stage never interrupted (their metrics were logged
+        then; nothing is logged again)."""
+        for entry in history:
+            self.on_log(None, None, None, logs=entry)
+            losses = self.validation_losses(entry)
+            if losses and not math.isnan(self.train_loss):
+                self.tracker.update(entry["step"], self.train_loss, losses)
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self.train_loss = float(logs["loss"])
 
+    def validation_losses(self, metrics: dict) -> dict[str, float]:
+        return {name: metrics[f"eval_{name}_loss"] for name in self.tracker.sets if f"eval_{name}_loss" in metrics}
+
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        losses = {name: metrics[f"eval_{name}_loss"] for name in self.tracker.sets if f"eval_{name}_loss" in metrics}
+        losses = self.validation_losses(metrics or {})
         if math.isnan(self.train_loss) or not losses:
             return
         confirmed = self.tracker.update(state.global_step, self.train_loss, losses)

@@ -1,6 +1,7 @@
 """Checkpoints that can be trusted: each is sealed with a manifest of sha256 per file once it is complete, and
 resume only trusts a checkpoint whose manifest matches and whose files load. Anything else is set aside
-(moved out of the way, never deleted) with the file and the reason, and the previous one is tried.
+(moved out of the way, deleted only when the disk runs short) with the file and the reason, and the previous one
+is tried.
 
 Trainer writes a checkpoint into `checkpoint-N` itself (its best-checkpoint tracking and rotation name that
 folder), so the manifest is the commit mark: it is written last, through a temporary file and an atomic
@@ -12,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +22,8 @@ import torch
 from safetensors import safe_open
 from transformers import TrainerCallback
 from transformers.trainer_pt_utils import safe_globals
+
+from mixtune.core.disk import free_bytes, space_for
 
 MANIFEST = "manifest.json"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -136,3 +140,49 @@ class Seal(TrainerCallback):
 def wait_for_every_process() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+# Running out of disk: checkpoints the stage can no longer use are freed, so a rerun has the room.
+
+
+def checkpoint_bytes(model) -> int:
+    """About what one checkpoint takes: the saved weights (a LoRA adapter's alone) and AdamW's two fp32 moments
+    of every trained weight."""
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    saved = trained if hasattr(model, "peft_config") else sum(p.numel() for p in model.parameters())
+    return saved * 4 + 2 * trained * 4
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def remove(folder: Path, why: str, warn: Callable[..., None]) -> int:
+    size = folder_bytes(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    warn("removed %s (%.1f MB): %s", folder, size / 2**20, why)
+    return size
+
+
+def free_checkpoint_space(checkpoints: Path, aside: Path, warn: Callable[..., None]) -> int:
+    """On a full disk: checkpoints never sealed (cut off mid-write) and every set-aside one are removed, oldest
+    set-aside first; sealed checkpoints stay, for the rerun to continue from. Returns the bytes freed."""
+    unsealed = [f for f in numbered(checkpoints) if not (f / MANIFEST).is_file()]
+    freed = sum(remove(f, "never sealed, and the disk is full", warn) for f in unsealed)
+    old_first = sorted(aside.iterdir(), key=lambda p: p.stat().st_mtime) if aside.is_dir() else []
+    return freed + sum(remove(f, "set aside, and the disk is full", warn) for f in old_first if f.is_dir())
+
+
+def make_room(checkpoints: Path, aside: Path, needed: int, warn: Callable[..., None]) -> None:
+    """Before a stage trains: with less than one checkpoint's worth of space free, set-aside checkpoints are
+    removed (they are kept for inspection only while the space allows)."""
+    if free_bytes(checkpoints) < needed and aside.is_dir() and any(aside.iterdir()):
+        free_checkpoint_space(checkpoints, aside, warn)
+
+
+def space_for_checkpoints(
+    target: Path, what: str, needed: int, checkpoints: Path, aside: Path, warn: Callable[..., None]
+):
+    """A full disk while writing `target` fails as one DiskFull naming it, once the checkpoints in `checkpoints`
+    and `aside` that can no longer be used (cut off mid-write, set aside) are freed for the rerun."""
+    return space_for(target, what, needed, lambda: free_checkpoint_space(checkpoints, aside, warn))

@@ -35,7 +35,7 @@ from tasks.files import (
 from tasks.keys import ingest_key
 from tasks.readers import CHUNK_SCHEMA, PARALLEL_FROM_BYTES, normalise_item, ordered_map, source_chunks, where
 from tasks.records import IngestResult
-from tasks.sources import check_validation_sets, script_mix, validation_count
+from tasks.sources import check_training_sets, check_validation_sets, script_mix, validation_count
 from tasks.synthetic import write_synthetic
 
 __all__ = ["IngestError", "IngestResult", "ingest", "ingest_task"]
@@ -288,6 +288,15 @@ def read_source(source: Source, config: PipelineConfig, seen: set, near_seen: se
         raise IngestError(f"{source.label}: cannot be read: {type(err).__name__}: {err}") from None
 
 
+def refuse_unusable_inputs(config: PipelineConfig, stats: dict[str, dict]) -> None:
+    """Every refusal `run` makes from ingest's counts before anything trains; `mixtune check` calls it too, so
+    it fails on exactly the inputs `run` would refuse, with the same message."""
+    # rehearsal: self adds its general source after the base model is built, and checks the general set then
+    roles = ("domain",) if config.data.rehearsal == "self" else ("domain", "general")
+    check_validation_sets(stats, config.data.min_val_samples, roles)
+    check_training_sets(stats, roles)
+
+
 def ingest_cache_key(config: PipelineConfig) -> str:
     return prefect_cache_key(Entry.INGEST, ingest_key(config), config.run.output_dir)
 
@@ -304,9 +313,7 @@ def ingest_cache_key(config: PipelineConfig) -> str:
 )
 def ingest_task(config: PipelineConfig) -> IngestResult:
     result = ingest(config)
-    # rehearsal: self adds its general source after the base model is built, and checks the general set then
-    roles = ("domain",) if config.data.rehearsal == "self" else ("domain", "general")
-    check_validation_sets(result.stats, config.data.min_val_samples, roles)
+    refuse_unusable_inputs(config, result.stats)
     log = run_logger()
     for label, s in result.stats.items():
         log.info(

@@ -43,3 +43,16 @@ def check_validation_sets(stats: dict[str, dict], minimum: int, roles: tuple[str
                 f"{role} validation set holds {held_out} row(s), fewer than data.min_val_samples {minimum} "
                 f"({detail}); add distinct rows or raise val_fraction"
             )
+
+
+def check_training_sets(stats: dict[str, dict], roles: tuple[str, ...] = ("domain", "general")) -> None:
+    """Every stage's mix draws from the domain and the general training rows: none of one role would fail the
+    first mix, after pre-training; refuse it here instead."""
+    for role in roles:
+        parts = {label: s for label, s in stats.items() if s["role"] == role}
+        if not sum(s["train"] for s in parts.values()):
+            detail = "; ".join(f"{name}: {s['train']} of {s['accepted']} accepted row(s)" for name, s in parts.items())
+            raise IngestError(
+                f"{role} training set holds no row ({detail or 'no ' + role + ' source'}); add distinct rows or "
+                "lower val_fraction"
+            )

@@ -345,7 +345,8 @@ def hold_lock(run_id: str, path: Path) -> None:
     if run_id in _held_locks:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    write_lock_status(path, RUNNING)  # the lock path is this flow run's own: nobody else holds it
+    fd = os.open(path, os.O_RDWR)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     _held_locks[run_id] = fd
 
@@ -389,11 +390,28 @@ def lock_path(config: PipelineConfig, flow_run_id: str) -> Path:
     return Path(config.run.output_dir) / "locks" / f"{flow_run_id}.lock"
 
 
-def leave_status(config: PipelineConfig, flow_run_id: str, status: str) -> None:
-    """For the next start on this host, when MLflow cannot be told now how this flow run ended."""
+def write_lock_status(path: Path, status: str) -> None:
+    """A lock file always holds a status: written beside it and renamed over it, so a full disk leaves the old
+    one whole instead of an empty file. The rename lets go of this process's flock on the old file too."""
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        staging.write_text(status)
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+
+
+def leave_status(config: PipelineConfig, flow_run_id: str, status: str) -> bool:
+    """For the next start on this host, when MLflow cannot be told now how this flow run ended. False when it
+    could not be written either (a full disk): the lock file keeps RUNNING, and the next start reads KILLED."""
     path = lock_path(config, flow_run_id)
-    if path.is_file():
-        path.write_text(status)
+    if not path.is_file():
+        return False
+    try:
+        write_lock_status(path, status)
+    except OSError:
+        return False
+    return True
 
 
 def pending_status(lock: Path) -> str:

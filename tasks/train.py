@@ -24,7 +24,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallb
 
 from mixtune.core.cache import COMPLETE_MARKER, mark_complete
 from mixtune.core.config import PipelineConfig
+from mixtune.core.disk import DiskFull
 from mixtune.core.logs import run_logger
+from mixtune.core.retry import retry_unless
 from tasks.callbacks import (
     EvaluateAtEnd,
     EvaluateEarly,
@@ -35,7 +37,16 @@ from tasks.callbacks import (
     ProgressCallback,
     SamplerPosition,
 )
-from tasks.checkpoints import Seal, last_good_checkpoint, problem_with, seal, set_aside
+from tasks.checkpoints import (
+    Seal,
+    checkpoint_bytes,
+    last_good_checkpoint,
+    make_room,
+    problem_with,
+    seal,
+    set_aside,
+    space_for_checkpoints,
+)
 from tasks.guard import OverfitTracker
 from tasks.lm import PackCollator, PadCollator, TokenLossTrainer, training_arguments, world_rank, world_size
 from tasks.models import is_adapter, weights_digest
@@ -195,6 +206,8 @@ def train_stage(
         forgetting,
     )
     resume = last_good_checkpoint(stage_dir / "checkpoints", stage_dir / "set-aside", run_logger().warning)
+    needed = checkpoint_bytes(trainer.model)
+    make_room(stage_dir / "checkpoints", stage_dir / "set-aside", needed, run_logger().warning)
     if resume:
         consumed = position.check_resume(resume)
         run_logger().info(
@@ -206,7 +219,8 @@ def train_stage(
         )
     tracker.log_params(stage_params(config, mix, init_dir))  # after the resume check: it names a changed mix
     tracker.log_metrics(mix_metrics(mix), step=0)
-    trainer.train(resume_from_checkpoint=resume)
+    with stage_space(stage_dir, "checkpoints", needed):
+        trainer.train(resume_from_checkpoint=resume)
     if not first:
         return None  # the first process saves the final model and the stage record
     state = trainer.state
@@ -225,12 +239,19 @@ def train_stage(
         stop_reason=early_stop_reason(state, watch, forgetting, config),
     )
     record_onsets(tracker, result)
-    save_final(trainer.model, tokenizer, final)
-    result.best_losses, result.weights_digest = best_evaluation(state), weights_digest(str(final))
-    result.breach_general = forgetting.breach_general if forgetting else None
-    record.write_text(result.model_dump_json(indent=2))
-    mark_complete(final)
+    with stage_space(stage_dir, "final", needed):
+        save_final(trainer.model, tokenizer, final)
+        result.best_losses, result.weights_digest = best_evaluation(state), weights_digest(str(final))
+        result.breach_general = forgetting.breach_general if forgetting else None
+        record.write_text(result.model_dump_json(indent=2))
+        mark_complete(final)
     return result
+
+
+def stage_space(stage_dir: Path, folder: str, needed: int):
+    what = "a checkpoint" if folder == "checkpoints" else "the stage's final model"
+    checkpoints, aside = stage_dir / "checkpoints", stage_dir / "set-aside"
+    return space_for_checkpoints(stage_dir / folder, what, needed, checkpoints, aside, run_logger().warning)
 
 
 def forgetting_stop(config: PipelineConfig, base_general: float | None) -> ForgettingStop | None:
@@ -404,6 +425,7 @@ def worker_main(request_file: str) -> None:
     task_run_name="train stage {mix.stage} (share {mix.target_share:.2f})",
     retries=2,
     retry_delay_seconds=[5, 30],
+    retry_condition_fn=retry_unless(DiskFull),  # space seldom frees itself in 30 s; the message says what to do
 )
 def train_task(
     config: PipelineConfig,

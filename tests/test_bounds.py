@@ -211,8 +211,10 @@ def test_a_file_rewritten_during_ingest_is_refused_naming_it(tmp_path, monkeypat
     assert ingest(config).stats[str(path)]["accepted"] == 300  # the finished file ingests under its new hash
 
 
-def test_an_empty_domain_validation_set_fails_before_training_naming_the_source(prefect_harness, tmp_path):
+@pytest.mark.e2e
+def test_an_empty_domain_validation_set_fails_before_training_naming_the_source(prefect_harness, tmp_path, capsys):
     from flows.finetune import finetune
+    from mixtune.cli import check, run_failed
     from tasks.ingest import IngestError
     from tests.conftest import tiny_config
 
@@ -223,6 +225,11 @@ def test_an_empty_domain_validation_set_fails_before_training_naming_the_source(
         finetune(config)
     assert f"{path}: 0 of 1 accepted" in str(err.value)
     assert not list((tmp_path / "out").glob("cache/base-*")) and not (tmp_path / "out" / "test").exists()
+    capsys.readouterr()
+    assert run_failed(config, err.value) == 2
+    said_by_run = capsys.readouterr().err
+    assert check(config) == 2  # `mixtune check` refuses it too, in the same words
+    assert capsys.readouterr().err == said_by_run
 
 
 def test_a_loss_over_zero_tokens_is_an_error_not_zero():

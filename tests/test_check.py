@@ -9,11 +9,11 @@ from tests.conftest import tiny_raw_config
 GOOD = {"conversations": [{"role": "user", "content": "q{}"}, {"role": "assistant", "content": "a{}"}]}
 
 
-def config_file(tmp_path, domain, general=None) -> str:
+def config_file(tmp_path, domain, general=None, **settings) -> str:
     import yaml
 
     raw = tiny_raw_config(tmp_path / "runs")
-    raw["data"]["sources"][1] = {"path": str(domain), "role": "domain"}
+    raw["data"]["sources"][1] = {"path": str(domain), "role": "domain", **settings}
     if general is not None:
         raw["data"]["sources"][0] = {"path": str(general), "role": "general"}
     path = tmp_path / "pipeline.yaml"
@@ -72,3 +72,20 @@ def test_check_refuses_ambiguous_keys_with_the_columns_line_to_add(tmp_path, cap
     err = capsys.readouterr().err
     assert f"{domain}: no row in a usable format; line 1:" in err
     assert "add to this source columns: {prompt: query, response: response}" in err
+
+
+def test_check_fails_like_run_on_a_source_whose_rows_are_all_identical(tmp_path, capsys):
+    domain = tmp_path / "domain.jsonl"
+    domain.write_text((json.dumps(GOOD).replace("{}", "0") + "\n") * 50)
+    assert main(["check", config_file(tmp_path, domain)]) == 2
+    captured = capsys.readouterr()
+    assert "inputs OK" not in captured.out and "1 accepted (1 train / 0 val), 49 duplicate" in captured.out
+    assert captured.err.startswith("mixtune: unusable input, nothing was trained:\n")
+    assert f"domain validation set holds 0 row(s), fewer than data.min_val_samples 1 ({domain}: 0 of 1" in captured.err
+
+
+def test_check_fails_when_every_row_of_a_role_is_held_out(tmp_path, capsys):
+    domain = tmp_path / "domain.jsonl"
+    domain.write_text(json.dumps(GOOD).replace("{}", "0") + "\n")
+    assert main(["check", config_file(tmp_path, domain, val_fraction=0.9)]) == 2
+    assert f"domain training set holds no row ({domain}: 0 of 1 accepted" in capsys.readouterr().err

@@ -41,6 +41,10 @@ print(code, sorted({"torch", "transformers", "prefect", "mlflow", "peft"} & sys.
     [
         (lambda raw: raw["train"].update(learnig_rate=1e-3), "train.learnig_rate: unknown key"),
         (lambda raw: raw["train"].update(learning_rate=-1e-4), "train.learning_rate"),
+        (lambda raw: raw["train"].update(learning_rate=float("inf")), "train.learning_rate: Input should be a finite"),
+        (lambda raw: raw["train"].update(learning_rate=float("nan")), "train.learning_rate: Input should be a finite"),
+        (lambda raw: raw["validation"].update(forgetting_budget=float("inf")), "validation.forgetting_budget"),
+        (lambda raw: raw["train"].update(weight_decay=float("nan")), "train.weight_decay"),
         (lambda raw: raw.update(trian={}), "trian: unknown key"),
         (
             lambda raw: raw["data"]["sources"].append({"path": "nowhere.jsonl", "role": "domain"}),
@@ -63,6 +67,22 @@ def test_bad_config_names_the_field(tmp_path, mutate, expected):
     with pytest.raises(ConfigError) as err:
         load_config(path)
     assert expected in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_infinite_learning_rate_given_with_set_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"train.learning_rate: Input should be a finite number \(got inf\)"):
+        load_config(write_config(tmp_path, lambda raw: None), ["train.learning_rate=.inf"])
+
+
+def test_a_source_that_is_a_symlink_loop_is_refused_naming_the_field_and_the_path(tmp_path):
+    loop = tmp_path / "loop.jsonl"
+    loop.symlink_to(tmp_path / "other.jsonl")
+    (tmp_path / "other.jsonl").symlink_to(loop)
+    path = write_config(tmp_path, lambda raw: raw["data"]["sources"].append({"path": str(loop), "role": "domain"}))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert f"data.sources.2.path: cannot resolve {loop}: Symlink loop" in str(err.value)
     assert str(path) in str(err.value)
 
 

@@ -78,6 +78,17 @@ def test_a_run_reads_only_inside_its_data_roots(tmp_path):
             enforce(config, policy)
 
 
+def test_a_served_run_naming_a_symlink_loop_is_refused_naming_the_field_and_the_path(tmp_path):
+    policy, data = served(tmp_path)
+    loop = data / "loop.jsonl"
+    loop.symlink_to(loop)
+    inside = {"path": str(data / "own.jsonl"), "role": "general"}
+    config = run_config(tmp_path, data={"sources": [inside, {**inside, "role": "domain"}]})
+    config.data.sources[1].path = str(loop)  # as a flow run's parameters arrive: not yet resolved
+    with pytest.raises(ConfigError, match=rf"data.sources.1.path: cannot resolve {loop}: Symlink loop"):
+        enforce(config, policy)
+
+
 def test_the_served_configs_own_inputs_are_allowed_outside_the_roots(tmp_path):
     elsewhere = tmp_path / "elsewhere.jsonl"
     elsewhere.write_text("{}\n")

@@ -94,6 +94,25 @@ def test_interrupted_stage_resumes_the_same_sequence_in_the_same_run(prepared, t
     assert Path(result.model_dir, "model.safetensors").is_file()
 
 
+def test_a_resumed_stage_logs_the_slopes_of_an_uninterrupted_one(prepared, tmp_path, monkeypatch):
+    config, tokens, base = prepared
+    config = config.model_copy(update={"train": config.train.model_copy(update={"logging_steps": 2})})
+    mix = stage_mix(tokens, tmp_path)
+    straight = tracking.start_parent_run(config, "flow-slopes-straight").open_stage(1, "full")
+    train_stage(config, mix, tokens.sft, base, base, str(tmp_path / "straight"), straight)
+    resumed = tracking.start_parent_run(config, "flow-slopes-resumed").open_stage(1, "full")
+    crash_once_at(monkeypatch, 6)  # after the evaluation and checkpoint at step 4: the retry resumes there
+    with pytest.raises(Crash):
+        train_stage(config, mix, tokens.sft, base, base, str(tmp_path / "resumed"), resumed)
+    train_stage(config, mix, tokens.sft, base, base, str(tmp_path / "resumed"), resumed)
+    client = MlflowClient(straight.uri)
+    for name in ("domain_val_slope", "general_val_slope"):  # evaluations at 4, 8 and 10: a slope at 8 and 10
+        expected = sorted((m.step, m.value) for m in client.get_metric_history(straight.run_id, name))
+        got = sorted((m.step, m.value) for m in client.get_metric_history(resumed.run_id, name))
+        assert [step for step, _ in expected] == [8, 10] and [step for step, _ in got] == [8, 10], name
+        assert [value for _, value in got] == pytest.approx([value for _, value in expected], rel=1e-6), name
+
+
 def test_resume_refuses_a_checkpoint_of_another_mix(prepared, tmp_path, monkeypatch):
     config, tokens, base = prepared
     mix = stage_mix(tokens, tmp_path)

@@ -80,7 +80,10 @@ LR_SOURCES = {
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, json_schema_extra=form_schema)
+    # No float here means anything as inf or nan (a nan learning rate trains nan losses): refused, naming the field.
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, allow_inf_nan=False, json_schema_extra=form_schema
+    )
 
 
 class Columns(Strict):
@@ -705,7 +708,7 @@ def resolve_paths(config: PipelineConfig, base: Path, origin: Path | str) -> Pip
     for i, source in enumerate(config.data.sources):
         if source.path is None:
             continue
-        resolved = (base / source.path).resolve()
+        resolved = resolved_path(base, source.path, f"data.sources.{i}.path", origin)
         source.path = str(resolved)
         if not resolved.exists():
             missing.append(f"  data.sources.{i}.path: file not found: {resolved}")
@@ -716,16 +719,24 @@ def resolve_paths(config: PipelineConfig, base: Path, origin: Path | str) -> Pip
                 missing.append(f"  data.sources.{i}.{err.field}: {err}")
     prompts = config.data.self_rehearsal.prompts
     if prompts is not None:
-        resolved = (base / prompts).resolve()
+        resolved = resolved_path(base, prompts, "data.self_rehearsal.prompts", origin)
         config.data.self_rehearsal.prompts = str(resolved)
         if not resolved.is_file():
             missing.append(f"  data.self_rehearsal.prompts: file not found: {resolved}")
     if config.model.path is not None:
-        model_dir = (base / config.model.path).resolve()
+        model_dir = resolved_path(base, config.model.path, "model.path", origin)
         config.model.path = str(model_dir)
         if not (model_dir / "config.json").is_file():
             missing.append(f"  model.path: no Hugging Face model (config.json) in {model_dir}{model_hint(model_dir)}")
-    config.run.output_dir = str((base / config.run.output_dir).resolve())
+    config.run.output_dir = str(resolved_path(base, config.run.output_dir, "run.output_dir", origin))
     if missing:
         raise ConfigError("\n".join([f"{origin}: missing input(s)", *missing]))
     return config
+
+
+def resolved_path(base: Path, path: str, field: str, origin: Path | str) -> Path:
+    """`base / path` made absolute; a symlink loop (Path.resolve's RuntimeError) is refused naming the field."""
+    try:
+        return (base / path).resolve()
+    except (RuntimeError, OSError) as err:
+        raise ConfigError(f"{origin}: {field}: cannot resolve {base / path}: {err}") from None

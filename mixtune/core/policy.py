@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from mixtune.core.config import SERVED_FIXED, ConfigError, PipelineConfig
+from mixtune.core.config import SERVED_FIXED, ConfigError, PipelineConfig, resolved_path
 from mixtune.core.paths import tracking_uri
 from mixtune.core.uris import split_credentials
 
@@ -124,10 +124,11 @@ def input_problems(config: PipelineConfig, policy: ServedPolicy) -> list[str]:
         f"  {field}: {path} is outside the folders this deployment may read ({', '.join(policy.data_roots)}); "
         "see deploy.data_roots"
         for field, path in input_files(config)
-        if not readable(path, policy)
+        if not readable(path, policy, field)
     ]
 
 
-def readable(path: str, policy: ServedPolicy) -> bool:
-    real = Path(path).resolve()  # symlinks and .. resolved: a link inside a root to a file outside is outside
+def readable(path: str, policy: ServedPolicy, field: str = "path") -> bool:
+    # Symlinks and .. resolved: a link inside a root to a file outside is outside; a symlink loop is refused.
+    real = resolved_path(Path(), path, field, "flow parameter config")
     return str(real) in policy.files or any(real.is_relative_to(root) for root in policy.data_roots)

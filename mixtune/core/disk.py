@@ -1,0 +1,62 @@
+"""A full disk, said once: which folder, how much the write needed and how much is free there, instead of the
+chained tracebacks of whichever library was writing (OSError errno 28, safetensors' SafetensorError, torch's
+"file write failed", SQLite's "database or disk is full")."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+FULL_WORDS = ("No space left on device", "Disk quota exceeded", "database or disk is full")
+
+
+class DiskFull(RuntimeError):
+    """A write failed for want of space; the message names the folder and the space needed."""
+
+
+def says_disk_full(err: BaseException | None) -> bool:
+    """The error, or one it was raised from or while handling, is a full disk."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in FULL_ERRNOS or any(w in str(err) for w in FULL_WORDS):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def free_bytes(folder: Path) -> int:
+    existing = next(p for p in [folder, *folder.parents] if p.exists())
+    return shutil.disk_usage(existing).free
+
+
+def megabytes(n: int) -> str:
+    return f"{n / 2**20:,.1f} MB"
+
+
+@contextmanager
+def space_for(folder: Path, what: str, needed: int, free_some: Callable[[], int] = lambda: 0) -> Iterator[None]:
+    """Writes inside the block that fail for want of space raise DiskFull, naming `folder` and `needed` bytes.
+
+    A writer that only says "file write failed" (torch.save) counts as a full disk when less than `needed` is free.
+    `free_some` frees what the writer may (returns the bytes freed) before the message is made, so that a
+    rerun finds the room this one did not."""
+    try:
+        yield
+    except DiskFull:
+        raise
+    except Exception as err:
+        if not (says_disk_full(err) or ("write failed" in str(err) and free_bytes(folder) < needed)):
+            raise
+        freed = free_some()
+        raise DiskFull(
+            f"disk full while writing {what} in {folder}: it needs about {megabytes(needed)}, "
+            f"{megabytes(free_bytes(folder))} free there"
+            + (f" (after removing {megabytes(freed)} of set-aside checkpoints)" if freed else "")
+            + "; free some space there (or set run.output_dir on a larger disk) and run again: it continues "
+            "from the last good checkpoint"
+        ) from None
