@@ -10,18 +10,15 @@ server checks before hydrating them.)"""
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 
 from prefect import serve
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.deployments.runner import EntrypointType, RunnerDeployment, deploy
-from prefect.exceptions import ObjectAlreadyExists
 from prefect.schedules import Cron
 
 from flows.finetune import finetune
+from flows.pool import ensure_process_pool
 from mixtune.core.config import SERVED_FIXED, SERVED_FIXED_FIELDS, PipelineConfig, form_values
 from mixtune.core.policy import ServedPolicy
 
@@ -80,17 +77,12 @@ def serve_deployments(config: PipelineConfig, policy: ServedPolicy) -> None:
     )
 
 
-def ensure_process_pool(pool: str) -> None:
-    with get_client(sync_client=True) as client, contextlib.suppress(ObjectAlreadyExists):
-        client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
-
-
 def deploy_to_pool(config: PipelineConfig, pool: str, policy: ServedPolicy) -> list[str]:
     """For `prefect worker start --pool <pool>`: the worker runs the flow from this project folder, with the
-    policy in the flow process's environment (a deployment job variable)."""
-    ensure_process_pool(pool)
+    policy in the flow process's environment from the pool's locked job template (flows/pool.py), not from a
+    job variable, which a run could override."""
+    ensure_process_pool(pool, policy)
     source, specs = finetune.from_source(source=str(PROJECT_ROOT), entrypoint=ENTRYPOINT), deployment_specs(config)
-    env = {"env": policy.to_env()}
-    deployments = [run_form(source.to_deployment(work_pool_name=pool, job_variables=env, **spec)) for spec in specs]
+    deployments = [run_form(source.to_deployment(work_pool_name=pool, **spec)) for spec in specs]
     deploy(*deployments, work_pool_name=pool, build=False, push=False, print_next_steps_message=False)
     return [spec["name"] for spec in specs]

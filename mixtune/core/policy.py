@@ -4,8 +4,9 @@ the worker's MLflow credentials, and which folders the run may read. It also car
 deployment fixes (tracking, deploy, advisor: SERVED_FIXED) and the fields it fixes inside the others
 (run.output_dir: SERVED_FIXED_FIELDS), which its run form leaves out. Local `mixtune run` is not confined.
 
-`mixtune serve` / `mixtune deploy` put the policy in the environment of the processes that run the
-flow (MIXTUNE_SERVED_POLICY); the flow checks every deployment run against it before any request."""
+`mixtune serve` puts the policy in the environment of the processes that run the flow (MIXTUNE_SERVED_POLICY);
+`mixtune deploy` puts it in its work pool's job template, which a flow run cannot change (flows/pool.py). The
+flow checks every deployment run against it before any request."""
 
 from __future__ import annotations
 
