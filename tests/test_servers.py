@@ -138,11 +138,16 @@ def test_served_deployment_runs_with_one_changed_parameter_and_the_server_reject
 
 
 def post_run(api: httpx.Client, deployment_id: str, config: dict) -> httpx.Response:
-    """Asks for a flow run of the deployment. The server answers 503 while its SQLite database is busy (loaded
-    cores, a flow run writing its states), so a server error is asked again for up to a minute."""
+    """Asks for a flow run of the deployment."""
+    return post(api, f"/deployments/{deployment_id}/create_flow_run", {"parameters": {"config": config}})
+
+
+def post(api: httpx.Client, path: str, body: dict) -> httpx.Response:
+    """The server answers 503 while its SQLite database is busy (loaded cores, a flow run writing its states),
+    so a server error is asked again for up to a minute."""
     deadline = time.monotonic() + 60
     while True:
-        answer = api.post(f"/deployments/{deployment_id}/create_flow_run", json={"parameters": {"config": config}})
+        answer = api.post(path, json=body)
         if answer.status_code < 500 or time.monotonic() > deadline:
             return answer
         time.sleep(2)

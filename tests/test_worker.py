@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from flows.pool import env_variable
 from tests.conftest import tiny_raw_config
 from tests.servers import BIN, QUIET_ENV, launch, prefect_server, stop
-from tests.test_servers import create_run, end_state, request_counter
+from tests.test_servers import create_run, end_state, post, request_counter, wait_for
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ def pool(tmp_path_factory):
                 api=api,
                 url=url,
                 folder=folder,
-                deployment=api.get("/deployments/name/finetune/locked-manual").json(),
+                deployment=read(api, "/deployments/name/finetune/locked-manual"),
                 tracking=MlflowClient(worker_env["MLFLOW_TRACKING_URI"]),
                 log=folder / "worker.log",
             )
@@ -70,13 +70,18 @@ def pool(tmp_path_factory):
             stop(worker)
 
 
+def read(api: httpx.Client, path: str) -> dict:
+    """GET, asked again while the server answers an error (its SQLite database is busy on loaded cores)."""
+    return wait_for(lambda: (answer := api.get(path)).status_code == 200 and answer.json(), 60, path)
+
+
 def stored_policy(api: httpx.Client) -> dict:
-    variable = api.get(f"/variables/name/{env_variable(POOL)}").json()
+    variable = read(api, f"/variables/name/{env_variable(POOL)}")
     return json.loads(variable["value"]["MIXTUNE_SERVED_POLICY"])
 
 
 def test_deploy_locks_the_pools_template_and_keeps_the_policy_out_of_job_variables(pool, tmp_path):
-    template = pool.api.get(f"/work_pools/{POOL}").json()["base_job_template"]
+    template = read(pool.api, f"/work_pools/{POOL}")["base_job_template"]
     assert "command" not in template["job_configuration"]
     assert template["job_configuration"]["env"] == f"{{{{ prefect.variables.{env_variable(POOL)} }}}}"
     assert template["variables"]["additionalProperties"] is False
@@ -109,7 +114,7 @@ HOSTILE = {
 def test_the_server_refuses_a_run_that_sends_job_variables(pool, tmp_path, probe):
     job_variables = HOSTILE[probe](tmp_path / "MARKER", "http://127.0.0.1:9")
     body = {"parameters": {"config": pool.deployment["parameters"]["config"]}, "job_variables": job_variables}
-    refused = pool.api.post(f"/deployments/{pool.deployment['id']}/create_flow_run", json=body)
+    refused = post(pool.api, f"/deployments/{pool.deployment['id']}/create_flow_run", body)
     assert refused.status_code == 422 and "Additional properties are not allowed" in refused.text, refused.text
 
 
@@ -125,7 +130,7 @@ def unchecked_run(pool, name: str, config: dict, job_variables: dict) -> str:
         "job_variables": job_variables,
         "state": {"type": "SCHEDULED"},
     }
-    created = pool.api.post("/flow_runs/", json=body)
+    created = post(pool.api, "/flow_runs/", body)
     assert created.status_code == 201 and created.json()["job_variables"] == job_variables, created.text
     return created.json()["id"]
 
@@ -154,7 +159,7 @@ def test_a_normal_run_completes_and_registers_and_job_variables_that_reach_the_w
         assert ended == {"command": "COMPLETED", "env tracking": "COMPLETED", "env policy": "FAILED"}, ended
         assert requests == []
     assert not marker.exists()
-    message = pool.api.get(f"/flow_runs/{runs['env policy']}").json()["state"]["message"]
+    message = read(pool.api, f"/flow_runs/{runs['env policy']}")["state"]["message"]
     assert "data.sources.1.path" in message and "outside the folders this deployment may read" in message, message
     assert stored_policy(pool.api) == policy
     # Their "no new data" ticks went to the worker's tracking server, counted on the run they matched.
