@@ -3,25 +3,23 @@ the config's cron. Their default parameters are the loaded config, so the Prefec
 values in a form built from the schema (field descriptions included), and the server rejects a bad value.
 
 The form opens on what a run changes (data, schedule, train, validation); run, model, pre-training and registry
-follow, titled "More: ...". Tracking, deploy and advisor are not in the form at all: the deployment fixes them
-(SERVED_FIXED), and the server refuses a run that sends them. (The v1 form cannot fold an object: a value of
-its JSON kind is refused in a deployment's own parameters, which the server checks before hydrating them.)"""
+follow, titled "More: ...". Tracking, deploy, advisor and run.output_dir are not in the form at all: the
+deployment fixes them (SERVED_FIXED, SERVED_FIXED_FIELDS), and the server refuses a run that sends them. (The
+v1 form cannot fold an object: a value of its JSON kind is refused in a deployment's own parameters, which the
+server checks before hydrating them.)"""
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 
 from prefect import serve
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.deployments.runner import EntrypointType, RunnerDeployment, deploy
-from prefect.exceptions import ObjectAlreadyExists
 from prefect.schedules import Cron
 
 from flows.finetune import finetune
-from mixtune.core.config import SERVED_FIXED, PipelineConfig, form_values
+from flows.pool import ensure_process_pool
+from mixtune.core.config import SERVED_FIXED, SERVED_FIXED_FIELDS, PipelineConfig, form_values
 from mixtune.core.policy import ServedPolicy
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +28,8 @@ ENTRYPOINT = "flows/finetune.py:finetune"
 
 def deployment_specs(config: PipelineConfig) -> list[dict]:
     values = {name: value for name, value in form_values(config).items() if name not in SERVED_FIXED}
+    for section, names in SERVED_FIXED_FIELDS.items():
+        values[section] = {name: value for name, value in values[section].items() if name not in names}
     common = {"parameters": {"config": values}, "tags": ["mixtune", config.run.name]}
     specs = [
         {
@@ -52,11 +52,15 @@ def deployment_specs(config: PipelineConfig) -> list[dict]:
 
 
 def run_form(deployment: RunnerDeployment) -> RunnerDeployment:
-    """Leaves the sections the deployment fixes out of its run form. The schema allows no other property
-    (the config forbids extra keys), so the server also refuses a run whose parameters send one."""
-    sections = deployment._parameter_openapi_schema.definitions["PipelineConfig"]["properties"]
+    """Leaves the sections and fields the deployment fixes out of its run form. The schema allows no other
+    property (the config forbids extra keys), so the server also refuses a run whose parameters send one."""
+    definitions = deployment._parameter_openapi_schema.definitions
     for name in SERVED_FIXED:
-        del sections[name]
+        del definitions["PipelineConfig"]["properties"][name]
+    for section, names in SERVED_FIXED_FIELDS.items():
+        fields = definitions[definitions["PipelineConfig"]["properties"][section]["$ref"].split("/")[-1]]
+        for name in names:
+            del fields["properties"][name]
     return deployment
 
 
@@ -73,17 +77,12 @@ def serve_deployments(config: PipelineConfig, policy: ServedPolicy) -> None:
     )
 
 
-def ensure_process_pool(pool: str) -> None:
-    with get_client(sync_client=True) as client, contextlib.suppress(ObjectAlreadyExists):
-        client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
-
-
 def deploy_to_pool(config: PipelineConfig, pool: str, policy: ServedPolicy) -> list[str]:
     """For `prefect worker start --pool <pool>`: the worker runs the flow from this project folder, with the
-    policy in the flow process's environment (a deployment job variable)."""
-    ensure_process_pool(pool)
+    policy in the flow process's environment from the pool's locked job template (flows/pool.py), not from a
+    job variable, which a run could override."""
+    ensure_process_pool(pool, policy)
     source, specs = finetune.from_source(source=str(PROJECT_ROOT), entrypoint=ENTRYPOINT), deployment_specs(config)
-    env = {"env": policy.to_env()}
-    deployments = [run_form(source.to_deployment(work_pool_name=pool, job_variables=env, **spec)) for spec in specs]
+    deployments = [run_form(source.to_deployment(work_pool_name=pool, **spec)) for spec in specs]
     deploy(*deployments, work_pool_name=pool, build=False, push=False, print_next_steps_message=False)
     return [spec["name"] for spec in specs]

@@ -284,12 +284,18 @@ def deployments(config: PipelineConfig, args) -> int:
         )
         return 2
     from flows.deployments import deploy_to_pool, serve_deployments
+    from flows.pool import PoolRefused
     from mixtune.core.policy import ServedPolicy
 
     policy = ServedPolicy.for_served(config, Path(args.config).resolve().parent)
     if args.command == "deploy":
-        for name in deploy_to_pool(config, args.pool, policy):
-            print(f"deployment {name} on work pool {args.pool}")
+        try:
+            names = deploy_to_pool(config, args.pool, policy)
+        except PoolRefused as err:
+            print(f"mixtune: {err}", file=sys.stderr)
+            return 2
+        for name in names:
+            print(f"deployment {name} on work pool {args.pool} (its job template: no command or env from a run)")
         return 0
     serve_deployments(config, policy)
     return 0

@@ -153,7 +153,7 @@ def prepare_base(config: PipelineConfig, tokenizer_dir: str, pretrain_table: str
         if build:
             tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
             model = (
-                AutoModelForCausalLM.from_pretrained(config.model.path)
+                AutoModelForCausalLM.from_pretrained(config.model.path, trust_remote_code=False)
                 if config.model.path
                 else build_model(config, tokenizer)
             )

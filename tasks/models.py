@@ -29,15 +29,16 @@ def weights_digest(model_dir: str) -> str:
 def load_model(model_dir: str, base_dir: str):
     """A stage's output: a full model folder, or an adapter folder applied to the base model."""
     if is_adapter(model_dir):
-        return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), model_dir)
-    return AutoModelForCausalLM.from_pretrained(model_dir)
+        base = AutoModelForCausalLM.from_pretrained(base_dir, trust_remote_code=False)
+        return PeftModel.from_pretrained(base, model_dir)
+    return AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=False)
 
 
 def evaluate(model_dir: str, base_dir: str, sft_path: str, batch_size: int) -> TokenLosses:
     model = load_model(model_dir, base_dir)
     if torch.cuda.is_available():
         model = model.to("cuda")
-    collator = PadCollator(AutoTokenizer.from_pretrained(base_dir).pad_token_id)
+    collator = PadCollator(AutoTokenizer.from_pretrained(base_dir, trust_remote_code=False).pad_token_id)
     sets = validation_sets(sft_path)
     return TokenLosses(**{tag: mean_token_loss(model, data, collator, batch_size) for tag, data in sets.items()})
 
@@ -48,6 +49,6 @@ def standalone_model(final_dir: str, base_dir: str, folder: Path) -> str:
         return final_dir
     if not is_complete(folder):
         load_model(final_dir, base_dir).merge_and_unload().save_pretrained(folder)
-        AutoTokenizer.from_pretrained(base_dir).save_pretrained(folder)
+        AutoTokenizer.from_pretrained(base_dir, trust_remote_code=False).save_pretrained(folder)
         mark_complete(folder)
     return str(folder)

@@ -43,7 +43,7 @@ def answer_probes(
 ) -> list[dict]:
     """Greedy answers, a batch of prompts at a time, all within one time bound: a real model's probes once took
     minutes. An answer the bound cut short (or never began) is marked `cut`, so its file can say so."""
-    model, tokenizer = load_model(model_dir, base_dir), AutoTokenizer.from_pretrained(base_dir)
+    model, tokenizer = load_model(model_dir, base_dir), AutoTokenizer.from_pretrained(base_dir, trust_remote_code=False)
     if torch.cuda.is_available():
         model = model.to("cuda")
     model.eval()

@@ -82,8 +82,8 @@ def save_mlflow_model(model_dir: str, folder: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     components = {
-        "model": AutoModelForCausalLM.from_pretrained(model_dir),
-        "tokenizer": AutoTokenizer.from_pretrained(model_dir),
+        "model": AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=False),
+        "tokenizer": AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False),
     }
     requirements = [f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__}"]
     requirements.append(f"transformers=={transformers.__version__}")

@@ -16,7 +16,7 @@ from tasks.tables import IGNORE, validation_sets
 
 def target_counts(sft_path: str, tokenizer_dir: str) -> dict[str, tuple[int, int]]:
     """Per validation set: scored tokens (as mean_token_loss counts them) and the UTF-8 bytes they spell."""
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
     counts = {}
     for tag, dataset in validation_sets(sft_path).items():
         targets = [[t for t in labels[1:] if t != IGNORE] for labels in dataset.labels]

@@ -311,7 +311,7 @@ def tokenize(
 
 def encode_all(samples_path: str, tokenizer_dir: str, max_len: int, overlong: str, result: TokenizedData) -> None:
     folder = Path(result.folder)
-    encoder = Encoder(AutoTokenizer.from_pretrained(tokenizer_dir))
+    encoder = Encoder(AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False))
     with open(result.rejected, "w", encoding="utf-8") as rejected:
         sft = TableWriter(Path(result.sft), max_len, overlong, rejected)
         pretrain = Packer(Path(result.pretrain), max_len)

@@ -58,8 +58,8 @@ from tasks.tracking import Tracker, metric_name
 
 def load_for_training(config: PipelineConfig, init_dir: str, base_dir: str):
     if config.train.method == "full":
-        return AutoModelForCausalLM.from_pretrained(init_dir)
-    base = AutoModelForCausalLM.from_pretrained(base_dir)
+        return AutoModelForCausalLM.from_pretrained(init_dir, trust_remote_code=False)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, trust_remote_code=False)
     if is_adapter(init_dir):
         return PeftModel.from_pretrained(base, init_dir, is_trainable=True)
     lora = config.train.lora
@@ -188,7 +188,7 @@ def train_stage(
         return StageTraining.model_validate_json(record.read_text())
     first = world_rank() == 0
     tracker = tracker if first else tracker.silent()
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=False)
     progress = ProgressCallback(f"stage {mix.stage}", run_logger().info, tracker.log_metrics)
     live = [LiveProgress(f"stage {mix.stage}/{len(stage_shares(config.schedule))}")] if first else []
     position = SamplerPosition(mix.manifest, config.train.batch_size * config.train.gradient_accumulation_steps)

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mixtune.core.config import ConfigError, load_config
+from mixtune.core.config import ConfigError, load_config, validate_config
+from tests.conftest import tiny_raw_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -204,3 +205,10 @@ def test_the_prefect_form_opens_on_data_schedule_train_validation_with_a_title_o
 def test_pretraining_is_auto_true_or_false_and_null_still_reads_as_auto(tmp_path, written, read):
     config = load_config(write_config(tmp_path, lambda raw: raw.update(pretrain={"enabled": written})))
     assert config.pretrain.enabled == read
+
+
+@pytest.mark.parametrize("name", [".", "..", "...", "a/b", "a\\b"])
+def test_a_run_name_that_would_leave_its_folder_is_refused_naming_the_field(tmp_path, name):
+    with pytest.raises(ConfigError, match=r"  run.name: String should match pattern"):
+        validate_config(tiny_raw_config(tmp_path, run={"name": name}), "test config", base_dir=tmp_path)
+    validate_config(tiny_raw_config(tmp_path, run={"name": ".hidden-v1.2"}), "test config", base_dir=tmp_path)

@@ -12,6 +12,7 @@ from prefect.utilities.schema_tools.validation import ValidationError, validate
 from flows.deployments import deployment_specs, run_form
 from flows.finetune import finetune
 from mixtune.core.config import FORM_FIRST, FORM_MORE, SERVED_FIXED, PipelineConfig
+from mixtune.core.policy import ServedPolicy, enforce
 from tests.conftest import tiny_config
 
 
@@ -74,8 +75,18 @@ def test_the_server_accepts_the_form_as_it_opens_and_the_flow_reads_the_same_con
     config, schema, manual, _ = manual_deployment(tmp_path, train={"learning_rate": 0.002})
     server_accepts(schema, manual)
     hydrated = hydrate(manual, HydrationContext(raise_on_error=True))["config"]
-    fixed = {name: getattr(config, name) for name in SERVED_FIXED}  # the served policy puts them back
-    assert PipelineConfig.model_validate(hydrated).model_copy(update=fixed) == config
+    policy = ServedPolicy.for_served(config, tmp_path)  # puts back what the deployment fixes
+    assert enforce(PipelineConfig.model_validate(hydrated), policy) == config
+
+
+@pytest.mark.parametrize(("field", "value"), [("output_dir", "/tmp/elsewhere"), ("name", ".."), ("name", "a/b")])
+def test_the_server_refuses_a_run_folder_a_run_may_not_choose(tmp_path, field, value):
+    _, schema, manual, _ = manual_deployment(tmp_path)
+    assert "output_dir" not in manual["config"]["run"]
+    sneaky = hydrate(manual, HydrationContext(raise_on_error=True))
+    sneaky["config"]["run"][field] = value
+    with pytest.raises(ValidationError, match=field if field == "output_dir" else "does not match"):
+        server_accepts(schema, sneaky)
 
 
 @pytest.mark.parametrize("section", SERVED_FIXED)
@@ -98,6 +109,7 @@ def test_the_server_refuses_a_run_that_sends_a_section_the_deployment_fixes(tmp_
 def test_an_explicit_null_still_passes_the_server(tmp_path, section, field, value):
     config, schema, _, _ = manual_deployment(tmp_path)
     plain = {name: value for name, value in config.public_dump().items() if name not in SERVED_FIXED}
+    del plain["run"]["output_dir"]
     plain[section][field] = value
     plain["data"]["sources"][0]["columns"] = None
     server_accepts(schema, {"config": plain})

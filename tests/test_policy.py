@@ -3,10 +3,10 @@ roots (symlinks and .. resolved), and URIs are shown with their password redacte
 
 import pytest
 
-from mixtune.core.config import ConfigError
+from mixtune.core.config import ConfigError, PipelineConfig
 from mixtune.core.policy import ServedPolicy, enforce, served_policy
 from mixtune.core.uris import redact_uri, split_credentials
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, tiny_raw_config
 
 
 def test_redaction_and_splitting():
@@ -30,7 +30,12 @@ def served(tmp_path, **sections) -> tuple:
 
 
 def run_config(tmp_path, **sections):
-    return tiny_config(tmp_path / "run", **sections)
+    """A run's parameters as the flow gets them: without run.output_dir unless the run sends one (the form
+    leaves it out), paths not yet resolved."""
+    raw = tiny_raw_config(tmp_path / "run", **sections)
+    if "output_dir" not in sections.get("run", {}):
+        del raw["run"]["output_dir"]
+    return PipelineConfig.model_validate(raw)
 
 
 def test_a_served_run_gets_the_fixed_sections_and_may_not_set_them(tmp_path):
@@ -49,6 +54,15 @@ def test_a_served_run_gets_the_fixed_sections_and_may_not_set_them(tmp_path):
     for section, value in changes:
         with pytest.raises(ConfigError, match=rf"  {section}: fixed by the deployment"):
             enforce(run_config(tmp_path, **{section: value}), policy)
+
+
+def test_a_served_run_writes_under_the_served_output_dir_and_may_not_name_another(tmp_path):
+    policy, _ = served(tmp_path)
+    confined = enforce(run_config(tmp_path, run={"name": "own"}), policy)
+    assert confined.run.output_dir == str(tmp_path / "served") and confined.run.name == "own"
+    enforce(run_config(tmp_path, run={"output_dir": str(tmp_path / "served")}), policy)  # the same: no change
+    with pytest.raises(ConfigError, match=r"  run.output_dir: fixed by the deployment"):
+        enforce(run_config(tmp_path, run={"output_dir": str(tmp_path / "elsewhere")}), policy)
 
 
 def test_a_run_may_name_only_allowed_tracking_servers(tmp_path):
@@ -103,6 +117,10 @@ def test_a_deployment_run_without_a_policy_gets_the_strictest(tmp_path, monkeypa
     monkeypatch.delenv("MIXTUNE_SERVED_POLICY", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert served_policy(is_deployment_run=False) is None
+    monkeypatch.chdir(tmp_path)
     policy = served_policy(is_deployment_run=True)
     with pytest.raises(ConfigError, match="tracking.tracking_uri"):
         enforce(run_config(tmp_path, tracking={"tracking_uri": "http://127.0.0.1:5000"}), policy)
+    assert enforce(run_config(tmp_path), policy).run.output_dir == str(tmp_path.resolve() / "runs")
+    with pytest.raises(ConfigError, match="run.output_dir: fixed"):
+        enforce(run_config(tmp_path, run={"output_dir": "/tmp"}), policy)

@@ -138,11 +138,16 @@ def test_served_deployment_runs_with_one_changed_parameter_and_the_server_reject
 
 
 def post_run(api: httpx.Client, deployment_id: str, config: dict) -> httpx.Response:
-    """Asks for a flow run of the deployment. The server answers 503 while its SQLite database is busy (loaded
-    cores, a flow run writing its states), so a server error is asked again for up to a minute."""
+    """Asks for a flow run of the deployment."""
+    return post(api, f"/deployments/{deployment_id}/create_flow_run", {"parameters": {"config": config}})
+
+
+def post(api: httpx.Client, path: str, body: dict) -> httpx.Response:
+    """The server answers 503 while its SQLite database is busy (loaded cores, a flow run writing its states),
+    so a server error is asked again for up to a minute."""
     deadline = time.monotonic() + 60
     while True:
-        answer = api.post(f"/deployments/{deployment_id}/create_flow_run", json={"parameters": {"config": config}})
+        answer = api.post(path, json=body)
         if answer.status_code < 500 or time.monotonic() > deadline:
             return answer
         time.sleep(2)
@@ -185,28 +190,6 @@ def state_of(api: httpx.Client, run_id: str) -> str | None:
     """The flow run's state type; None while the server answers an error (a busy database is retried)."""
     answer = api.get(f"/flow_runs/{run_id}")
     return answer.json()["state"]["type"] if answer.status_code == 200 else None
-
-
-def test_deploy_registers_on_a_process_work_pool(prefect_api, tmp_path):
-    config_path = write_config(tmp_path, deploy={"name": "pooled"})
-    env = {**os.environ, **QUIET_ENV, "PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(tmp_path / "home")}
-    done = subprocess.run(
-        [str(BIN / "mixtune"), "deploy", str(config_path), "--pool", "it-pool"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    api = httpx.Client(base_url=prefect_api, timeout=10)
-    pooled = deployment(api, "pooled-manual")
-    assert pooled["work_pool_name"] == "it-pool" and pooled["entrypoint"] == "flows/finetune.py:finetune"
-    assert api.get("/work_pools/it-pool").json()["type"] == "process"
-    # The worker's runs get tracking, deploy and advisor from the deployment, not from the form.
-    sections = pooled["parameter_openapi_schema"]["definitions"]["PipelineConfig"]["properties"]
-    assert not {"tracking", "deploy", "advisor"} & (set(sections) | set(pooled["parameters"]["config"]))
-    policy = json.loads(pooled["job_variables"]["env"]["MIXTUNE_SERVED_POLICY"])
-    assert policy["fixed"]["deploy"]["name"] == "pooled"
 
 
 def running_runs(db: Path) -> list:

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mixtune.core.datafiles import DataPathError, source_files
+from mixtune.core.model_code import needs_own_code
 from mixtune.core.uris import redact_uri
 
 Role = Literal["general", "domain", "pretrain"]
@@ -482,7 +483,12 @@ class Deploy(Strict):
 class Run(Strict):
     """Naming, output folder and seed."""
 
-    name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$", description="Names the run's folder and MLflow run.")
+    # It names a folder under output_dir: no separator, and not only dots ("." or ".." would leave it).
+    name: str = Field(
+        "default",
+        pattern=r"^[A-Za-z0-9_.-]*[A-Za-z0-9_-][A-Za-z0-9_.-]*$",
+        description="Names the run's folder and MLflow run: letters, digits, _ . - and not only dots.",
+    )
     output_dir: str = Field("runs", description="Caches, checkpoints and the default MLflow database.")
     seed: int = Field(0, description="Seeds splits, mixes, initialisation and data order.")
 
@@ -493,6 +499,9 @@ FORM_MORE = ("run", "model", "pretrain", "plan", "goal", "registry", "tracking",
 # Where runs go and what a served run may reach belong to the serving side: a deployment fixes these
 # sections, and its run form leaves them out (flows/deployments.py, mixtune/core/policy.py).
 SERVED_FIXED = ("tracking", "deploy", "advisor")
+# Fields a deployment fixes inside sections the form keeps: where a run writes its caches, locks, checkpoints
+# and run folders (and the default MLflow database) is the served config's output_dir, not a folder a run names.
+SERVED_FIXED_FIELDS = {"run": ("output_dir",)}
 
 
 def pipeline_form(schema: dict) -> None:
@@ -728,9 +737,14 @@ def resolve_paths(config: PipelineConfig, base: Path, origin: Path | str) -> Pip
         config.model.path = str(model_dir)
         if not (model_dir / "config.json").is_file():
             missing.append(f"  model.path: no Hugging Face model (config.json) in {model_dir}{model_hint(model_dir)}")
+        elif own_code := needs_own_code(model_dir):
+            missing.append(
+                f"  model.path: {model_dir} needs its own Python code ({own_code}); mixtune never runs a model "
+                "folder's code: use a model whose architecture transformers ships"
+            )
     config.run.output_dir = str(resolved_path(base, config.run.output_dir, "run.output_dir", origin))
     if missing:
-        raise ConfigError("\n".join([f"{origin}: missing input(s)", *missing]))
+        raise ConfigError("\n".join([f"{origin}: missing or unusable input(s)", *missing]))
     return config
 
 

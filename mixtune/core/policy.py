@@ -1,11 +1,12 @@
 """What a served run may do. A deployment's flow runs take their whole config from whoever can reach the
 Prefect API, so the serving side fixes two things a run's parameters cannot: which tracking servers get
 the worker's MLflow credentials, and which folders the run may read. It also carries the sections a
-deployment fixes (tracking, deploy, advisor: SERVED_FIXED), which its run form leaves out. Local `mixtune run`
-is not confined.
+deployment fixes (tracking, deploy, advisor: SERVED_FIXED) and the fields it fixes inside the others
+(run.output_dir: SERVED_FIXED_FIELDS), which its run form leaves out. Local `mixtune run` is not confined.
 
-`mixtune serve` / `mixtune deploy` put the policy in the environment of the processes that run the
-flow (MIXTUNE_SERVED_POLICY); the flow checks every deployment run against it before any request."""
+`mixtune serve` puts the policy in the environment of the processes that run the flow (MIXTUNE_SERVED_POLICY);
+`mixtune deploy` puts it in its work pool's job template, which a flow run cannot change (flows/pool.py). The
+flow checks every deployment run against it before any request."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from mixtune.core.config import SERVED_FIXED, ConfigError, PipelineConfig, resolved_path
+from mixtune.core.config import SERVED_FIXED, SERVED_FIXED_FIELDS, ConfigError, PipelineConfig, resolved_path
 from mixtune.core.paths import tracking_uri
 from mixtune.core.uris import split_credentials
 
@@ -31,6 +32,7 @@ class ServedPolicy(BaseModel):
     data_roots: list[str]  # folders a run may read sources and models from
     files: list[str] = []  # and exactly these: the served config's own inputs
     fixed: dict = {}  # the served config's SERVED_FIXED sections, credentials stripped: every run gets these
+    fixed_fields: dict[str, dict] = {}  # and its SERVED_FIXED_FIELDS, by section: {"run": {"output_dir": ...}}
 
     @classmethod
     def for_served(cls, config: PipelineConfig, config_dir: Path) -> ServedPolicy:
@@ -42,6 +44,7 @@ class ServedPolicy(BaseModel):
             data_roots=[str((config_dir / r).resolve()) for r in roots],
             files=[str(Path(p).resolve()) for p in own],
             fixed=fixed_sections(config),
+            fixed_fields=fixed_fields(config),
         )
 
     def to_env(self) -> dict[str, str]:
@@ -56,15 +59,27 @@ def fixed_sections(config: PipelineConfig) -> dict:
     return fixed
 
 
+def fixed_fields(config: PipelineConfig) -> dict[str, dict]:
+    return {
+        section: {name: getattr(getattr(config, section), name) for name in names}
+        for section, names in SERVED_FIXED_FIELDS.items()
+    }
+
+
 def served_policy(is_deployment_run: bool) -> ServedPolicy | None:
     """The serving side's policy; a deployment run without one gets the strictest: the worker's own
-    tracking server and the folder it runs in."""
+    tracking server, and the folder it runs in to read from and write under (./runs)."""
     if os.environ.get(POLICY_ENV):
         return ServedPolicy.model_validate(json.loads(os.environ[POLICY_ENV]))
     if not is_deployment_run:
         return None
     worker_uri = os.environ.get("MLFLOW_TRACKING_URI")
-    return ServedPolicy(tracking_uris=[worker_uri] if worker_uri else [], data_roots=[str(Path.cwd().resolve())])
+    here = Path.cwd().resolve()
+    return ServedPolicy(
+        tracking_uris=[worker_uri] if worker_uri else [],
+        data_roots=[str(here)],
+        fixed_fields={"run": {"output_dir": str(here / "runs")}},
+    )
 
 
 def enforce(config: PipelineConfig, policy: ServedPolicy) -> PipelineConfig:
@@ -72,9 +87,9 @@ def enforce(config: PipelineConfig, policy: ServedPolicy) -> PipelineConfig:
     one of those, or would send credentials elsewhere, or read outside its roots."""
     problems = fixed_problems(config, policy)
     if not problems:
-        config = config.model_copy(
-            update={name: getattr(config, name).model_validate(value) for name, value in policy.fixed.items()}
-        )
+        sections = {name: getattr(config, name).model_validate(value) for name, value in policy.fixed.items()}
+        fields = {name: getattr(config, name).model_copy(update=v) for name, v in policy.fixed_fields.items()}
+        config = config.model_copy(update={**sections, **fields})
         problems = tracking_problems(config, policy) + input_problems(config, policy)
     if problems:
         raise ConfigError("\n".join(["a served run's parameters were refused before any request:", *problems]))
@@ -82,12 +97,19 @@ def enforce(config: PipelineConfig, policy: ServedPolicy) -> PipelineConfig:
 
 
 def fixed_problems(config: PipelineConfig, policy: ServedPolicy) -> list[str]:
-    """A section the deployment fixes may be absent from a run's parameters, or equal to the fixed one."""
-    return [
-        f"  {name}: fixed by the deployment; a run's parameters cannot set it"
+    """A section or field the deployment fixes may be absent from a run's parameters, or equal to the fixed one."""
+    sections = [
+        name
         for name in policy.fixed
         if name in config.model_fields_set and getattr(config, name).model_dump(mode="json") != policy.fixed[name]
     ]
+    fields = [
+        f"{section}.{name}"
+        for section, values in policy.fixed_fields.items()
+        for name, value in values.items()
+        if name in getattr(config, section).model_fields_set and getattr(getattr(config, section), name) != value
+    ]
+    return [f"  {where}: fixed by the deployment; a run's parameters cannot set it" for where in sections + fields]
 
 
 def tracking_problems(config: PipelineConfig, policy: ServedPolicy) -> list[str]:
