@@ -133,7 +133,7 @@ def finetune(config: PipelineConfig, fresh: bool = False) -> RunSummary:
 
 def run_pipeline(config: PipelineConfig, tracker: Tracker) -> RunSummary:
     data = ingest_task(config)
-    config = plan_task(config, {**data.stats, **planned_sizes(config)}, tracker).config
+    config = plan_task(config, {**data.stats, **planned_sizes(config, data.stats)}, tracker).config
     tokenizer_dir = tokenizer_task(config, data.samples, data.key)
     tokens = tokenize_task(
         data.samples, data.key, tokenizer_dir, config.model.max_seq_len, config.run.output_dir, config.data.overlong

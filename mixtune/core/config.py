@@ -159,12 +159,15 @@ class SelfRehearsal(Strict):
     prompts: str | None = Field(
         None,
         description="A prompts file (relative to the config file): .txt, one prompt per line, or .jsonl rows "
-        "with a 'prompt' field; unset: the bundled English and Chinese general prompts.",
+        "with a 'prompt' field; unset: the bundled English and Chinese general prompts. Only prompts in the "
+        "scripts of the data are asked.",
     )
     max_prompts: int = Field(300, gt=0, description="Prompts answered, the first of the file: bounds generation.")
     max_new_tokens: int = Field(128, gt=0, le=4096, description="Greedy generation bound per answer (tokens).")
     batch_size: int = Field(16, gt=0, description="Prompts answered per batch (left-padded).")
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Seeded share of the answers held out.")
+    val_fraction: float = Field(
+        0.25, ge=0.0, lt=1.0, description="Seeded share of the answers held out (at least 16 must be: README)."
+    )
     max_val_samples: int = Field(200, ge=0, description="Cap on held-out answers, so validation stays cheap.")
 
 
