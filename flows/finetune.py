@@ -18,6 +18,7 @@ from tasks.base_model import pretrain_task, tokenizer_task
 from tasks.champion import challenge_task, champion_task, crown_task
 from tasks.data_report import data_report_task
 from tasks.gate import finished_stage, gate_task
+from tasks.generation_check import generation_check_task
 from tasks.ingest import ingest_task
 from tasks.inputs import input_hash, input_tags, skip_task, unchanged_task
 from tasks.mix import mix_task
@@ -175,7 +176,8 @@ def run_pipeline(config: PipelineConfig, tracker: Tracker) -> RunSummary:
         trained = train_task(config, mix, tokens.sft, model, base, str(folder), stage_run, baseline.general)
         losses = validate_task(config, trained, tokens.sft, base, probes, stage_run)
         tasks = task_metrics_task(config, trained.model_dir, base, tokens.sft, data.samples, stage_run, cursor.stage)
-        report = gate_task(config, mix, trained, losses, baseline, cursor, stage_run, tasks)
+        said = generation_check_task(config, trained.model_dir, base, data.stats, str(folder), stage_run, cursor.stage)
+        report = gate_task(config, mix, trained, losses, baseline, cursor, stage_run, {**tasks, **said})
         end_run_task(stage_run)
         reports.append(report)
         cursor, model = advance(cursor, report), trained.model_dir

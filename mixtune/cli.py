@@ -377,7 +377,11 @@ def format_summary(summary, seconds: float) -> str:
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
     out = ["", line(headers), line(["-" * w for w in widths]), *map(line, rows), ""]
+    from tasks.generation_check import generation_flags
+
     for r in summary.stages:
+        for flag in generation_flags(r.task_metrics):
+            out.append(f"stage {r.stage} generation check: {flag} (read its general_answers.md)")
         if r.next_share:
             out.append(f"adaptive ramp after stage {r.stage}: {r.next_share.reason}")
         if r.stopped_early:

@@ -109,7 +109,7 @@ class StageReport(BaseModel):
     model_dir: str
     run_id: str
     next_share: ShareChoice | None = None  # adaptive ramp only
-    task_metrics: dict[str, float] = {}  # task/<source>/<metric>, for sources with an eval
+    task_metrics: dict[str, float] = {}  # task/<source>/<metric> (sources with an eval); gen/* (generation check)
 
 
 Decision = Literal["skip", "first", "promote", "reject"]

@@ -25,6 +25,7 @@ from mixtune.core.cache import Entry, building, entry_dir, file_digest, fingerpr
 from mixtune.core.config import PipelineConfig, SelfRehearsal
 from mixtune.core.logs import run_logger
 from mixtune.core.retry import retry_unless
+from tasks.answers import MAX_REPEATED_SHARE, repeated_share
 from tasks.keys import rehearsal_prompts
 from tasks.models import weights_digest
 from tasks.probes import answer_probes
@@ -36,10 +37,6 @@ from tasks.tracking import Tracker
 REHEARSAL_VERSION = 1
 LABEL = "rehearsal:self"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
-# A greedy small model that loops repeats a phrase until max_new_tokens. Over characters (so a loop without
-# spaces, "GiveGiveGive", and Chinese count alike), prose repeats under a tenth of its 6-grams and two copies of
-# one sentence under half; past half, the answer is the loop, not language.
-NGRAM, MAX_REPEATED_SHARE, MIN_NGRAMS = 6, 0.5, 8
 # The gate judges general drift on the held-out answers. Under 16, one answer weighs over 1/16 (6%) of the
 # mean loss, more than half the default 10% forgetting budget: one odd answer could decide the gate alone.
 MIN_HELD_OUT = 16
@@ -125,13 +122,6 @@ def generate(base_dir: str, prompts: list[str], settings: SelfRehearsal, output_
         else:
             run_logger().info("rehearsal: answers reused from %s (same model, prompts and settings)", folder)
     return folder / "answers.jsonl"
-
-
-def repeated_share(answer: str) -> float:
-    """The share of an answer's character 6-grams (case and runs of whitespace aside) that repeat an earlier one."""
-    text = " ".join(answer.lower().split())
-    grams = [text[i : i + NGRAM] for i in range(len(text) - NGRAM + 1)]
-    return 0.0 if len(grams) < MIN_NGRAMS else 1 - len(set(grams)) / len(grams)
 
 
 def quarantine_reason(answer: str, earlier: dict[str, int], prompt: str = "") -> tuple[str, str] | None:

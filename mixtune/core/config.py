@@ -397,6 +397,14 @@ class Validation(Strict):
         gt=0,
         description="Seconds one model may spend answering all probe prompts; an answer cut short is marked so.",
     )
+    generation_prompts: int = Field(
+        6,
+        ge=0,
+        le=100,
+        description="Bundled general prompts (in the data's scripts) the base and every stage answer, compared by "
+        "length, early stops, loops and format (the generation check); 0: off.",
+    )
+    generation_tokens: int = Field(48, gt=0, le=1024, description="Greedy bound per generation-check answer.")
 
 
 class Tracking(Strict):
