@@ -386,6 +386,11 @@ def format_summary(summary, seconds: float) -> str:
             out.append(f"adaptive ramp after stage {r.stage}: {r.next_share.reason}")
         if r.stopped_early:
             out.append(f"* stage {r.stage} stopped early: {r.stop_reason}; best checkpoint (step {r.best_step}) kept")
+    if summary.baseline.general_eval is not None:
+        out.append(
+            f"drift: on the general_eval source(s), never trained on (base loss {summary.baseline.general_eval:.4f}); "
+            "general val is the general sources' own held-out split"
+        )
     if summary.stopped_reason:
         out.append(f"run stopped: {summary.stopped_reason}")
     if summary.final_stage == 0:

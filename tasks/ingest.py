@@ -151,7 +151,8 @@ class SourceReader:
                 self.write(writer, self.held_out.offer(kept), "train")
         self.check_unchanged(before, digest)
         self.check_usable()
-        n_val = validation_count(self.accepted, self.source.val_fraction, self.source.max_val_samples)
+        fraction = 1.0 if self.source.role == "general_eval" else self.source.val_fraction  # none of it trains
+        n_val = validation_count(self.accepted, fraction, self.source.max_val_samples)
         val, train = self.held_out.final(n_val)
         self.write(writer, train, "train")
         self.write(writer, val, "val")
@@ -302,6 +303,7 @@ def ingest_task(config: PipelineConfig) -> IngestResult:
     result = ingest(config)
     # rehearsal: self adds its general source after the base model is built, and checks the general set then
     roles = ("domain",) if config.data.rehearsal == "self" else ("domain", "general")
+    roles += ("general_eval",) if any(s.role == "general_eval" for s in config.data.sources) else ()
     check_validation_sets(result.stats, config.data.min_val_samples, roles)
     log = run_logger()
     for label, s in result.stats.items():

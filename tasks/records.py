@@ -64,10 +64,16 @@ class StageTraining(BaseModel):
 
 
 class TokenLosses(BaseModel):
-    """Mean cross-entropy per labelled token (nats), on the domain and the general validation set."""
+    """Mean cross-entropy per labelled token (nats), on the domain and the general validation set, and on the
+    general_eval sources' rows when the run has any."""
 
     domain: float
     general: float
+    general_eval: float | None = None
+
+    def judged_general(self) -> tuple[str, float]:
+        """The general loss drift is judged by: on rows no stage trains on when there are any."""
+        return ("general_eval", self.general_eval) if self.general_eval is not None else ("general", self.general)
 
 
 class ByteLosses(BaseModel):

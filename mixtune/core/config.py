@@ -16,7 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mixtune.core.uris import redact_uri
 
-Role = Literal["general", "domain", "pretrain"]
+# general_eval: general conversations the run never trains on, held out whole (up to max_val_samples) to
+# measure general drift honestly; a general source's own validation rows share its training distribution.
+Role = Literal["general", "domain", "pretrain", "general_eval"]
 Share = Annotated[float, Field(ge=0.0, le=1.0)]  # bounds in the JSON schema too: the Prefect server checks them
 Format = Literal["auto", "minimind", "openai", "sharegpt", "alpaca", "text"]
 
@@ -125,7 +127,10 @@ class Source(Strict):
         None, description="Instead of a file: generate the embedded default data of this kind."
     )
     samples: int = Field(2000, gt=0, description="How many conversations to generate (synthetic only).")
-    role: Role = Field(description="general, domain, or pretrain (plain text for continued pre-training).")
+    role: Role = Field(
+        description="general, domain, pretrain (plain text for continued pre-training), or general_eval (never "
+        "trained on: general drift is measured on it)."
+    )
     format: Format = Field("auto", description="Row format; auto detects it per row from the keys.")
     columns: Columns | None = Field(None, description="Column mapping for flat records with custom keys.")
     system_prompt: str | None = Field(None, description="A fixed system turn put before every conversation.")
