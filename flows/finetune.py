@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from prefect import flow
+from prefect.exceptions import TerminationSignal
 from prefect.runtime import deployment, flow_run
 from pydantic import ValidationError
 
@@ -52,11 +53,20 @@ def confine(config: PipelineConfig, is_deployment_run: bool) -> PipelineConfig:
     return enforce(config, policy) if policy else config
 
 
+def killed_by_signal(state) -> bool:
+    """A crash from SIGTERM (Prefect raises TerminationSignal for it during a flow) or Ctrl-C: the run was
+    killed, not failed. The local state carries the exception; a state read back from the API, the message."""
+    message = (state.message or "").lower()
+    return isinstance(state.data, (TerminationSignal, KeyboardInterrupt)) or "signal" in message
+
+
 def end_tracking(status: str):
     """A Prefect state hook: whatever ends the flow run (failure, crash, cancellation), its MLflow runs end
-    with `status` instead of staying RUNNING. Runs in the flow's process, or in the runner's on cancellation."""
+    with `status` instead of staying RUNNING (KILLED for a crash a signal caused). Runs in the flow's process,
+    or in the runner's on cancellation."""
 
     def hook(flow, flow_run, state) -> None:  # these names: Prefect's runner passes them as keywords
+        ended = "KILLED" if state.is_crashed() and killed_by_signal(state) else status
         try:
             config = PipelineConfig.model_validate(flow_run.parameters["config"])
             config = confine(config, flow_run.deployment_id is not None)
@@ -64,14 +74,14 @@ def end_tracking(status: str):
             return  # parameters the flow refused: it never started an MLflow run, nor may it reach the server
         try:
             check_tracking_server(tracking_uri(config))  # a server that is down: say so now, not after retries
-            end_runs_of_flow_run(config, str(flow_run.id), status)
+            end_runs_of_flow_run(config, str(flow_run.id), ended)
         except Exception as err:  # a hook must not hide the failure that called it
-            leave_status(config, str(flow_run.id), status)  # the next start ends them so once the server is back
+            leave_status(config, str(flow_run.id), ended)  # the next start ends them so once the server is back
             run_logger().warning(
                 "could not end the MLflow runs of flow run %s (%s); the next run on this host ends them %s",
                 flow_run.id,
                 err,
-                status,
+                ended,
             )
 
     hook.__name__ = f"end_mlflow_runs_{status.lower()}"  # how Prefect's log names it
@@ -169,7 +179,7 @@ def run_pipeline(config: PipelineConfig, tracker: Tracker) -> RunSummary:
             cursor.stage,
             cursor.share,
             config.schedule.samples_per_stage,
-            config.run.seed,
+            config.mix_seed(),
             str(folder / "mix.parquet"),
             config.train.epochs,
         )
