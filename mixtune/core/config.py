@@ -276,6 +276,11 @@ class Schedule(Strict):
         None, description="An explicit list of per-stage shares; overrides start/end/stages/shape."
     )
     samples_per_stage: int = Field(800, gt=0, description="Training samples drawn for each stage.")
+    seed: int | None = Field(
+        None,
+        description="Seeds which samples each stage draws and their order; unset: run.seed. Varying it alone "
+        "keeps the validation split (run.seed) and so the base model's losses.",
+    )
 
     @model_validator(mode="after")
     def _shares_in_range(self) -> Schedule:
@@ -543,6 +548,9 @@ class PipelineConfig(Strict):
                 "start from before pre-training"
             )
         return self
+
+    def mix_seed(self) -> int:
+        return self.run.seed if self.schedule.seed is None else self.schedule.seed
 
     def train_learning_rate(self) -> tuple[float, str]:
         """The stage learning rate and why: the user's, else the default for this kind of model and method."""
