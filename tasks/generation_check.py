@@ -65,13 +65,18 @@ def stopped_early(base: dict, stage: dict) -> bool:
     return stage["ended"] and len(stage["answer"]) < EARLY * len(base["answer"])
 
 
+def loops(said: dict) -> bool:
+    return repeated_share(said["answer"]) > MAX_REPEATED_SHARE
+
+
 def compare(base: list[dict], stage: list[dict]) -> dict[str, float]:
-    """The stage's answers against the base's to the same prompts, as shares of the prompts."""
+    """The stage's answers against the base's to the same prompts, as shares of the prompts. A loop counts
+    where the base's answer did not loop: a weak base that loops everywhere flags no stage for it."""
     n = len(base)
     return {
         "gen/length_ratio": sum(len(s["answer"]) for s in stage) / max(sum(len(b["answer"]) for b in base), 1),
         "gen/stopped_early": sum(stopped_early(b, s) for b, s in zip(base, stage)) / n,
-        "gen/looped": sum(repeated_share(s["answer"]) > MAX_REPEATED_SHARE for s in stage) / n,
+        "gen/looped": sum(loops(s) and not loops(b) for b, s in zip(base, stage)) / n,
         "gen/format_kept": sum(shape(b["answer"]) == shape(s["answer"]) for b, s in zip(base, stage)) / n,
     }
 

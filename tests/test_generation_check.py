@@ -27,6 +27,8 @@ def test_answers_that_stop_early_loop_or_lose_their_list_are_counted_and_flagged
         "only 33% of the general answers keep the base's format",
     ]
     assert check.generation_flags(check.compare(base, base)) == []
+    looping = [said("sleep more " * 20, ended=False)] * 3  # a base that loops: its stage's loops are no change
+    assert check.compare(looping, looping)["gen/looped"] == 0.0
 
 
 def test_the_prompts_are_the_bundled_ones_in_the_datas_scripts():
