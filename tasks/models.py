@@ -34,13 +34,23 @@ def load_model(model_dir: str, base_dir: str):
     return AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=False)
 
 
-def evaluate(model_dir: str, base_dir: str, sft_path: str, batch_size: int) -> TokenLosses:
+ALL_SETS = ("domain", "general", "general_eval")
+
+
+def set_losses(model_dir: str, base_dir: str, sft_path: str, batch_size: int, tags: tuple[str, ...]) -> dict:
+    """Mean token loss per validation set, for those of `tags` the run has (none: the model is not loaded)."""
+    sets = validation_sets(sft_path, tags)
+    if not sets:
+        return {}
     model = load_model(model_dir, base_dir)
     if torch.cuda.is_available():
         model = model.to("cuda")
     collator = PadCollator(AutoTokenizer.from_pretrained(base_dir, trust_remote_code=False).pad_token_id)
-    sets = validation_sets(sft_path)
-    return TokenLosses(**{tag: mean_token_loss(model, data, collator, batch_size) for tag, data in sets.items()})
+    return {tag: mean_token_loss(model, data, collator, batch_size) for tag, data in sets.items()}
+
+
+def evaluate(model_dir: str, base_dir: str, sft_path: str, batch_size: int) -> TokenLosses:
+    return TokenLosses(**set_losses(model_dir, base_dir, sft_path, batch_size, ALL_SETS))
 
 
 def standalone_model(final_dir: str, base_dir: str, folder: Path) -> str:

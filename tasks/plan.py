@@ -285,7 +285,8 @@ class RunPlan(BaseModel):
 def pool_sizes(stats: dict[str, dict]) -> dict[str, int]:
     sizes = {"general": 0, "domain": 0, "pretrain": 0}
     for source in stats.values():
-        sizes[source["role"]] += source["train"]
+        if source["role"] in sizes:  # general_eval rows are never trained on
+            sizes[source["role"]] += source["train"]
     return sizes
 
 

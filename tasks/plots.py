@@ -66,7 +66,8 @@ def loss_plot(stages: list[StageCurves], baselines: dict[str, float], budget: fl
         offset += s.steps
         ax.axvline(offset, color="#cccccc", linestyle="--", linewidth=1)
         ax.text(offset, ax.get_ylim()[1], f" {s.stage}: {s.decision}", rotation=90, va="top", ha="right", fontsize=7)
-    for tag, value in baselines.items():
+    for tag in ("domain", "general"):  # the curves are of these sets (general_eval is measured at stage ends)
+        value = baselines[tag]
         ax.axhline(value, color=COLOURS[f"{tag}_val_loss"], linestyle=":", linewidth=1, label=f"base model, {tag} val")
     ax.axhline(
         baselines["general"] * (1 + budget),

@@ -64,10 +64,16 @@ class StageTraining(BaseModel):
 
 
 class TokenLosses(BaseModel):
-    """Mean cross-entropy per labelled token (nats), on the domain and the general validation set."""
+    """Mean cross-entropy per labelled token (nats), on the domain and the general validation set, and on the
+    general_eval sources' rows when the run has any."""
 
     domain: float
     general: float
+    general_eval: float | None = None
+
+    def judged_general(self) -> tuple[str, float]:
+        """The general loss drift is judged by: on rows no stage trains on when there are any."""
+        return ("general_eval", self.general_eval) if self.general_eval is not None else ("general", self.general)
 
 
 class ByteLosses(BaseModel):
@@ -109,7 +115,7 @@ class StageReport(BaseModel):
     model_dir: str
     run_id: str
     next_share: ShareChoice | None = None  # adaptive ramp only
-    task_metrics: dict[str, float] = {}  # task/<source>/<metric>, for sources with an eval
+    task_metrics: dict[str, float] = {}  # task/<source>/<metric> (sources with an eval); gen/* (generation check)
 
 
 Decision = Literal["skip", "first", "promote", "reject"]

@@ -2,9 +2,11 @@
 answers to a set of general prompts. Fine-tuning then rehearses what the base model already says, and
 general drift is measured on answers it gave itself.
 
-The answers are generated once per (base weights and tokenizer, prompts, generation settings). Each answer
-is accepted, a duplicate of an ingested conversation, or quarantined with a reason (`empty_answer`,
-`degenerate_answer`, `duplicate_answer`); accepted answers get the seeded validation split of any source.
+The answers are generated once per (base weights and tokenizer, prompts, generation settings). Only prompts
+written in the scripts of the run's data are asked (a model that speaks English answers Chinese prompts with
+noise). Each answer is accepted, a duplicate of an ingested conversation, or quarantined with a reason
+(`empty_answer`, `degenerate_answer`, `other_script`, `duplicate_answer`); accepted answers get the seeded
+validation split of any source, which must hold at least MIN_HELD_OUT answers.
 The result is the ingested data with this source added: tokenised, mixed and reported like the rest.
 """
 
@@ -23,25 +25,25 @@ from mixtune.core.cache import Entry, building, entry_dir, file_digest, fingerpr
 from mixtune.core.config import PipelineConfig, SelfRehearsal
 from mixtune.core.logs import run_logger
 from mixtune.core.retry import retry_unless
+from tasks.answers import MAX_REPEATED_SHARE, repeated_share
 from tasks.keys import rehearsal_prompts
 from tasks.models import weights_digest
 from tasks.probes import answer_probes
 from tasks.readers import IngestError, preview, sample_key, split_hash
 from tasks.records import IngestResult
-from tasks.sources import check_validation_sets, script_mix, validation_count
+from tasks.sources import check_validation_sets, data_scripts, dominant_script, in_scripts, script_mix, validation_count
 from tasks.tracking import Tracker
 
 REHEARSAL_VERSION = 1
 LABEL = "rehearsal:self"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
-# A greedy small model that loops repeats a phrase until max_new_tokens. Over characters (so a loop without
-# spaces, "GiveGiveGive", and Chinese count alike), prose repeats under a tenth of its 6-grams and two copies of
-# one sentence under half; past half, the answer is the loop, not language.
-NGRAM, MAX_REPEATED_SHARE, MIN_NGRAMS = 6, 0.5, 8
+# The gate judges general drift on the held-out answers. Under 16, one answer weighs over 1/16 (6%) of the
+# mean loss, more than half the default 10% forgetting budget: one odd answer could decide the gate alone.
+MIN_HELD_OUT = 16
 
 
-def read_prompts(path: Path, limit: int) -> list[str]:
-    """The first `limit` prompts: non-blank lines of a .txt file, or the 'prompt' field of JSONL rows."""
+def read_prompts(path: Path, limit: int | None = None) -> list[str]:
+    """The first `limit` prompts (all: None): non-blank lines of a .txt file, or the 'prompt' field of JSONL rows."""
     prompts = []
     with path.open(encoding="utf-8-sig") as handle:
         for number, line in enumerate(handle, start=1):
@@ -65,13 +67,25 @@ def jsonl_prompt(path: Path, number: int, line: str) -> str:
     return prompt.strip()
 
 
-def planned_sizes(config: PipelineConfig) -> dict[str, dict]:
-    """What the plan counts the rehearsal source as before it exists: every prompt answered and accepted. The
-    answers quarantined later shrink the pool; the rehearsal stage says by how much."""
+def asked_prompts(config: PipelineConfig, stats: dict[str, dict]) -> list[str]:
+    """The first max_prompts prompts written in the scripts of the ingested sources (`stats`)."""
+    path, scripts = rehearsal_prompts(config), data_scripts(stats)
+    prompts = in_scripts(read_prompts(path), scripts)[: config.data.self_rehearsal.max_prompts]
+    if not prompts:
+        raise IngestError(
+            f"{path}: no prompt is written in the scripts of the run's data ({', '.join(sorted(scripts))}); "
+            "give data.self_rehearsal.prompts in the data's language"
+        )
+    return prompts
+
+
+def planned_sizes(config: PipelineConfig, stats: dict[str, dict]) -> dict[str, dict]:
+    """What the plan counts the rehearsal source as before it exists: every prompt asked answered and accepted.
+    The answers quarantined later shrink the pool; the rehearsal stage says by how much."""
     if config.data.rehearsal == "none":
         return {}
     settings = config.data.self_rehearsal
-    answered = len(read_prompts(rehearsal_prompts(config), settings.max_prompts))
+    answered = len(asked_prompts(config, stats))
     return {
         LABEL: {
             "role": "general",
@@ -110,20 +124,16 @@ def generate(base_dir: str, prompts: list[str], settings: SelfRehearsal, output_
     return folder / "answers.jsonl"
 
 
-def repeated_share(answer: str) -> float:
-    """The share of an answer's character 6-grams (case and runs of whitespace aside) that repeat an earlier one."""
-    text = " ".join(answer.lower().split())
-    grams = [text[i : i + NGRAM] for i in range(len(text) - NGRAM + 1)]
-    return 0.0 if len(grams) < MIN_NGRAMS else 1 - len(set(grams)) / len(grams)
-
-
-def quarantine_reason(answer: str, earlier: dict[str, int]) -> tuple[str, str] | None:
+def quarantine_reason(answer: str, earlier: dict[str, int], prompt: str = "") -> tuple[str, str] | None:
     """Why an answer must not be trained on, or None. `earlier`: accepted answers (normalised) -> their line."""
     if not answer.strip():
         return "empty_answer", "the base model gave no answer"
     share = repeated_share(answer)
     if share > MAX_REPEATED_SHARE:
         return "degenerate_answer", f"{share:.0%} of its 6-grams repeat (over {MAX_REPEATED_SHARE:.0%}): a loop"
+    asked_in, answered_in = dominant_script(prompt), dominant_script(answer)
+    if asked_in and answered_in and asked_in != answered_in:
+        return "other_script", f"written in {answered_in}, its prompt in {asked_in}: not an answer to rehearse"
     first = earlier.get(sample_key(answer, "normalized"))
     if first is not None:
         return "duplicate_answer", f"the same answer as line {first}: one answer for many prompts teaches nothing"
@@ -134,7 +144,7 @@ def judge(answers: list[dict], file: str, known_ids: set[str]) -> tuple[list[dic
     """(accepted rows, quarantine records, duplicates of ingested conversations): every answer in one of them."""
     accepted, quarantined, duplicates, earlier = [], [], 0, {}
     for row in answers:
-        reason = quarantine_reason(row["answer"], earlier)
+        reason = quarantine_reason(row["answer"], earlier, row["prompt"])
         if reason:
             quarantined.append(quarantine_record(file, row, *reason))
             continue
@@ -224,6 +234,16 @@ def refuse_unusable(stats: dict) -> None:
     )
 
 
+def refuse_too_few_held_out(stats: dict) -> None:
+    if stats["val"] >= MIN_HELD_OUT:
+        return
+    raise IngestError(
+        f"{LABEL}: {stats['val']} of {stats['accepted']} accepted answers held out, fewer than {MIN_HELD_OUT}: "
+        f"too few to judge general drift on (one answer would weigh over {1 / MIN_HELD_OUT:.0%} of the loss); raise "
+        "data.self_rehearsal.val_fraction or max_prompts, or give more prompts in the data's language"
+    )
+
+
 def copy_samples(samples: str, accepted: list[dict], path: Path) -> None:
     """The ingested table streamed through, then the rehearsal rows: tokenisation reads one samples table."""
     source = pq.ParquetFile(samples)
@@ -248,7 +268,7 @@ def copy_samples(samples: str, accepted: list[dict], path: Path) -> None:
 def rehearse(config: PipelineConfig, data: IngestResult, base_dir: str) -> IngestResult:
     """The ingested data with the rehearsal source added, as a new cache entry keyed by both."""
     settings = config.data.self_rehearsal
-    prompts = read_prompts(rehearsal_prompts(config), settings.max_prompts)
+    prompts = asked_prompts(config, data.stats)
     answers = generate(base_dir, prompts, settings, config.run.output_dir)
     split_settings = (config.run.seed, settings.val_fraction, settings.max_val_samples)
     key = fingerprint(REHEARSAL_VERSION, data.key, file_digest(answers), split_settings)
@@ -296,9 +316,10 @@ def track(tracker: Tracker, result: IngestResult, planned: int) -> None:
 )
 def rehearse_task(config: PipelineConfig, data: IngestResult, base_dir: str, tracker: Tracker) -> IngestResult:
     result = rehearse(config, data, base_dir)
-    s, planned = result.stats[LABEL], planned_sizes(config)[LABEL]["train"]
+    s, planned = result.stats[LABEL], planned_sizes(config, data.stats)[LABEL]["train"]
     track(tracker, result, planned)  # first: the answers and their reasons are in MLflow even when refused below
     refuse_unusable(s)
+    refuse_too_few_held_out(s)
     check_validation_sets(result.stats, config.data.min_val_samples, ("general",))
     log = run_logger()
     log.info(

@@ -72,7 +72,8 @@ def publish_final(
     guarded = [f"stage {r.stage}: {r.gate.decision}" for r in reports if r.gate.decision in ("hold", "back_off")]
     kind = "adapter" if is_adapter(model_dir) else "model"
     tracker.log_artifacts(model_dir, f"final_{kind}")
-    tracker.log_metrics({"final_domain_val_loss": losses.domain, "final_general_val_loss": losses.general}, step=stage)
+    finals = {f"final_{tag}_val_loss": value for tag, value in losses.model_dump(exclude_none=True).items()}
+    tracker.log_metrics(finals, step=stage)
     final_tasks = final.task_metrics if final else base_tasks or {}
     if final_tasks:  # `mixtune compare` reads the delivered model's task metrics from these
         tracker.log_metrics({f"final_{name}": value for name, value in final_tasks.items()}, step=stage)

@@ -56,3 +56,29 @@ def check_training_sets(stats: dict[str, dict], roles: tuple[str, ...] = ("domai
                 f"{role} training set holds no row ({detail or 'no ' + role + ' source'}); add distinct rows or "
                 "lower val_fraction"
             )
+
+
+# A script under this share of a source's letters is quotes and names, not a language the source is written in.
+MIN_SCRIPT_SHARE = 0.05
+
+
+def dominant_script(text: str) -> str | None:
+    """The named writing system with most of the text's letters; None for text without letters of one."""
+    mix = {name: share for name, share in script_mix([text]).items() if name != "OTHER"}
+    return max(mix, key=mix.get) if mix else None
+
+
+def data_scripts(stats: dict[str, dict]) -> set[str]:
+    """The writing systems the run's conversations are written in, from the sources' script mix."""
+    return {
+        name
+        for s in stats.values()
+        if s["role"] != "pretrain"
+        for name, share in s.get("scripts", {}).items()
+        if name != "OTHER" and share >= MIN_SCRIPT_SHARE
+    }
+
+
+def in_scripts(prompts: list[str], scripts: set[str]) -> list[str]:
+    """The prompts written in one of `scripts` (a prompt without letters, e.g. '17 * 23 = ?', is in any)."""
+    return [p for p in prompts if dominant_script(p) in scripts | {None}]

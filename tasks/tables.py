@@ -25,9 +25,12 @@ class TokenDataset(torch.utils.data.Dataset):
         return {"input_ids": self.input_ids[i], "labels": self.labels[i]}
 
 
-def validation_sets(sft_path: str) -> dict[str, TokenDataset]:
+def validation_sets(sft_path: str, tags: tuple[str, ...] = ("domain", "general")) -> dict[str, TokenDataset]:
+    """The held-out rows per tag; a general_eval set only when the run has such rows."""
     val = pq.read_table(sft_path, columns=["tag", "input_ids", "labels"], filters=[("split", "==", "val")]).to_pandas()
-    return {tag: TokenDataset(val[val["tag"] == tag]) for tag in ("domain", "general")}
+    return {
+        tag: TokenDataset(val[val["tag"] == tag]) for tag in tags if tag != "general_eval" or (val["tag"] == tag).any()
+    }
 
 
 def stage_table(sft_path: str, manifest: str) -> pd.DataFrame:

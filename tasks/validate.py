@@ -13,7 +13,7 @@ from mixtune.core.cache import Entry, building, entry_dir, fingerprint, mark_com
 from mixtune.core.config import PipelineConfig
 from mixtune.core.logs import run_logger
 from tasks.answers import correct
-from tasks.models import evaluate, weights_digest
+from tasks.models import evaluate, set_losses, weights_digest
 from tasks.probes import PROBE_TOKENS, answer_probes, format_probes
 from tasks.records import StageTraining, TokenLosses
 from tasks.tables import validation_digest
@@ -34,7 +34,7 @@ def validate_base(
         else:
             run_logger().info("base model: losses and probe answers reused from %s (same weights and sets)", folder)
     losses = TokenLosses.model_validate_json((folder / "losses.json").read_text())
-    tracker.log_metrics({"base_domain_val_loss": losses.domain, "base_general_val_loss": losses.general}, step=0)
+    tracker.log_metrics({f"base_{name}": value for name, value in loss_metrics(losses).items()}, step=0)
     tracker.log_text((folder / "probes.md").read_text(), "probes/stage-0-base.md")
     return losses
 
@@ -60,14 +60,8 @@ def validate_stage(
     """The stage's best model, reloaded from disk, on the domain and the general validation sets; and its
     answers to the fixed probe prompts, in the stage's run and in the parent's."""
     losses = stage_losses(config, trained, sft_path, base_dir)
-    tracker.log_metrics(
-        {
-            "final_domain_val_loss": losses.domain,
-            "final_general_val_loss": losses.general,
-            "stage_tokens_per_second": trained.tokens_per_second,
-        },
-        step=trained.global_step,
-    )
+    numbers = {f"final_{name}": value for name, value in loss_metrics(losses).items()}
+    tracker.log_metrics({**numbers, "stage_tokens_per_second": trained.tokens_per_second}, step=trained.global_step)
     answers = answer_probes(
         trained.model_dir, base_dir, probes, config.validation.batch_size, config.validation.probe_timeout_s
     )
@@ -75,6 +69,11 @@ def validate_stage(
     tracker.log_text(text, "probes.md")
     tracker.parent().log_text(text, f"probes/stage-{trained.stage}.md")
     return losses
+
+
+def loss_metrics(losses: TokenLosses) -> dict[str, float]:
+    """domain_val_loss, general_val_loss and, with general_eval sources, general_eval_val_loss."""
+    return {f"{tag}_val_loss": value for tag, value in losses.model_dump(exclude_none=True).items()}
 
 
 def stage_losses(config: PipelineConfig, trained: StageTraining, sft_path: str, base_dir: str) -> TokenLosses:
@@ -86,7 +85,9 @@ def stage_losses(config: PipelineConfig, trained: StageTraining, sft_path: str, 
             trained.stage,
             trained.best_step,
         )
-        return trained.best_losses
+        # training evaluates the sets it guards (domain, general); the general_eval rows are measured here
+        held_apart = set_losses(trained.model_dir, base_dir, sft_path, config.validation.batch_size, ("general_eval",))
+        return trained.best_losses.model_copy(update=held_apart)
     return evaluate(trained.model_dir, base_dir, sft_path, config.validation.batch_size)
 
 

@@ -1,4 +1,5 @@
-"""benchmarks/forgetting.py: the arms it derives (pure), and a tiny two-arm run of the real flow from a scratch base."""
+"""benchmarks/forgetting.py: the arms it derives, its calibration and tables (pure), and a tiny run of the real
+flow from a scratch base: calibration, two arms x two seeds."""
 
 import contextlib
 import importlib.util
@@ -9,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from mixtune.core.config import validate_config
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, tiny_raw_config
+from tests.test_general_eval import general_eval_file
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("forgetting_bench", ROOT / "benchmarks" / "forgetting.py")
@@ -17,8 +19,14 @@ bench = sys.modules["forgetting_bench"] = importlib.util.module_from_spec(spec) 
 spec.loader.exec_module(bench)
 
 
+def with_general_eval(tmp_path, **sections):
+    raw = tiny_raw_config(tmp_path, **sections)
+    raw["data"]["sources"].append({"path": str(general_eval_file(tmp_path / "data")), "role": "general_eval"})
+    return validate_config(raw, "test config", base_dir=tmp_path)
+
+
 def arm_configs(tmp_path, **sections):
-    config = tiny_config(tmp_path, **sections)
+    config = with_general_eval(tmp_path, **sections)
     base = tmp_path / "base"
     base.mkdir()
     (base / "config.json").write_text("{}")  # what the schema checks a model folder by
@@ -44,7 +52,8 @@ def test_every_full_sft_arm_trains_the_same_samples_from_the_same_base_with_the_
             continue
         assert raw["schedule"]["stages"] == stages and raw["schedule"]["samples_per_stage"] == 160
         assert raw["model"]["path"] == str(tmp_path / "base") and raw["pretrain"]["enabled"] is False
-        assert raw["run"]["name"] == name and raw["run"]["seed"] == config.run.seed
+        assert raw["run"]["name"] == f"config-{name}-s0" and raw["run"]["seed"] == config.run.seed
+        assert raw["schedule"]["seed"] == 0 and raw["tracking"]["experiment"] == "forgetting-config"
         assert raw["registry"]["skip_unchanged"] is False
         assert raw["data"]["sources"] == raws["ramp"]["data"]["sources"]
         assert raw["tracking"] == raws["ramp"]["tracking"]
@@ -63,11 +72,41 @@ def test_every_full_sft_arm_trains_the_same_samples_from_the_same_base_with_the_
         validate_config(raw, "arm", base_dir=tmp_path)  # every arm is a config mixtune accepts
 
 
-def test_the_self_rehearsal_arm_trains_on_the_domain_source_alone(tmp_path):
+def test_the_self_rehearsal_arm_trains_on_the_domain_source_alone_and_is_measured_on_general_eval(tmp_path):
     _, raws = arm_configs(tmp_path)
     arm = raws["self-rehearsal"]
     assert arm["data"]["rehearsal"] == "self"
-    assert {s["role"] for s in arm["data"]["sources"]} == {"domain"}
+    assert {s["role"] for s in arm["data"]["sources"]} == {"domain", "general_eval"}
+
+
+def test_a_seed_and_the_calibrated_compute_reach_the_full_sft_arms_only(tmp_path):
+    config = with_general_eval(tmp_path)
+    setting = bench.Setting("far", 2, 512, 3e-3)
+    arms = {a.name: a for a in bench.arm_list(3)}
+    full = bench.arm_config(config, arms["ramp"], str(tmp_path), True, tmp_path, setting)
+    lora = bench.arm_config(config, arms["lora-ramp"], str(tmp_path), True, tmp_path, setting)
+    assert (full["run"]["name"], full["schedule"]["seed"], full["run"]["seed"]) == ("far-ramp-s2", 2, 0)
+    assert full["schedule"]["samples_per_stage"] == lora["schedule"]["samples_per_stage"] == 512
+    assert (full["train"]["learning_rate"], lora["train"]["learning_rate"]) == (3e-3, bench.SCRATCH_LR["lora"])
+
+
+def test_calibration_raises_samples_then_the_rate_and_stops_at_the_stated_drift():
+    rungs = bench.ladder(64, (1e-3, 4e-3), 2)
+    assert [(r.samples_per_stage, r.learning_rate) for r in rungs] == [
+        (64, 1e-3),
+        (128, 1e-3),
+        (256, 1e-3),
+        (256, pytest.approx(2e-3)),
+        (256, pytest.approx(4e-3)),
+    ]
+    drifts, asked = [-0.01, 0.02, 0.049, 0.061, 0.2], []
+    found = bench.calibrate(rungs, lambda number, rung: asked.append(number) or drifts[number], 0.05)
+    assert found.reached and found.chosen == rungs[3] and asked == [0, 1, 2, 3]  # the top rung never ran
+    assert "256 samples per stage at learning rate 2.0e-03: drift +6.1%" in found.text()
+    assert "chosen: 256 samples per stage at learning rate 2.0e-03 (the first to reach +5.0%)" in found.text()
+    never = bench.calibrate(rungs, lambda number, rung: 0.01, 0.05)
+    assert not never.reached and never.chosen == rungs[-1] and len(never.tried) == 5
+    assert "none reached +5.0%" in never.text()
 
 
 def test_a_users_learning_rate_is_kept_for_its_method_and_a_pretrained_base_gets_mixtunes_defaults(tmp_path):
@@ -77,14 +116,16 @@ def test_a_users_learning_rate_is_kept_for_its_method_and_a_pretrained_base_gets
     assert bench.learning_rate(config, "lora", scratch_base=False) is None
 
 
-def record(arm, domain, general, base=(3.0, 2.0)):
+def record(arm, domain, general, base=(3.0, 2.0), seed=0):
     stage = {"stage": 1, "target": 0.5, "realised": 0.5, "samples": 160, "steps": 10, "decision": "continue"}
     return {
         "arm": arm,
+        "seed": seed,
         "method": "full",
         "run_id": arm,
-        "base": {"domain": base[0], "general": base[1]},
-        "final": {"domain": domain, "general": general},
+        "base": {"domain": base[0], "general": 1.0, "general_eval": base[1]},
+        "final": {"domain": domain, "general": 0.9, "general_eval": general},
+        "said": {"stopped_early": 0.5},
         "base_tasks": {"src/exact_match": 0.1},
         "final_tasks": {"src/exact_match": 0.2},
         "final_stage": 1,
@@ -98,11 +139,38 @@ def test_the_table_gives_gain_and_drift_relative_to_the_one_base(tmp_path):
     assert rows[0]["domain gain"] == pytest.approx(0.5) and rows[0]["general drift"] == pytest.approx(0.5)
     assert rows[1]["domain gain"] == pytest.approx(0.2) and rows[1]["general drift"] == pytest.approx(0.05)
     assert rows[0]["samples"] == 320 and rows[0]["domain samples"] == 160 and rows[0]["steps"] == 20
+    assert rows[0]["split drift"] == pytest.approx(-0.1)  # the general sources' own split: a mix trains on it
     table = bench.markdown_table(rows)
-    assert "| domain-only | full | 0.50 0.50 | 20 | 320 | 160 | 1.5000 | 3.0000 | +50.0% | +50.0% | 0.200 |" in table
-    assert "general val loss 2.0000, src/exact_match 0.100" in table
+    row = "| domain-only | 0 | full | 0.50 0.50 | 20 | 320 | 160 | 1.5000 | 3.0000 | +50.0% | +50.0% | -10.0% | 50% |"
+    assert row + " 0.200 |" in table
+    assert "general_eval val loss 2.0000, src/exact_match 0.100" in table
     with pytest.raises(ValueError, match="different base losses"):
         bench.markdown_table(bench.result_rows([record("a", 1, 1), record("b", 1, 1, base=(3.0, 2.5))]))
+
+
+def test_each_arm_gets_its_mean_and_spread_over_seeds_and_a_point_per_seed_in_the_pareto_plot(tmp_path):
+    records = [record("ramp", 2.4, 2.1, seed=0), record("ramp", 2.1, 2.3, seed=1), record("fixed-30", 2.7, 2.0)]
+    summaries = bench.arm_summaries(bench.result_rows(records))
+    ramp = summaries[0]
+    assert (ramp["arm"], ramp["seeds"]) == ("ramp", 2)
+    assert ramp["domain gain"] == pytest.approx((0.25, 0.0707107), abs=1e-6)  # gains 0.2 and 0.3
+    assert ramp["general drift"] == pytest.approx((0.1, 0.0707107), abs=1e-6)  # drifts 0.05 and 0.15
+    assert summaries[1]["general drift"] == (pytest.approx(0.0), 0.0)
+    table = bench.summary_table(summaries, budget=0.08)
+    assert "| ramp | full | 2 | 20 | +25.0% ± 7.1% | +10.0% ± 7.1% | -10.0% ± 0.0% | no |" in table
+    assert "| fixed-30 | full | 1 | 20 | +10.0% ± 0.0% | +0.0% ± 0.0% | -10.0% ± 0.0% | yes |" in table
+    plot = bench.pareto_plot(bench.result_rows(records), 0.08, "near", tmp_path / "pareto.png")
+    assert plot.stat().st_size > 10_000
+
+
+def test_the_default_general_sources_are_split_into_training_and_general_eval_rows(tmp_path):
+    source = tmp_path / "g.jsonl"
+    source.write_text("".join(f'{{"n": {i}}}\n' for i in range(10)))
+    train, held = bench.split_general(source, tmp_path / "data")
+    assert held.read_text().splitlines() == ['{"n": 0}', '{"n": 4}', '{"n": 8}']
+    assert len(train.read_text().splitlines()) == 7
+    with pytest.raises(SystemExit, match="role general_eval"):
+        bench.require_general_eval(tiny_config(tmp_path))
 
 
 def in_process(args: list[str], log: Path) -> None:
@@ -118,16 +186,31 @@ def in_process(args: list[str], log: Path) -> None:
 
 
 @pytest.mark.e2e
-def test_two_arms_from_one_scratch_base_are_measured_against_the_same_base_losses(prefect_harness, tmp_path):
-    config = tiny_config(
+def test_calibration_then_two_arms_by_two_seeds_from_one_scratch_base_against_the_same_base_losses(
+    prefect_harness, tmp_path
+):
+    config = with_general_eval(
         tmp_path / "user",
         schedule={"stages": 2, "samples_per_stage": 64},
         pretrain={"epochs": 1, "max_steps": 10},
     )
     out = tmp_path / "bench"
-    result = bench.run_benchmark(config, out, arm_names=["domain-only", "ramp"], base_samples=64, runner=in_process)
-    rows = {r["arm"]: r for r in result["rows"]}
-    assert list(rows) == ["domain-only", "ramp"]
+    result = bench.run_benchmark(
+        config,
+        out,
+        arm_names=["domain-only", "ramp"],
+        base_samples=64,
+        runner=in_process,
+        seeds=2,
+        calibration=(-1.0, 0),  # any drift reaches it: the first rung, measured by a real run, is chosen
+    )
+    measured = result["domains"]["config"]
+    found = measured["calibration"]
+    assert found.reached and found.chosen == bench.Rung(64, bench.SCRATCH_LR["full"]) and len(found.tried) == 1
+    by_seed = [r for r in measured["rows"] if r["seed"] == 1]
+    assert [r["arm"] for r in measured["rows"]] == ["domain-only", "domain-only", "ramp", "ramp"]
+    assert by_seed[0]["shares"] == "1.00 1.00" and by_seed[0]["domain val"] != measured["rows"][0]["domain val"]
+    rows = {r["arm"]: r for r in measured["rows"] if r["seed"] == 0}
     assert rows["domain-only"]["base domain"] == rows["ramp"]["base domain"]
     assert rows["domain-only"]["base general"] == rows["ramp"]["base general"]
     assert rows["domain-only"]["shares"] == "1.00 1.00"
@@ -138,8 +221,8 @@ def test_two_arms_from_one_scratch_base_are_measured_against_the_same_base_losse
         assert row["general drift"] == pytest.approx((row["general val"] - row["base general"]) / row["base general"])
     assert rows["domain-only"]["domain samples"] == 128 and rows["ramp"]["domain samples"] < 64
     table = (out / "table.md").read_text()
-    assert "| domain-only | full |" in table and "| ramp | full |" in table
-    assert "domain-only-" in result["compare"].read_text() and result["plot"].is_file()
+    assert "| domain-only | full | 2 |" in table and "| ramp | 1 | full |" in table and "Calibration" in table
+    assert "config-domain-only-s1" in (out / "compare-config.txt").read_text() and measured["plot"].is_file()
 
 
 def test_a_failed_arm_is_reported_by_mixtunes_own_message():

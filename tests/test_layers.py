@@ -20,6 +20,7 @@ STAGES = {
         "mix",
         "train",
         "validate",
+        "generation_check",
         "gate",
         "report",
         "champion",

@@ -12,7 +12,20 @@ import tasks.rehearse as rehearse_module
 from mixtune.core.config import ConfigError, SelfRehearsal
 from tasks.ingest import ingest
 from tasks.keys import BUNDLED_PROMPTS
-from tasks.rehearse import LABEL, judge, planned_sizes, quarantine_reason, read_prompts, rehearse, split
+from tasks.readers import IngestError
+from tasks.rehearse import (
+    LABEL,
+    MIN_HELD_OUT,
+    asked_prompts,
+    judge,
+    planned_sizes,
+    quarantine_reason,
+    read_prompts,
+    refuse_too_few_held_out,
+    rehearse,
+    split,
+)
+from tasks.sources import dominant_script as script_of
 from tasks.sources import script_mix
 from tests.conftest import tiny_config, tiny_hf_model, tiny_raw_config
 
@@ -61,13 +74,48 @@ def test_a_conversation_already_ingested_is_a_duplicate_not_a_new_row():
 
 
 def test_a_base_model_with_no_usable_answer_is_refused_with_the_reasons():
-    from tasks.readers import IngestError
     from tasks.rehearse import refuse_unusable
 
     stats = {"accepted": 0, "rows_read": 180, "quarantined_by_reason": {"empty_answer": 170, "degenerate_answer": 10}}
     with pytest.raises(IngestError, match=r"none of the base model's 180 answers is usable \(empty_answer 170, degen"):
         refuse_unusable({**stats, "file": "answers.jsonl"})
     refuse_unusable({**stats, "accepted": 1, "file": "answers.jsonl"})
+
+
+ENGLISH_DATA = {"general": {"role": "general", "scripts": {"LATIN": 0.97, "CJK": 0.03}}, "p": {"role": "pretrain"}}
+
+
+def test_self_rehearsal_skips_prompts_in_a_script_the_data_does_not_use(tmp_path):
+    config = tiny_config(tmp_path, data={"sources": DOMAIN_ONLY, "rehearsal": "self"})
+    asked = asked_prompts(config, ENGLISH_DATA)  # 3% CJK is a quote or a name, not a language of the data
+    assert len(asked) == 90 and {script_of(p) for p in asked} == {"LATIN"}
+    assert planned_sizes(config, ENGLISH_DATA)[LABEL]["train"] == 90 - round(0.25 * 90)
+    chinese = {"d": {"role": "domain", "scripts": {"CJK": 1.0}}}
+    assert {script_of(p) for p in asked_prompts(config, chinese)} == {"CJK"}
+    with pytest.raises(IngestError, match=r"no prompt is written in the scripts of the run's data \(CYRILLIC\)"):
+        asked_prompts(config, {"d": {"role": "domain", "scripts": {"CYRILLIC": 1.0}}})
+
+
+def test_an_answer_in_another_script_than_its_prompt_is_quarantined():
+    answers = [
+        answer(1, "17乘以23等于23 * 2 = 66", "What is 17 times 23?"),
+        answer(2, "17 times 23 is 391.", "What is 17 times 23?"),
+        answer(3, "天空是蓝色的，因为蓝光散射得最多。", "为什么天空是蓝色的？"),
+        answer(4, "391", "17 * 23 = ?"),  # no letters on either side: nothing to compare
+        answer(5, "Blue light scatters most, 所以天空是蓝色的 in English: Rayleigh.", "Why is the sky blue?"),
+    ]
+    accepted, quarantined, _ = judge(answers, "answers.jsonl", set())
+    assert [r["line"] for r in accepted] == [2, 3, 4, 5]
+    [wrong] = quarantined
+    assert (wrong["line"], wrong["reason"]) == (1, "other_script")
+    assert "written in CJK, its prompt in LATIN" in wrong["message"]
+
+
+def test_a_held_out_split_too_small_to_judge_drift_on_is_refused():
+    stats = {"val": MIN_HELD_OUT - 1, "accepted": 60}
+    with pytest.raises(IngestError, match=rf"15 of 60 accepted answers held out, fewer than {MIN_HELD_OUT}: too few"):
+        refuse_too_few_held_out(stats)
+    refuse_too_few_held_out({**stats, "val": MIN_HELD_OUT})
 
 
 def test_the_validation_split_is_seeded_and_follows_val_fraction():
@@ -103,7 +151,8 @@ def test_a_domain_only_config_is_accepted_with_rehearsal_self_only(tmp_path):
     from mixtune.core.config import validate_config
 
     config = tiny_config(tmp_path, data={"sources": DOMAIN_ONLY, "rehearsal": "self"})
-    assert planned_sizes(config)[LABEL] == {"role": "general", "train": 180 - 18}  # every bundled prompt, less val
+    both = {"d": {"role": "domain", "scripts": {"LATIN": 0.6, "CJK": 0.4}}}
+    assert planned_sizes(config, both)[LABEL] == {"role": "general", "train": 180 - 45}  # every prompt, less val
     with pytest.raises(ConfigError, match="needs at least one source with role general"):
         validate_config(tiny_raw_config(tmp_path, data={"sources": DOMAIN_ONLY}), "test config", tmp_path)
     with pytest.raises(ConfigError, match="data.rehearsal: Input should be 'none' or 'self'"):
@@ -129,7 +178,8 @@ def test_answers_are_generated_once_per_model_and_prompts(tmp_path, monkeypatch)
         return rehearse(config, ingest(config), base).stats[LABEL]
 
     first, again, other = run(prompts[0]), run(prompts[0]), run(prompts[1])
-    assert [len(asked) for asked in calls] == [3, 2]  # the repeat generated nothing
+    # the repeat generated nothing; the Chinese prompt is not asked: the (synthetic) data is English
+    assert [len(asked) for asked in calls] == [2, 2]
     assert first == again and other["rows_read"] == 2
     for stats in (first, other):
         assert stats["accepted"] + stats["duplicates"] + stats["quarantined"] == stats["rows_read"]
@@ -155,7 +205,7 @@ def test_the_flow_runs_on_domain_data_alone_with_the_base_models_answers_as_gene
         data={
             "sources": DOMAIN_ONLY,
             "rehearsal": "self",
-            "self_rehearsal": {"max_prompts": 40, "max_new_tokens": 16, "val_fraction": 0.2},
+            "self_rehearsal": {"max_prompts": 40, "max_new_tokens": 16, "val_fraction": 0.5},
         },
         schedule={"stages": 2, "samples_per_stage": 64},
         validation={"forgetting_budget": 10.0},
@@ -169,7 +219,7 @@ def test_the_flow_runs_on_domain_data_alone_with_the_base_models_answers_as_gene
     assert row["role"] == "general" and row["rows_read"] == 40
     assert row["quarantined_by_reason"] == {"empty_answer": 1, "degenerate_answer": 1, "duplicate_answer": 1}
     assert row["accepted"] + row["duplicates"] + row["quarantined"] == 40
-    assert row["val"] == round(0.2 * row["accepted"]) and row["train"] == row["accepted"] - row["val"]
+    assert row["val"] == round(0.5 * row["accepted"]) and row["train"] == row["accepted"] - row["val"]
     assert LABEL in (report_file.parent / "data_report.md").read_text()
 
     # The general validation set is the rehearsal's held-out answers: base and stages are measured on it.

@@ -139,6 +139,10 @@ def test_the_champion_loads_through_mlflow_and_generates_offline(prefect_harness
     new_ids = answer["generated_token_ids"][len(prompt_ids) :]
     assert answer["generated_token_ids"][: len(prompt_ids)] == prompt_ids and len(new_ids) >= 4
     assert generator.tokenizer.decode(new_ids).strip()
+    # README's example: chat messages, answered through the chat template, the assistant's turn last
+    [chat] = generator([{"role": "user", "content": prompt}], max_new_tokens=8, min_new_tokens=4, do_sample=False)
+    assert [turn["role"] for turn in chat["generated_text"]] == ["user", "assistant"]
+    assert chat["generated_text"][0]["content"] == prompt
 
 
 def test_nats_per_byte_is_the_token_loss_rescaled_by_the_text_it_scores(prefect_harness, tmp_path):

@@ -32,6 +32,7 @@ class Entry(StrEnum):
     BASELINE = "baseline"  # the base model's validation losses and probe answers
     REHEARSAL = "rehearsal"  # the base model's answers to the rehearsal prompts (data.rehearsal: self)
     REHEARSED = "rehearsed"  # the ingested samples with those answers added as a general source
+    GENERATION = "generation"  # the base model's answers to the generation check's general prompts
     CHAMPION = "champion"
 
 

@@ -18,7 +18,9 @@ from mixtune.core.datafiles import DataPathError, source_files
 from mixtune.core.model_code import needs_own_code
 from mixtune.core.uris import redact_uri
 
-Role = Literal["general", "domain", "pretrain"]
+# general_eval: general conversations the run never trains on, held out whole (up to max_val_samples) to
+# measure general drift honestly; a general source's own validation rows share its training distribution.
+Role = Literal["general", "domain", "pretrain", "general_eval"]
 Share = Annotated[float, Field(ge=0.0, le=1.0)]  # bounds in the JSON schema too: the Prefect server checks them
 Format = Literal["auto", "minimind", "openai", "sharegpt", "alpaca", "prompt_completion", "text"]
 
@@ -133,7 +135,10 @@ class Source(Strict):
         None, description="Instead of a file: generate the embedded default data of this kind."
     )
     samples: int = Field(2000, gt=0, description="How many conversations to generate (synthetic only).")
-    role: Role = Field(description="general, domain, or pretrain (plain text for continued pre-training).")
+    role: Role = Field(
+        description="general, domain, pretrain (plain text for continued pre-training), or general_eval (never "
+        "trained on: general drift is measured on it)."
+    )
     format: Format = Field("auto", description="Row format; auto detects it per row from the keys.")
     columns: Columns | None = Field(None, description="Column mapping for flat records with custom keys.")
     system_prompt: str | None = Field(None, description="A fixed system turn put before every conversation.")
@@ -169,12 +174,15 @@ class SelfRehearsal(Strict):
     prompts: str | None = Field(
         None,
         description="A prompts file (relative to the config file): .txt, one prompt per line, or .jsonl rows "
-        "with a 'prompt' field; unset: the bundled English and Chinese general prompts.",
+        "with a 'prompt' field; unset: the bundled English and Chinese general prompts. Only prompts in the "
+        "scripts of the data are asked.",
     )
     max_prompts: int = Field(300, gt=0, description="Prompts answered, the first of the file: bounds generation.")
     max_new_tokens: int = Field(128, gt=0, le=4096, description="Greedy generation bound per answer (tokens).")
     batch_size: int = Field(16, gt=0, description="Prompts answered per batch (left-padded).")
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Seeded share of the answers held out.")
+    val_fraction: float = Field(
+        0.25, ge=0.0, lt=1.0, description="Seeded share of the answers held out (at least 16 must be: README)."
+    )
     max_val_samples: int = Field(200, ge=0, description="Cap on held-out answers, so validation stays cheap.")
 
 
@@ -278,6 +286,11 @@ class Schedule(Strict):
         None, description="An explicit list of per-stage shares; overrides start/end/stages/shape."
     )
     samples_per_stage: int = Field(800, gt=0, description="Training samples drawn for each stage.")
+    seed: int | None = Field(
+        None,
+        description="Seeds which samples each stage draws and their order; unset: run.seed. Varying it alone "
+        "keeps the validation split (run.seed) and so the base model's losses.",
+    )
 
     @model_validator(mode="after")
     def _shares_in_range(self) -> Schedule:
@@ -404,6 +417,14 @@ class Validation(Strict):
         gt=0,
         description="Seconds one model may spend answering all probe prompts; an answer cut short is marked so.",
     )
+    generation_prompts: int = Field(
+        6,
+        ge=0,
+        le=100,
+        description="Bundled general prompts (in the data's scripts) the base and every stage answer, compared by "
+        "length, early stops, loops and format (the generation check); 0: off.",
+    )
+    generation_tokens: int = Field(48, gt=0, le=1024, description="Greedy bound per generation-check answer.")
 
 
 class Tracking(Strict):
@@ -545,6 +566,9 @@ class PipelineConfig(Strict):
                 "start from before pre-training"
             )
         return self
+
+    def mix_seed(self) -> int:
+        return self.run.seed if self.schedule.seed is None else self.schedule.seed
 
     def train_learning_rate(self) -> tuple[float, str]:
         """The stage learning rate and why: the user's, else the default for this kind of model and method."""
