@@ -17,7 +17,7 @@ from mixtune.core.paths import run_dir, stage_dir, tracking_uri
 from mixtune.core.policy import enforce, served_policy
 from mixtune.core.preflight import Unreachable, check_tracking_server
 from tasks.base_model import pretrain_task, tokenizer_task
-from tasks.champion import challenge_task, champion_task, crown_task
+from tasks.champion import base_delivered_task, challenge_task, champion_task, crown_task
 from tasks.data_report import data_report_task
 from tasks.gate import finished_stage, gate_task
 from tasks.generation_check import generation_check_task
@@ -198,6 +198,8 @@ def run_pipeline(config: PipelineConfig, tracker: Tracker) -> RunSummary:
         reports.append(report)
         cursor, model = advance(cursor, report), trained.model_dir
     summary = publish_task(config, tracker, reports, baseline, base, str(run_folder), base_tasks)
+    if summary.final_stage == 0:  # no stage passed the gate: the base model challenges no one, nor is registered
+        return summary.model_copy(update={"verdict": base_delivered_task(config, tracker, tokens.sft)})
 
     champion, champion_sft = champion_task(config, tracker, tokens.sft), None
     if champion:  # the champion reads this run's validation conversations through its own tokenizer

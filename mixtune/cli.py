@@ -425,7 +425,7 @@ def format_summary(summary, seconds: float) -> str:
                 f"{r.losses.domain:.4f}",
                 f"{r.losses.general:.4f}",
                 f"{r.gate.general_drift:+.1%}",
-                f"{r.steps}{'*' if r.stopped_early else ''}",
+                f"{r.steps}{'*' if r.stop_reason else ''}",
                 r.gate.decision,
                 *scores(r.task_metrics),
             ]
@@ -440,8 +440,8 @@ def format_summary(summary, seconds: float) -> str:
             out.append(f"stage {r.stage} generation check: {flag} (read its general_answers.md)")
         if r.next_share:
             out.append(f"adaptive ramp after stage {r.stage}: {r.next_share.reason}")
-        if r.stopped_early:
-            out.append(f"* stage {r.stage} stopped early: {r.stop_reason}; best checkpoint (step {r.best_step}) kept")
+        if r.stop_reason:  # it says which model the stage kept, and why
+            out.append(f"* stage {r.stage} {'stopped early' if r.stopped_early else 'ended'}: {r.stop_reason}")
     if summary.baseline.general_eval is not None:
         out.append(
             f"drift: on the general_eval source(s), never trained on (base loss {summary.baseline.general_eval:.4f}); "

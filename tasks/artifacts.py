@@ -41,7 +41,7 @@ def report_row(report: StageReport) -> dict:
         "general val loss": f"{report.losses.general:.4f}",
         "general drift": f"{report.gate.general_drift:+.1%}",
         "steps": report.steps,
-        "best step": report.best_step,
+        "best step": "-" if report.best_step is None else report.best_step,
         "stopped early": report.stop_reason or "",
         "decision": report.gate.decision,
         "reason": report.gate.reason,

@@ -167,12 +167,13 @@ class EvaluateEarly(TrainerCallback):
 class ForgettingStop(TrainerCallback):
     """Ends a stage at the first evaluation whose general loss passes the forgetting budget over the base
     model's; the best checkpoint before the breach is what the stage keeps (see TokenLossTrainer's
-    guarded metric)."""
+    guarded metric), or without one the model the stage started from (tasks/train.py)."""
 
     def __init__(self, base_general: float, budget: float):
         self.base_general, self.budget = base_general, budget
         self.stop_reason: str | None = None
         self.breach_general: float | None = None
+        self.breach_step: int | None = None
 
     @property
     def limit(self) -> float:
@@ -182,7 +183,7 @@ class ForgettingStop(TrainerCallback):
         general = (metrics or {}).get("eval_general_loss")
         if general is None or general <= self.limit or self.stop_reason:
             return
-        drift, self.breach_general = general / self.base_general - 1, general
+        drift, self.breach_general, self.breach_step = general / self.base_general - 1, general, state.global_step
         self.stop_reason = (
             f"general drift {drift:+.1%} at step {state.global_step} passed the forgetting budget of "
             f"{self.budget:.0%} (general val loss {general:.4f} vs the base model's {self.base_general:.4f})"

@@ -131,3 +131,24 @@ def challenge_task(
     verdict = challenge(config, tracker, final_model, final_losses, base_dir, sft_path, champion_sft, Path(work_dir))
     record_verdict(tracker, verdict)
     return verdict
+
+
+def base_delivered(config: PipelineConfig, tracker: Tracker, sft_path: str) -> Verdict:
+    """No stage passed the gate: the run's model is the base it started from, no challenger. It is never
+    registered, so the registry holds fine-tuned models only, and the alias stays where it is."""
+    name, holder = model_for(tracker, config.registered_model, config.registry.alias, domain_val_digest(sft_path))
+    champion = f"the champion is unchanged (version {holder.version})" if holder else "there is still no champion"
+    return Verdict(
+        decision="no_trained_model",
+        reason=f"base delivered: no stage passed the forgetting gate; nothing registered, {champion}",
+        model_name=name,
+        alias=config.registry.alias,
+        champion_version=int(holder.version) if holder else None,
+    )
+
+
+@task(name="no-challenger", task_run_name="no challenger (base delivered)", retries=2, retry_delay_seconds=[2, 10])
+def base_delivered_task(config: PipelineConfig, tracker: Tracker, sft_path: str) -> Verdict:
+    verdict = base_delivered(config, tracker, sft_path)
+    record_verdict(tracker, verdict)
+    return verdict

@@ -45,6 +45,16 @@ def gate(
     return GateDecision(decision=on_forgetting, general_drift=drift, reason=f"{numbers}; forgetting: {action}")
 
 
+def kept_model(best_step: int | None, breach_step: int | None = None) -> str:
+    """Which model a stage that ended early keeps, said once. Without a best checkpoint (the first evaluation
+    already breached the budget) the stage keeps the model it started from, never the weights that breached."""
+    if best_step is not None:
+        return f"best checkpoint {'before it ' if breach_step is not None else ''}(step {best_step}) kept"
+    if breach_step is not None:
+        return f"no checkpoint before step {breach_step}; the stage keeps the model it started from"
+    return "no checkpoint was ever best; the stage keeps its last weights"
+
+
 class ShareCursor(BaseModel):
     """Where the run stands in its schedule; gate decisions move it. An adaptive ramp's shares grow one stage
     at a time (`limit` stages in all), and the cursor keeps the last stage's drift and gain, which the next

@@ -20,6 +20,11 @@ from tasks.verdicts import VERDICT_TAG, verdict_markdown
 MODEL_TAG = "mixtune.registered_model"
 SKIP_METRIC = "no_new_data_ticks"
 LAST_SKIP_TAG = "mixtune.last_skip_flow_run"
+# A run whose every stage breached the gate still counts: the same seeded inputs would breach the same way.
+UNTRAINED_AGAIN = (
+    "no stage passed the forgetting gate and these inputs would train the same way again; change the data or "
+    "the recipe (a lower learning rate, a lower domain share), or set registry.skip_unchanged=false"
+)
 RECIPE_SECTIONS = {"model", "pretrain", "schedule", "train", "validation", "plan", "goal", "advisor"}
 
 
@@ -75,9 +80,12 @@ def unchanged_since(config: PipelineConfig, experiment: Experiment, digest: str)
 
 def skip(config: PipelineConfig, experiment: Experiment, previous_run: str) -> Verdict:
     holder = champion_version(experiment, config.registered_model, config.registry.alias)
+    reason = f"no new data: the inputs hash as those of run {previous_run}"
+    if experiment.client.get_run(previous_run).data.tags.get(VERDICT_TAG) == "no_trained_model":
+        reason += f"; that run delivered its base model: {UNTRAINED_AGAIN}"
     return Verdict(
         decision="skip",
-        reason=f"no new data: the inputs hash as those of run {previous_run}",
+        reason=reason,
         model_name=config.registered_model,
         alias=config.registry.alias,
         champion_version=int(holder.version) if holder else None,

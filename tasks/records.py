@@ -118,7 +118,8 @@ class StageReport(BaseModel):
     task_metrics: dict[str, float] = {}  # task/<source>/<metric> (sources with an eval); gen/* (generation check)
 
 
-Decision = Literal["skip", "first", "promote", "reject"]
+# no_trained_model: no stage passed the gate, the run delivered its base model, which is never registered.
+Decision = Literal["skip", "first", "promote", "reject", "no_trained_model"]
 
 
 class Verdict(BaseModel):

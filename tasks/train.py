@@ -47,7 +47,7 @@ from tasks.checkpoints import (
     set_aside,
     space_for_checkpoints,
 )
-from tasks.guard import OverfitTracker
+from tasks.guard import OverfitTracker, kept_model
 from tasks.lm import PackCollator, PadCollator, TokenLossTrainer, training_arguments, world_rank, world_size
 from tasks.models import is_adapter, weights_digest
 from tasks.records import StageMix, StageTraining, TokenLosses
@@ -240,7 +240,7 @@ def train_stage(
     )
     record_onsets(tracker, result)
     with stage_space(stage_dir, "final", needed):
-        save_final(trainer.model, tokenizer, final)
+        save_final(kept_weights(trainer, forgetting, config, init_dir, base_dir), tokenizer, final)
         result.best_losses, result.weights_digest = best_evaluation(state), weights_digest(str(final))
         result.breach_general = forgetting.breach_general if forgetting else None
         record.write_text(result.model_dump_json(indent=2))
@@ -254,6 +254,15 @@ def stage_space(stage_dir: Path, folder: str, needed: int):
     return space_for_checkpoints(stage_dir / folder, what, needed, checkpoints, aside, run_logger().warning)
 
 
+def kept_weights(trainer, forgetting: ForgettingStop | None, config: PipelineConfig, init_dir: str, base_dir: str):
+    """The model the stage keeps: Trainer has restored its best checkpoint, if any. A breach at the first
+    evaluation leaves none, and Trainer's weights are then the ones that forgot: the stage keeps the model it
+    started from instead (for a new LoRA adapter: one that changes nothing yet)."""
+    if forgetting and forgetting.stop_reason and trainer.state.best_model_checkpoint is None:
+        return load_for_training(config, init_dir, base_dir)
+    return trainer.model
+
+
 def forgetting_stop(config: PipelineConfig, base_general: float | None) -> ForgettingStop | None:
     v = config.validation
     if base_general is None or not v.stop_mid_stage:
@@ -264,15 +273,13 @@ def forgetting_stop(config: PipelineConfig, base_general: float | None) -> Forge
 def early_stop_reason(
     state, watch: OverfitWatch, forgetting: ForgettingStop | None, config: PipelineConfig
 ) -> str | None:
+    best = checkpoint_step(state.best_model_checkpoint)
     if forgetting and forgetting.stop_reason:  # may come at the last step too: the stage did not end well
-        best = checkpoint_step(state.best_model_checkpoint)
-        return f"{forgetting.stop_reason}; best checkpoint before it (step {best}) kept"
+        return f"{forgetting.stop_reason}; {kept_model(best, forgetting.breach_step)}"
     if state.global_step >= state.max_steps:
         return None
-    return watch.stop_reason or (
-        f"domain val loss did not improve for {config.validation.patience} evaluations "
-        f"(best at step {checkpoint_step(state.best_model_checkpoint)})"
-    )
+    cause = watch.stop_reason or f"domain val loss did not improve for {config.validation.patience} evaluations"
+    return f"{cause}; {kept_model(best)}"
 
 
 def mix_metrics(mix: StageMix) -> dict[str, float]:
@@ -290,12 +297,7 @@ def record_onsets(tracker: Tracker, result: StageTraining) -> None:
     onsets = {f"overfit_onset_step_{name}": step for name, step in result.overfit_onset.items() if step is not None}
     if onsets:
         tracker.log_metrics(onsets, step=result.global_step)
-        run_logger().info(
-            "stage %d: overfitting began at %s; best checkpoint (step %s) restored",
-            result.stage,
-            onsets,
-            result.best_step,
-        )
+        run_logger().info("stage %d: overfitting began at %s; %s", result.stage, onsets, kept_model(result.best_step))
 
 
 def best_evaluation(state) -> TokenLosses | None:
@@ -449,11 +451,11 @@ def train_task(
     )
     result = train_on_devices(request) if on_several_processes(config) else request.train()
     run_logger().info(
-        "stage %d trained: %d/%d steps, best at %s, %.0f tokens/s%s",
+        "stage %d trained: %d/%d steps, %s, %.0f tokens/s%s",
         result.stage,
         result.global_step,
         result.max_steps,
-        result.best_step,
+        "no best checkpoint" if result.best_step is None else f"best at step {result.best_step}",
         result.tokens_per_second,
         f" (stopped early: {result.stop_reason})" if result.stop_reason else "",
     )
