@@ -158,3 +158,67 @@ def test_the_estimate_reads_the_model_it_would_train(tmp_path):
     total, trained = parameter_counts(config)
     assert total == sum(p.numel() for p in loaded.parameters()) and trained == total  # full SFT trains them all
     assert disk_need(config).parts["stage final models"] == 3 * 4 * total
+
+
+def registered_runs(output: Path, config) -> list[str]:
+    """Three finished runs of the pipeline (oldest first), the oldest holding the champion alias."""
+    from mlflow.tracking import MlflowClient
+
+    from mixtune.core.paths import tracking_uri
+    from tasks.tracking import KIND_TAG, RUN_FOLDER_TAG
+
+    client = MlflowClient(tracking_uri(config))
+    exp_id = client.create_experiment(config.tracking.experiment)
+    now_ms, ids = int(time.time() * 1000), []
+    for days_ago in (3, 2, 1):
+        run = client.create_run(exp_id, start_time=now_ms - days_ago * 86_400_000, tags={KIND_TAG: "pipeline"})
+        folder = fake_run(output / config.run.name / run.info.run_id)
+        client.set_tag(run.info.run_id, RUN_FOLDER_TAG, str(folder))
+        client.set_terminated(run.info.run_id, "FINISHED")
+        ids.append(run.info.run_id)
+    client.create_registered_model(config.registered_model)
+    version = client.create_model_version(config.registered_model, f"runs:/{ids[0]}/mlflow_model", run_id=ids[0])
+    client.set_registered_model_alias(config.registered_model, config.registry.alias, version.version)
+    return ids
+
+
+def cache_entry(output: Path, name: str, days_ago: float) -> Path:
+    folder = output / "cache" / name
+    folder.mkdir(parents=True)
+    (folder / "data").write_text("x" * 1000)
+    mark_complete(folder)
+    used = time.time() - days_ago * 86_400
+    for path in [folder, *folder.iterdir()]:
+        os.utime(path, (used, used))
+    return folder
+
+
+@pytest.mark.integration
+def test_mixtune_gc_keeps_the_last_run_and_the_champions(tmp_path):
+    import subprocess
+    import sys
+
+    output, path = tmp_path / "runs", tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(tiny_raw_config(output)))
+    champion, older, last = registered_runs(output, tiny_config(output))
+    unused, used = cache_entry(output, "tokens-old", days_ago=4), cache_entry(output, "ingest-used", days_ago=0.1)
+    outputs = lambda: sorted([*(output / "test").rglob("*"), *(output / "cache").rglob("*")])  # noqa: E731
+    every_file = outputs()
+
+    def gc(*flags: str) -> str:
+        command = [sys.executable, "-m", "mixtune.cli", "gc", str(path), "--keep-last", "1", *flags]
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    printed = gc("--dry-run")
+    assert outputs() == every_file  # a dry run deletes nothing
+    assert f"would remove {output / 'test' / older}" in printed and f"would remove {unused}" in printed
+    assert "would free" in printed
+
+    printed = gc()
+    assert sorted(p.name for p in (output / "test").iterdir()) == sorted([champion, last])
+    assert f"keep {output / 'test' / champion}: its model is the champion" in printed
+    assert not unused.exists() and used.is_dir()
+    assert "freed " in printed
