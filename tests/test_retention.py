@@ -222,3 +222,18 @@ def test_mixtune_gc_keeps_the_last_run_and_the_champions(tmp_path):
     assert f"keep {output / 'test' / champion}: its model is the champion" in printed
     assert not unused.exists() and used.is_dir()
     assert "freed " in printed
+
+
+@pytest.mark.e2e
+def test_a_default_run_leaves_one_final_and_no_optimizer_state(prefect_harness, tmp_path):
+    from flows.finetune import finetune
+    from mixtune.cli import format_summary
+
+    config = tiny_config(tmp_path)
+    summary = finetune(config)
+    output = Path(config.run.output_dir)
+    assert [p.parent.name for p in output.rglob("final")] == [f"stage-{summary.final_stage}"]
+    assert list(output.rglob("optimizer.pt")) == [] and list(output.rglob("checkpoint-*")) == []
+    assert len(list(output.glob("test/*/stage-*/report.json"))) == 3 and list(output.glob("test/*/plots/*.png"))
+    printed = format_summary(summary, 1.0)
+    assert "left on disk: " in printed and summary.disk.run_folder in printed and "by run.keep" in printed
