@@ -12,6 +12,7 @@ from pydantic import BaseModel
 
 from mixtune.core.cache import Entry, fingerprint, last_used, remove_entry
 from mixtune.core.config import PipelineConfig
+from mixtune.core.logs import run_logger
 from mixtune.core.paths import tracking_uri
 from tasks.records import DiskUse, RunSummary
 from tasks.registry import champion_version
@@ -154,7 +155,12 @@ def shared_folders(config: PipelineConfig) -> dict[str, Path]:
 def leave_on_disk(config: PipelineConfig, run_folder: Path, summary: RunSummary) -> DiskUse:
     """After the run: keep what run.keep says, then (run.retention) collect older runs; measure what is left."""
     freed = keep_after_run(run_folder, config.run.keep, summary.final_model)
-    collected = collect(config, config.run.retention) if config.run.retention else Collection()
+    collected = Collection()
+    if config.run.retention:
+        try:
+            collected = collect(config, config.run.retention)
+        except Exception as err:  # the run has finished and holds its verdict: cleaning up must not fail it
+            run_logger().warning("run.retention: older runs were not collected (%s: %s)", type(err).__name__, err)
     shared = {name: folder for name, folder in shared_folders(config).items() if folder.is_dir()}
     return DiskUse(
         run_folder=str(run_folder),
