@@ -329,7 +329,7 @@ def collect(config: PipelineConfig, args) -> int:
     from mixtune.core.preflight import Unreachable, check_tracking_server
     from tasks.collect import collect as collect_runs
 
-    keep_last = args.keep_last or config.run.retention or 1
+    keep_last = args.keep_last if args.keep_last is not None else config.run.retention or 1
     if keep_last < 1:
         print("mixtune: --keep-last must be at least 1", file=sys.stderr)
         return 2
