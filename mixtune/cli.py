@@ -203,6 +203,9 @@ def advise(config: PipelineConfig) -> int:
         print(source_line(label, s))
     print()
     print(make_plan(config, data.stats).text)
+    from tasks.base_model import disk_need
+
+    print(f"\ndisk: a run of this config needs {disk_need(config).text()}")
     return 0
 
 

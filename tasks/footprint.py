@@ -10,6 +10,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from mixtune.core.config import PipelineConfig
+from mixtune.core.logs import run_logger
 from mixtune.core.paths import default_tracking_uri, tracking_uri
 from tasks.retention import human
 
@@ -74,3 +75,4 @@ def require_free_space(need: DiskNeed) -> None:
             "space (`mixtune gc` removes old runs' outputs), point run.output_dir elsewhere, or need less "
             "(run.keep, train.keep_checkpoints, tracking.log_models, fewer schedule.stages)."
         )
+    run_logger().info("disk: the run needs %s; %s free", need.text(), human(free))
