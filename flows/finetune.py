@@ -132,7 +132,8 @@ def finetune(config: PipelineConfig, fresh: bool = False) -> RunSummary:
     summary = run_pipeline(config, tracker)
     end_run_task(tracker)
     crown_task(tracker, summary.verdict)  # only a FINISHED run may hold the champion
-    return retention_task(config, tracker.run_folder, summary)  # last: a run cut short before it is resumed whole
+    # Last: the run has ended FINISHED, so no rerun adopts it and needs the stage finals this may delete.
+    return retention_task(config, tracker.run_folder, summary)
 
 
 def run_pipeline(config: PipelineConfig, tracker: Tracker) -> RunSummary:
