@@ -16,9 +16,11 @@ from mixtune.core.logs import log_refusals_without_traceback, run_logger
 from mixtune.core.paths import run_dir, stage_dir, tracking_uri
 from mixtune.core.policy import enforce, served_policy
 from mixtune.core.preflight import Unreachable, check_tracking_server
-from tasks.base_model import pretrain_task, tokenizer_task
+from tasks.base_model import disk_need, pretrain_task, tokenizer_task
 from tasks.champion import base_delivered_task, challenge_task, champion_task, crown_task
+from tasks.collect import retention_task
 from tasks.data_report import data_report_task
+from tasks.footprint import require_free_space
 from tasks.gate import finished_stage, gate_task
 from tasks.generation_check import generation_check_task
 from tasks.ingest import ingest_task
@@ -30,6 +32,7 @@ from tasks.readers import IngestError
 from tasks.records import RunSummary
 from tasks.rehearse import planned_sizes, rehearse_task
 from tasks.report import publish_task
+from tasks.retention import release_stage_task
 from tasks.schedule import advance, first_cursor
 from tasks.tokenize import tokenize_task
 from tasks.tracking import (
@@ -132,6 +135,7 @@ def finetune(config: PipelineConfig, fresh: bool = False) -> RunSummary:
             experiment=config.tracking.experiment,
             verdict=skip_task(config, experiment, previous, flow_run.id),
         )
+    require_free_space(disk_need(config))  # before any work: a full disk fails now, not mid-save
     tags = {**input_tags(config, digest), **source_tags(flow_run.ui_url, deployment.id is not None)}
     folder = str(run_dir(config.run.output_dir, config.run.name, flow_run.id))
     tracker = start_tracking_task(config, flow_run.id, tags, folder, None if fresh else digest)
@@ -144,8 +148,9 @@ def finetune(config: PipelineConfig, fresh: bool = False) -> RunSummary:
         )
     summary = run_pipeline(config, tracker)
     end_run_task(tracker)
-    crown_task(tracker, summary.verdict)  # last: only a FINISHED run may hold the champion
-    return summary
+    crown_task(tracker, summary.verdict)  # only a FINISHED run may hold the champion
+    # Last: the run has ended FINISHED, so no rerun adopts it and needs the stage finals this may delete.
+    return retention_task(config, tracker.run_folder, summary)
 
 
 def run_pipeline(config: PipelineConfig, tracker: Tracker) -> RunSummary:
@@ -169,7 +174,7 @@ def run_pipeline(config: PipelineConfig, tracker: Tracker) -> RunSummary:
     base_tasks = task_metrics_task(config, base, base, tokens.sft, data.samples, tracker, 0)
 
     run_folder = Path(tracker.run_folder)
-    cursor, model, reports = first_cursor(config.schedule), base, []
+    cursor, model, reports, previous = first_cursor(config.schedule), base, [], None
     while cursor.share is not None:
         folder = stage_dir(run_folder, cursor.stage)
         stage_run = open_stage_task(tracker, cursor.stage, config.train.method)
@@ -178,7 +183,7 @@ def run_pipeline(config: PipelineConfig, tracker: Tracker) -> RunSummary:
             run_logger().info("stage %d: finished before the interruption, reused (%s)", report.stage, folder)
             end_run_task(stage_run)
             reports.append(report)
-            cursor, model = advance(cursor, report), report.model_dir
+            cursor, model, previous = advance(cursor, report), report.model_dir, folder
             continue
         mix = mix_task(
             tokens.sft,
@@ -189,6 +194,8 @@ def run_pipeline(config: PipelineConfig, tracker: Tracker) -> RunSummary:
             str(folder / "mix.parquet"),
             config.train.epochs,
         )
+        if previous and config.run.keep != "all":  # this stage starts from its final: its checkpoints are done
+            release_stage_task(previous)
         trained = train_task(config, mix, tokens.sft, model, base, str(folder), stage_run, baseline.general)
         losses = validate_task(config, trained, tokens.sft, base, probes, stage_run)
         tasks = task_metrics_task(config, trained.model_dir, base, tokens.sft, data.samples, stage_run, cursor.stage)
@@ -196,7 +203,7 @@ def run_pipeline(config: PipelineConfig, tracker: Tracker) -> RunSummary:
         report = gate_task(config, mix, trained, losses, baseline, cursor, stage_run, {**tasks, **said})
         end_run_task(stage_run)
         reports.append(report)
-        cursor, model = advance(cursor, report), trained.model_dir
+        cursor, model, previous = advance(cursor, report), trained.model_dir, folder
     summary = publish_task(config, tracker, reports, baseline, base, str(run_folder), base_tasks)
     if summary.final_stage == 0:  # no stage passed the gate: the base model challenges no one, nor is registered
         return summary.model_copy(update={"verdict": base_delivered_task(config, tracker, tokens.sft)})

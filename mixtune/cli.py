@@ -80,7 +80,16 @@ def parser() -> argparse.ArgumentParser:
     compare.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment of the config)")
     compare.add_argument("--tracking-uri", help="MLflow tracking URI (default: the config's)")
     compare.add_argument("--out", help="PNG path (default: <output_dir>/compare-<experiment>.png)")
-    for sub in (run, check, advise, serve, deploy, compare):
+    gc = commands.add_parser(
+        "gc",
+        help="remove old runs' folders and unused caches of the pipeline; print what it frees",
+        description="Remove the folders of the pipeline's (run.name in run.output_dir) older runs, keeping the last "
+        "N, the champion's, and any run that is running or that the next start would resume; then cache entries "
+        "no kept run has used (by last use, not age). MLflow's records, plots and logged models stay.",
+    )
+    gc.add_argument("--keep-last", type=int, metavar="N", help="runs to keep (default: run.retention, else 1)")
+    gc.add_argument("--dry-run", action="store_true", help="print what would go; delete nothing")
+    for sub in (run, check, advise, serve, deploy, compare, gc):
         sub.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help="pipeline YAML (default: %(default)s)")
         sub.add_argument(
             "--set",
@@ -109,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         return advise(config)
     if args.command == "compare":
         return compare(config, args)
+    if args.command == "gc":
+        return collect(config, args)
     from mixtune.core.preflight import Unreachable
 
     try:
@@ -195,6 +206,9 @@ def advise(config: PipelineConfig) -> int:
         print(source_line(label, s))
     print()
     print(make_plan(config, data.stats).text)
+    from tasks.base_model import disk_need
+
+    print(f"\ndisk: a run of this config needs {disk_need(config).text()}")
     return 0
 
 
@@ -249,7 +263,10 @@ def run_pipeline(config: PipelineConfig, fresh: bool) -> int:
             return 0
         server_up = start_temporary_prefect_server()
         from flows.finetune import finetune
+        from tasks.base_model import disk_need
+        from tasks.footprint import require_free_space
 
+        require_free_space(disk_need(config))  # the flow checks too (served runs); here before any wait
         server_up()
         summary = finetune(config, fresh=fresh)
     except Exception as err:
@@ -279,9 +296,10 @@ def start_temporary_prefect_server():
 
 
 def run_failed(config: PipelineConfig, err: Exception) -> int:
-    """Bad input, a full disk or a tracking server that went away: one message, no traceback; anything else is a
-    bug."""
+    """Bad input, a full disk, too little free space to start or a tracking server that went away: one message,
+    no traceback; anything else is a bug."""
     from mixtune.core.disk import DiskFull
+    from tasks.footprint import DiskSpaceError
     from tasks.ingest import IngestError
 
     if isinstance(err, IngestError):
@@ -290,6 +308,9 @@ def run_failed(config: PipelineConfig, err: Exception) -> int:
     if isinstance(err, DiskFull):
         print(f"mixtune: {err}", file=sys.stderr)
         return 1
+    if isinstance(err, DiskSpaceError):
+        print(f"mixtune: {err}", file=sys.stderr)
+        return 2
     down = tracking_down(config)
     if down is None:
         raise err
@@ -359,6 +380,24 @@ def compare(config: PipelineConfig, args) -> int:
     print(table)
     if plot:
         print(f"\nplot (domain gain vs general drift): {plot}")
+    return 0
+
+
+def collect(config: PipelineConfig, args) -> int:
+    from mixtune.core.paths import tracking_uri
+    from mixtune.core.preflight import Unreachable, check_tracking_server
+    from tasks.collect import collect as collect_runs
+
+    keep_last = args.keep_last if args.keep_last is not None else config.run.retention or 1
+    if keep_last < 1:
+        print("mixtune: --keep-last must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        check_tracking_server(tracking_uri(config))
+    except Unreachable as err:
+        print(f"mixtune: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(collect_runs(config, keep_last, args.dry_run).lines(args.dry_run)))
     return 0
 
 
@@ -455,10 +494,23 @@ def format_summary(summary, seconds: float) -> str:
         out.append(f"final model: {summary.final_model} (stage {summary.final_stage})")
     if summary.verdict:
         out.append(format_verdict(summary.verdict))
+    out += disk_lines(summary.disk)
     out.append(f"wall time: {seconds:.0f} s")
     out.append(f"MLflow run {summary.parent_run_id}")
     out += open_ui_lines(summary.tracking_uri, summary.experiment)
     return "\n".join(out)
+
+
+def disk_lines(disk) -> list[str]:
+    from tasks.retention import human
+
+    if disk is None:
+        return []
+    lines = [f"left on disk: {human(disk.run_bytes)} in {disk.run_folder} (freed {human(disk.freed)} by run.keep)"]
+    lines += [f"  shared with other runs: {what} ({human(size)})" for what, size in disk.shared.items()]
+    if disk.collected_items:
+        lines.append(f"  run.retention removed {disk.collected_items} old folders, freed {human(disk.collected)}")
+    return lines
 
 
 def mlflow_command() -> str:

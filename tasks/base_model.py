@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import torch
 from prefect import task
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from mixtune.core.cache import Entry, building, entry_dir, fingerprint, mark_complete, prefect_cache_key
 from mixtune.core.config import PipelineConfig
@@ -23,6 +23,7 @@ from mixtune.core.retry import retry_unless
 from tasks.callbacks import ProgressCallback
 from tasks.chat import BOS, CHATML, EOS, PAD
 from tasks.checkpoints import Seal, checkpoint_bytes, last_good_checkpoint, make_room, space_for_checkpoints
+from tasks.footprint import DiskNeed, estimate
 from tasks.lm import PadCollator, TokenLossTrainer, training_arguments
 from tasks.tables import TokenDataset
 
@@ -137,6 +138,28 @@ def build_model(config: PipelineConfig, tokenizer) -> LlamaForCausalLM:
     )
     torch.manual_seed(config.run.seed)
     return LlamaForCausalLM(model_config)
+
+
+def parameter_counts(config: PipelineConfig) -> tuple[int, int]:
+    """(parameters, trained parameters) of the model a run trains, counted on a weightless (meta) model built
+    from the preset's shapes or model.path's config.json: nothing is loaded or allocated."""
+    with torch.device("meta"):
+        if config.model.path:
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config.model.path))
+        else:
+            model = LlamaForCausalLM(LlamaConfig(**preset_shapes(config), tie_word_embeddings=True))
+    total = sum(p.numel() for p in model.parameters())
+    if config.train.method == "full":
+        return total, total
+    lora, targets = config.train.lora, set(config.train.lora.target_modules)
+    linears = [
+        m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in targets and hasattr(m, "in_features")
+    ]
+    return total, sum(lora.r * (m.in_features + m.out_features) for m in linears)
+
+
+def disk_need(config: PipelineConfig) -> DiskNeed:
+    return estimate(config, *parameter_counts(config), pretrains=needs_pretraining(config))
 
 
 def pretrain_key(config: PipelineConfig, tokens_key: str) -> str:

@@ -134,6 +134,17 @@ class Verdict(BaseModel):
     previous_run: str | None = None  # skip: the successful run whose inputs were the same
 
 
+class DiskUse(BaseModel):
+    """What a finished run left on disk, and what retention removed."""
+
+    run_folder: str
+    run_bytes: int
+    freed: int  # by run.keep, in this run's folder
+    shared: dict[str, int] = {}  # "<what> <folder>": bytes of folders the pipeline's runs share
+    collected: int = 0  # freed by run.retention across older runs and unused caches
+    collected_items: int = 0
+
+
 class RunSummary(BaseModel):
     parent_run_id: str
     tracking_uri: str
@@ -146,4 +157,5 @@ class RunSummary(BaseModel):
     final_losses: TokenLosses | None = None
     stopped_reason: str | None = None
     plots: list[str] = []
+    disk: DiskUse | None = None  # None: nothing trained, nothing left
     verdict: Verdict | None = None

@@ -51,6 +51,7 @@ from tasks.guard import OverfitTracker, kept_model
 from tasks.lm import PackCollator, PadCollator, TokenLossTrainer, training_arguments, world_rank, world_size
 from tasks.models import is_adapter, weights_digest
 from tasks.records import StageMix, StageTraining, TokenLosses
+from tasks.retention import KeepCheckpoints
 from tasks.schedule import stage_shares
 from tasks.tables import TokenDataset, stage_table, validation_sets
 from tasks.tracking import Tracker, metric_name
@@ -150,8 +151,7 @@ def build_trainer(
         eval_steps=v.eval_steps,
         save_strategy="steps",
         save_steps=v.eval_steps,
-        # Two, so that when the newest checkpoint turns out damaged the one before it is still there.
-        save_total_limit=2,
+        save_total_limit=None,  # KeepCheckpoints rotates, after the new checkpoint is sealed
         load_best_model_at_end=True,
         metric_for_best_model="eval_guarded_domain_loss" if forgetting else "eval_domain_loss",
         greater_is_better=False,
@@ -164,7 +164,15 @@ def build_trainer(
         train_dataset=train_set,
         eval_dataset=eval_sets,
         data_collator=train_collator(config, tokenizer.pad_token_id),
-        callbacks=[*callbacks, *([forgetting] if forgetting else []), *early, EvaluateAtEnd(), stopper, Seal()],
+        callbacks=[
+            *callbacks,
+            *([forgetting] if forgetting else []),
+            *early,
+            EvaluateAtEnd(),
+            stopper,
+            Seal(),
+            KeepCheckpoints(t.keep_checkpoints),
+        ],
         general_limit=forgetting.limit if forgetting else None,
     )
 

@@ -18,6 +18,7 @@ from tests.conftest import tiny_config
 pytestmark = pytest.mark.e2e
 # One stage of 10 steps of 16 samples (8 per process with two), a log line every step.
 SECTIONS = {
+    "run": {"keep": "all"},  # the checkpoints stay, for the manifest check below
     "schedule": {"stages": 1, "samples_per_stage": 160},
     "train": {"batch_size": 16, "logging_steps": 1},
     "validation": {"eval_steps": 5, "forgetting_budget": 10.0},

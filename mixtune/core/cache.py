@@ -7,6 +7,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +20,8 @@ from mixtune.core.paths import cache_dir
 
 COMPLETE_MARKER = "_complete"
 CACHE_ID = "_cache_id"
-NOT_CONTENT = {COMPLETE_MARKER, CACHE_ID, f"{COMPLETE_MARKER}.tmp"}
+LAST_USED = "_last_used"  # its mtime: when a run last used the entry (`mixtune gc` prunes by it)
+NOT_CONTENT = {COMPLETE_MARKER, CACHE_ID, f"{COMPLETE_MARKER}.tmp", LAST_USED}
 
 
 class Entry(StrEnum):
@@ -93,6 +95,16 @@ def is_complete(folder: Path) -> bool:
     return True
 
 
+def touch_last_used(folder: Path) -> None:
+    (folder / LAST_USED).touch()
+
+
+def last_used(folder: Path) -> float:
+    """When a run last used the entry (or built it, when none has since): the time gc judges it by."""
+    marks = [folder / LAST_USED, folder / COMPLETE_MARKER, folder]
+    return max(p.stat().st_mtime for p in marks if p.exists())
+
+
 @contextmanager
 def entry_lock(folder: Path) -> Iterator[None]:
     """One builder per cache entry across processes and threads: a second waits here, then finds the entry
@@ -110,6 +122,20 @@ def entry_lock(folder: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def remove_entry(folder: Path) -> bool:
+    """Delete an entry unless a run holds its lock now (building it, or about to use it): False then."""
+    fd = os.open(folder.parent / f"{folder.name}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    try:
+        shutil.rmtree(folder, ignore_errors=True)
+    finally:
+        os.close(fd)
+    return True
+
+
 @contextmanager
 def building(folder: Path) -> Iterator[bool]:
     """`with building(folder) as build:` holds the entry's lock; `build` is False when it is complete already."""
@@ -118,6 +144,8 @@ def building(folder: Path) -> Iterator[bool]:
         if build:
             run_logger().info("cache entry %s: building", folder.name)
             folder.mkdir(parents=True, exist_ok=True)
+        else:
+            touch_last_used(folder)
         yield build
 
 
@@ -135,4 +163,6 @@ def prefect_cache_key(entry: Entry, key: str, output_dir: str) -> str:
         staged = folder / f"{CACHE_ID}.{uuid.uuid4().hex}"
         staged.write_text(uuid.uuid4().hex[:12])
         os.replace(staged, id_file)
+    else:  # a Prefect cache hit runs no task body: this is the only sign the entry was used
+        touch_last_used(folder)
     return f"{entry.value}-{key}-{id_file.read_text().strip()}"

@@ -370,6 +370,13 @@ class Train(Strict):
         description="Pack each step's samples into rows of model.max_seq_len (no attention or position crosses "
         "a sample; the same loss as padding, without computing on padding). False: pad to the longest.",
     )
+    keep_checkpoints: int = Field(
+        1,
+        ge=1,
+        le=100,
+        description="Sealed checkpoints (weights and optimizer state) a running stage keeps, besides its best one; "
+        "a stage's checkpoints are deleted once the next stage has started from its verified final model.",
+    )
     lora: Lora = Field(default_factory=Lora)
 
     @model_validator(mode="after")
@@ -502,7 +509,7 @@ class Deploy(Strict):
 
 
 class Run(Strict):
-    """Naming, output folder and seed."""
+    """Naming, output folder, seed, and what runs leave on disk."""
 
     # It names a folder under output_dir: no separator, and not only dots ("." or ".." would leave it).
     name: str = Field(
@@ -512,6 +519,19 @@ class Run(Strict):
     )
     output_dir: str = Field("runs", description="Caches, checkpoints and the default MLflow database.")
     seed: int = Field(0, description="Seeds splits, mixes, initialisation and data order.")
+    keep: Literal["delivered", "stages", "all"] = Field(
+        "delivered",
+        description="What a finished run leaves in its folder besides its records, plots and MLflow's copy of the "
+        "model: delivered: the delivered stage's final model only; stages: every stage's final model; all: "
+        "every stage's final model and last checkpoints too.",
+    )
+    retention: int | None = Field(
+        None,
+        ge=1,
+        description="After each run, remove the folders of this pipeline's older runs, keeping the last N, the "
+        "champion's and any run that is running or can resume, and caches no kept run used "
+        "(`mixtune gc --keep-last N`). Unset: nothing of earlier runs is removed.",
+    )
 
 
 # The run form opens on what people change per run; the rest follows under "More:" titles.
