@@ -16,6 +16,7 @@ from pathlib import Path
 from prefect import serve
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.deployments.runner import EntrypointType, RunnerDeployment, deploy
 from prefect.exceptions import ObjectAlreadyExists
 from prefect.schedules import Cron
@@ -28,6 +29,14 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 ENTRYPOINT = "flows/finetune.py:finetune"
 
 
+def one_at_a_time(collision: ConcurrencyLimitStrategy) -> ConcurrencyLimitConfig:
+    """One flow run of a deployment at a time. A tick due while a run is still going is cancelled (CANCEL_NEW):
+    the next tick sees the same new data, so ticks never queue up behind a long run. A manual run waits its
+    turn (ENQUEUE): someone asked for it. The two deployments are counted apart; the champion decision itself
+    is safe against any concurrent run (tasks/champion.py crown)."""
+    return ConcurrencyLimitConfig(limit=1, collision_strategy=collision)
+
+
 def deployment_specs(config: PipelineConfig) -> list[dict]:
     values = {name: value for name, value in form_values(config).items() if name not in SERVED_FIXED}
     common = {"parameters": {"config": values}, "tags": ["mixtune", config.run.name]}
@@ -36,6 +45,7 @@ def deployment_specs(config: PipelineConfig) -> list[dict]:
             "name": f"{config.deploy.name}-manual",
             **common,
             "description": "Run the pipeline now: change any field of the form, or none.",
+            "concurrency_limit": one_at_a_time(ConcurrencyLimitStrategy.ENQUEUE),
         }
     ]
     if config.deploy.cron:
@@ -44,6 +54,7 @@ def deployment_specs(config: PipelineConfig) -> list[dict]:
                 "name": f"{config.deploy.name}-scheduled",
                 **common,
                 "schedules": [Cron(config.deploy.cron, timezone=config.deploy.timezone)],
+                "concurrency_limit": one_at_a_time(ConcurrencyLimitStrategy.CANCEL_NEW),
                 "description": f"Retrain on '{config.deploy.cron}' ({config.deploy.timezone}); a tick "
                 "whose data did not change records 'no new data' and trains nothing.",
             }

@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command in ("serve", "deploy"):
         return deployments(config, args)
-    return run(config, args.fresh)
+    given = any(item.split("=", 1)[0].strip() == "run.name" for item in args.overrides)
+    return run(config, args.fresh, config.run.name if given else None)
 
 
 def credentials_to_environment(config: PipelineConfig, command: str) -> None:
@@ -195,7 +196,8 @@ def advise(config: PipelineConfig) -> int:
     return 0
 
 
-def run(config: PipelineConfig, fresh: bool = False) -> int:
+def run(config: PipelineConfig, fresh: bool = False, name: str | None = None) -> int:
+    """`name`: the run's own (from --set run.name); else the flow generates one (mixtune/core/names.py)."""
     logging.getLogger("mixtune").setLevel(logging.INFO)
     started = time.perf_counter()
     from tasks.inputs import skip_if_unchanged
@@ -211,7 +213,7 @@ def run(config: PipelineConfig, fresh: bool = False) -> int:
         from flows.finetune import finetune
 
         server_up()
-        summary = finetune(config, fresh=fresh)
+        summary = finetune(config, fresh=fresh, name=name)
     except Exception as err:
         return run_failed(config, err)
     print(format_summary(summary, time.perf_counter() - started))
