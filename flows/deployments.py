@@ -22,7 +22,7 @@ from prefect.exceptions import ObjectAlreadyExists
 from prefect.schedules import Cron
 
 from flows.finetune import finetune
-from mixtune.core.config import SERVED_FIXED, PipelineConfig, form_values
+from mixtune.core.config import SERVED_FIXED, PipelineConfig, form_schema, form_values
 from mixtune.core.policy import ServedPolicy
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -68,6 +68,7 @@ def run_form(deployment: RunnerDeployment) -> RunnerDeployment:
     sections = deployment._parameter_openapi_schema.definitions["PipelineConfig"]["properties"]
     for name in SERVED_FIXED:
         del sections[name]
+    form_schema({"properties": deployment._parameter_openapi_schema.properties})  # `name`: one box, no None switch
     return deployment
 
 
