@@ -14,16 +14,25 @@ import os
 from pathlib import Path
 
 from prefect import serve
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.deployments.runner import EntrypointType, RunnerDeployment, deploy
 from prefect.schedules import Cron
 
 from flows.finetune import finetune
 from flows.pool import ensure_process_pool
-from mixtune.core.config import SERVED_FIXED, SERVED_FIXED_FIELDS, PipelineConfig, form_values
+from mixtune.core.config import SERVED_FIXED, SERVED_FIXED_FIELDS, PipelineConfig, form_schema, form_values
 from mixtune.core.policy import ServedPolicy
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 ENTRYPOINT = "flows/finetune.py:finetune"
+
+
+def one_at_a_time(collision: ConcurrencyLimitStrategy) -> ConcurrencyLimitConfig:
+    """One flow run of a deployment at a time. A tick due while a run is still going is cancelled (CANCEL_NEW):
+    the next tick sees the same new data, so ticks never queue up behind a long run. A manual run waits its
+    turn (ENQUEUE): someone asked for it. The two deployments are counted apart; the champion decision itself
+    is safe against any concurrent run (tasks/champion.py crown)."""
+    return ConcurrencyLimitConfig(limit=1, collision_strategy=collision)
 
 
 def deployment_specs(config: PipelineConfig) -> list[dict]:
@@ -36,6 +45,7 @@ def deployment_specs(config: PipelineConfig) -> list[dict]:
             "name": f"{config.deploy.name}-manual",
             **common,
             "description": "Run the pipeline now: change any field of the form, or none.",
+            "concurrency_limit": one_at_a_time(ConcurrencyLimitStrategy.ENQUEUE),
         }
     ]
     if config.deploy.cron:
@@ -44,6 +54,7 @@ def deployment_specs(config: PipelineConfig) -> list[dict]:
                 "name": f"{config.deploy.name}-scheduled",
                 **common,
                 "schedules": [Cron(config.deploy.cron, timezone=config.deploy.timezone)],
+                "concurrency_limit": one_at_a_time(ConcurrencyLimitStrategy.CANCEL_NEW),
                 "description": f"Retrain on '{config.deploy.cron}' ({config.deploy.timezone}); a tick "
                 "whose data did not change records 'no new data' and trains nothing.",
             }
@@ -61,6 +72,7 @@ def run_form(deployment: RunnerDeployment) -> RunnerDeployment:
         fields = definitions[definitions["PipelineConfig"]["properties"][section]["$ref"].split("/")[-1]]
         for name in names:
             del fields["properties"][name]
+    form_schema({"properties": deployment._parameter_openapi_schema.properties})  # `name`: one box, no None switch
     return deployment
 
 

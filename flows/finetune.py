@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 from prefect import flow
+from prefect.client.orchestration import get_client
 from prefect.exceptions import TerminationSignal
 from prefect.runtime import deployment, flow_run
 from pydantic import ValidationError
@@ -13,6 +16,7 @@ from pydantic import ValidationError
 from mixtune.core.config import ConfigError, PipelineConfig, resolve_paths
 from mixtune.core.disk import DiskFull
 from mixtune.core.logs import log_refusals_without_traceback, run_logger
+from mixtune.core.names import RunName, generated_name
 from mixtune.core.paths import run_dir, stage_dir, tracking_uri
 from mixtune.core.policy import enforce, served_policy
 from mixtune.core.preflight import Unreachable, check_tracking_server
@@ -29,7 +33,7 @@ from tasks.mix import mix_task
 from tasks.plan import plan_task
 from tasks.probes import probe_prompts
 from tasks.readers import IngestError
-from tasks.records import RunSummary
+from tasks.records import RunSummary, Verdict
 from tasks.rehearse import planned_sizes, rehearse_task
 from tasks.report import publish_task
 from tasks.retention import release_stage_task
@@ -98,10 +102,21 @@ def end_tracking(status: str):
 
 
 def pipeline_run_name() -> str:
-    """`<run.name>-<short id>`: the name the MLflow parent run gets too, so one run reads the same in both UIs."""
+    """The run's `name` parameter, else `<run.name>-<due time>-<end of the id>`; start_tracking_task may add more
+    of the id if MLflow has the name already, and the flow run then takes that one (name_flow_run)."""
+    given = flow_run.parameters.get("name")
+    if given:  # Prefect renames a flow run to this at its start, whatever name it was created with
+        return given
     config = flow_run.parameters.get("config")
     name = config.run.name if isinstance(config, PipelineConfig) else (config or {}).get("run", {}).get("name")
-    return f"{name or 'mixtune'}-{flow_run.id[:8]}"
+    return generated_name(name or "mixtune", flow_run.scheduled_start_time or datetime.now(UTC), flow_run.id)
+
+
+def name_flow_run(name: str) -> None:
+    if name != flow_run.name:
+        run_logger().info("named %s: another run of the experiment is named %s", name, flow_run.name)
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_name(flow_run.id, name)
 
 
 @flow(
@@ -111,7 +126,7 @@ def pipeline_run_name() -> str:
     on_crashed=[end_tracking("FAILED")],
     on_cancellation=[end_tracking("KILLED")],
 )
-def finetune(config: PipelineConfig, fresh: bool = False) -> RunSummary:
+def finetune(config: PipelineConfig, fresh: bool = False, name: RunName | None = None) -> RunSummary:
     """Check inputs against the last successful run; ingest, plan, pre-train a scratch model, then per stage:
     mix domain into general data, train, validate on domain and general data, and let the gate continue, hold,
     back off or stop. The final model then challenges the registered champion.
@@ -121,6 +136,7 @@ def finetune(config: PipelineConfig, fresh: bool = False) -> RunSummary:
     Args:
         config: The pipeline config (pipeline.yaml's sections).
         fresh: Start over even if an interrupted run of the same inputs could be continued.
+        name: This run's name everywhere; empty: <run.name>-<due date>-<due time, UTC>-<end of the run's id>.
     """
     os.umask(0o077)  # databases, caches, quarantined rows and models: readable by their owner only
     config = confine(config, deployment.id is not None)
@@ -138,7 +154,7 @@ def finetune(config: PipelineConfig, fresh: bool = False) -> RunSummary:
     require_free_space(disk_need(config))  # before any work: a full disk fails now, not mid-save
     tags = {**input_tags(config, digest), **source_tags(flow_run.ui_url, deployment.id is not None)}
     folder = str(run_dir(config.run.output_dir, config.run.name, flow_run.id))
-    tracker = start_tracking_task(config, flow_run.id, tags, folder, None if fresh else digest)
+    tracker = start_tracking_task(config, flow_run.id, tags, folder, None if fresh else digest, flow_run.name)
     if tracker.resumed:
         run_logger().info(
             "resuming interrupted run %s in %s: finished stages are reused, the interrupted one continues from "
@@ -146,14 +162,23 @@ def finetune(config: PipelineConfig, fresh: bool = False) -> RunSummary:
             tracker.parent_run_id,
             tracker.run_folder,
         )
-    summary = run_pipeline(config, tracker)
+    if not tracker.resumed:  # a resumed run keeps the name it was started with
+        name_flow_run(tracker.name)
+    summary, challenge = run_pipeline(config, tracker)
+    verdict = challenge() if challenge else summary.verdict  # none: the base was delivered, its verdict recorded
     end_run_task(tracker)
-    crown_task(tracker, summary.verdict)  # only a FINISHED run may hold the champion
-    # Last: the run has ended FINISHED, so no rerun adopts it and needs the stage finals this may delete.
+    # Last: only a FINISHED run may hold the champion. If another run of this pipeline (CLI, another deployment
+    # or host) moved the alias since this challenge read it, nothing moves: the challenge meets the new champion.
+    while challenge and not crown_task(config, tracker, verdict):
+        verdict = challenge()
+    summary = summary.model_copy(update={"verdict": verdict})
+    # Then: the run has ended FINISHED, so no rerun adopts it and needs the stage finals this may delete.
     return retention_task(config, tracker.run_folder, summary)
 
 
-def run_pipeline(config: PipelineConfig, tracker: Tracker) -> RunSummary:
+def run_pipeline(config: PipelineConfig, tracker: Tracker) -> tuple[RunSummary, Callable[[], Verdict] | None]:
+    """The trained run's summary, and its challenge of the champion (which the flow may have to repeat); no
+    challenge when no stage passed the gate."""
     data = ingest_task(config)
     config = plan_task(config, {**data.stats, **planned_sizes(config, data.stats)}, tracker).config
     tokenizer_dir = tokenizer_task(config, data.samples, data.key)
@@ -206,14 +231,16 @@ def run_pipeline(config: PipelineConfig, tracker: Tracker) -> RunSummary:
         cursor, model, previous = advance(cursor, report), trained.model_dir, folder
     summary = publish_task(config, tracker, reports, baseline, base, str(run_folder), base_tasks)
     if summary.final_stage == 0:  # no stage passed the gate: the base model challenges no one, nor is registered
-        return summary.model_copy(update={"verdict": base_delivered_task(config, tracker, tokens.sft)})
+        return summary.model_copy(update={"verdict": base_delivered_task(config, tracker, tokens.sft)}), None
 
-    champion, champion_sft = champion_task(config, tracker, tokens.sft), None
-    if champion:  # the champion reads this run's validation conversations through its own tokenizer
-        champion_sft = tokenize_task(
-            data.samples, data.key, champion, config.model.max_seq_len, config.run.output_dir, config.data.overlong
-        ).sft
-    verdict = challenge_task(
-        config, tracker, summary.final_model, summary.final_losses, base, tokens.sft, champion_sft, str(run_folder)
-    )
-    return summary.model_copy(update={"verdict": verdict})
+    def challenge() -> Verdict:
+        champion, champion_sft = champion_task(config, tracker, tokens.sft), None
+        if champion:  # the champion reads this run's validation conversations through its own tokenizer
+            champion_sft = tokenize_task(
+                data.samples, data.key, champion, config.model.max_seq_len, config.run.output_dir, config.data.overlong
+            ).sft
+        return challenge_task(
+            config, tracker, summary.final_model, summary.final_losses, base, tokens.sft, champion_sft, str(run_folder)
+        )
+
+    return summary, challenge

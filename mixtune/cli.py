@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command in ("serve", "deploy"):
         return deployments(config, args)
-    return run(config, args.fresh)
+    given = any(item.split("=", 1)[0].strip() == "run.name" for item in args.overrides)
+    return run(config, args.fresh, config.run.name if given else None)
 
 
 def credentials_to_environment(config: PipelineConfig, command: str) -> None:
@@ -221,11 +222,11 @@ def terminate(signum, frame) -> None:
     raise Terminated()
 
 
-def run(config: PipelineConfig, fresh: bool = False) -> int:
+def run(config: PipelineConfig, fresh: bool = False, name: str | None = None) -> int:
     """SIGTERM ends the run promptly at any point (between two Python steps, however long the job), exit 143."""
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
-        return run_pipeline(config, fresh)
+        return run_pipeline(config, fresh, name)
     except Terminated:
         print("mixtune: terminated by SIGTERM; the run's MLflow runs end KILLED", file=sys.stderr, flush=True)
         stop_temporary_prefect_server()
@@ -249,7 +250,8 @@ def stop_temporary_prefect_server(grace_s: float = 2.0) -> None:
         process.kill()
 
 
-def run_pipeline(config: PipelineConfig, fresh: bool) -> int:
+def run_pipeline(config: PipelineConfig, fresh: bool, name: str | None) -> int:
+    """`name`: the run's own (from --set run.name); else the flow generates one (mixtune/core/names.py)."""
     logging.getLogger("mixtune").setLevel(logging.INFO)
     started = time.perf_counter()
     from tasks.inputs import skip_if_unchanged
@@ -268,7 +270,7 @@ def run_pipeline(config: PipelineConfig, fresh: bool) -> int:
 
         require_free_space(disk_need(config))  # the flow checks too (served runs); here before any wait
         server_up()
-        summary = finetune(config, fresh=fresh)
+        summary = finetune(config, fresh=fresh, name=name)
     except Exception as err:
         return run_failed(config, err)
     print(format_summary(summary, time.perf_counter() - started))

@@ -60,6 +60,7 @@ def champion_runs(uri: str, runs: pd.DataFrame, alias: str) -> set[str]:
 def comparison(runs: pd.DataFrame, champions: set[str]) -> pd.DataFrame:
     """One row per pipeline run: what it trained, where it ended, and how far it moved from its base model."""
     table = runs[list(COLUMNS)].rename(columns=COLUMNS)
+    table["run"] = distinct_names(table["run"].fillna("-").astype(str).tolist(), runs["run_id"].tolist())
     domain_base = pd.to_numeric(runs["metrics.base_domain_val_loss"], errors="coerce")
     general_base = pd.to_numeric(runs["metrics.base_general_val_loss"], errors="coerce")
     table["domain gain"] = (domain_base - table["domain val"]) / domain_base
@@ -69,6 +70,16 @@ def comparison(runs: pd.DataFrame, champions: set[str]) -> pd.DataFrame:
     table["champion"] = ["*" if run_id in champions else "" for run_id in runs["run_id"]]
     table["run_id"] = runs["run_id"]
     return table.reset_index(drop=True)
+
+
+def distinct_names(names: list[str], run_ids: list[str]) -> list[str]:
+    """One label per row and plot entry: a name two runs share (named before names were unique) gets the
+    start of each run's MLflow id, or the whole id if the start is shared too."""
+    for digits in (8, 32):
+        labels = [f"{n} ({r[:digits]})" if names.count(n) > 1 else n for n, r in zip(names, run_ids)]
+        if len(set(labels)) == len(labels):
+            break
+    return labels
 
 
 def stage_paths(uri: str, runs: pd.DataFrame) -> dict[str, list[tuple[float, float]]]:

@@ -9,9 +9,10 @@ from pathlib import Path
 from prefect import task
 
 from mixtune.core.config import PipelineConfig
+from mixtune.core.logs import run_logger
 from tasks.models import is_adapter, standalone_model
 from tasks.records import ByteLosses, Decision, TokenLosses, Verdict
-from tasks.registry import fetch_version, model_for, move_alias, register_version
+from tasks.registry import alias_lock, champion_version, fetch_version, model_for, move_alias, register_version
 from tasks.scoring import nats_per_byte, per_byte
 from tasks.tables import domain_val_digest
 from tasks.tracking import Tracker
@@ -99,16 +100,38 @@ def challenge(
         alias=alias,
         version=version,
         champion_version=version if decision != "reject" else int(holder.version),
+        challenged=int(holder.version) if champion else None,
         challenger=challenger,
         champion=champion,
     )
 
 
+def crown(config: PipelineConfig, tracker: Tracker, verdict: Verdict) -> bool:
+    """Moves the alias on first/promote and records the verdict, if the decision still stands: the alias is read
+    again right before it moves (under a lock shared by this host's runs). If another run of the pipeline moved
+    it since the challenge read it, nothing moves or is recorded, and False says: challenge the new champion."""
+    with alias_lock(config.run.output_dir, tracker.uri, verdict.model_name):
+        holder = champion_version(tracker, verdict.model_name, verdict.alias)
+        now = int(holder.version) if holder else None
+        if now not in (verdict.challenged, verdict.version):  # its own version: moved before a retry of this task
+            run_logger().warning(
+                "%s@%s moved to version %s while this run challenged %s: deciding again against it",
+                verdict.model_name,
+                verdict.alias,
+                now,
+                verdict.challenged or "no champion",
+            )
+            return False
+        if verdict.decision in ("first", "promote"):
+            move_alias(tracker, verdict.model_name, verdict.alias, verdict.version)
+    record_verdict(tracker, verdict)
+    return True
+
+
 # The flow calls it after the parent run has ended FINISHED: a run killed before that never holds the champion.
 @task(name="crown", task_run_name="crown", retries=2, retry_delay_seconds=[2, 10])
-def crown_task(tracker: Tracker, verdict: Verdict) -> None:
-    if verdict.decision in ("first", "promote"):
-        move_alias(tracker, verdict.model_name, verdict.alias, verdict.version)
+def crown_task(config: PipelineConfig, tracker: Tracker, verdict: Verdict) -> bool:
+    return crown(config, tracker, verdict)
 
 
 @task(name="champion", task_run_name="champion", retries=2, retry_delay_seconds=[2, 10])
@@ -116,7 +139,6 @@ def champion_task(config: PipelineConfig, tracker: Tracker, sft_path: str) -> st
     return current_champion(config, tracker, sft_path)
 
 
-# No retries: a second attempt would meet the version this one may already have promoted.
 @task(name="challenge", task_run_name="challenge")
 def challenge_task(
     config: PipelineConfig,
@@ -128,9 +150,7 @@ def challenge_task(
     champion_sft: str | None,
     work_dir: str,
 ) -> Verdict:
-    verdict = challenge(config, tracker, final_model, final_losses, base_dir, sft_path, champion_sft, Path(work_dir))
-    record_verdict(tracker, verdict)
-    return verdict
+    return challenge(config, tracker, final_model, final_losses, base_dir, sft_path, champion_sft, Path(work_dir))
 
 
 def base_delivered(config: PipelineConfig, tracker: Tracker, sft_path: str) -> Verdict:

@@ -129,6 +129,7 @@ class Verdict(BaseModel):
     alias: str
     version: int | None = None  # the challenger's registry version
     champion_version: int | None = None  # who holds the alias after the decision
+    challenged: int | None = None  # the champion version the challenger met; None: there was none
     challenger: ByteLosses | None = None
     champion: ByteLosses | None = None
     previous_run: str | None = None  # skip: the successful run whose inputs were the same

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 
 from mixtune.core.cache import Entry, building, entry_dir, fingerprint, mark_complete
 from mixtune.core.logs import run_logger
+from mixtune.core.paths import locks_dir
+from mixtune.core.uris import split_credentials
 from tasks.tracking import Experiment, Tracker
 
 DESCRIPTION = "mixtune champions: fine-tuned causal LMs (HF folders)"
@@ -98,7 +104,15 @@ def register_version(
     tracker: Tracker, name: str, model_dir: str, artifact_path: str, tags: dict, description: str
 ) -> int:
     """The parent run's model as a new version of `name` (created on first use). The version's source is the
-    MLflow model; `mixtune.artifact_path` names the plain HF folder the next challenge downloads."""
+    MLflow model; `mixtune.artifact_path` names the plain HF folder the next challenge downloads. A run that
+    challenges again (the alias moved under it) keeps its version, whose tags and description are updated."""
+    tags = {"mixtune.artifact_path": artifact_path, **{f"mixtune.{k}": str(v) for k, v in tags.items()}}
+    mine = tracker.client.search_model_versions(f"name = '{name}' and run_id = '{tracker.parent_run_id}'")
+    if mine:
+        for key, value in tags.items():
+            tracker.client.set_model_version_tag(name, mine[0].version, key, value)
+        tracker.client.update_model_version(name, mine[0].version, description=description)
+        return int(mine[0].version)
     if artifact_path != "final_model":
         tracker.log_artifacts(model_dir, artifact_path)
     with tempfile.TemporaryDirectory(prefix="mlflow-model-") as scratch:
@@ -109,7 +123,6 @@ def register_version(
     except MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    tags = {"mixtune.artifact_path": artifact_path, **{f"mixtune.{k}": str(v) for k, v in tags.items()}}
     version = tracker.client.create_model_version(
         name,
         f"runs:/{tracker.parent_run_id}/{MLFLOW_MODEL}",
@@ -119,6 +132,21 @@ def register_version(
         description=description,
     )
     return int(version.version)
+
+
+@contextmanager
+def alias_lock(output_dir: str, uri: str, name: str):
+    """Held while a run re-reads and moves a model's alias: runs of this host take turns. Runs on other hosts
+    share no lock: their turn is the re-read against the registry itself (tasks/champion.py crown)."""
+    key = hashlib.sha256(f"{split_credentials(uri)[0]} {name}".encode()).hexdigest()[:16]
+    path = locks_dir(output_dir) / f"alias-{key}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def move_alias(tracker: Tracker, name: str, alias: str, version: int) -> None:

@@ -13,6 +13,7 @@ import os
 import re
 import socket
 import time
+from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 
@@ -23,7 +24,8 @@ from prefect import task
 from pydantic import BaseModel
 
 from mixtune.core.config import PipelineConfig
-from mixtune.core.paths import default_tracking_uri, tracking_uri
+from mixtune.core.names import generated_name, name_candidates
+from mixtune.core.paths import default_tracking_uri, locks_dir, tracking_uri
 from tasks import artifacts
 
 FLOW_RUN_TAG = "mixtune.flow_run_id"
@@ -36,6 +38,7 @@ INPUT_HASH_TAG = "mixtune.input_hash"
 RUN_FOLDER_TAG = "mixtune.run_folder"  # the folder of the run's stages: a resumed run finds it here
 ABANDONED_TAG = "mixtune.abandoned"  # ended KILLED because its process was gone: a rerun may still adopt it
 RESUMED_TAG = "mixtune.resumed_from_flow_runs"
+NAME_TAG = "mlflow.runName"
 RUNNING = RunStatus.to_string(RunStatus.RUNNING)
 FINISHED = RunStatus.to_string(RunStatus.FINISHED)
 KILLED = RunStatus.to_string(RunStatus.KILLED)
@@ -92,6 +95,7 @@ class Tracker(Experiment):
     stage_run_id: str | None = None
     run_folder: str = ""
     resumed: bool = False
+    name: str = ""  # the parent run's name, unique in its experiment (mixtune/core/names.py)
 
     @property
     def run_id(self) -> str:
@@ -273,9 +277,11 @@ def start_parent_run(
     tags: dict[str, str] | None = None,
     run_folder: str = "",
     input_hash: str | None = None,
+    name: str | None = None,
 ) -> Tracker:
     """The flow run's parent run: found again on a task retry; else, given the inputs hash, an unfinished run
-    of the same inputs whose process is gone, adopted; else a new one with `tags` (input hash, links)."""
+    of the same inputs whose process is gone, adopted; else a new one with `tags` (input hash, links), named
+    `name` or, if another pipeline run of the experiment has that name, `name` and the end of the id."""
     client = client_for(tracking_uri(config))
     exp_id = experiment_id(client, config)
     lock = lock_path(config, flow_run_id)
@@ -298,16 +304,27 @@ def start_parent_run(
         LOCK_TAG: str(lock),
         RUN_FOLDER_TAG: run_folder,
     }
-    run = client.create_run(exp_id, run_name=f"{config.run.name}-{flow_run_id[:8]}", tags=tags)
+    wanted = name or generated_name(config.run.name, datetime.now(UTC), flow_run_id)
+    run = client.create_run(exp_id, run_name=free_name(client, exp_id, wanted, flow_run_id), tags=tags)
     hold_lock(run.info.run_id, lock)
-    tracker = tracker.model_copy(update={"parent_run_id": run.info.run_id})
+    tracker = tracker.model_copy(update={"parent_run_id": run.info.run_id, "name": run.info.run_name})
     tracker.log_params(flatten(config.public_dump()))
     return tracker
 
 
 def own(tracker: Tracker, run) -> Tracker:
     folder = run.data.tags.get(RUN_FOLDER_TAG) or tracker.run_folder
-    return tracker.model_copy(update={"parent_run_id": run.info.run_id, "run_folder": folder})
+    return tracker.model_copy(
+        update={"parent_run_id": run.info.run_id, "run_folder": folder, "name": run.info.run_name}
+    )
+
+
+def free_name(client: MlflowClient, exp_id: str, wanted: str, flow_run_id: str) -> str:
+    """The first of `wanted`'s candidates no pipeline run of the experiment holds."""
+    candidates = name_candidates(wanted, flow_run_id)
+    return next(
+        (c for c in candidates if not find_run(client, exp_id, {KIND_TAG: "pipeline", NAME_TAG: c})), candidates[-1]
+    )
 
 
 def adopt_unfinished_run(client: MlflowClient, exp_id: str, input_hash: str, flow_run_id: str, lock: Path):
@@ -387,7 +404,7 @@ def end_abandoned_runs(client: MlflowClient, exp_id: str) -> list[str]:
 
 
 def lock_path(config: PipelineConfig, flow_run_id: str) -> Path:
-    return Path(config.run.output_dir) / "locks" / f"{flow_run_id}.lock"
+    return locks_dir(config.run.output_dir) / f"{flow_run_id}.lock"
 
 
 def write_lock_status(path: Path, status: str) -> None:
@@ -479,8 +496,9 @@ def start_tracking_task(
     tags: dict[str, str],
     run_folder: str,
     input_hash: str | None = None,
+    name: str | None = None,
 ) -> Tracker:
-    tracker = start_parent_run(config, flow_run_id, tags, run_folder, input_hash)
+    tracker = start_parent_run(config, flow_run_id, tags, run_folder, input_hash, name)
     url = tracker.run_url(tracker.parent_run_id)
     if url:  # a database file has no UI address to link; the run id is in the final-model artifact either way
         artifacts.link("mlflow-run", url, f"MLflow run {tracker.parent_run_id}", "This flow run's MLflow parent run")

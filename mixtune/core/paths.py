@@ -16,6 +16,10 @@ def run_dir(output_dir: str, run_name: str, flow_run_id: str) -> Path:
     return Path(output_dir) / run_name / flow_run_id
 
 
+def locks_dir(output_dir: str) -> Path:
+    return Path(output_dir) / "locks"
+
+
 def stage_dir(run_folder: str | Path, stage: int) -> Path:
     return Path(run_folder) / f"stage-{stage}"
 
