@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Pr
 from mixtune.core.cache import Entry, building, entry_dir, fingerprint, mark_complete, prefect_cache_key
 from mixtune.core.config import PipelineConfig
 from mixtune.core.logs import run_logger
-from tasks.callbacks import ProgressCallback
+from tasks.callbacks import LiveProgress, ProgressCallback
 from tasks.chat import BOS, CHATML, EOS, PAD
 from tasks.checkpoints import Seal, last_good_checkpoint
 from tasks.lm import PadCollator, TokenLossTrainer, training_arguments
@@ -188,7 +188,7 @@ def pretrain(model, tokenizer, table: pd.DataFrame, config: PipelineConfig, fold
         args=args,
         train_dataset=TokenDataset(table),
         data_collator=PadCollator(tokenizer.pad_token_id),
-        callbacks=[ProgressCallback("pretrain", run_logger().info), Seal()],
+        callbacks=[ProgressCallback("pretrain", run_logger().info), LiveProgress("pretrain"), Seal()],
     )
     resume = last_good_checkpoint(folder / "checkpoints", folder / "set-aside", run_logger().warning)
     if resume:

@@ -10,6 +10,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mixtune.core.cache import file_digest, is_complete, mark_complete
+from tasks.callbacks import LiveBar
 from tasks.lm import PadCollator, mean_token_loss
 from tasks.records import TokenLosses
 from tasks.tables import validation_sets
@@ -33,13 +34,17 @@ def load_model(model_dir: str, base_dir: str):
     return AutoModelForCausalLM.from_pretrained(model_dir)
 
 
-def evaluate(model_dir: str, base_dir: str, sft_path: str, batch_size: int) -> TokenLosses:
+def evaluate(
+    model_dir: str, base_dir: str, sft_path: str, batch_size: int, label: str = "validation loss"
+) -> TokenLosses:
     model = load_model(model_dir, base_dir)
     if torch.cuda.is_available():
         model = model.to("cuda")
     collator = PadCollator(AutoTokenizer.from_pretrained(base_dir).pad_token_id)
     sets = validation_sets(sft_path)
-    return TokenLosses(**{tag: mean_token_loss(model, data, collator, batch_size) for tag, data in sets.items()})
+    with LiveBar(label, sum(len(data) for data in sets.values())) as bar:
+        losses = {tag: mean_token_loss(model, data, collator, batch_size, bar.advance) for tag, data in sets.items()}
+    return TokenLosses(**losses)
 
 
 def standalone_model(final_dir: str, base_dir: str, folder: Path) -> str:

@@ -23,7 +23,7 @@ def test_validate_does_not_re_evaluate_an_unchanged_checkpoint(prepared, tmp_pat
     assert trained.best_losses.general == pytest.approx(fresh.general, rel=1e-5)
 
     calls = []
-    monkeypatch.setattr(validate, "evaluate", lambda *args: calls.append(args) or fresh)
+    monkeypatch.setattr(validate, "evaluate", lambda *args, **_: calls.append(args) or fresh)
     assert validate.validate_stage(config, trained, tokens.sft, base, [], stage_run) == trained.best_losses
     assert calls == []
 
@@ -43,8 +43,8 @@ def test_the_baseline_is_measured_once_per_base_model_and_validation_sets(prepar
     probes = [{"set": "domain", "prompt": [{"role": "user", "content": "hello"}], "reference": "hi"}]
     evaluated, answered = [], []
     real_evaluate, real_answers = validate.evaluate, validate.answer_probes
-    monkeypatch.setattr(validate, "evaluate", lambda *a: evaluated.append(a) or real_evaluate(*a))
-    monkeypatch.setattr(validate, "answer_probes", lambda *a: answered.append(a) or real_answers(*a))
+    monkeypatch.setattr(validate, "evaluate", lambda *a, **k: evaluated.append(a) or real_evaluate(*a, **k))
+    monkeypatch.setattr(validate, "answer_probes", lambda *a, **k: answered.append(a) or real_answers(*a, **k))
 
     def baseline(sft_path: str, name: str):
         parent = tracking.start_parent_run(config, name)
