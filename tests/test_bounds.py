@@ -128,6 +128,7 @@ def ingest_in_subprocess(path, out) -> tuple[dict, str]:
     return json.loads(report), quarantine
 
 
+@pytest.mark.integration
 def test_a_50_mb_row_is_quarantined_too_large_in_bounded_memory(tmp_path):
     rows = [ROW % (i, i) for i in range(100)]
     small, big = tmp_path / "small.jsonl", tmp_path / "big.jsonl"
@@ -210,6 +211,7 @@ def test_a_file_rewritten_during_ingest_is_refused_naming_it(tmp_path, monkeypat
     assert ingest(config).stats[str(path)]["accepted"] == 300  # the finished file ingests under its new hash
 
 
+@pytest.mark.e2e
 def test_an_empty_domain_validation_set_fails_before_training_naming_the_source(prefect_harness, tmp_path):
     from flows.finetune import finetune
     from tasks.ingest import IngestError
@@ -245,6 +247,7 @@ def test_a_loss_over_zero_tokens_is_an_error_not_zero():
         mean_token_loss(Constant(), unlabelled, PadCollator(0), 4)
 
 
+@pytest.mark.integration
 @pytest.mark.e2e
 def test_two_runs_at_once_on_a_fresh_output_folder_build_each_cache_entry_once(tmp_path):
     import os
@@ -349,6 +352,7 @@ def test_a_version_whose_run_did_not_finish_is_no_champion_and_no_reason_to_skip
     assert unchanged_since(config, later, input_hash(config)) == earner.parent_run_id
 
 
+@pytest.mark.integration
 @pytest.mark.e2e
 def test_a_tracking_server_that_goes_down_fails_the_run_within_the_bound_with_one_message(tmp_path):
     """The server answers the two reachability checks (the CLI's and the flow's), then goes away for good."""

@@ -12,6 +12,8 @@ from tasks.models import evaluate
 from tasks.train import train_stage
 from tests.test_train import prepared, stage_mix  # noqa: F401  (the module-scoped fixture)
 
+pytestmark = pytest.mark.e2e  # real training of a stage from a pre-trained base
+
 
 def test_validate_does_not_re_evaluate_an_unchanged_checkpoint(prepared, tmp_path, monkeypatch):  # noqa: F811
     config, tokens, base = prepared
