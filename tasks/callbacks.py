@@ -96,6 +96,7 @@ class LiveBar:
             TimeRemainingColumn(),
             console=console,
             transient=True,
+            speed_estimate_period=600,  # rich's 30 s shows no time left at all once a step takes longer
         )
         self.task = self.bar.add_task(self.label, total=self.total, completed=self.completed, numbers="")
         self.routing = logs_above(console)
