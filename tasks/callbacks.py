@@ -87,7 +87,7 @@ class LiveBar:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        console = Console(file=self.stream, width=min(120, Console(file=self.stream).width))
+        console = Console(file=self.stream)  # the terminal's width: log lines print through it while it draws
         self.bar = Progress(
             TextColumn("{task.description}"),
             BarColumn(bar_width=24),
