@@ -312,6 +312,7 @@ def test_a_deleted_or_damaged_cache_entry_is_rebuilt_not_reported_cached(prefect
     assert (next(p for p in cache.glob("ingest-*") if p.is_dir()) / COMPLETE_MARKER).is_file()
 
 
+@pytest.mark.usefixtures("mlflow_db")
 def test_runs_that_failed_while_the_server_was_down_end_failed_at_the_next_start(tmp_path):
     from tasks.tracking import client_for, leave_status, release_lock, start_parent_run
     from tests.conftest import tiny_config
@@ -328,6 +329,7 @@ def test_runs_that_failed_while_the_server_was_down_end_failed_at_the_next_start
     assert client.get_run(killed.parent_run_id).info.status == "KILLED"
 
 
+@pytest.mark.usefixtures("mlflow_db")
 def test_a_version_whose_run_did_not_finish_is_no_champion_and_no_reason_to_skip(tmp_path):
     from tasks.inputs import INPUT_HASH_TAG, input_hash, unchanged_since
     from tasks.registry import champion_version, move_alias, register_version

@@ -19,7 +19,7 @@ from tasks.lm import TokenLossTrainer
 from tasks.mix import mix_stage
 from tasks.records import StageReport, TokenLosses
 from tasks.train import train_stage
-from tests.conftest import tiny_config
+from tests.conftest import ready_mlflow, tiny_config
 
 pytestmark = pytest.mark.e2e  # every test starts from real stages trained in the module's fixture
 
@@ -48,9 +48,9 @@ DAMAGES = {"truncate": truncate, "zero": zero, "flip": flip}
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_base):
+def setup(tmp_path_factory, tiny_base, mlflow_template):
     """An uninterrupted stage, and the same stage crashed at step 5 with checkpoints at steps 2 and 4."""
-    folder = tmp_path_factory.mktemp("checkpoints")
+    folder = ready_mlflow(tmp_path_factory.mktemp("checkpoints"), mlflow_template)
     config = tiny_config(folder, schedule={"samples_per_stage": 160}, validation={"eval_steps": 2, "patience": 10})
     tokens, base = tiny_base
     sft = pd.read_parquet(tokens.sft)

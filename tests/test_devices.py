@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from flows.finetune import finetune
 from mixtune.core.config import ConfigError
 from tasks.train import run_workers
-from tests.conftest import share_cache, tiny_config
+from tests.conftest import ready_mlflow, share_cache, tiny_config
 
 pytestmark = pytest.mark.e2e
 # One stage of 10 steps of 16 samples (8 per process with two), a log line every step.
@@ -38,8 +38,8 @@ def curves(client: MlflowClient, run) -> dict[str, dict[int, float]]:
     }
 
 
-def test_two_processes_follow_the_single_process_curve(prefect_harness, tmp_path, session_cache):
-    one, two = share_cache(tmp_path / "one", session_cache), share_cache(tmp_path / "two", session_cache)
+def test_two_processes_follow_the_single_process_curve(prefect_harness, tmp_path, session_cache, mlflow_template):
+    one, two = (ready_mlflow(share_cache(tmp_path / name, session_cache), mlflow_template) for name in ("one", "two"))
     alone = finetune(tiny_config(one, **SECTIONS))
     pair = finetune(tiny_config(two, **{**SECTIONS, "train": {**SECTIONS["train"], "devices": 2}}))
 

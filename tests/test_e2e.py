@@ -72,7 +72,7 @@ def check_run(config, summary) -> dict[int, object]:
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_flow_runs_every_stage_and_reloads_to_the_logged_loss(prefect_harness, tmp_path, request, method):
     if method == "lora":  # full builds every cache entry itself (their permissions are checked below)
-        request.getfixturevalue("shared_cache")
+        request.getfixturevalue("shared_cache"), request.getfixturevalue("mlflow_db")
     train = {"method": method, "learning_rate": 5e-3 if method == "lora" else 1e-3}
     config = tiny_config(tmp_path, train=train, validation={"forgetting_budget": 10.0})
     summary = finetune(config)
@@ -89,7 +89,7 @@ def test_flow_runs_every_stage_and_reloads_to_the_logged_loss(prefect_harness, t
     assert not list(Path(summary.final_model).glob("*.bin"))
 
 
-@pytest.mark.usefixtures("shared_cache")
+@pytest.mark.usefixtures("shared_cache", "mlflow_db")
 def test_second_run_reuses_ingest_and_pretraining(prefect_harness, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -110,7 +110,7 @@ def test_second_run_reuses_ingest_and_pretraining(prefect_harness, tmp_path):
     assert [name for name in states if re.search(r"-[0-9a-f]{3}$", name)] == []
 
 
-@pytest.mark.usefixtures("shared_cache")
+@pytest.mark.usefixtures("shared_cache", "mlflow_db")
 def test_forgetting_guard_stops_and_keeps_the_model_before_the_breach(prefect_harness, tmp_path):
     # A base with some general ability to lose: longer pre-training than the other tiny runs.
     config = tiny_config(

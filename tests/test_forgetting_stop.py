@@ -16,14 +16,14 @@ from tasks.models import evaluate
 from tasks.records import StageTraining
 from tasks.tokenize import tokenize
 from tasks.train import train_stage
-from tests.conftest import sft_table, share_cache, tiny_config
+from tests.conftest import ready_mlflow, sft_table, share_cache, tiny_config
 
 pytestmark = pytest.mark.e2e  # real training of a stage from a pre-trained base, and the flow
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory, session_cache):
-    folder = share_cache(tmp_path_factory.mktemp("forgetting"), session_cache)
+def prepared(tmp_path_factory, session_cache, mlflow_template):
+    folder = ready_mlflow(share_cache(tmp_path_factory.mktemp("forgetting"), session_cache), mlflow_template)
     config = tiny_config(
         folder,
         pretrain={"epochs": 4},
@@ -70,7 +70,7 @@ def test_general_drift_past_the_budget_stops_the_stage_and_keeps_the_checkpoint_
     assert kept.general == pytest.approx(dict(curve)[guarded.best_step], rel=1e-4)
 
 
-@pytest.mark.usefixtures("shared_cache")  # the pre-training of `prepared` above
+@pytest.mark.usefixtures("shared_cache", "mlflow_db")  # the pre-training of `prepared` above
 def test_the_flow_stops_a_stage_at_the_breach_and_keeps_the_checkpoint_before(prefect_harness, tmp_path):
     """Domain-only at a high rate drifts past a tight budget within a few evaluations, on any machine: the stage
     ends at the first evaluation past it, not at its planned last step, and keeps the checkpoint before."""

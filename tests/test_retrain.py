@@ -48,7 +48,7 @@ def test_decide_first_promote_and_the_two_rejections():
 
 
 @pytest.mark.e2e
-@pytest.mark.usefixtures("shared_cache")
+@pytest.mark.usefixtures("shared_cache", "mlflow_db")
 def test_retraining_first_champion_then_skip_then_a_decision_the_alias_follows(prefect_harness, tmp_path):
     config = tiny_config(tmp_path, **FAST)
     first = finetune(config)
@@ -116,7 +116,7 @@ def test_retraining_first_champion_then_skip_then_a_decision_the_alias_follows(p
 
 
 @pytest.mark.e2e
-@pytest.mark.usefixtures("shared_cache")
+@pytest.mark.usefixtures("shared_cache", "mlflow_db")
 def test_the_champion_loads_through_mlflow_and_generates_offline(prefect_harness, tmp_path, monkeypatch):
     import mlflow
     import mlflow.transformers
@@ -146,7 +146,7 @@ def test_the_champion_loads_through_mlflow_and_generates_offline(prefect_harness
 
 
 @pytest.mark.e2e
-@pytest.mark.usefixtures("shared_cache")
+@pytest.mark.usefixtures("shared_cache", "mlflow_db")
 def test_nats_per_byte_is_the_token_loss_rescaled_by_the_text_it_scores(prefect_harness, tmp_path):
     config = tiny_config(tmp_path, schedule={"stages": 1, "samples_per_stage": 48})
     summary = finetune(config)
@@ -161,7 +161,7 @@ def test_nats_per_byte_is_the_token_loss_rescaled_by_the_text_it_scores(prefect_
 
 
 @pytest.mark.e2e
-@pytest.mark.usefixtures("shared_cache")
+@pytest.mark.usefixtures("shared_cache", "mlflow_db")
 def test_a_failing_stage_ends_its_mlflow_runs_failed(prefect_harness, tmp_path, monkeypatch):
     @task(name="validate")
     def broken_validation(*args, **kwargs):

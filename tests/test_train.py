@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 from tasks import callbacks, lm, tracking
 from tasks.mix import mix_stage
 from tasks.train import train_stage
-from tests.conftest import tiny_config
+from tests.conftest import ready_mlflow, tiny_config
 
 pytestmark = pytest.mark.e2e  # real training of a stage from a pre-trained base
 
@@ -20,10 +20,9 @@ class Crash(RuntimeError):
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory, tiny_base):
-    config = tiny_config(
-        tmp_path_factory.mktemp("stage"), schedule={"samples_per_stage": 160}, validation={"eval_steps": 4}
-    )
+def prepared(tmp_path_factory, tiny_base, mlflow_template):
+    folder = ready_mlflow(tmp_path_factory.mktemp("stage"), mlflow_template)
+    config = tiny_config(folder, schedule={"samples_per_stage": 160}, validation={"eval_steps": 4})
     return config, *tiny_base
 
 

@@ -38,6 +38,7 @@ def test_validate_does_not_re_evaluate_an_unchanged_checkpoint(prepared, tmp_pat
     assert len(calls) == 1  # changed weights: evaluated again
 
 
+@pytest.mark.usefixtures("mlflow_db")
 def test_the_baseline_is_measured_once_per_base_model_and_validation_sets(prepared, tmp_path, monkeypatch):  # noqa: F811
     config, tokens, base = prepared
     config = config.model_copy(deep=True)
