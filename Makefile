@@ -1,10 +1,11 @@
-# Two commands do all set-up: `make run` (the default pipeline) and `make test` (the test suite).
+# Two commands do all set-up: `make run` (the default pipeline) and `make test` (the test suite);
+# `make test-fast` is the quick loop: the tests that start no flow, server or subprocess CLI.
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 CONFIG ?= pipeline.yaml
 
-.PHONY: setup run test lint format check clean
+.PHONY: setup run test test-fast lint format check clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +26,9 @@ check: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not e2e and not integration"
 
 lint: setup
 	$(BIN)/ruff check .

@@ -20,7 +20,7 @@ from mixtune.core.config import PipelineConfig
 from mixtune.core.disk import DiskFull
 from mixtune.core.logs import run_logger
 from mixtune.core.retry import retry_unless
-from tasks.callbacks import ProgressCallback
+from tasks.callbacks import LiveProgress, ProgressCallback
 from tasks.chat import BOS, CHATML, EOS, PAD
 from tasks.checkpoints import Seal, checkpoint_bytes, last_good_checkpoint, make_room, space_for_checkpoints
 from tasks.footprint import DiskNeed, estimate
@@ -213,7 +213,7 @@ def pretrain(model, tokenizer, table: pd.DataFrame, config: PipelineConfig, fold
         args=args,
         train_dataset=TokenDataset(table),
         data_collator=PadCollator(tokenizer.pad_token_id),
-        callbacks=[ProgressCallback("pretrain", run_logger().info), Seal()],
+        callbacks=[ProgressCallback("pretrain", run_logger().info), LiveProgress("pretrain"), Seal()],
     )
     checkpoints, aside, warn = folder / "checkpoints", folder / "set-aside", run_logger().warning
     resume = last_good_checkpoint(checkpoints, aside, warn)

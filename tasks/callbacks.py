@@ -1,5 +1,6 @@
-"""Trainer callbacks: progress lines (and the same numbers to MLflow), evaluation at the last step, the
-sampler's position in every checkpoint, the overfitting watch and the stage's peak memory."""
+"""Trainer callbacks: progress lines (and the same numbers to MLflow), the live progress bar (LiveBar, also
+used outside training), evaluation at the last step, the sampler's position in every checkpoint, the
+overfitting watch and the stage's peak memory."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 from transformers import TrainerCallback
 
 from mixtune.core.cache import file_digest
+from mixtune.core.logs import logs_above
 from tasks.guard import OverfitTracker
 
 
@@ -61,51 +63,96 @@ class ProgressCallback(TrainerCallback):
             self.sink(metrics, state.global_step)
 
 
-class LiveProgress(TrainerCallback):
-    """A progress bar while a stage trains, on a terminal only: stage k/N, step, loss, both validation losses,
-    tokens/s and time left. Not a terminal (CI, log files, a Prefect worker): nothing; the lines above stay."""
+class LiveBar:
+    """A transient progress bar with the time left, on a terminal only; elsewhere (CI, log files, a Prefect
+    worker) nothing, and the log lines carry the numbers. While it is drawn, log lines print above it."""
 
-    def __init__(self, label: str, stream=None):
-        self.label, self.stream = label, stream or sys.stderr
-        self.bar = self.task = None
-        self.shown: dict[str, float] = {}
-        self.started = self.seen = 0
+    drawn = False  # one live display at a time: a bar asked for inside another one stays silent
 
-    @property
-    def live(self) -> bool:
-        return self.stream.isatty()
+    def __init__(self, label: str, total: int, completed: int = 0, stream=None):
+        self.label, self.total, self.completed = label, total, completed
+        self.stream = stream or sys.stderr
+        self.bar = self.routing = None
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        if not self.live:
+    def __enter__(self) -> LiveBar:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        if LiveBar.drawn or not self.stream.isatty():
             return
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+        console = Console(file=self.stream)  # the terminal's width: log lines print through it while it draws
         self.bar = Progress(
             TextColumn("{task.description}"),
             BarColumn(bar_width=24),
             MofNCompleteColumn(),
             TextColumn("{task.fields[numbers]}"),
             TimeRemainingColumn(),
-            console=Console(file=self.stream, width=min(120, Console(file=self.stream).width)),
+            console=console,
             transient=True,
+            speed_estimate_period=600,  # rich's 30 s shows no time left at all once a step takes longer
         )
+        self.task = self.bar.add_task(self.label, total=self.total, completed=self.completed, numbers="")
+        self.routing = logs_above(console)
+        self.routing.__enter__()
         self.bar.start()
-        self.task = self.bar.add_task(self.label, total=state.max_steps, completed=state.global_step, numbers="")
+        LiveBar.drawn = True
+
+    def update(self, completed: int | None = None, advance: int = 0, numbers: str | None = None) -> None:
+        if self.bar is None:
+            return
+        fields = {} if numbers is None else {"numbers": numbers}
+        self.bar.update(self.task, completed=completed, advance=advance or None, **fields)
+
+    def advance(self, steps: int) -> None:
+        self.update(advance=steps)
+
+    def stop(self) -> None:
+        if self.bar is None:
+            return
+        self.bar.stop()
+        self.routing.__exit__(None, None, None)
+        self.bar = self.routing = None
+        LiveBar.drawn = False
+
+
+class LiveProgress(TrainerCallback):
+    """A LiveBar while a model trains: the label (pre-training, stage k/N), step, loss, both validation
+    losses, tokens/s and time left."""
+
+    def __init__(self, label: str, stream=None):
+        self.label, self.stream = label, stream
+        self.bar: LiveBar | None = None
+        self.shown: dict[str, float] = {}
+        self.started = self.seen = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.bar = LiveBar(self.label, state.max_steps, state.global_step, self.stream)
+        self.bar.start()
         self.started, self.seen = time.perf_counter(), state.num_input_tokens_seen
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.bar is None:
-            return
         rate = (state.num_input_tokens_seen - self.seen) / max(time.perf_counter() - self.started, 1e-9)
         self.shown["tok/s"] = rate
-        self.bar.update(self.task, completed=state.global_step, numbers=self.numbers())
+        if self.bar is not None:
+            self.bar.update(completed=state.global_step, numbers=self.numbers())
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         names = {"train_loss": "loss", "domain_val_loss": "domain val", "general_val_loss": "general val"}
         self.shown.update({names[k]: v for k, v in rename_metrics(logs or {}).items() if k in names})
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.close()
+
+    def close(self) -> None:
+        """Also called when training raised (TokenLossTrainer.train): a crashed step never reaches on_train_end,
+        and a bar left drawn would keep the terminal's log lines routed through it."""
         if self.bar is not None:
             self.bar.stop()
             self.bar = None

@@ -7,12 +7,14 @@ import logging
 import math
 import os
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.utils.checkpoint
 from transformers import PrinterCallback, Trainer, TrainingArguments
 from transformers.utils import logging as transformers_logging
 
+from tasks.callbacks import LiveProgress
 from tasks.checkpoints import CheckpointError, problem_with
 from tasks.tables import IGNORE, TokenDataset
 
@@ -136,8 +138,15 @@ def mean_token_loss_of_step(outputs, labels: torch.Tensor, num_items_in_batch=No
 
 
 @torch.no_grad()
-def mean_token_loss(model, dataset: TokenDataset, collator: PadCollator | PackCollator, batch_size: int) -> float:
+def mean_token_loss(
+    model,
+    dataset: TokenDataset,
+    collator: PadCollator | PackCollator,
+    batch_size: int,
+    on_batch: Callable[[int], None] | None = None,
+) -> float:
     """Cross-entropy averaged over every labelled token of the set: the one validation loss mixtune reports.
+    `on_batch` is told each batch's sample count (a progress bar).
 
     Averaging over tokens rather than over batches makes the number independent of batch size and order,
     so a reloaded checkpoint gives the logged value again."""
@@ -150,6 +159,8 @@ def mean_token_loss(model, dataset: TokenDataset, collator: PadCollator | PackCo
         inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items() if k not in ("labels", TOKENS)}
         total += token_loss_sum(model(**inputs).logits, batch["labels"]).item()
         count += int((batch["labels"][:, 1:] != IGNORE).sum())
+        if on_batch:
+            on_batch(len(batch["labels"]))
     model.train(was_training)
     if count == 0:  # a mean over nothing is no measurement: 0.0 here once let an untested model pass the gate
         raise ValueError(f"validation set of {len(dataset)} sample(s) holds no labelled token: no loss to report")
@@ -164,6 +175,14 @@ class TokenLossTrainer(Trainer):
         # ProgressCallback prints the same numbers as one readable line.
         self.remove_callback(PrinterCallback)
         self.general_limit = general_limit
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:  # a step that raised never reaches on_train_end: a live bar must not outlive its training
+            for callback in self.callback_handler.callbacks:
+                if isinstance(callback, LiveProgress):
+                    callback.close()
 
     def _track_num_input_tokens(self, inputs):
         if TOKENS not in inputs:

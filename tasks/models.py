@@ -10,6 +10,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mixtune.core.cache import file_digest, is_complete, mark_complete
+from tasks.callbacks import LiveBar
 from tasks.lm import PadCollator, mean_token_loss
 from tasks.records import TokenLosses
 from tasks.tables import validation_sets
@@ -37,7 +38,9 @@ def load_model(model_dir: str, base_dir: str):
 ALL_SETS = ("domain", "general", "general_eval")
 
 
-def set_losses(model_dir: str, base_dir: str, sft_path: str, batch_size: int, tags: tuple[str, ...]) -> dict:
+def set_losses(
+    model_dir: str, base_dir: str, sft_path: str, batch_size: int, tags: tuple[str, ...], label: str = "validation loss"
+) -> dict:
     """Mean token loss per validation set, for those of `tags` the run has (none: the model is not loaded)."""
     sets = validation_sets(sft_path, tags)
     if not sets:
@@ -46,11 +49,14 @@ def set_losses(model_dir: str, base_dir: str, sft_path: str, batch_size: int, ta
     if torch.cuda.is_available():
         model = model.to("cuda")
     collator = PadCollator(AutoTokenizer.from_pretrained(base_dir, trust_remote_code=False).pad_token_id)
-    return {tag: mean_token_loss(model, data, collator, batch_size) for tag, data in sets.items()}
+    with LiveBar(label, sum(len(data) for data in sets.values())) as bar:
+        return {tag: mean_token_loss(model, data, collator, batch_size, bar.advance) for tag, data in sets.items()}
 
 
-def evaluate(model_dir: str, base_dir: str, sft_path: str, batch_size: int) -> TokenLosses:
-    return TokenLosses(**set_losses(model_dir, base_dir, sft_path, batch_size, ALL_SETS))
+def evaluate(
+    model_dir: str, base_dir: str, sft_path: str, batch_size: int, label: str = "validation loss"
+) -> TokenLosses:
+    return TokenLosses(**set_losses(model_dir, base_dir, sft_path, batch_size, ALL_SETS, label))
 
 
 def standalone_model(final_dir: str, base_dir: str, folder: Path) -> str:

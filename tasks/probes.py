@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 from transformers import AutoTokenizer
 
+from tasks.callbacks import LiveBar
 from tasks.models import load_model
 
 PROBE_TOKENS = 48
@@ -40,6 +41,7 @@ def answer_probes(
     batch_size: int = 8,
     time_bound_s: float | None = None,
     max_new_tokens: int = PROBE_TOKENS,
+    label: str = "probe answers",
 ) -> list[dict]:
     """Greedy answers, a batch of prompts at a time, all within one time bound: a real model's probes once took
     minutes. An answer the bound cut short (or never began) is marked `cut`, so its file can say so."""
@@ -49,14 +51,16 @@ def answer_probes(
     model.eval()
     deadline = None if time_bound_s is None else time.monotonic() + time_bound_s
     answers = []
-    for start in range(0, len(probes), batch_size):
-        batch = probes[start : start + batch_size]
-        left = None if deadline is None else deadline - time.monotonic()
-        if left is not None and left <= 0:
-            answers += [{**probe, "answer": "", "cut": True} for probe in batch]
-            continue
-        replies = generate_answers(model, tokenizer, [probe["prompt"] for probe in batch], max_new_tokens, left)
-        answers += [{**probe, **reply} for probe, reply in zip(batch, replies)]
+    with LiveBar(label, len(probes)) as bar:
+        for start in range(0, len(probes), batch_size):
+            batch = probes[start : start + batch_size]
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                answers += [{**probe, "answer": "", "cut": True} for probe in batch]
+            else:
+                replies = generate_answers(model, tokenizer, [p["prompt"] for p in batch], max_new_tokens, left)
+                answers += [{**probe, **reply} for probe, reply in zip(batch, replies)]
+            bar.advance(len(batch))
     return answers
 
 

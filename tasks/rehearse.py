@@ -112,7 +112,12 @@ def generate(base_dir: str, prompts: list[str], settings: SelfRehearsal, output_
             run_logger().info("rehearsal: the base model answers %d prompts", len(prompts))
             asked = [{"prompt": [{"role": "user", "content": p}]} for p in prompts]
             replies = answer_probes(
-                base_dir, base_dir, asked, settings.batch_size, max_new_tokens=settings.max_new_tokens
+                base_dir,
+                base_dir,
+                asked,
+                settings.batch_size,
+                max_new_tokens=settings.max_new_tokens,
+                label="rehearsal: base model answers",
             )
             with (folder / "answers.jsonl").open("w", encoding="utf-8") as out:
                 for number, (prompt, reply) in enumerate(zip(prompts, replies), start=1):

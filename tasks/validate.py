@@ -47,8 +47,9 @@ def baseline_key(config: PipelineConfig, base_dir: str, sft_path: str, probes: l
 
 
 def measure_base(config: PipelineConfig, base_dir: str, sft_path: str, probes: list[dict], folder: Path) -> None:
-    losses = evaluate(base_dir, base_dir, sft_path, config.validation.batch_size)
-    answers = answer_probes(base_dir, base_dir, probes, config.validation.batch_size, config.validation.probe_timeout_s)
+    batch, timeout = config.validation.batch_size, config.validation.probe_timeout_s
+    losses = evaluate(base_dir, base_dir, sft_path, batch, label="baseline: validation loss")
+    answers = answer_probes(base_dir, base_dir, probes, batch, timeout, label="baseline: probe answers")
     (folder / "losses.json").write_text(losses.model_dump_json())
     (folder / "probes.md").write_text(format_probes("Base model", answers))
     mark_complete(folder)
@@ -63,7 +64,12 @@ def validate_stage(
     numbers = {f"final_{name}": value for name, value in loss_metrics(losses).items()}
     tracker.log_metrics({**numbers, "stage_tokens_per_second": trained.tokens_per_second}, step=trained.global_step)
     answers = answer_probes(
-        trained.model_dir, base_dir, probes, config.validation.batch_size, config.validation.probe_timeout_s
+        trained.model_dir,
+        base_dir,
+        probes,
+        config.validation.batch_size,
+        config.validation.probe_timeout_s,
+        label=f"stage {trained.stage}: probe answers",
     )
     text = format_probes(f"Stage {trained.stage}", answers)
     tracker.log_text(text, "probes.md")
@@ -88,7 +94,8 @@ def stage_losses(config: PipelineConfig, trained: StageTraining, sft_path: str, 
         # training evaluates the sets it guards (domain, general); the general_eval rows are measured here
         held_apart = set_losses(trained.model_dir, base_dir, sft_path, config.validation.batch_size, ("general_eval",))
         return trained.best_losses.model_copy(update=held_apart)
-    return evaluate(trained.model_dir, base_dir, sft_path, config.validation.batch_size)
+    label = f"stage {trained.stage}: validation loss"
+    return evaluate(trained.model_dir, base_dir, sft_path, config.validation.batch_size, label=label)
 
 
 @task(name="baseline", task_run_name="baseline (base model)", retries=2, retry_delay_seconds=[2, 10])
@@ -134,7 +141,12 @@ def task_metrics(config: PipelineConfig, model_dir: str, base_dir: str, sft_path
         if not rows:
             continue
         answers = answer_probes(
-            model_dir, base_dir, rows, config.validation.batch_size, max_new_tokens=source.eval.max_new_tokens
+            model_dir,
+            base_dir,
+            rows,
+            config.validation.batch_size,
+            max_new_tokens=source.eval.max_new_tokens,
+            label=f"task metrics: {source.label}",
         )
         right = sum(correct(source.eval.metric, a["answer"], a["reference"]) for a in answers)
         metrics[f"task/{metric_name(source.label)}/{source.eval.metric}"] = right / len(answers)

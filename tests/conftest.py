@@ -1,7 +1,9 @@
-"""Test environment: offline, no telemetry, Prefect state in a throwaway PREFECT_HOME, and one Prefect
-test harness (an ephemeral server, 11-19 s to start) shared by every test that runs a flow."""
+"""Test environment: offline, no telemetry, Prefect state in a throwaway PREFECT_HOME, one Prefect test
+harness (an ephemeral server, 11-19 s to start) shared by every test that runs a flow, and one cache folder
+shared by the tests that only need the tiny config's data and base model (built once, not once per test)."""
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -19,6 +21,79 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory) -> Path:
+    """Cache entries are keyed by their inputs' content (mixtune/core/cache.py), so runs of one data set,
+    tokenizer and pre-training settings can share them safely: the first test builds, the others reuse."""
+    return tmp_path_factory.mktemp("session-cache")
+
+
+def share_cache(output_dir: Path, cache: Path) -> Path:
+    """`output_dir` keeps its own MLflow database, run folders and locks; its cache/ is `cache`."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "cache").symlink_to(cache, target_is_directory=True)
+    return output_dir
+
+
+@pytest.fixture
+def shared_cache(tmp_path, session_cache) -> Path:
+    """tmp_path, with the session's cache: for a test that needs a base model, not a fresh build of one. Tests
+    of the cache itself, and tests that fake a cached stage's work, keep a cache of their own."""
+    return share_cache(tmp_path, session_cache)
+
+
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite database with its tables made. MLflow migrates every new database, seconds on
+    two cores (30-47 s each at load 25), once per test that logs a run; a copy of this opens at once."""
+    from tasks.tracking import client_for
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    client_for(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+def ready_mlflow(output_dir: Path, template: Path) -> Path:
+    """`output_dir` with a copy of the template where a run's default tracking URI looks for its database."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, output_dir / "mlflow.db")
+    (output_dir / "mlflow.db").chmod(0o600)  # as a run's own umask makes it
+    return output_dir
+
+
+@pytest.fixture
+def mlflow_db(tmp_path, mlflow_template) -> Path:
+    return ready_mlflow(tmp_path, mlflow_template)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory, session_cache):
+    """The tiny config's token tables and pre-trained base model, made by the functions the flow's tasks call,
+    in the session's cache: (tokens, base model folder)."""
+    from tasks.base_model import prepare_base, prepare_tokenizer
+    from tasks.ingest import ingest
+    from tasks.tokenize import tokenize
+
+    config = tiny_config(share_cache(tmp_path_factory.mktemp("tiny-base"), session_cache))
+    data = ingest(config)
+    tokenizer_dir = prepare_tokenizer(config, data.samples, data.key)
+    tokens = tokenize(data.samples, data.key, tokenizer_dir, config.model.max_seq_len, config.run.output_dir)
+    return tokens, prepare_base(config, tokenizer_dir, tokens.pretrain, tokens.key)
+
+
+def sft_table(config) -> str:
+    """The SFT token table a run of `config` trained on, found the way the flow keys it (all of it cached by
+    then, so this reads and builds nothing), not by globbing a cache other runs share."""
+    from tasks.base_model import prepare_tokenizer
+    from tasks.ingest import ingest
+    from tasks.tokenize import tokenize
+
+    data = ingest(config)
+    tokenizer_dir = prepare_tokenizer(config, data.samples, data.key)
+    max_len, overlong = config.model.max_seq_len, config.data.overlong
+    return tokenize(data.samples, data.key, tokenizer_dir, max_len, config.run.output_dir, overlong).sft
 
 
 def tiny_raw_config(output_dir: Path, **sections) -> dict:

@@ -310,6 +310,7 @@ def test_text_documents_by_line_or_blank_line(tmp_path):
     assert (by_block["rows_read"], by_block["accepted"], by_block["quarantined"]) == (3, 2, 1)
 
 
+@pytest.mark.integration  # starts ingest's worker processes
 def test_parallel_reading_gives_the_same_result_as_serial(tmp_path, monkeypatch):
     import tasks.ingest as ingest_module
     import tasks.readers as readers

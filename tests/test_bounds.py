@@ -128,6 +128,7 @@ def ingest_in_subprocess(path, out) -> tuple[dict, str]:
     return json.loads(report), quarantine
 
 
+@pytest.mark.integration
 def test_a_50_mb_row_is_quarantined_too_large_in_bounded_memory(tmp_path):
     rows = [ROW % (i, i) for i in range(100)]
     small, big = tmp_path / "small.jsonl", tmp_path / "big.jsonl"
@@ -253,6 +254,7 @@ def test_a_loss_over_zero_tokens_is_an_error_not_zero():
         mean_token_loss(Constant(), unlabelled, PadCollator(0), 4)
 
 
+@pytest.mark.integration
 @pytest.mark.e2e
 def test_two_runs_at_once_on_a_fresh_output_folder_build_each_cache_entry_once(tmp_path):
     import os
@@ -317,6 +319,7 @@ def test_a_deleted_or_damaged_cache_entry_is_rebuilt_not_reported_cached(prefect
     assert (next(p for p in cache.glob("ingest-*") if p.is_dir()) / COMPLETE_MARKER).is_file()
 
 
+@pytest.mark.usefixtures("mlflow_db")
 def test_runs_that_failed_while_the_server_was_down_end_failed_at_the_next_start(tmp_path):
     from tasks.tracking import client_for, leave_status, release_lock, start_parent_run
     from tests.conftest import tiny_config
@@ -333,6 +336,7 @@ def test_runs_that_failed_while_the_server_was_down_end_failed_at_the_next_start
     assert client.get_run(killed.parent_run_id).info.status == "KILLED"
 
 
+@pytest.mark.usefixtures("mlflow_db")
 def test_a_version_whose_run_did_not_finish_is_no_champion_and_no_reason_to_skip(tmp_path):
     from tasks.inputs import INPUT_HASH_TAG, input_hash, unchanged_since
     from tasks.registry import champion_version, move_alias, register_version
@@ -357,6 +361,7 @@ def test_a_version_whose_run_did_not_finish_is_no_champion_and_no_reason_to_skip
     assert unchanged_since(config, later, input_hash(config)) == earner.parent_run_id
 
 
+@pytest.mark.integration
 @pytest.mark.e2e
 def test_a_tracking_server_that_goes_down_fails_the_run_within_the_bound_with_one_message(tmp_path):
     """The server answers the two reachability checks (the CLI's and the flow's), then goes away for good."""

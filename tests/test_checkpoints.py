@@ -12,17 +12,16 @@ from safetensors.torch import load_file
 from transformers import TrainerState
 
 from tasks import callbacks, tracking
-from tasks.base_model import prepare_base, prepare_tokenizer
 from tasks.checkpoints import CheckpointError, problem_with, seal
 from tasks.gate import finished_stage
 from tasks.guard import GateDecision
-from tasks.ingest import ingest
 from tasks.lm import TokenLossTrainer
 from tasks.mix import mix_stage
 from tasks.records import StageReport, TokenLosses
-from tasks.tokenize import tokenize
 from tasks.train import train_stage
-from tests.conftest import tiny_config
+from tests.conftest import ready_mlflow, tiny_config
+
+pytestmark = pytest.mark.e2e  # every test starts from real stages trained in the module's fixture
 
 KINDS = ["model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "sampler.json"]
 
@@ -49,14 +48,11 @@ DAMAGES = {"truncate": truncate, "zero": zero, "flip": flip}
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_base, mlflow_template):
     """An uninterrupted stage, and the same stage crashed at step 5 with checkpoints at steps 2 and 4."""
-    folder = tmp_path_factory.mktemp("checkpoints")
+    folder = ready_mlflow(tmp_path_factory.mktemp("checkpoints"), mlflow_template)
     config = tiny_config(folder, schedule={"samples_per_stage": 160}, validation={"eval_steps": 2, "patience": 10})
-    data = ingest(config)
-    tokenizer_dir = prepare_tokenizer(config, data.samples, data.key)
-    tokens = tokenize(data.samples, data.key, tokenizer_dir, config.model.max_seq_len, config.run.output_dir)
-    base = prepare_base(config, tokenizer_dir, tokens.pretrain, tokens.key)
+    tokens, base = tiny_base
     sft = pd.read_parquet(tokens.sft)
     mix = mix_stage(sft[sft["split"] == "train"], 1, 0.3, 160, seed=0, manifest=str(folder / "mix.parquet"))
     stage = tracking.start_parent_run(config, "flow-straight").open_stage(1, "full")

@@ -96,6 +96,7 @@ def test_set_overrides_one_field_with_its_type(tmp_path):
         load_config(path, ["train.lr=1"])
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "mutate, expected",
     [
@@ -118,6 +119,7 @@ def test_cli_rejects_bad_config_fast_and_trains_nothing(tmp_path, mutate, expect
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.integration
 def test_cli_help_lists_every_command():
     done = subprocess.run([sys.executable, "-m", "mixtune.cli", "--help"], capture_output=True, text=True)
     assert done.returncode == 0
@@ -125,6 +127,7 @@ def test_cli_help_lists_every_command():
         assert command in done.stdout
 
 
+@pytest.mark.integration
 def test_serve_without_a_prefect_server_says_how_to_start_one(tmp_path):
     path = write_config(tmp_path, lambda raw: None)
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
@@ -139,6 +142,7 @@ def test_serve_without_a_prefect_server_says_how_to_start_one(tmp_path):
     assert done.returncode == 2 and "prefect server start" in done.stderr and "PREFECT_API_URL" in done.stderr
 
 
+@pytest.mark.integration
 def test_compare_on_an_empty_experiment_says_so(tmp_path):
     path = write_config(tmp_path, lambda raw: None)
     done = subprocess.run(

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from flows.finetune import finetune
 from mixtune.core.config import ConfigError
 from tasks.train import run_workers
-from tests.conftest import tiny_config
+from tests.conftest import ready_mlflow, share_cache, tiny_config
 
 pytestmark = pytest.mark.e2e
 # One stage of 10 steps of 16 samples (8 per process with two), a log line every step.
@@ -39,9 +39,10 @@ def curves(client: MlflowClient, run) -> dict[str, dict[int, float]]:
     }
 
 
-def test_two_processes_follow_the_single_process_curve(prefect_harness, tmp_path):
-    alone = finetune(tiny_config(tmp_path / "one", **SECTIONS))
-    pair = finetune(tiny_config(tmp_path / "two", **{**SECTIONS, "train": {**SECTIONS["train"], "devices": 2}}))
+def test_two_processes_follow_the_single_process_curve(prefect_harness, tmp_path, session_cache, mlflow_template):
+    one, two = (ready_mlflow(share_cache(tmp_path / name, session_cache), mlflow_template) for name in ("one", "two"))
+    alone = finetune(tiny_config(one, **SECTIONS))
+    pair = finetune(tiny_config(two, **{**SECTIONS, "train": {**SECTIONS["train"], "devices": 2}}))
 
     client = MlflowClient(alone.tracking_uri)
     one = curves(client, stage_run(client, alone.parent_run_id))

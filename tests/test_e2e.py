@@ -13,7 +13,7 @@ from flows.finetune import finetune
 from tasks.lm import PadCollator, mean_token_loss
 from tasks.schedule import stage_shares
 from tasks.tables import validation_sets
-from tests.conftest import tiny_config
+from tests.conftest import sft_table, tiny_config
 
 pytestmark = pytest.mark.e2e
 STEP_METRICS = {
@@ -70,7 +70,9 @@ def check_run(config, summary) -> dict[int, object]:
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
-def test_flow_runs_every_stage_and_reloads_to_the_logged_loss(prefect_harness, tmp_path, method):
+def test_flow_runs_every_stage_and_reloads_to_the_logged_loss(prefect_harness, tmp_path, request, method):
+    if method == "lora":  # full builds every cache entry itself (their permissions are checked below)
+        request.getfixturevalue("shared_cache"), request.getfixturevalue("mlflow_db")
     train = {"method": method, "learning_rate": 5e-3 if method == "lora" else 1e-3}
     config = tiny_config(tmp_path, train=train, validation={"forgetting_budget": 10.0})
     summary = finetune(config)
@@ -79,8 +81,7 @@ def test_flow_runs_every_stage_and_reloads_to_the_logged_loss(prefect_harness, t
     shared = [p for p in Path(config.run.output_dir).rglob("*") if p.stat().st_mode & 0o077]
     assert shared == [] and list(Path(config.run.output_dir).rglob("mlflow.db"))  # owner-only, database included
     final = children[summary.final_stage]
-    sft_path = next(Path(config.run.output_dir).glob("cache/tokens-*/sft.parquet"))
-    losses = reload_losses(summary.final_model, sft_path)
+    losses = reload_losses(summary.final_model, sft_table(config))
     assert losses["domain"] == pytest.approx(final.data.metrics["final_domain_val_loss"], rel=1e-5)
     assert losses["general"] == pytest.approx(final.data.metrics["final_general_val_loss"], rel=1e-5)
     kind = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
@@ -88,6 +89,7 @@ def test_flow_runs_every_stage_and_reloads_to_the_logged_loss(prefect_harness, t
     assert not list(Path(summary.final_model).glob("*.bin"))
 
 
+@pytest.mark.usefixtures("shared_cache", "mlflow_db")
 def test_second_run_reuses_ingest_and_pretraining(prefect_harness, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -108,6 +110,7 @@ def test_second_run_reuses_ingest_and_pretraining(prefect_harness, tmp_path):
     assert [name for name in states if re.search(r"-[0-9a-f]{3}$", name)] == []
 
 
+@pytest.mark.usefixtures("shared_cache", "mlflow_db")
 def test_forgetting_guard_stops_and_keeps_the_model_before_the_breach(prefect_harness, tmp_path):
     # A base with some general ability to lose: longer pre-training than the other tiny runs.
     config = tiny_config(

@@ -16,12 +16,14 @@ from tasks.models import evaluate
 from tasks.records import StageTraining
 from tasks.tokenize import tokenize
 from tasks.train import train_stage
-from tests.conftest import tiny_config
+from tests.conftest import ready_mlflow, sft_table, share_cache, tiny_config
+
+pytestmark = pytest.mark.e2e  # real training of a stage from a pre-trained base, and the flow
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("forgetting")
+def prepared(tmp_path_factory, session_cache, mlflow_template):
+    folder = ready_mlflow(share_cache(tmp_path_factory.mktemp("forgetting"), session_cache), mlflow_template)
     config = tiny_config(
         folder,
         pretrain={"epochs": 4},
@@ -68,7 +70,7 @@ def test_general_drift_past_the_budget_stops_the_stage_and_keeps_the_checkpoint_
     assert kept.general == pytest.approx(dict(curve)[guarded.best_step], rel=1e-4)
 
 
-@pytest.mark.e2e
+@pytest.mark.usefixtures("shared_cache", "mlflow_db")  # the pre-training of `prepared` above
 def test_the_flow_stops_a_stage_at_the_breach_and_keeps_the_checkpoint_before(prefect_harness, tmp_path):
     """Domain-only at a high rate drifts past a tight budget within a few evaluations, on any machine: the stage
     ends at the first evaluation past it, not at its planned last step, and keeps the checkpoint before."""
@@ -106,8 +108,3 @@ def test_the_flow_stops_a_stage_at_the_breach_and_keeps_the_checkpoint_before(pr
     assert tags["mixtune.decision"] == "stop" and f"{stage.gate.general_drift:+.1%}" in tags["mixtune.decision_reason"]
     assert summary.final_stage == 0  # a stage that breached is never the final model
     assert client.get_run(summary.parent_run_id).data.tags["mixtune.stopped_reason"] == stage.gate.reason
-
-
-def sft_table(config) -> str:
-    [path] = Path(config.run.output_dir).rglob("sft.parquet")
-    return str(path)

@@ -3,6 +3,7 @@
 import random
 
 import pandas as pd
+import pytest
 
 from tasks import lm
 from tasks.base_model import prepare_base, prepare_tokenizer
@@ -43,6 +44,7 @@ def test_long_documents_keep_their_tokens_in_blocks(tmp_path):
     assert stats["blocks"] == len(blocks) >= stats["tokens"] // config.model.max_seq_len
 
 
+@pytest.mark.e2e
 def test_max_steps_caps_pretraining(tmp_path, monkeypatch):
     config, _, tokenizer_dir, tokens = prepared(tmp_path, max_steps=3)
     steps, original = [], lm.TokenLossTrainer.training_step

@@ -15,6 +15,7 @@ PROMPTS = [
     [{"role": "user", "content": "for the"}],
 ]
 PROBES = [{"set": "domain", "prompt": prompt, "reference": "ref"} for prompt in PROMPTS]
+TOKENS = 16  # enough for answers to differ and for padding to show; generation is what these tests spend
 
 
 def tiny_model(folder):
@@ -23,7 +24,7 @@ def tiny_model(folder):
 
 
 @torch.no_grad()
-def one_by_one(folder: str, max_new_tokens: int = 48) -> list[str]:
+def one_by_one(folder: str, max_new_tokens: int = TOKENS) -> list[str]:
     """The unbatched generation probes used before: one prompt, no padding."""
     model, tokenizer = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
     answers = []
@@ -45,7 +46,7 @@ def test_batched_greedy_answers_equal_one_by_one_answers(tmp_path):
     expected = one_by_one(folder)
     assert len(set(expected)) > 1  # the prompts get different answers: padding could not hide behind sameness
     for batch_size in (2, 5):
-        answers = answer_probes(folder, folder, PROBES, batch_size=batch_size, time_bound_s=600)
+        answers = answer_probes(folder, folder, PROBES, batch_size, time_bound_s=600, max_new_tokens=TOKENS)
         assert [a["answer"] for a in answers] == expected, batch_size
         assert not any(a["cut"] for a in answers)
         assert "cut short" not in format_probes("Base model", answers)
@@ -55,7 +56,7 @@ def test_the_time_bound_cuts_answers_and_says_so(tmp_path):
     folder = tiny_model(tmp_path / "model")
     model, tokenizer = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
     # A bound of a microsecond is spent by the first forward pass: one token each, then generation stops.
-    replies = generate_answers(model, tokenizer, PROMPTS, max_new_tokens=48, max_time=1e-6)
+    replies = generate_answers(model, tokenizer, PROMPTS, max_new_tokens=TOKENS, max_time=1e-6)
     complete = one_by_one(folder)
     for reply, answer in zip(replies, complete):
         assert reply["cut"] == (reply["answer"] != answer)

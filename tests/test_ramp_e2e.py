@@ -12,6 +12,7 @@ pytestmark = pytest.mark.e2e
 BUDGET = 0.1
 
 
+@pytest.mark.usefixtures("shared_cache", "mlflow_db")
 def test_the_adaptive_ramp_chooses_each_share_from_the_stage_before_and_ends_within_the_budget(
     prefect_harness, tmp_path
 ):
@@ -43,6 +44,7 @@ def test_the_adaptive_ramp_chooses_each_share_from_the_stage_before_and_ends_wit
         drift, gain = choice.drift, choice.gain
 
 
+@pytest.mark.usefixtures("shared_cache", "mlflow_db")
 def test_a_domain_eval_is_logged_for_the_base_and_after_every_stage(prefect_harness, tmp_path):
     sources = [
         {"synthetic": "general", "samples": 800, "role": "general"},

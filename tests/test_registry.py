@@ -3,6 +3,7 @@ a challenger judged on another domain validation set becomes the first champion 
 
 import json
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from tasks import tracking
@@ -31,6 +32,7 @@ def test_two_pipelines_in_one_output_folder_get_two_registered_models(tmp_path):
     assert tiny_config(tmp_path, registry={"model_name": "shared"}).registered_model == "shared"
 
 
+@pytest.mark.usefixtures("mlflow_db")
 def test_a_challenger_for_another_domain_validation_set_gets_its_own_model(tmp_path):
     medical, legal = tiny_config(tmp_path, run={"name": "medical"}), legal_config(tmp_path)
     medical_val = domain_val_digest(sft_of(medical))

@@ -187,7 +187,7 @@ def test_answers_are_generated_once_per_model_and_prompts(tmp_path, monkeypatch)
 
 # A tiny model pre-trained for seconds answers every prompt with newlines (quarantined, all of them, as
 # empty_answer), so the end-to-end run scripts the base model's answers; generation itself is exercised above.
-def scripted_answers(model_dir, base_dir, asked, batch_size, time_bound_s=None, max_new_tokens=0):
+def scripted_answers(model_dir, base_dir, asked, batch_size, time_bound_s=None, max_new_tokens=0, label=""):
     texts = [f"A short answer about: {a['prompt'][-1]['content']}" for a in asked]
     texts[1], texts[2], texts[3] = "", "again and " * 10, texts[0]  # empty, degenerate, duplicate
     return [{**a, "answer": text, "cut": False, "ended": True} for a, text in zip(asked, texts)]

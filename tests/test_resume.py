@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import tiny_raw_config
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 STAGES = 3
 
 

@@ -14,7 +14,7 @@ from tasks.inputs import skip_if_unchanged
 from tasks.models import evaluate
 from tasks.records import ByteLosses
 from tasks.scoring import nats_per_byte, target_counts
-from tests.conftest import tiny_config
+from tests.conftest import sft_table, tiny_config
 
 FAST = {"schedule": {"stages": 2, "samples_per_stage": 80}}
 
@@ -47,6 +47,8 @@ def test_decide_first_promote_and_the_two_rejections():
     assert decide(ByteLosses(domain=1.9, general=1.0), champion, 0.1, 0.1)[0] == "reject"  # 5% < 10% required
 
 
+@pytest.mark.e2e
+@pytest.mark.usefixtures("shared_cache", "mlflow_db")
 def test_retraining_first_champion_then_skip_then_a_decision_the_alias_follows(prefect_harness, tmp_path):
     config = tiny_config(tmp_path, **FAST)
     first = finetune(config)
@@ -113,6 +115,8 @@ def test_retraining_first_champion_then_skip_then_a_decision_the_alias_follows(p
     assert "first" in text and "reject" in text and plot.stat().st_size > 10_000
 
 
+@pytest.mark.e2e
+@pytest.mark.usefixtures("shared_cache", "mlflow_db")
 def test_the_champion_loads_through_mlflow_and_generates_offline(prefect_harness, tmp_path, monkeypatch):
     import mlflow
     import mlflow.transformers
@@ -145,9 +149,12 @@ def test_the_champion_loads_through_mlflow_and_generates_offline(prefect_harness
     assert chat["generated_text"][0]["content"] == prompt
 
 
+@pytest.mark.e2e
+@pytest.mark.usefixtures("shared_cache", "mlflow_db")
 def test_nats_per_byte_is_the_token_loss_rescaled_by_the_text_it_scores(prefect_harness, tmp_path):
-    summary = finetune(tiny_config(tmp_path, schedule={"stages": 1, "samples_per_stage": 48}))
-    sft = next(tmp_path.glob("cache/tokens-*/sft.parquet"))
+    config = tiny_config(tmp_path, schedule={"stages": 1, "samples_per_stage": 48})
+    summary = finetune(config)
+    sft = sft_table(config)
     per_token, per_byte = (
         evaluate(summary.final_model, summary.final_model, str(sft), 32),
         nats_per_byte(summary.final_model, str(sft), 32),
@@ -157,6 +164,8 @@ def test_nats_per_byte_is_the_token_loss_rescaled_by_the_text_it_scores(prefect_
         assert getattr(per_byte, tag) == pytest.approx(getattr(per_token, tag) * tokens / n_bytes)
 
 
+@pytest.mark.e2e
+@pytest.mark.usefixtures("shared_cache", "mlflow_db")
 def test_a_failing_stage_ends_its_mlflow_runs_failed(prefect_harness, tmp_path, monkeypatch):
     @task(name="validate")
     def broken_validation(*args, **kwargs):

@@ -24,7 +24,7 @@ from mixtune.core.preflight import Unreachable, check_tracking_server
 from tests.conftest import tiny_config, tiny_raw_config
 from tests.servers import BIN, QUIET_ENV, free_port, launch, mlflow_server, prefect_server, stop
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 FAST = {"schedule": {"stages": 2, "samples_per_stage": 80}}
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 # A stage long enough (250 steps) to be caught mid-way: the data must be large enough that the plan's epoch

@@ -8,12 +8,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tasks import callbacks, lm, tracking
-from tasks.base_model import prepare_base, prepare_tokenizer
-from tasks.ingest import ingest
 from tasks.mix import mix_stage
-from tasks.tokenize import tokenize
 from tasks.train import train_stage
-from tests.conftest import tiny_config
+from tests.conftest import ready_mlflow, tiny_config
+
+pytestmark = pytest.mark.e2e  # real training of a stage from a pre-trained base
 
 
 class Crash(RuntimeError):
@@ -21,14 +20,10 @@ class Crash(RuntimeError):
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("stage")
+def prepared(tmp_path_factory, tiny_base, mlflow_template):
+    folder = ready_mlflow(tmp_path_factory.mktemp("stage"), mlflow_template)
     config = tiny_config(folder, schedule={"samples_per_stage": 160}, validation={"eval_steps": 4})
-    data = ingest(config)
-    tokenizer_dir = prepare_tokenizer(config, data.samples, data.key)
-    tokens = tokenize(data.samples, data.key, tokenizer_dir, config.model.max_seq_len, config.run.output_dir)
-    base = prepare_base(config, tokenizer_dir, tokens.pretrain, tokens.key)
-    return config, tokens, base
+    return config, *tiny_base
 
 
 def record_batches(monkeypatch) -> list:

@@ -12,6 +12,8 @@ from tasks.models import evaluate
 from tasks.train import train_stage
 from tests.test_train import prepared, stage_mix  # noqa: F401  (the module-scoped fixture)
 
+pytestmark = pytest.mark.e2e  # real training of a stage from a pre-trained base
+
 
 def test_validate_does_not_re_evaluate_an_unchanged_checkpoint(prepared, tmp_path, monkeypatch):  # noqa: F811
     config, tokens, base = prepared
@@ -23,7 +25,7 @@ def test_validate_does_not_re_evaluate_an_unchanged_checkpoint(prepared, tmp_pat
     assert trained.best_losses.general == pytest.approx(fresh.general, rel=1e-5)
 
     calls = []
-    monkeypatch.setattr(validate, "evaluate", lambda *args: calls.append(args) or fresh)
+    monkeypatch.setattr(validate, "evaluate", lambda *args, **_: calls.append(args) or fresh)
     assert validate.validate_stage(config, trained, tokens.sft, base, [], stage_run) == trained.best_losses
     assert calls == []
 
@@ -36,6 +38,7 @@ def test_validate_does_not_re_evaluate_an_unchanged_checkpoint(prepared, tmp_pat
     assert len(calls) == 1  # changed weights: evaluated again
 
 
+@pytest.mark.usefixtures("mlflow_db")
 def test_the_baseline_is_measured_once_per_base_model_and_validation_sets(prepared, tmp_path, monkeypatch):  # noqa: F811
     config, tokens, base = prepared
     config = config.model_copy(deep=True)
@@ -43,8 +46,8 @@ def test_the_baseline_is_measured_once_per_base_model_and_validation_sets(prepar
     probes = [{"set": "domain", "prompt": [{"role": "user", "content": "hello"}], "reference": "hi"}]
     evaluated, answered = [], []
     real_evaluate, real_answers = validate.evaluate, validate.answer_probes
-    monkeypatch.setattr(validate, "evaluate", lambda *a: evaluated.append(a) or real_evaluate(*a))
-    monkeypatch.setattr(validate, "answer_probes", lambda *a: answered.append(a) or real_answers(*a))
+    monkeypatch.setattr(validate, "evaluate", lambda *a, **k: evaluated.append(a) or real_evaluate(*a, **k))
+    monkeypatch.setattr(validate, "answer_probes", lambda *a, **k: answered.append(a) or real_answers(*a, **k))
 
     def baseline(sft_path: str, name: str):
         parent = tracking.start_parent_run(config, name)
