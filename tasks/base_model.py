@@ -145,7 +145,8 @@ def parameter_counts(config: PipelineConfig) -> tuple[int, int]:
     from the preset's shapes or model.path's config.json: nothing is loaded or allocated."""
     with torch.device("meta"):
         if config.model.path:
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config.model.path))
+            shapes = AutoConfig.from_pretrained(config.model.path, trust_remote_code=False)
+            model = AutoModelForCausalLM.from_config(shapes, trust_remote_code=False)
         else:
             model = LlamaForCausalLM(LlamaConfig(**preset_shapes(config), tie_word_embeddings=True))
     total = sum(p.numel() for p in model.parameters())

@@ -94,7 +94,8 @@ def test_a_tracking_store_that_cannot_be_written_is_said_and_its_runs_left_to_be
     monkeypatch.setattr(Path, "write_text", no_space)
     flow_run = SimpleNamespace(id="flow-store", deployment_id=None, parameters={"config": config.model_dump()})
     with caplog.at_level(logging.WARNING, logger="mixtune"):
-        flow_module.end_tracking("FAILED")(None, flow_run, None)  # must not raise
+        failed = SimpleNamespace(is_crashed=lambda: False)
+        flow_module.end_tracking("FAILED")(None, flow_run, failed)  # must not raise
     assert "could not end the MLflow runs of flow run flow-store FAILED: the tracking store is not writable" in (
         caplog.text
     )
