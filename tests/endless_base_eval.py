@@ -9,10 +9,10 @@ import tasks.models as models
 evaluate_once = models.mean_token_loss
 
 
-def endless(model, dataset, collator, batch_size):
+def endless(model, dataset, collator, batch_size, *progress):
     Path(sys.argv[1]).touch()
     while True:
-        evaluate_once(model, dataset, collator, batch_size)
+        evaluate_once(model, dataset, collator, batch_size, *progress)
 
 
 models.mean_token_loss = endless

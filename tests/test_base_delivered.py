@@ -71,6 +71,7 @@ def test_domain_only_that_breaches_at_once_registers_nothing_and_says_so(prefect
     stops at its first evaluation (step 5), before any checkpoint, and the run delivers its base model."""
     config = tiny_config(
         tmp_path,
+        run={"keep": "stages"},  # the stage's final is read below; a run that delivers the base keeps none else
         schedule={"shares": [1.0]},
         train={"learning_rate": 0.1, "warmup_ratio": 0.0},
         validation={"eval_steps": 5, "first_eval_step": 5, "forgetting_budget": 0.1, "on_forgetting": "stop"},

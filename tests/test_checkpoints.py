@@ -51,7 +51,12 @@ DAMAGES = {"truncate": truncate, "zero": zero, "flip": flip}
 def setup(tmp_path_factory, tiny_base, mlflow_template):
     """An uninterrupted stage, and the same stage crashed at step 5 with checkpoints at steps 2 and 4."""
     folder = ready_mlflow(tmp_path_factory.mktemp("checkpoints"), mlflow_template)
-    config = tiny_config(folder, schedule={"samples_per_stage": 160}, validation={"eval_steps": 2, "patience": 10})
+    config = tiny_config(
+        folder,
+        schedule={"samples_per_stage": 160},
+        train={"keep_checkpoints": 3},  # the tests damage one checkpoint and resume from the one before
+        validation={"eval_steps": 2, "patience": 10},
+    )
     tokens, base = tiny_base
     sft = pd.read_parquet(tokens.sft)
     mix = mix_stage(sft[sft["split"] == "train"], 1, 0.3, 160, seed=0, manifest=str(folder / "mix.parquet"))
