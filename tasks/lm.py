@@ -3,9 +3,11 @@ validation reports, and a transformers Trainer that evaluates with that same los
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import os
+import platform
 import warnings
 from collections.abc import Callable
 
@@ -36,6 +38,28 @@ for _name in ("transformers.trainer", "transformers.trainer_utils"):
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 # peft asks transformers 5 for the old name on every LoRA stage; nothing a user can act on.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
+MMAP_THRESHOLD = 128 * 1024
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def return_freed_buffers_to_the_system() -> None:
+    """glibc serves every size it has freed from an mmapped buffer out of its heap from then on (its mmap
+    threshold rises to that size, up to 32 MiB), and heap memory freed between live blocks stays with the
+    process: a step's activations, freed after backward, left a LoRA stage's peak RSS at 1.6x its live tensors.
+    A fixed threshold turns that rule off: buffers over 128 KiB get mappings of their own and go back to the
+    system when freed (peak RSS over the estimate, d512x8: LoRA 1.59x -> 1.21x, full 1.24x -> 1.06x; step time
+    unchanged within noise; benchmarks/train_speed.py)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    try:
+        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    except (OSError, AttributeError):  # a libc without mallopt: its own allocator's behaviour stands
+        return
+
+
+return_freed_buffers_to_the_system()
 
 
 class PadCollator:
