@@ -139,3 +139,27 @@ def tiny_hf_model(folder: Path) -> Path:
     )
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
+
+
+def finished_stage_report(folder: Path, losses, task_metrics: dict):
+    """Stage 1 of a run, finished within budget: what summary and table tests print."""
+    from tasks.guard import GateDecision
+    from tasks.records import StageReport
+
+    return StageReport(
+        stage=1,
+        target_share=0.1,
+        realised_share=0.1,
+        source_epochs={},
+        losses=losses,
+        gate=GateDecision(decision="continue", general_drift=0.01, reason="within budget"),
+        steps=10,
+        best_step=10,
+        stopped_early=False,
+        stop_reason=None,
+        tokens_per_second=1.0,
+        stage_dir=str(folder),
+        model_dir=str(folder),
+        run_id="r",
+        task_metrics=task_metrics,
+    )

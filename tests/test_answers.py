@@ -65,27 +65,11 @@ def test_task_metrics_show_in_the_stage_table_and_in_compare_only_when_present(t
     from mixtune import cli
     from mixtune.cli import format_summary
     from mixtune.compare import comparison, format_table
-    from tasks.guard import GateDecision
-    from tasks.records import RunSummary, StageReport, TokenLosses
+    from tasks.records import RunSummary, TokenLosses
+    from tests.conftest import finished_stage_report
 
     losses = TokenLosses(domain=2.0, general=1.0)
-    stage = StageReport(
-        stage=1,
-        target_share=0.1,
-        realised_share=0.1,
-        source_epochs={},
-        losses=losses,
-        gate=GateDecision(decision="continue", general_drift=0.01, reason="within budget"),
-        steps=10,
-        best_step=10,
-        stopped_early=False,
-        stop_reason=None,
-        tokens_per_second=1.0,
-        stage_dir=str(tmp_path),
-        model_dir=str(tmp_path),
-        run_id="r",
-        task_metrics={"task/gsm/exact_match": 0.25},
-    )
+    stage = finished_stage_report(tmp_path, losses, {"task/gsm/exact_match": 0.25})
     summary = RunSummary(
         parent_run_id="p",
         tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",

@@ -67,28 +67,12 @@ def test_the_check_is_off_with_no_prompts(tmp_path):
 
 def test_the_run_summary_names_a_stage_whose_answers_stop_early_and_where_drift_was_measured(tmp_path, monkeypatch):
     from mixtune import cli
-    from tasks.guard import GateDecision
-    from tasks.records import RunSummary, StageReport, TokenLosses
+    from tasks.records import RunSummary, TokenLosses
+    from tests.conftest import finished_stage_report
 
     losses = TokenLosses(domain=2.0, general=1.0, general_eval=1.5)
     said = {"gen/length_ratio": 0.2, "gen/stopped_early": 0.5, "gen/looped": 0.0, "gen/format_kept": 1.0}
-    stage = StageReport(
-        stage=1,
-        target_share=0.1,
-        realised_share=0.1,
-        source_epochs={},
-        losses=losses,
-        gate=GateDecision(decision="continue", general_drift=0.01, reason="within budget"),
-        steps=10,
-        best_step=10,
-        stopped_early=False,
-        stop_reason=None,
-        tokens_per_second=1.0,
-        stage_dir=str(tmp_path),
-        model_dir=str(tmp_path),
-        run_id="r",
-        task_metrics=said,
-    )
+    stage = finished_stage_report(tmp_path, losses, said)
     summary = RunSummary(
         parent_run_id="p", tracking_uri="sqlite://", experiment="mixtune", baseline=losses, stages=[stage]
     )
