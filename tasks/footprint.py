@@ -4,12 +4,12 @@ master weights, bf16 or not); AdamW's state is two fp32 moments per trained para
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from pydantic import BaseModel
 
 from mixtune.core.config import PipelineConfig
+from mixtune.core.disk import free_bytes
 from mixtune.core.logs import run_logger
 from mixtune.core.paths import default_tracking_uri, tracking_uri
 from tasks.retention import human
@@ -59,16 +59,8 @@ def estimate(config: PipelineConfig, parameters: int, trained: int, pretrains: b
     return DiskNeed(folder=config.run.output_dir, parts=parts)
 
 
-def existing_parent(folder: Path) -> Path:
-    """The folder, or its nearest existing parent: a first run's output folder is not made yet."""
-    folder = folder.resolve()
-    while not folder.exists():
-        folder = folder.parent
-    return folder
-
-
 def require_free_space(need: DiskNeed) -> None:
-    free = shutil.disk_usage(existing_parent(Path(need.folder))).free
+    free = free_bytes(Path(need.folder))  # a first run's output folder is not made yet: its nearest parent
     if free < need.total:
         raise DiskSpaceError(
             f"not enough free disk for this run: it needs {need.text()}, and {human(free)} is free there. Free "
