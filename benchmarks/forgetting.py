@@ -348,71 +348,81 @@ def timed(runner: Runner, args: list[str], log: Path) -> float:
 # --- reading the results (MLflow) ---------------------------------------------------------------------------
 
 
-def parent_run(client, experiment: str, name: str):
+def experiment_at(out: Path, experiment: str):
+    """The benchmark's MLflow experiment `experiment`, read through the tracking seam (tasks/tracking)."""
+    from tasks.tracking import find_experiment
+
+    found = find_experiment(tracking_uri(out), experiment)
+    if found is None:
+        raise RuntimeError(f"no MLflow experiment {experiment} in {tracking_uri(out)}")
+    return found
+
+
+def parent_run(experiment, name: str):
     """The newest pipeline run of `name` in the experiment."""
-    found = client.get_experiment_by_name(experiment)
-    runs = client.search_runs(
-        [found.experiment_id],
-        filter_string=f"tags.`mixtune.kind` = 'pipeline' and tags.`mixtune.run_name` = '{name}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    if not runs:
-        raise RuntimeError(f"no MLflow run named {name} in experiment {experiment}")
-    return runs[0]
+    run = experiment.named_pipeline_run(name)
+    if run is None:
+        raise RuntimeError(f"no MLflow run named {name} in experiment {experiment.experiment_id}")
+    return run
 
 
-def final_model_dir(client, experiment: str, name: str) -> str:
+def final_model_dir(experiment, name: str) -> str:
     """The folder of a run's delivered model (HF-loadable: stage-N/final)."""
     from mixtune.core.paths import stage_dir
+    from tasks.mlflow_names import Tag
 
-    tags = parent_run(client, experiment, name).data.tags
-    stage = int(tags["mixtune.final_stage"])
+    tags = parent_run(experiment, name).data.tags
+    stage = int(tags[Tag.FINAL_STAGE])
     if stage == 0:
         raise RuntimeError(f"run {name} delivered its own base model: no stage passed its gate")
-    return str(stage_dir(tags["mixtune.run_folder"], stage) / "final")
+    return str(stage_dir(tags[Tag.RUN_FOLDER], stage) / "final")
 
 
-def arm_record(client, experiment: str, name: str, wall_s: float) -> dict:
-    """Everything the table needs from one arm's MLflow runs: base and final losses (general_eval's too), task
-    and generation-check metrics (parent run), and per stage its share, samples and steps (stage runs; steps:
-    the step `general_drift` is logged at, the stage's last)."""
-    run = parent_run(client, experiment, name)
-    metrics = run.data.metrics
-    tasks = sorted(k.removeprefix("final_task/") for k in metrics if k.startswith("final_task/"))
-    base_tasks = {}
-    for task in tasks:
-        history = client.get_metric_history(run.info.run_id, f"task/{task}")
-        base_tasks[task] = next((m.value for m in history if m.step == 0), None)
+def stage_rows(experiment, parent_run_id: str) -> list[dict]:
+    """Per stage: its share, samples and steps (the step `general_drift` is logged at, the stage's last)."""
+    from tasks.mlflow_names import Metric, Tag
+
     stages = []
-    children = client.search_runs(
-        [run.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{run.info.run_id}'"
-    )
-    for child in sorted(children, key=lambda r: int(r.data.params["stage"])):
-        drift = client.get_metric_history(child.info.run_id, "general_drift")
+    for child in sorted(experiment.stage_runs(parent_run_id), key=lambda r: int(r.data.params["stage"])):
+        drift = experiment.curves(child.info.run_id, [Metric.GENERAL_DRIFT])[Metric.GENERAL_DRIFT]
         stages.append(
             {
                 "stage": int(child.data.params["stage"]),
                 "target": float(child.data.params["target_domain_share"]),
                 "realised": float(child.data.params["realised_domain_share"]),
                 "samples": int(child.data.params["samples"]),
-                "steps": max((m.step for m in drift), default=0),
-                "decision": child.data.tags.get("mixtune.decision", ""),
+                "steps": max((step for step, _ in drift), default=0),
+                "decision": child.data.tags.get(Tag.DECISION, ""),
             }
         )
+    return stages
+
+
+def arm_record(experiment, name: str, wall_s: float) -> dict:
+    """Everything the table needs from one arm's MLflow runs: base and final losses (general_eval's too), task
+    and generation-check metrics (parent run), and per stage its share, samples and steps (stage runs)."""
+    from tasks.mlflow_names import BASE, FINAL, TASK, Tag, val_loss
+
+    run = parent_run(experiment, name)
+    metrics = run.data.metrics
+    tasks = sorted(k.removeprefix(FINAL + TASK) for k in metrics if k.startswith(FINAL + TASK))
+    base_tasks = {}
+    for task in tasks:
+        history = experiment.curves(run.info.run_id, [TASK + task])[TASK + task]
+        base_tasks[task] = next((value for step, value in history if step == 0), None)
     sets = ("domain", "general", "general_eval")
     return {
         "arm": name,
         "seed": None,
-        "method": run.data.tags.get("mixtune.method", ""),
+        "method": run.data.tags.get(Tag.METHOD, ""),
         "run_id": run.info.run_id,
-        "base": {tag: metrics.get(f"base_{tag}_val_loss") for tag in sets},
-        "final": {tag: metrics.get(f"final_{tag}_val_loss") for tag in sets},
+        "base": {split: metrics.get(BASE + val_loss(split)) for split in sets},
+        "final": {split: metrics.get(FINAL + val_loss(split)) for split in sets},
         "base_tasks": base_tasks,
-        "final_tasks": {t: metrics[f"final_task/{t}"] for t in tasks},
+        "final_tasks": {t: metrics[FINAL + TASK + t] for t in tasks},
         "said": {k.removeprefix("final_gen/"): v for k, v in metrics.items() if k.startswith("final_gen/")},
-        "final_stage": int(run.data.tags.get("mixtune.final_stage", 0)),
-        "stages": stages,
+        "final_stage": int(run.data.tags.get(Tag.FINAL_STAGE, 0)),
+        "stages": stage_rows(experiment, run.info.run_id),
         "wall_s": wall_s,
     }
 
@@ -618,9 +628,7 @@ def make_base(config: PipelineConfig, samples: int, out: Path, runner: Runner) -
     path = write_config(base_config(config, samples, out), out / "configs" / "base-general.yaml")
     print(f"base: mixtune {' '.join(run_command(path))}", flush=True)
     seconds = timed(runner, run_command(path), out / "logs" / "base-general.log")
-    from tasks.tracking import client_for
-
-    folder = final_model_dir(client_for(tracking_uri(out)), BASE_EXPERIMENT, "base-general")
+    folder = final_model_dir(experiment_at(out, BASE_EXPERIMENT), "base-general")
     print(f"base: {folder} ({seconds:.0f} s)", flush=True)
     return folder, seconds
 
@@ -639,8 +647,6 @@ class Bench:
 
     def run(self, config: PipelineConfig, arm: Arm, setting: Setting) -> dict | None:
         """One arm at one setting: its record, or None (and the reason in `failed`) when it could not run."""
-        from tasks.tracking import client_for
-
         name = setting.name(arm.name)
         raw = arm_config(config, arm, self.base, self.scratch_base, self.out, setting)
         path = write_config(raw, self.out / "configs" / setting.domain / f"{name}.yaml")
@@ -652,7 +658,7 @@ class Bench:
             print(f"{name}: failed: {self.failed[name]}", flush=True)
             return None
         print(f"{name}: {self.walls[name]:.0f} s", flush=True)
-        record = arm_record(client_for(tracking_uri(self.out)), setting.experiment, name, self.walls[name])
+        record = arm_record(experiment_at(self.out, setting.experiment), name, self.walls[name])
         return {**record, "arm": arm.name, "seed": setting.seed}
 
 

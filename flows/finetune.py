@@ -39,16 +39,8 @@ from tasks.report import publish_task
 from tasks.retention import release_stage_task
 from tasks.schedule import advance, first_cursor
 from tasks.tokenize import tokenize_task
-from tasks.tracking import (
-    Tracker,
-    end_run_task,
-    end_runs_of_flow_run,
-    leave_status,
-    open_experiment_task,
-    open_stage_task,
-    source_tags,
-    start_tracking_task,
-)
+from tasks.tracking import Tracker, end_runs_of_flow_run, leave_status, source_tags
+from tasks.tracking_tasks import end_run_task, open_experiment_task, open_stage_task, start_tracking_task
 from tasks.train import train_task
 from tasks.validate import baseline_task, task_metrics_task, validate_task
 

@@ -412,14 +412,10 @@ def format_verdict(verdict) -> str:
     return "\n".join(lines)
 
 
-def runs_page(uri: str, experiment: str) -> str:
-    from tasks.tracking import client_for, runs_page
-
-    return runs_page(uri, client_for(uri).get_experiment_by_name(experiment).experiment_id)
-
-
 def open_ui_lines(uri: str, experiment: str) -> list[str]:
     """The MLflow UI opens on GenAI traces; the URL goes straight to this experiment's runs."""
+    from tasks.tracking import runs_page
+
     lines = [f"MLflow runs: {runs_page(uri, experiment)}"]
     if not uri.startswith(("http://", "https://")):
         lines.append(f"  (start the UI first: {mlflow_command()} ui --backend-store-uri {uri} --workers 1)")

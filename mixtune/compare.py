@@ -10,18 +10,22 @@ from pathlib import Path
 import pandas as pd
 
 from tasks import tracking
+from tasks.mlflow_names import FINAL, TASK, Metric, MlflowTag, Tag
 from tasks.plots import plt, save  # tasks.plots selects the Agg backend before pyplot loads
 
 COLUMNS = {
-    "tags.mlflow.runName": "run",
+    f"tags.{MlflowTag.RUN_NAME}": "run",
     "status": "status",
-    "tags.mixtune.method": "method",
-    "tags.mixtune.schedule": "schedule",
-    "metrics.final_domain_val_loss": "domain val",
-    "metrics.final_general_val_loss": "general val",
-    "metrics.tokens_per_second": "tokens/s",
-    "tags.mixtune.verdict": "decision",
+    f"tags.{Tag.METHOD}": "method",
+    f"tags.{Tag.SCHEDULE}": "schedule",
+    f"metrics.{Metric.FINAL_DOMAIN_VAL_LOSS}": "domain val",
+    f"metrics.{Metric.FINAL_GENERAL_VAL_LOSS}": "general val",
+    f"metrics.{Metric.TOKENS_PER_SECOND}": "tokens/s",
+    f"tags.{Tag.VERDICT}": "decision",
 }
+BASE_DOMAIN, BASE_GENERAL = f"metrics.{Metric.BASE_DOMAIN_VAL_LOSS}", f"metrics.{Metric.BASE_GENERAL_VAL_LOSS}"
+REGISTERED_MODEL = f"tags.{Tag.REGISTERED_MODEL}"
+FINAL_TASK = f"metrics.{FINAL}{TASK}"
 
 
 def pipeline_runs(uri: str, experiment: str) -> pd.DataFrame:
@@ -42,9 +46,9 @@ def pipeline_runs(uri: str, experiment: str) -> pd.DataFrame:
     )
     for column in [
         *COLUMNS,
-        "metrics.base_domain_val_loss",
-        "metrics.base_general_val_loss",
-        "tags.mixtune.registered_model",
+        BASE_DOMAIN,
+        BASE_GENERAL,
+        REGISTERED_MODEL,
         "params.validation.forgetting_budget",
     ]:
         if column not in runs:
@@ -53,7 +57,7 @@ def pipeline_runs(uri: str, experiment: str) -> pd.DataFrame:
 
 
 def champion_runs(uri: str, runs: pd.DataFrame, alias: str) -> set[str]:
-    names = runs["tags.mixtune.registered_model"].dropna().unique()
+    names = runs[REGISTERED_MODEL].dropna().unique()
     return {run_id for name in names if (run_id := tracking.alias_run_id(uri, name, alias))}
 
 
@@ -61,12 +65,12 @@ def comparison(runs: pd.DataFrame, champions: set[str]) -> pd.DataFrame:
     """One row per pipeline run: what it trained, where it ended, and how far it moved from its base model."""
     table = runs[list(COLUMNS)].rename(columns=COLUMNS)
     table["run"] = distinct_names(table["run"].fillna("-").astype(str).tolist(), runs["run_id"].tolist())
-    domain_base = pd.to_numeric(runs["metrics.base_domain_val_loss"], errors="coerce")
-    general_base = pd.to_numeric(runs["metrics.base_general_val_loss"], errors="coerce")
+    domain_base = pd.to_numeric(runs[BASE_DOMAIN], errors="coerce")
+    general_base = pd.to_numeric(runs[BASE_GENERAL], errors="coerce")
     table["domain gain"] = (domain_base - table["domain val"]) / domain_base
     table["general drift"] = (table["general val"] - general_base) / general_base
-    for column in sorted(c for c in runs if c.startswith("metrics.final_task/")):  # only runs with an eval
-        table[column.removeprefix("metrics.final_task/")] = pd.to_numeric(runs[column], errors="coerce")
+    for column in sorted(c for c in runs if c.startswith(FINAL_TASK)):  # only runs with an eval
+        table[column.removeprefix(FINAL_TASK)] = pd.to_numeric(runs[column], errors="coerce")
     table["champion"] = ["*" if run_id in champions else "" for run_id in runs["run_id"]]
     table["run_id"] = runs["run_id"]
     return table.reset_index(drop=True)
@@ -86,17 +90,18 @@ def stage_paths(uri: str, runs: pd.DataFrame) -> dict[str, list[tuple[float, flo
     """Per run, (general drift, domain gain) after each stage: where a run went, not only where it ended; a
     stage the gate refused (past the forgetting budget) shows here though the run's final model is earlier."""
     paths = {}
-    for _, run in runs.dropna(subset=["metrics.base_domain_val_loss", "metrics.base_general_val_loss"]).iterrows():
-        curves = tracking.metric_curves(uri, run["run_id"], ["stage_domain_val_loss", "stage_general_val_loss"])
+    domain, general = Metric.STAGE_DOMAIN_VAL_LOSS, Metric.STAGE_GENERAL_VAL_LOSS
+    for _, run in runs.dropna(subset=[BASE_DOMAIN, BASE_GENERAL]).iterrows():
+        curves = tracking.metric_curves(uri, run["run_id"], [domain, general])
         history = {name: dict(points) for name, points in curves.items()}
-        domain_base, general_base = run["metrics.base_domain_val_loss"], run["metrics.base_general_val_loss"]
+        domain_base, general_base = run[BASE_DOMAIN], run[BASE_GENERAL]
         paths[run["run_id"]] = [(0.0, 0.0)] + [
             (
-                (history["stage_general_val_loss"][step] - general_base) / general_base,
-                (domain_base - domain) / domain_base,
+                (history[general][step] - general_base) / general_base,
+                (domain_base - loss) / domain_base,
             )
-            for step, domain in sorted(history["stage_domain_val_loss"].items())
-            if step in history["stage_general_val_loss"]
+            for step, loss in sorted(history[domain].items())
+            if step in history[general]
         ]
     return paths
 

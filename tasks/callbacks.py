@@ -17,6 +17,7 @@ from transformers import TrainerCallback
 from mixtune.core.cache import file_digest
 from mixtune.core.logs import logs_above
 from tasks.guard import OverfitTracker
+from tasks.mlflow_names import Metric
 
 
 class ProgressCallback(TrainerCallback):
@@ -51,9 +52,9 @@ class ProgressCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         metrics = rename_metrics(logs or {})
-        if "train_loss" in metrics:
+        if Metric.TRAIN_LOSS in metrics:
             seen = state.num_input_tokens_seen
-            metrics["tokens_per_second"] = (seen - self.window_tokens) / max(self.window_seconds, 1e-9)
+            metrics[Metric.TOKENS_PER_SECOND] = (seen - self.window_tokens) / max(self.window_seconds, 1e-9)
             self.window_tokens, self.window_seconds = seen, 0.0
         if not metrics:
             return
@@ -144,7 +145,7 @@ class LiveProgress(TrainerCallback):
             self.bar.update(completed=state.global_step, numbers=self.numbers())
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        names = {"train_loss": "loss", "domain_val_loss": "domain val", "general_val_loss": "general val"}
+        names = {Metric.TRAIN_LOSS: "loss", Metric.DOMAIN_VAL_LOSS: "domain val", Metric.GENERAL_VAL_LOSS: "general val"}
         self.shown.update({names[k]: v for k, v in rename_metrics(logs or {}).items() if k in names})
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -163,20 +164,20 @@ class LiveProgress(TrainerCallback):
 
 # On screen, where a Prefect log line's prefix already takes half of 120 columns; MLflow keeps the long names.
 SHORT_NAMES = {
-    "train_loss": "loss",
+    Metric.TRAIN_LOSS: "loss",
     "learning_rate": "lr",
     "grad_norm": "grad",
-    "tokens_per_second": "tok/s",
-    "domain_val_loss": "domain val",
-    "general_val_loss": "general val",
+    Metric.TOKENS_PER_SECOND: "tok/s",
+    Metric.DOMAIN_VAL_LOSS: "domain val",
+    Metric.GENERAL_VAL_LOSS: "general val",
 }
 
-METRIC_NAMES = {
-    "loss": "train_loss",
+METRIC_NAMES = {  # Trainer's log names -> MLflow's
+    "loss": Metric.TRAIN_LOSS,
     "learning_rate": "learning_rate",
     "grad_norm": "grad_norm",
-    "eval_domain_loss": "domain_val_loss",
-    "eval_general_loss": "general_val_loss",
+    "eval_domain_loss": Metric.DOMAIN_VAL_LOSS,
+    "eval_general_loss": Metric.GENERAL_VAL_LOSS,
     "eval_loss": "val_loss",
 }
 

@@ -10,9 +10,10 @@ from prefect import task
 
 from mixtune.core.config import PipelineConfig
 from mixtune.core.logs import run_logger
+from tasks.mlflow_names import MlflowTag, Tag
 from tasks.models import is_adapter, standalone_model
 from tasks.records import ByteLosses, Decision, TokenLosses, Verdict
-from tasks.registry import alias_lock, champion_version, fetch_version, model_for, move_alias, register_version
+from tasks.registry import alias_lock, champion_version, fetch_version, model_for, register_version
 from tasks.scoring import nats_per_byte, per_byte
 from tasks.tables import domain_val_digest
 from tasks.tracking import Tracker
@@ -39,9 +40,9 @@ def version_description(tracker: Tracker, decision: Decision, reason: str, chall
     """What tells versions apart in the registry: which run, how it trained, on what data, and why it won or lost."""
     tags = tracker.tags()
     return (
-        f"{tags.get('mlflow.runName', tracker.parent_run_id)}: {tags.get('mixtune.method', '?')} SFT, "
-        f"schedule {tags.get('mixtune.schedule') or '-'} (final stage {tags.get('mixtune.final_stage', '?')}), "
-        f"inputs {tags.get('mixtune.input_hash', '?')[:12]}. Decision {decision}: {reason}. "
+        f"{tags.get(MlflowTag.RUN_NAME, tracker.parent_run_id)}: {tags.get(Tag.METHOD, '?')} SFT, "
+        f"schedule {tags.get(Tag.SCHEDULE) or '-'} (final stage {tags.get(Tag.FINAL_STAGE, '?')}), "
+        f"inputs {tags.get(Tag.INPUT_HASH, '?')[:12]}. Decision {decision}: {reason}. "
         f"Challenger nats/byte: domain {challenger.domain:.4f}, general {challenger.general:.4f}."
     )
 
@@ -84,12 +85,12 @@ def challenge(
         challenger_dir,
         artifact_path,
         {
-            "decision": decision,
-            "challenger_domain": challenger.domain,
-            "challenger_general": challenger.general,
-            "run_name": tracker.tags().get("mlflow.runName", ""),
-            "prefect_flow_run_url": tracker.tags().get("mixtune.prefect_flow_run_url", ""),
-            "domain_val_digest": domain_val,
+            Tag.DECISION: decision,
+            Tag.CHALLENGER_DOMAIN: challenger.domain,
+            Tag.CHALLENGER_GENERAL: challenger.general,
+            Tag.RUN_NAME: tracker.tags().get(MlflowTag.RUN_NAME, ""),
+            Tag.PREFECT_FLOW_RUN_URL: tracker.tags().get(Tag.PREFECT_FLOW_RUN_URL, ""),
+            Tag.DOMAIN_VAL_DIGEST: domain_val,
         },
         version_description(tracker, decision, reason, challenger),
     )
@@ -123,7 +124,7 @@ def crown(config: PipelineConfig, tracker: Tracker, verdict: Verdict) -> bool:
             )
             return False
         if verdict.decision in ("first", "promote"):
-            move_alias(tracker, verdict.model_name, verdict.alias, verdict.version)
+            tracker.move_alias(verdict.model_name, verdict.alias, verdict.version)
     record_verdict(tracker, verdict)
     return True
 

@@ -14,18 +14,11 @@ from mixtune.core.cache import Entry, fingerprint, last_used, remove_entry
 from mixtune.core.config import PipelineConfig
 from mixtune.core.logs import run_logger
 from mixtune.core.paths import tracking_uri
+from tasks.mlflow_names import Tag
 from tasks.records import DiskUse, RunSummary
 from tasks.registry import champion_version
 from tasks.retention import folder_size, human, keep_after_run
-from tasks.tracking import (
-    ABANDONED_TAG,
-    KILLED,
-    RUN_FOLDER_TAG,
-    RUNNING,
-    Experiment,
-    client_for,
-    pipeline_runs,
-)
+from tasks.tracking import KILLED, RUNNING, pipeline_runs, registry_at
 
 
 class PastRun(BaseModel):
@@ -81,7 +74,7 @@ def past_runs(config: PipelineConfig) -> list[PastRun]:
     home = (Path(config.run.output_dir) / config.run.name).resolve()
     found = []
     for run in pipeline_runs(tracking_uri(config), config.tracking.experiment):
-        folder = run.data.tags.get(RUN_FOLDER_TAG)
+        folder = run.data.tags.get(Tag.RUN_FOLDER)
         if folder and Path(folder).resolve().parent == home:
             found.append(
                 PastRun(
@@ -89,7 +82,7 @@ def past_runs(config: PipelineConfig) -> list[PastRun]:
                     folder=folder,
                     status=run.info.status,
                     started=run.info.start_time / 1000,
-                    abandoned=run.data.tags.get(ABANDONED_TAG) == "true",
+                    abandoned=run.data.tags.get(Tag.ABANDONED) == "true",
                 )
             )
     return found
@@ -98,11 +91,9 @@ def past_runs(config: PipelineConfig) -> list[PastRun]:
 def champions(config: PipelineConfig) -> list:
     """The versions that hold the alias in the pipeline's registered models (the base name, and the
     `<name>-<digest>` ones a changed validation set makes)."""
-    client = client_for(tracking_uri(config))
-    experiment = Experiment(uri=client.tracking_uri, experiment_id="")
-    name = config.registered_model
-    models = client.search_registered_models(filter_string=f"name LIKE '{name}%'")
-    holders = [champion_version(experiment, m.name, config.registry.alias) for m in models]
+    registry = registry_at(tracking_uri(config))
+    names = registry.model_names(config.registered_model)
+    holders = [champion_version(registry, name, config.registry.alias) for name in names]
     return [v for v in holders if v is not None]
 
 

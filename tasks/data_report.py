@@ -6,7 +6,6 @@ digest is the source's content hash."""
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 from prefect import task
@@ -134,19 +133,11 @@ def histogram(rows: list[dict], path: Path) -> Path:
 
 def log_datasets(tracker: Tracker, rows: list[dict]) -> None:
     """Each source as an MLflow dataset input: its digest is the content hash the ingest cache keys on."""
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
-    from mlflow.entities import DatasetInput, InputTag
-
-    inputs = []
-    for row in rows:
-        with warnings.catch_warnings():  # MLflow registers the local-file source twice and says so each time
-            warnings.simplefilter("ignore", UserWarning)
-            location = resolve_dataset_source(row["file"])
-        digest = row.get("sha256") or file_digest(row["file"])
-        dataset = MetaDataset(location, name=Path(row["source"]).name, digest=digest[:36])
-        inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", row["role"])]))
-    tracker.log_inputs(inputs)
+    sources = [
+        (row["file"], Path(row["source"]).name, row.get("sha256") or file_digest(row["file"]), row["role"])
+        for row in rows
+    ]
+    tracker.log_datasets(sources)
 
 
 def publish(config: PipelineConfig, tracker: Tracker, data: IngestResult, tokens: TokenizedData) -> tuple[str, Path]:

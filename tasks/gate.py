@@ -13,6 +13,7 @@ from mixtune.core.logs import run_logger
 from tasks import artifacts
 from tasks.checkpoints import problem_with
 from tasks.guard import GateDecision, ShareCursor, gate
+from tasks.mlflow_names import Metric, Tag
 from tasks.models import is_adapter
 from tasks.plots import COLOURS, loss_plot, stage_curves
 from tasks.records import ShareChoice, StageMix, StageReport, StageTraining, TokenLosses
@@ -96,7 +97,7 @@ def record_share_choice(choice: ShareChoice, stage: int, step: int, tracker: Tra
     if choice.room is not None:
         numbers["ramp/room"] = choice.room
     tracker.log_metrics(numbers, step=step)
-    tracker.set_tags({"mixtune.next_share": f"{choice.share:.4f}", "mixtune.next_share_reason": choice.reason})
+    tracker.set_tags({Tag.NEXT_SHARE: f"{choice.share:.4f}", Tag.NEXT_SHARE_REASON: choice.reason})
     run_logger().info("stage %d adaptive ramp: next share %.3f (%s)", stage, choice.share, choice.reason)
 
 
@@ -109,12 +110,12 @@ def record_gate(
         [curves], baseline.model_dump(), config.validation.forgetting_budget, Path(report.stage_dir) / "loss_curves.png"
     )
     tracker.log_artifacts(plot)
-    drifts = {"general_drift": report.gate.general_drift}
+    drifts = {Metric.GENERAL_DRIFT: report.gate.general_drift}
     if report.losses.general_eval is not None:  # both, named: the split's drift, and the held-apart rows' one
-        drifts["general_split_drift"] = report.losses.general / baseline.general - 1
-        drifts["general_eval_drift"] = report.losses.general_eval / baseline.general_eval - 1
+        drifts[Metric.GENERAL_SPLIT_DRIFT] = report.losses.general / baseline.general - 1
+        drifts[Metric.GENERAL_EVAL_DRIFT] = report.losses.general_eval / baseline.general_eval - 1
     tracker.log_metrics(drifts, step=report.steps)
-    tracker.set_tags({"mixtune.decision": report.gate.decision, "mixtune.decision_reason": report.gate.reason})
+    tracker.set_tags({Tag.DECISION: report.gate.decision, Tag.DECISION_REASON: report.gate.reason})
     if report.next_share is not None:
         record_share_choice(report.next_share, report.stage, report.steps, tracker)
     tracker.log_artifacts(mix.manifest, "mix")

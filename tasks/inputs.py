@@ -12,14 +12,12 @@ from mixtune.core.config import PipelineConfig
 from mixtune.core.logs import run_logger
 from tasks import artifacts
 from tasks.keys import ingest_key, rehearsal_inputs
+from tasks.mlflow_names import Metric, Tag
 from tasks.records import Verdict
 from tasks.registry import champion_version
-from tasks.tracking import INPUT_HASH_TAG, Experiment, Tracker, open_experiment
-from tasks.verdicts import VERDICT_TAG, verdict_markdown
+from tasks.tracking import Experiment, Tracker, open_experiment
+from tasks.verdicts import verdict_markdown
 
-MODEL_TAG = "mixtune.registered_model"
-SKIP_METRIC = "no_new_data_ticks"
-LAST_SKIP_TAG = "mixtune.last_skip_flow_run"
 # A run whose every stage breached the gate still counts: the same seeded inputs would breach the same way.
 UNTRAINED_AGAIN = (
     "no stage passed the forgetting gate and these inputs would train the same way again; change the data or "
@@ -42,19 +40,7 @@ def input_hash(config: PipelineConfig) -> str:
 
 def input_tags(config: PipelineConfig, digest: str) -> dict[str, str]:
     """Set on every training run's parent: what the next tick compares its inputs with."""
-    return {INPUT_HASH_TAG: digest, MODEL_TAG: config.registered_model}
-
-
-def last_trained(experiment: Experiment, model_name: str):
-    """The newest run of this registered model that finished and trained (older skips were runs of their own)."""
-    runs = experiment.client.search_runs(
-        [experiment.experiment_id],
-        filter_string=f"tags.`{MODEL_TAG}` = '{model_name}' and attributes.status = 'FINISHED' "
-        f"and tags.`{VERDICT_TAG}` != 'skip'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    return runs[0] if runs else None
+    return {Tag.INPUT_HASH: digest, Tag.REGISTERED_MODEL: config.registered_model}
 
 
 def unchanged_since(config: PipelineConfig, experiment: Experiment, digest: str) -> str | None:
@@ -65,14 +51,14 @@ def unchanged_since(config: PipelineConfig, experiment: Experiment, digest: str)
         return None
     holder = champion_version(experiment, config.registered_model, config.registry.alias)
     candidates = [
-        last_trained(experiment, config.registered_model),
-        experiment.client.get_run(holder.run_id) if holder else None,
+        experiment.last_trained_run(config.registered_model),
+        experiment.run(holder.run_id) if holder else None,
     ]
     return next(
         (
             run.info.run_id
             for run in candidates
-            if run and run.info.status == "FINISHED" and run.data.tags.get(INPUT_HASH_TAG) == digest
+            if run and run.info.status == "FINISHED" and run.data.tags.get(Tag.INPUT_HASH) == digest
         ),
         None,
     )
@@ -81,7 +67,7 @@ def unchanged_since(config: PipelineConfig, experiment: Experiment, digest: str)
 def skip(config: PipelineConfig, experiment: Experiment, previous_run: str) -> Verdict:
     holder = champion_version(experiment, config.registered_model, config.registry.alias)
     reason = f"no new data: the inputs hash as those of run {previous_run}"
-    if experiment.client.get_run(previous_run).data.tags.get(VERDICT_TAG) == "no_trained_model":
+    if experiment.run(previous_run).data.tags.get(Tag.VERDICT) == "no_trained_model":
         reason += f"; that run delivered its base model: {UNTRAINED_AGAIN}"
     return Verdict(
         decision="skip",
@@ -98,9 +84,9 @@ def record_skip(experiment: Experiment, verdict: Verdict, flow_run_id: str | Non
     inputs it matched counts it, as the `no_new_data_ticks` metric (one point per tick, timestamped) and the
     last tick's tags. Returns the tick count."""
     matched = Tracker(uri=experiment.uri, experiment_id=experiment.experiment_id, parent_run_id=verdict.previous_run)
-    ticks = len(experiment.client.get_metric_history(matched.run_id, SKIP_METRIC)) + 1
-    matched.log_metrics({SKIP_METRIC: ticks}, step=ticks)
-    matched.set_tags({LAST_SKIP_TAG: flow_run_id or "mixtune run (no Prefect flow run)"})
+    ticks = len(matched.metric_curves([Metric.NO_NEW_DATA_TICKS])[Metric.NO_NEW_DATA_TICKS]) + 1
+    matched.log_metrics({Metric.NO_NEW_DATA_TICKS: ticks}, step=ticks)
+    matched.set_tags({Tag.LAST_SKIP: flow_run_id or "mixtune run (no Prefect flow run)"})
     run_logger().info("retraining: skip (%s); tick %d recorded on run %s", verdict.reason, ticks, matched.run_id)
     return ticks
 

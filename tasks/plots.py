@@ -12,10 +12,11 @@ matplotlib.use("Agg")  # no screen on the machines this runs on
 import matplotlib.pyplot as plt  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
+from tasks.mlflow_names import Metric, val_loss  # noqa: E402
 from tasks.records import StageReport  # noqa: E402
 
-COLOURS = {"train_loss": "#999999", "domain_val_loss": "#d62728", "general_val_loss": "#1f77b4"}
-LABELS = {"train_loss": "train", "domain_val_loss": "domain val", "general_val_loss": "general val"}
+COLOURS = {Metric.TRAIN_LOSS: "#999999", Metric.DOMAIN_VAL_LOSS: "#d62728", Metric.GENERAL_VAL_LOSS: "#1f77b4"}
+LABELS = {Metric.TRAIN_LOSS: "train", Metric.DOMAIN_VAL_LOSS: "domain val", Metric.GENERAL_VAL_LOSS: "general val"}
 
 
 class StageCurves(BaseModel):
@@ -61,17 +62,17 @@ def loss_plot(stages: list[StageCurves], baselines: dict[str, float], budget: fl
                     values,
                     color=COLOURS[metric],
                     label=LABELS[metric] if s is stages[0] else None,
-                    marker="." if metric != "train_loss" else None,
+                    marker="." if metric != Metric.TRAIN_LOSS else None,
                 )
         offset += s.steps
         ax.axvline(offset, color="#cccccc", linestyle="--", linewidth=1)
         ax.text(offset, ax.get_ylim()[1], f" {s.stage}: {s.decision}", rotation=90, va="top", ha="right", fontsize=7)
     for tag in ("domain", "general"):  # the curves are of these sets (general_eval is measured at stage ends)
         value = baselines[tag]
-        ax.axhline(value, color=COLOURS[f"{tag}_val_loss"], linestyle=":", linewidth=1, label=f"base model, {tag} val")
+        ax.axhline(value, color=COLOURS[val_loss(tag)], linestyle=":", linewidth=1, label=f"base model, {tag} val")
     ax.axhline(
         baselines["general"] * (1 + budget),
-        color=COLOURS["general_val_loss"],
+        color=COLOURS[Metric.GENERAL_VAL_LOSS],
         linestyle="--",
         linewidth=1,
         alpha=0.6,

@@ -11,6 +11,7 @@ from mixtune.core.config import PipelineConfig
 from mixtune.core.logs import run_logger
 from mixtune.core.paths import plots_dir
 from tasks import artifacts
+from tasks.mlflow_names import FINAL, Metric, Tag, val_loss
 from tasks.models import is_adapter
 from tasks.plots import COLOURS, loss_plot, share_plot, stage_curves
 from tasks.records import RunSummary, StageReport, TokenLosses
@@ -46,8 +47,8 @@ def log_stage_history(tracker: Tracker, reports: list[StageReport]) -> None:
             seen[source] = seen.get(source, 0.0) + epochs
         tracker.log_metrics(
             {
-                "stage_domain_val_loss": report.losses.domain,
-                "stage_general_val_loss": report.losses.general,
+                Metric.STAGE_DOMAIN_VAL_LOSS: report.losses.domain,
+                Metric.STAGE_GENERAL_VAL_LOSS: report.losses.general,
                 "stage_realised_domain_share": report.realised_share,
                 **{f"cumulative_epochs/{metric_name(s)}": e for s, e in seen.items()},
             },
@@ -72,22 +73,22 @@ def publish_final(
     guarded = [f"stage {r.stage}: {r.gate.decision}" for r in reports if r.gate.decision in ("hold", "back_off")]
     kind = "adapter" if is_adapter(model_dir) else "model"
     tracker.log_artifacts(model_dir, f"final_{kind}")
-    finals = {f"final_{tag}_val_loss": value for tag, value in losses.model_dump(exclude_none=True).items()}
+    finals = {FINAL + val_loss(tag): value for tag, value in losses.model_dump(exclude_none=True).items()}
     tracker.log_metrics(finals, step=stage)
     final_tasks = final.task_metrics if final else base_tasks or {}
     if final_tasks:  # `mixtune compare` reads the delivered model's task metrics from these
-        tracker.log_metrics({f"final_{name}": value for name, value in final_tasks.items()}, step=stage)
+        tracker.log_metrics({FINAL + name: value for name, value in final_tasks.items()}, step=stage)
     plots = publish_plots(tracker, reports, baseline, config.validation.forgetting_budget, plots_dir(run_folder))
     speeds = [r.tokens_per_second for r in reports if r.tokens_per_second]
     if speeds:
-        tracker.log_metrics({"tokens_per_second": sum(speeds) / len(speeds)}, step=stage)
+        tracker.log_metrics({Metric.TOKENS_PER_SECOND: sum(speeds) / len(speeds)}, step=stage)
     tracker.set_tags(
         {
-            "mixtune.final_stage": stage,
-            "mixtune.method": config.train.method,
-            "mixtune.schedule": " ".join(f"{r.target_share:.2f}" for r in reports),
-            "mixtune.stopped_reason": stopped or "none: every planned stage ran",  # an empty tag reads as broken
-            "mixtune.guard_actions": "; ".join(guarded) or "none",
+            Tag.FINAL_STAGE: stage,
+            Tag.METHOD: config.train.method,
+            Tag.SCHEDULE: " ".join(f"{r.target_share:.2f}" for r in reports),
+            Tag.STOPPED_REASON: stopped or "none: every planned stage ran",  # an empty tag reads as broken
+            Tag.GUARD_ACTIONS: "; ".join(guarded) or "none",
         }
     )
     log_stage_history(tracker, reports)

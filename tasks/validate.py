@@ -13,6 +13,7 @@ from mixtune.core.cache import Entry, building, entry_dir, fingerprint, mark_com
 from mixtune.core.config import PipelineConfig
 from mixtune.core.logs import run_logger
 from tasks.answers import correct
+from tasks.mlflow_names import BASE, FINAL, Metric, val_loss
 from tasks.models import evaluate, set_losses, weights_digest
 from tasks.probes import PROBE_TOKENS, answer_probes, format_probes
 from tasks.records import StageTraining, TokenLosses
@@ -34,7 +35,7 @@ def validate_base(
         else:
             run_logger().info("base model: losses and probe answers reused from %s (same weights and sets)", folder)
     losses = TokenLosses.model_validate_json((folder / "losses.json").read_text())
-    tracker.log_metrics({f"base_{name}": value for name, value in loss_metrics(losses).items()}, step=0)
+    tracker.log_metrics({BASE + name: value for name, value in loss_metrics(losses).items()}, step=0)
     tracker.log_text((folder / "probes.md").read_text(), "probes/stage-0-base.md")
     return losses
 
@@ -61,8 +62,10 @@ def validate_stage(
     """The stage's best model, reloaded from disk, on the domain and the general validation sets; and its
     answers to the fixed probe prompts, in the stage's run and in the parent's."""
     losses = stage_losses(config, trained, sft_path, base_dir)
-    numbers = {f"final_{name}": value for name, value in loss_metrics(losses).items()}
-    tracker.log_metrics({**numbers, "stage_tokens_per_second": trained.tokens_per_second}, step=trained.global_step)
+    numbers = {FINAL + name: value for name, value in loss_metrics(losses).items()}
+    tracker.log_metrics(
+        {**numbers, Metric.STAGE_TOKENS_PER_SECOND: trained.tokens_per_second}, step=trained.global_step
+    )
     answers = answer_probes(
         trained.model_dir,
         base_dir,
@@ -79,7 +82,7 @@ def validate_stage(
 
 def loss_metrics(losses: TokenLosses) -> dict[str, float]:
     """domain_val_loss, general_val_loss and, with general_eval sources, general_eval_val_loss."""
-    return {f"{tag}_val_loss": value for tag, value in losses.model_dump(exclude_none=True).items()}
+    return {val_loss(tag): value for tag, value in losses.model_dump(exclude_none=True).items()}
 
 
 def stage_losses(config: PipelineConfig, trained: StageTraining, sft_path: str, base_dir: str) -> TokenLosses:

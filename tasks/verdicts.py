@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from mixtune.core.logs import run_logger
 from tasks import artifacts
+from tasks.mlflow_names import Tag
 from tasks.records import Verdict
 from tasks.tracking import Tracker
-
-VERDICT_TAG = "mixtune.verdict"
 
 
 def verdict_markdown(verdict: Verdict) -> str:
@@ -32,10 +31,10 @@ def verdict_markdown(verdict: Verdict) -> str:
 def record_verdict(tracker: Tracker, verdict: Verdict) -> None:
     tracker.set_tags(
         {
-            VERDICT_TAG: verdict.decision,
-            "mixtune.verdict_reason": verdict.reason,
-            "mixtune.model_version": verdict.version or "",
-            "mixtune.champion_version": verdict.champion_version or "",
+            Tag.VERDICT: verdict.decision,
+            Tag.VERDICT_REASON: verdict.reason,
+            Tag.MODEL_VERSION: verdict.version or "",
+            Tag.CHAMPION_VERSION: verdict.champion_version or "",
         }
     )
     metrics = {

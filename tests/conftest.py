@@ -48,10 +48,10 @@ def shared_cache(tmp_path, session_cache) -> Path:
 def mlflow_template(tmp_path_factory) -> Path:
     """An empty MLflow SQLite database with its tables made. MLflow migrates every new database, seconds on
     two cores (30-47 s each at load 25), once per test that logs a run; a copy of this opens at once."""
-    from tasks.tracking import client_for
+    from tasks.tracking import open_store
 
     path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    client_for(f"sqlite:///{path}").search_experiments()
+    open_store(f"sqlite:///{path}")
     return path
 
 

@@ -321,7 +321,7 @@ def test_a_deleted_or_damaged_cache_entry_is_rebuilt_not_reported_cached(prefect
 
 @pytest.mark.usefixtures("mlflow_db")
 def test_runs_that_failed_while_the_server_was_down_end_failed_at_the_next_start(tmp_path):
-    from tasks.tracking import client_for, leave_status, release_lock, start_parent_run
+    from tasks.tracking import Experiment, leave_status, release_lock, start_parent_run
     from tests.conftest import tiny_config
 
     config = tiny_config(tmp_path)
@@ -331,32 +331,33 @@ def test_runs_that_failed_while_the_server_was_down_end_failed_at_the_next_start
     killed = start_parent_run(config, "flow-b")
     release_lock(killed.parent_run_id)  # gone too, with no word left: SIGKILL
     start_parent_run(config, "flow-c")
-    client = client_for(first.uri)
-    assert client.get_run(first.parent_run_id).info.status == "FAILED"
-    assert client.get_run(killed.parent_run_id).info.status == "KILLED"
+    experiment = Experiment(uri=first.uri, experiment_id=first.experiment_id)
+    assert experiment.run(first.parent_run_id).info.status == "FAILED"
+    assert experiment.run(killed.parent_run_id).info.status == "KILLED"
 
 
 @pytest.mark.usefixtures("mlflow_db")
 def test_a_version_whose_run_did_not_finish_is_no_champion_and_no_reason_to_skip(tmp_path):
-    from tasks.inputs import INPUT_HASH_TAG, input_hash, unchanged_since
-    from tasks.registry import champion_version, move_alias, register_version
+    from tasks.inputs import input_hash, unchanged_since
+    from tasks.mlflow_names import Tag
+    from tasks.registry import champion_version, register_version
     from tasks.tracking import start_parent_run
     from tests.conftest import tiny_config, tiny_hf_model
 
     config = tiny_config(tmp_path)
     earner = start_parent_run(config, "flow-a")
-    earner.set_tags({INPUT_HASH_TAG: input_hash(config), "mixtune.registered_model": config.registered_model})
+    earner.set_tags({Tag.INPUT_HASH: input_hash(config), Tag.REGISTERED_MODEL: config.registered_model})
     model = tiny_hf_model(tmp_path / "model")
     earner.log_artifacts(model, "final_model")
     version = register_version(earner, config.registered_model, str(model), "final_model", {}, "an old run's model")
-    move_alias(earner, config.registered_model, config.registry.alias, version)  # as an old run did, then died
+    earner.move_alias(config.registered_model, config.registry.alias, version)  # as an old run did, then died
     earner.end("KILLED")
     later = start_parent_run(config, "flow-b")
     assert champion_version(later, config.registered_model, config.registry.alias) is None
     assert (
         unchanged_since(config, later, input_hash(config)) is None
     )  # same inputs, but the run that had them was KILLED
-    earner.client.set_terminated(earner.parent_run_id, "FINISHED")
+    earner.end("FINISHED")
     assert int(champion_version(later, config.registered_model, config.registry.alias).version) == version
     assert unchanged_since(config, later, input_hash(config)) == earner.parent_run_id
 

@@ -111,7 +111,7 @@ def test_disk_full_while_checkpointing_fails_the_run_cleanly(prefect_harness, tm
 
     from flows.finetune import finetune
     from mixtune.cli import run_failed
-    from tasks.tracking import FLOW_RUN_TAG
+    from tasks.mlflow_names import Tag
 
     original = transformers.modeling_utils.safe_save_file
 
@@ -137,5 +137,5 @@ def test_disk_full_while_checkpointing_fails_the_run_cleanly(prefect_harness, tm
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("mixtune").experiment_id])
     assert {r.info.status for r in runs} == {"FAILED"} and len(runs) == 2  # the parent and stage 1
-    flow_run_id = next(r.data.tags[FLOW_RUN_TAG] for r in runs if FLOW_RUN_TAG in r.data.tags)
+    flow_run_id = next(r.data.tags[Tag.FLOW_RUN] for r in runs if Tag.FLOW_RUN in r.data.tags)
     assert (tmp_path / "locks" / f"{flow_run_id}.lock").read_text() == "RUNNING"

@@ -8,7 +8,8 @@ from mlflow.tracking import MlflowClient
 
 from tasks import tracking
 from tasks.ingest import ingest
-from tasks.registry import model_for, move_alias, register_version
+from tasks.mlflow_names import Tag
+from tasks.registry import model_for, register_version
 from tasks.tables import domain_val_digest
 from tests.conftest import tiny_config, tiny_hf_model
 
@@ -43,8 +44,8 @@ def test_a_challenger_for_another_domain_validation_set_gets_its_own_model(tmp_p
     assert model_for(tracker, name, "champion", medical_val) == (name, None)
     model = tiny_hf_model(tmp_path / "model")
     tracker.log_artifacts(model, "final_model")
-    version = register_version(tracker, name, str(model), "final_model", {"domain_val_digest": medical_val}, "medical")
-    move_alias(tracker, name, "champion", version)
+    version = register_version(tracker, name, str(model), "final_model", {Tag.DOMAIN_VAL_DIGEST: medical_val}, "medical")
+    tracker.move_alias(name, "champion", version)
     tracker.end()  # a champion's run has ended FINISHED
 
     same_name, holder = model_for(tracker, name, "champion", medical_val)

@@ -165,15 +165,15 @@ def registered_runs(output: Path, config) -> list[str]:
     from mlflow.tracking import MlflowClient
 
     from mixtune.core.paths import tracking_uri
-    from tasks.tracking import KIND_TAG, RUN_FOLDER_TAG
+    from tasks.mlflow_names import Tag
 
     client = MlflowClient(tracking_uri(config))
     exp_id = client.create_experiment(config.tracking.experiment)
     now_ms, ids = int(time.time() * 1000), []
     for days_ago in (3, 2, 1):
-        run = client.create_run(exp_id, start_time=now_ms - days_ago * 86_400_000, tags={KIND_TAG: "pipeline"})
+        run = client.create_run(exp_id, start_time=now_ms - days_ago * 86_400_000, tags={Tag.KIND.value: "pipeline"})
         folder = fake_run(output / config.run.name / run.info.run_id)
-        client.set_tag(run.info.run_id, RUN_FOLDER_TAG, str(folder))
+        client.set_tag(run.info.run_id, Tag.RUN_FOLDER.value, str(folder))
         client.set_terminated(run.info.run_id, "FINISHED")
         ids.append(run.info.run_id)
     client.create_registered_model(config.registered_model)
