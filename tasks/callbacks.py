@@ -145,7 +145,11 @@ class LiveProgress(TrainerCallback):
             self.bar.update(completed=state.global_step, numbers=self.numbers())
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        names = {Metric.TRAIN_LOSS: "loss", Metric.DOMAIN_VAL_LOSS: "domain val", Metric.GENERAL_VAL_LOSS: "general val"}
+        names = {
+            Metric.TRAIN_LOSS: "loss",
+            Metric.DOMAIN_VAL_LOSS: "domain val",
+            Metric.GENERAL_VAL_LOSS: "general val",
+        }
         self.shown.update({names[k]: v for k, v in rename_metrics(logs or {}).items() if k in names})
 
     def on_train_end(self, args, state, control, **kwargs):

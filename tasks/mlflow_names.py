@@ -5,9 +5,10 @@ Beside the seam (tasks/tracking), not in it: a pure module can name a metric wit
 
 from __future__ import annotations
 
-from enum import StrEnum
+from enum import StrEnum, unique
 
 
+@unique
 class Tag(StrEnum):
     """mixtune's run and model-version tags."""
 
@@ -47,6 +48,7 @@ class Tag(StrEnum):
     CHALLENGER_GENERAL = "mixtune.challenger_general"
 
 
+@unique
 class MlflowTag(StrEnum):
     """MLflow's own tags that mixtune sets or searches by."""
 
@@ -59,6 +61,7 @@ class MlflowTag(StrEnum):
     DATA_CONTEXT = "mlflow.data.context"
 
 
+@unique
 class Metric(StrEnum):
     """Metrics read back by name: by `mixtune compare`, the gate, the skip check or the benchmarks."""
 

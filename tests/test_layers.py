@@ -81,3 +81,75 @@ def test_the_check_sees_real_imports():
     assert "tasks.train" in imports(known["flows.finetune"], set(known))
     assert "tasks.records" in imports(known["tasks.train"], set(known))
     assert "flows.finetune" in imports(known["mixtune.cli"], set(known))  # inside a function
+
+
+# --- the tracking seam (tasks/tracking) -----------------------------------------------------------------------
+SEAM = "tasks.tracking"
+SCANNED = (*PACKAGES, "benchmarks")
+# Modules outside the seam allowed to import mlflow, each with the reason; a reason must be proven by a test.
+MLFLOW_IMPORTERS: dict[str, str] = {}
+
+
+def external_imports(path: Path) -> set[str]:
+    """The top-level names of every module this file imports, at any depth."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def scanned_modules() -> dict[str, Path]:
+    return {module_name(p): p for package in SCANNED for p in (ROOT / package).rglob("*.py")}
+
+
+def in_seam(module: str) -> bool:
+    return module == SEAM or module.startswith(f"{SEAM}.")
+
+
+def mlflow_outside_the_seam() -> list[str]:
+    return sorted(
+        module
+        for module, path in scanned_modules().items()
+        if "mlflow" in external_imports(path) and not in_seam(module) and module not in MLFLOW_IMPORTERS
+    )
+
+
+def client_outside_the_seam() -> list[str]:
+    """Uses of the seam's MlflowClient (`x.client`, `x._client`, `client_for`) outside it."""
+    found = []
+    for module, path in sorted(scanned_modules().items()):
+        if in_seam(module):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            used = (isinstance(node, ast.Attribute) and node.attr in ("client", "_client", "client_for")) or (
+                isinstance(node, ast.Name) and node.id == "client_for"
+            )
+            imported = isinstance(node, ast.ImportFrom) and any(a.name == "client_for" for a in node.names)
+            if used or imported:
+                found.append(f"{module}:{node.lineno}")
+    return found
+
+
+def test_only_the_seam_imports_mlflow():
+    assert mlflow_outside_the_seam() == []
+
+
+def test_only_the_seam_holds_the_mlflow_client():
+    assert client_outside_the_seam() == []
+
+
+def test_the_seam_is_free_of_prefect():
+    seam = {m: p for m, p in scanned_modules().items() if in_seam(m)}
+    assert len(seam) > 1 and "tasks.tracking.runs" in seam
+    assert {m for m, p in seam.items() if "prefect" in external_imports(p)} == set()
+
+
+def test_the_seam_checks_see_real_imports():
+    known = scanned_modules()
+    assert "mlflow" in external_imports(known["tasks.tracking.store"])
+    assert "prefect" in external_imports(known["tasks.tracking_tasks"])
+    assert not in_seam("tasks.tracking_tasks") and in_seam("tasks.tracking.parent")
+    assert "benchmarks.forgetting" in known

@@ -44,7 +44,14 @@ def test_a_challenger_for_another_domain_validation_set_gets_its_own_model(tmp_p
     assert model_for(tracker, name, "champion", medical_val) == (name, None)
     model = tiny_hf_model(tmp_path / "model")
     tracker.log_artifacts(model, "final_model")
-    version = register_version(tracker, name, str(model), "final_model", {Tag.DOMAIN_VAL_DIGEST: medical_val}, "medical")
+    version = register_version(
+        tracker,
+        name,
+        str(model),
+        "final_model",
+        {Tag.DOMAIN_VAL_DIGEST: medical_val},
+        "medical",
+    )
     tracker.move_alias(name, "champion", version)
     tracker.end()  # a champion's run has ended FINISHED
 
