@@ -5,6 +5,7 @@ import pytest
 
 from mixtune.core.config import ConfigError
 from tasks.answers import choice_letter, correct, final_number
+from tasks.mlflow_names import Metric, Tag
 from tests.conftest import tiny_config
 
 
@@ -95,10 +96,10 @@ def test_task_metrics_show_in_the_stage_table_and_in_compare_only_when_present(t
             "metrics.final_task/gsm/exact_match": [0.25, None],
         }
     )
-    for column in ("status", "tags.mixtune.method", "tags.mixtune.schedule", "tags.mixtune.verdict"):
+    for column in ("status", f"tags.{Tag.METHOD}", f"tags.{Tag.SCHEDULE}", f"tags.{Tag.VERDICT}"):
         runs[column] = "-"
-    for column in ("metrics.final_domain_val_loss", "metrics.final_general_val_loss", "metrics.tokens_per_second"):
-        runs[column] = 1.0
+    for metric in (Metric.FINAL_DOMAIN_VAL_LOSS, Metric.FINAL_GENERAL_VAL_LOSS, Metric.TOKENS_PER_SECOND):
+        runs[f"metrics.{metric}"] = 1.0
     table = format_table(comparison(runs, set()))
     assert "gsm/exact_match" in table.splitlines()[0] and "0.250" in table
 

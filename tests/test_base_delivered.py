@@ -15,6 +15,7 @@ from mixtune.cli import format_summary, format_verdict
 from tasks.callbacks import ForgettingStop, OverfitWatch
 from tasks.champion import base_delivered
 from tasks.guard import OverfitTracker, kept_model
+from tasks.mlflow_names import Tag
 from tasks.models import evaluate
 from tasks.train import early_stop_reason
 from tasks.verdicts import verdict_markdown
@@ -99,11 +100,11 @@ def test_domain_only_that_breaches_at_once_registers_nothing_and_says_so(prefect
     client = MlflowClient(summary.tracking_uri)
     assert client.search_registered_models() == []  # the base is no version, and holds no alias
     tags = client.get_run(summary.parent_run_id).data.tags
-    assert tags["mixtune.verdict"] == "no_trained_model" and tags["mixtune.verdict_reason"] == reason
-    assert tags["mixtune.model_version"] == "" and tags["mixtune.final_stage"] == "0"
+    assert tags[Tag.VERDICT] == "no_trained_model" and tags[Tag.VERDICT_REASON] == reason
+    assert tags[Tag.MODEL_VERSION] == "" and tags[Tag.FINAL_STAGE] == "0"
     markdown = client.download_artifacts(summary.parent_run_id, "verdict.md", str(tmp_path))
     assert reason in Path(markdown).read_text()
-    assert reason in prefect_verdict(tags["mixtune.flow_run_id"])
+    assert reason in prefect_verdict(tags[Tag.FLOW_RUN])
 
     again = finetune(config)  # the same seeded inputs would breach the same way: a skip that says why
     assert again.verdict.decision == "skip" and again.verdict.previous_run == summary.parent_run_id

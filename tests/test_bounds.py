@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from mixtune.core.config import MAX_CONFIG_BYTES, ConfigError, load_config
+from tasks.mlflow_names import Tag
 
 BOMB = "\n".join(
     ["a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
@@ -281,7 +282,7 @@ def test_two_runs_at_once_on_a_fresh_output_folder_build_each_cache_entry_once(t
     assert len(built) == len(set(built)) and {"base", "ingest", "tokenizer", "tokens"} <= set(built), built
     client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("mixtune")
-    parents = client.search_runs([experiment.experiment_id], "tags.`mixtune.kind` = 'pipeline'")
+    parents = client.search_runs([experiment.experiment_id], f"tags.`{Tag.KIND}` = 'pipeline'")
     assert sorted(run.info.status for run in parents) == ["FINISHED", "FINISHED"]
 
 
@@ -309,7 +310,7 @@ def test_a_deleted_or_damaged_cache_entry_is_rebuilt_not_reported_cached(prefect
     weights.write_bytes(bytes(data))
 
     second = finetune(config)
-    flow_run_id = MlflowClient(second.tracking_uri).get_run(second.parent_run_id).data.tags["mixtune.flow_run_id"]
+    flow_run_id = MlflowClient(second.tracking_uri).get_run(second.parent_run_id).data.tags[Tag.FLOW_RUN]
     with get_client(sync_client=True) as prefect:
         task_runs = prefect.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     states = {run.name: run.state.name for run in task_runs}
@@ -339,7 +340,6 @@ def test_runs_that_failed_while_the_server_was_down_end_failed_at_the_next_start
 @pytest.mark.usefixtures("mlflow_db")
 def test_a_version_whose_run_did_not_finish_is_no_champion_and_no_reason_to_skip(tmp_path):
     from tasks.inputs import input_hash, unchanged_since
-    from tasks.mlflow_names import Tag
     from tasks.registry import champion_version, register_version
     from tasks.tracking import start_parent_run
     from tests.conftest import tiny_config, tiny_hf_model

@@ -23,6 +23,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tasks.mlflow_names import Tag
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 COMPOSE_FILE = DOCKER / "docker-compose.yml"
@@ -588,12 +590,12 @@ def test_init_makes_a_worker_that_logs_a_run_and_reaches_nothing_else(mlflow_sta
     client = MlflowClient(stack.uri)
     assert client.get_experiment_by_name("runs") is None
     experiment = client.create_experiment("runs")
-    run = client.create_run(experiment, tags={"mixtune.kind": "pipeline"})
+    run = client.create_run(experiment, tags={Tag.KIND: "pipeline"})
     client.log_metric(run.info.run_id, "loss", 1.5)
     (tmp_path / "final_model").mkdir()
     (tmp_path / "final_model" / "weights.txt").write_text("w")
     client.log_artifacts(run.info.run_id, str(tmp_path / "final_model"), "final_model")
-    assert [r.info.run_id for r in client.search_runs([experiment], "tags.`mixtune.kind` = 'pipeline'")] == [
+    assert [r.info.run_id for r in client.search_runs([experiment], f"tags.`{Tag.KIND}` = 'pipeline'")] == [
         run.info.run_id
     ]
     # The first run asks for a champion: the model mlflow-init made answers "no such alias", not 403.

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flows.finetune import finetune
 from tasks.lm import PadCollator, mean_token_loss
+from tasks.mlflow_names import Metric, Tag
 from tasks.schedule import stage_shares
 from tasks.tables import validation_sets
 from tests.conftest import sft_table, tiny_config
@@ -33,7 +34,7 @@ CACHED_TASKS = {"ingest", "tokenizer", "tokenize", "pretrain"}
 def stage_runs(client: MlflowClient, parent_id: str) -> dict[int, object]:
     exp_id = client.get_run(parent_id).info.experiment_id
     runs = client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
-    return {int(r.data.tags["mixtune.stage"]): r for r in runs}
+    return {int(r.data.tags[Tag.STAGE]): r for r in runs}
 
 
 def reload_losses(model_dir: str, sft_path: Path) -> dict[str, float]:
@@ -82,8 +83,8 @@ def test_flow_runs_every_stage_and_reloads_to_the_logged_loss(prefect_harness, t
     assert shared == [] and list(Path(config.run.output_dir).rglob("mlflow.db"))  # owner-only, database included
     final = children[summary.final_stage]
     losses = reload_losses(summary.final_model, sft_table(config))
-    assert losses["domain"] == pytest.approx(final.data.metrics["final_domain_val_loss"], rel=1e-5)
-    assert losses["general"] == pytest.approx(final.data.metrics["final_general_val_loss"], rel=1e-5)
+    assert losses["domain"] == pytest.approx(final.data.metrics[Metric.FINAL_DOMAIN_VAL_LOSS], rel=1e-5)
+    assert losses["general"] == pytest.approx(final.data.metrics[Metric.FINAL_GENERAL_VAL_LOSS], rel=1e-5)
     kind = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
     assert (Path(summary.final_model) / kind).is_file()
     assert not list(Path(summary.final_model).glob("*.bin"))
@@ -98,7 +99,7 @@ def test_second_run_reuses_ingest_and_pretraining(prefect_harness, tmp_path):
     first, second = finetune(config), finetune(config)
     client = MlflowClient(second.tracking_uri)
     assert sorted(stage_runs(client, first.parent_run_id)) == sorted(stage_runs(client, second.parent_run_id))
-    flow_run_id = client.get_run(second.parent_run_id).data.tags["mixtune.flow_run_id"]
+    flow_run_id = client.get_run(second.parent_run_id).data.tags[Tag.FLOW_RUN]
     with get_client(sync_client=True) as prefect:
         task_runs = prefect.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     states = {run.name: run.state.name for run in task_runs}
@@ -128,21 +129,19 @@ def test_forgetting_guard_stops_and_keeps_the_model_before_the_breach(prefect_ha
     runs = stage_runs(client, summary.parent_run_id)
     assert sorted(runs) == [1, 2]
     tags, metrics = runs[2].data.tags, runs[2].data.metrics
-    assert tags["mixtune.decision"] == "stop"
+    assert tags[Tag.DECISION] == "stop"
     judged = breach.losses.general if breach.stop_reason is None else breach.gate.general_drift
     if breach.stop_reason is None:  # the breach came at the end of the stage
-        assert f"{judged:.4f}" in tags["mixtune.decision_reason"]
+        assert f"{judged:.4f}" in tags[Tag.DECISION_REASON]
     else:  # the stage stopped at the breach, keeping its checkpoint from before; the gate judges the breach
         assert "passed the forgetting budget" in breach.stop_reason
-        assert f"{judged:+.1%}" in tags["mixtune.decision_reason"]
-    assert f"{summary.baseline.general:.4f}" in tags["mixtune.decision_reason"]
+        assert f"{judged:+.1%}" in tags[Tag.DECISION_REASON]
+    assert f"{summary.baseline.general:.4f}" in tags[Tag.DECISION_REASON]
     assert metrics["general_drift"] == pytest.approx(breach.gate.general_drift)
     assert summary.final_stage == 1 and summary.final_model == summary.stages[0].model_dir
     parent = client.get_run(summary.parent_run_id)
-    assert parent.data.tags["mixtune.final_stage"] == "1"
-    assert (
-        "stop" in parent.data.tags["mixtune.stopped_reason"] or "budget" in parent.data.tags["mixtune.stopped_reason"]
-    )
+    assert parent.data.tags[Tag.FINAL_STAGE] == "1"
+    assert "stop" in parent.data.tags[Tag.STOPPED_REASON] or "budget" in parent.data.tags[Tag.STOPPED_REASON]
     artifacts = {a.path for a in client.list_artifacts(summary.parent_run_id)}
     assert {"final_model", "plots", "probes", "plan"} <= artifacts
     plots = {a.path for a in client.list_artifacts(summary.parent_run_id, "plots")}

@@ -12,6 +12,7 @@ from tasks import tracking
 from tasks.base_model import prepare_base, prepare_tokenizer
 from tasks.ingest import ingest
 from tasks.mix import mix_stage
+from tasks.mlflow_names import Tag
 from tasks.models import evaluate
 from tasks.records import StageTraining
 from tasks.tokenize import tokenize
@@ -106,6 +107,6 @@ def test_the_flow_stops_a_stage_at_the_breach_and_keeps_the_checkpoint_before(pr
     assert "passed the forgetting budget" in stage.stop_reason and f"step {trained.best_step}" in stage.stop_reason
     assert stage.gate.decision == "stop" and stage.gate.general_drift > budget  # judged on the breach
     tags = client.get_run(stage.run_id).data.tags
-    assert tags["mixtune.decision"] == "stop" and f"{stage.gate.general_drift:+.1%}" in tags["mixtune.decision_reason"]
+    assert tags[Tag.DECISION] == "stop" and f"{stage.gate.general_drift:+.1%}" in tags[Tag.DECISION_REASON]
     assert summary.final_stage == 0  # a stage that breached is never the final model
-    assert client.get_run(summary.parent_run_id).data.tags["mixtune.stopped_reason"] == stage.gate.reason
+    assert client.get_run(summary.parent_run_id).data.tags[Tag.STOPPED_REASON] == stage.gate.reason

@@ -5,7 +5,7 @@ import ast
 import re
 from pathlib import Path
 
-from tasks.mlflow_names import Metric, MlflowTag, Tag
+from tasks.mlflow_names import FINAL, TASK, Metric, MlflowTag, Tag, val_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 SCANNED = ("mixtune", "tasks", "flows", "benchmarks")
@@ -17,6 +17,7 @@ NOT_TAGS = {
 }
 # a tag as a key ("mixtune.x"), as a search's column ("tags.mixtune.x") or in a filter ("tags.`mixtune.x`")
 INLINE_TAG = re.compile(r"(?:^|tags\.`?|`)mixtune\.[A-Za-z_]")
+MAY_HOLD_A_TAG = re.compile(r"[\"'`.}]mixtune\.[A-Za-z_]")  # in the source text: after a quote, dot or brace
 
 
 def literal_strings(tree: ast.AST) -> list[tuple[int, str]]:
@@ -38,6 +39,8 @@ def literal_strings(tree: ast.AST) -> list[tuple[int, str]]:
 
 
 def inline_tags(source: str, name: str = "<source>") -> list[str]:
+    if not MAY_HOLD_A_TAG.search(source):  # most files: no need to parse them, which keeps the test fast
+        return []
     return [
         f"{name}:{line}: {text!r}"
         for line, text in literal_strings(ast.parse(source, name))
@@ -59,12 +62,14 @@ def test_the_check_finds_inline_tags():
 """A docstring may say mixtune.method."""
 TAGS = {"mixtune.method": "lora"}
 QUERY = f"tags.`mixtune.kind` = 'pipeline' and tags.`{x}` = '{y}'"
+PIECE = f"{prefix}mixtune.stage"
 COLUMN = "tags.mixtune.schedule"
 FINE = ["mixtune.cli", "mixtune compare", "tags.mlflow.runName"]
 '''
     assert [hit.split(": ", 1)[1] for hit in inline_tags(source)] == [
         "'mixtune.method'",
         "\"tags.`mixtune.kind` = 'pipeline' and tags.`\"",
+        "'mixtune.stage'",
         "'tags.mixtune.schedule'",
     ]
 
@@ -75,3 +80,45 @@ def test_names_keep_their_namespaces():
     assert all(tag.startswith("mlflow.") for tag in MlflowTag)
     assert not [m for m in Metric if m.startswith(("mixtune.", "mlflow."))]
     assert f"tags.`{Tag.KIND}`" == "tags.`mixtune.kind`"  # a name formats as its string in a search
+
+
+def test_the_names_are_the_ones_recorded_runs_carry():
+    """Renaming one would orphan every run and dashboard that has it: a change here must be deliberate."""
+    assert sorted(Tag) == [
+        "mixtune.abandoned",
+        "mixtune.artifact_path",
+        "mixtune.challenger_domain",
+        "mixtune.challenger_general",
+        "mixtune.champion_version",
+        "mixtune.decision",
+        "mixtune.decision_reason",
+        "mixtune.domain_val_digest",
+        "mixtune.final_stage",
+        "mixtune.flow_run_id",
+        "mixtune.guard_actions",
+        "mixtune.host",
+        "mixtune.input_hash",
+        "mixtune.kind",
+        "mixtune.last_skip_flow_run",
+        "mixtune.lock",
+        "mixtune.method",
+        "mixtune.model_version",
+        "mixtune.next_share",
+        "mixtune.next_share_reason",
+        "mixtune.prefect_flow_run_url",
+        "mixtune.registered_model",
+        "mixtune.resumed_from_flow_runs",
+        "mixtune.run_folder",
+        "mixtune.run_name",
+        "mixtune.schedule",
+        "mixtune.stage",
+        "mixtune.stopped_reason",
+        "mixtune.verdict",
+        "mixtune.verdict_reason",
+    ]
+    assert {Metric.TOKENS_PER_SECOND, Metric.FINAL_DOMAIN_VAL_LOSS, Metric.GENERAL_DRIFT} == {
+        "tokens_per_second",
+        "final_domain_val_loss",
+        "general_drift",
+    }
+    assert FINAL + val_loss("general") == "final_general_val_loss" and FINAL + TASK == "final_task/"

@@ -17,6 +17,7 @@ from flows.finetune import finetune
 from mixtune.compare import comparison, distinct_names, pipeline_runs
 from mixtune.core.names import generated_name, name_candidates
 from mixtune.core.policy import ServedPolicy
+from tasks.mlflow_names import Tag
 from tests.conftest import tiny_config
 from tests.test_form import server_accepts
 from tests.test_retrain import FAST, champion_of, prefect_verdict
@@ -131,10 +132,10 @@ def test_two_runs_that_both_found_no_champion_end_with_one_first_and_one_real_ch
     for summary in (a, b):
         run = client.get_run(summary.parent_run_id)
         version = client.get_model_version(name, str(summary.verdict.version))
-        assert run.data.tags["mixtune.verdict"] == version.tags["mixtune.decision"] == summary.verdict.decision
-        assert run.data.tags["mixtune.champion_version"] == "2"
+        assert run.data.tags[Tag.VERDICT] == version.tags[Tag.DECISION] == summary.verdict.decision
+        assert run.data.tags[Tag.CHAMPION_VERSION] == "2"
         assert f"alias `champion` is on version 2; this run's model is version {summary.verdict.version}" in (
-            prefect_verdict(run.data.tags["mixtune.flow_run_id"])
+            prefect_verdict(run.data.tags[Tag.FLOW_RUN])
         )
     assert client.get_run(a.parent_run_id).info.run_name == "lr-sweep"
     assert re.match(r"^lr-sweep-[0-9a-f]{8}$", client.get_run(b.parent_run_id).info.run_name)

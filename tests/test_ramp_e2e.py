@@ -4,6 +4,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from flows.finetune import finetune
+from tasks.mlflow_names import Tag
 from tasks.schedule import next_share
 from tests.conftest import tiny_config
 from tests.test_e2e import stage_runs
@@ -39,7 +40,7 @@ def test_the_adaptive_ramp_chooses_each_share_from_the_stage_before_and_ends_wit
         logged = runs[before.stage].data
         assert logged.metrics["ramp/next_domain_share"] == pytest.approx(choice.share)
         assert logged.metrics["ramp/budget_left"] == pytest.approx(BUDGET - choice.drift)
-        assert logged.tags["mixtune.next_share_reason"] == choice.reason
+        assert logged.tags[Tag.NEXT_SHARE_REASON] == choice.reason
         assert float(runs[after.stage].data.params["target_domain_share"]) == pytest.approx(choice.share)
         drift, gain = choice.drift, choice.gain
 

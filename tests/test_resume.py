@@ -16,6 +16,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
+from tasks.mlflow_names import Tag
 from tests.conftest import tiny_raw_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
@@ -89,10 +90,10 @@ def assert_mlflow_shape(runs: Path) -> None:
     client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("mixtune")
     every = client.search_runs([experiment.experiment_id])
-    parents = [r for r in every if r.data.tags.get("mixtune.kind") == "pipeline"]
+    parents = [r for r in every if r.data.tags.get(Tag.KIND) == "pipeline"]
     assert len(parents) == 1, [(r.info.run_id, r.info.status) for r in parents]
     children = [r for r in every if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert sorted(int(r.data.tags["mixtune.stage"]) for r in children) == list(range(1, STAGES + 1))
+    assert sorted(int(r.data.tags[Tag.STAGE]) for r in children) == list(range(1, STAGES + 1))
     assert {r.info.status for r in every} == {"FINISHED"}
     for run in every:
         for name in run.data.metrics:

@@ -11,6 +11,7 @@ from flows.finetune import finetune
 from mixtune.compare import compare, comparison, pipeline_runs
 from tasks.champion import decide
 from tasks.inputs import skip_if_unchanged
+from tasks.mlflow_names import Tag
 from tasks.models import evaluate
 from tasks.records import ByteLosses
 from tasks.scoring import nats_per_byte, target_counts
@@ -61,10 +62,10 @@ def test_retraining_first_champion_then_skip_then_a_decision_the_alias_follows(p
     assert unchanged.verdict.decision == "skip" and unchanged.stages == []
     assert unchanged.verdict.previous_run == first.parent_run_id == unchanged.parent_run_id
     matched = client.get_run(first.parent_run_id)
-    assert matched.data.tags["mixtune.verdict"] == "first"  # the skip counts itself without rewriting the verdict
+    assert matched.data.tags[Tag.VERDICT] == "first"  # the skip counts itself without rewriting the verdict
     assert [m.value for m in client.get_metric_history(first.parent_run_id, "no_new_data_ticks")] == [1.0]
     assert champion_of(client, name) == 1
-    assert "no new data" in prefect_verdict(matched.data.tags["mixtune.last_skip_flow_run"])
+    assert "no new data" in prefect_verdict(matched.data.tags[Tag.LAST_SKIP])
     twice = finetune(tiny_config(tmp_path, **FAST))
     assert twice.verdict.decision == "skip"
     assert [m.value for m in client.get_metric_history(first.parent_run_id, "no_new_data_ticks")] == [1.0, 2.0]
@@ -98,7 +99,7 @@ def test_retraining_first_champion_then_skip_then_a_decision_the_alias_follows(p
     assert fourth.verdict.decision == "reject" and fourth.verdict.version == 3
     assert champion_of(client, name) == holder == fourth.verdict.champion_version
     version = client.get_model_version(name, "3")
-    assert version.tags["mixtune.decision"] == "reject" and version.run_id == fourth.parent_run_id
+    assert version.tags[Tag.DECISION] == "reject" and version.run_id == fourth.parent_run_id
 
     # The champion's inputs again, after another run trained: still no new data for the champion's recipe.
     champion_run = third if holder == 2 else first

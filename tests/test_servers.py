@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 from flows.finetune import finetune
 from mixtune.core import preflight
 from mixtune.core.preflight import Unreachable, check_tracking_server
+from tasks.mlflow_names import Tag
 from tests.conftest import tiny_config, tiny_raw_config
 from tests.servers import BIN, QUIET_ENV, free_port, launch, mlflow_server, prefect_server, stop
 
@@ -94,7 +95,7 @@ def test_served_deployment_runs_with_one_changed_parameter_and_the_server_reject
         assert end_state(api, run_id) == "COMPLETED", (tmp_path / "serve.log").read_text()[-4000:]
         client = MlflowClient(f"sqlite:///{tmp_path}/runs/mlflow.db")
         experiment = client.get_experiment_by_name("mixtune").experiment_id
-        [run] = client.search_runs([experiment], f"tags.`mixtune.flow_run_id` = '{run_id}'")
+        [run] = client.search_runs([experiment], f"tags.`{Tag.FLOW_RUN}` = '{run_id}'")
         assert run.data.params["train.learning_rate"] == "0.002" and run.info.status == "FINISHED"
 
         # A run may not send the worker's credentials elsewhere, nor read outside the served folder. The
@@ -119,7 +120,7 @@ def test_served_deployment_runs_with_one_changed_parameter_and_the_server_reject
         long["data"]["sources"] = LONG_STAGE["data"]["sources"]
         long["schedule"].update(LONG_STAGE["schedule"])
         run_id = create_run(api, manual["id"], long).json()["id"]
-        query = f"tags.`mixtune.flow_run_id` = '{run_id}'"
+        query = f"tags.`{Tag.FLOW_RUN}` = '{run_id}'"
         parent = wait_for(lambda: client.search_runs([experiment], query), 180, "the long run's MLflow run")[0]
         stage = f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
         wait_for(lambda: client.search_runs([experiment], stage), 180, "its stage to start")
@@ -210,7 +211,7 @@ def test_a_killed_flow_process_leaves_no_running_mlflow_run_after_the_next_start
     try:
         # Read MLflow only once the stage has begun: the database is then made (two writers could race on it).
         wait_for(lambda: list((tmp_path / "runs").glob("test/*/stage-1/mix.parquet")), 240, "stage 1's mix")
-        wait_for(lambda: any("mixtune.stage" in r.data.tags for r in running_runs(db)), 120, "a running stage")
+        wait_for(lambda: any(Tag.STAGE in r.data.tags for r in running_runs(db)), 120, "a running stage")
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(10)
@@ -255,7 +256,7 @@ def test_a_whole_run_logs_to_an_mlflow_server_with_basic_auth_and_its_password_i
 
         client = MlflowClient(uri)
         experiment = client.get_experiment_by_name("mixtune").experiment_id
-        [parent] = client.search_runs([experiment], "tags.`mixtune.kind` = 'pipeline'")
+        [parent] = client.search_runs([experiment], f"tags.`{Tag.KIND}` = 'pipeline'")
         children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
         assert parent.info.status == "FINISHED" and len(children) == 2
         assert {c.info.status for c in children} == {"FINISHED"}

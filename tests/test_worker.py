@@ -17,6 +17,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from flows.pool import env_variable
+from tasks.mlflow_names import Tag
 from tests.conftest import tiny_raw_config
 from tests.servers import BIN, QUIET_ENV, launch, prefect_server, stop
 from tests.test_servers import create_run, end_state, post, request_counter, wait_for
@@ -140,7 +141,7 @@ def test_a_normal_run_completes_and_registers_and_job_variables_that_reach_the_w
     run_id = create_run(pool.api, pool.deployment["id"], form).json()["id"]
     assert end_state(pool.api, run_id) == "COMPLETED", pool.log.read_text()[-4000:]
     experiment = pool.tracking.get_experiment_by_name("mixtune").experiment_id
-    [parent] = pool.tracking.search_runs([experiment], f"tags.`mixtune.flow_run_id` = '{run_id}'")
+    [parent] = pool.tracking.search_runs([experiment], f"tags.`{Tag.FLOW_RUN}` = '{run_id}'")
     assert parent.info.status == "FINISHED"
     assert pool.tracking.search_model_versions(f"run_id = '{parent.info.run_id}'")
     assert (pool.folder / "served" / "runs" / "test" / run_id).is_dir()  # the deployment's output_dir
