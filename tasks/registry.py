@@ -74,6 +74,7 @@ def fetch_version(tracker: Tracker, version, output_dir: str) -> str:
 
 
 MLFLOW_MODEL = "mlflow_model"  # the registered source: an MLmodel with the transformers flavour
+SIGNATURE_EXAMPLE = ("What is 2 plus 3?", "2 plus 3 is 5.", {"max_new_tokens": 64})  # prompt, answer, params
 
 
 def save_mlflow_model(model_dir: str, folder: Path) -> None:
@@ -85,6 +86,7 @@ def save_mlflow_model(model_dir: str, folder: Path) -> None:
     import torch
     import transformers
     from huggingface_hub import ModelCard
+    from mlflow.models import infer_signature
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     components = {
@@ -95,8 +97,15 @@ def save_mlflow_model(model_dir: str, folder: Path) -> None:
     requirements.append(f"transformers=={transformers.__version__}")
     # A card of our own: without one MLflow asks the hub for a card named after the local path, and warns.
     card = ModelCard(f"A causal language model fine-tuned by mixtune, saved from `{model_dir}`.")
+    # A signature of our own, with the generation bound as a parameter: what the registry page shows as schema.
+    prompt, answer, params = SIGNATURE_EXAMPLE
     mlflow.transformers.save_model(
-        components, str(folder), task="text-generation", pip_requirements=requirements, model_card=card
+        components,
+        str(folder),
+        task="text-generation",
+        signature=infer_signature(prompt, answer, params=params),
+        pip_requirements=requirements,
+        model_card=card,
     )
 
 
@@ -118,20 +127,36 @@ def register_version(
     with tempfile.TemporaryDirectory(prefix="mlflow-model-") as scratch:
         save_mlflow_model(model_dir, Path(scratch) / MLFLOW_MODEL)
         tracker.log_artifacts(Path(scratch) / MLFLOW_MODEL, MLFLOW_MODEL)
-    try:
-        tracker.client.create_registered_model(name, description=DESCRIPTION)
-    except MlflowException as err:
-        if err.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
+    ensure_registered_model(tracker, name)
     version = tracker.client.create_model_version(
         name,
-        f"runs:/{tracker.parent_run_id}/{MLFLOW_MODEL}",
+        model_source(tracker),
         run_id=tracker.parent_run_id,
         tags=tags,
         run_link=tracker.run_url(tracker.parent_run_id),
         description=description,
     )
     return int(version.version)
+
+
+def ensure_registered_model(tracker: Tracker, name: str) -> None:
+    """The registered model, described; one made without a description (by `mlflow-init` in the Compose stack,
+    or an older mixtune) gets it."""
+    try:
+        tracker.client.create_registered_model(name, description=DESCRIPTION)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        if not tracker.client.get_registered_model(name).description:
+            tracker.client.update_registered_model(name, description=DESCRIPTION)
+
+
+def model_source(tracker: Tracker) -> str:
+    """Where the logged MLflow model lies, as the run's artifact root names it, not `runs:/<id>/...`: a server
+    with --serve-artifacts resolves a `runs:` source through its own tracking URI (a database, not http) and
+    answers HTTP 500 for the version's MLmodel; an `mlflow-artifacts:` location it serves itself."""
+    root = tracker.client.get_run(tracker.parent_run_id).info.artifact_uri
+    return f"{root.rstrip('/')}/{MLFLOW_MODEL}"
 
 
 @contextmanager
