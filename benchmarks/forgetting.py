@@ -97,7 +97,7 @@ GATE_OFF = 10.0
 # checkpoint and patience never ends a stage early, so every arm trains the same steps.
 END_ONLY = 1_000_000
 # A scratch model learns at rates that would wreck a pretrained one (docs/training.md: Learning rates); LoRA needs a
-# higher one than full SFT to move a tiny model at all (README: Compare experiments, the LoRA run).
+# higher one than full SFT to move a tiny model at all (docs/tracking.md: the earlier Compare, its LoRA run).
 SCRATCH_LR = {"full": SCRATCH_FULL_LR, "lora": 5e-3}
 # Calibration's full-SFT rates: a scratch model's SFT default up to its pre-training rate; a pretrained
 # model's TRL default up to the top of the range full SFT of small pretrained models is run at (1e-5 to 5e-5).
