@@ -265,7 +265,7 @@ def test_a_whole_run_logs_to_an_mlflow_server_with_basic_auth_and_its_password_i
         assert champion.run_id == parent.info.run_id
         # What the registry page asks for: a runs:/ source made this server (--serve-artifacts) answer 500.
         mlmodel = httpx.get(
-            f"{uri}/ajax-api/2.0/mlflow/model-versions/get-artifact",
+            f"{uri}/model-versions/get-artifact",
             params={"path": "MLmodel", "name": "test-synthetic-domain", "version": champion.version},
             auth=(user, password),
         )
