@@ -96,8 +96,8 @@ GATE_OFF = 10.0
 # Evaluate only at a stage's end (EvaluateAtEnd always evaluates the last step): the last step is the best
 # checkpoint and patience never ends a stage early, so every arm trains the same steps.
 END_ONLY = 1_000_000
-# A scratch model learns at rates that would wreck a pretrained one (README: Learning rates); LoRA needs a
-# higher one than full SFT to move a tiny model at all (README: Compare experiments, the LoRA run).
+# A scratch model learns at rates that would wreck a pretrained one (docs/training.md: Learning rates); LoRA needs a
+# higher one than full SFT to move a tiny model at all (docs/tracking.md: the earlier Compare, its LoRA run).
 SCRATCH_LR = {"full": SCRATCH_FULL_LR, "lora": 5e-3}
 # Calibration's full-SFT rates: a scratch model's SFT default up to its pre-training rate; a pretrained
 # model's TRL default up to the top of the range full SFT of small pretrained models is run at (1e-5 to 5e-5).
@@ -164,7 +164,7 @@ def split_general(path: Path, folder: Path) -> tuple[Path, Path]:
 
 
 def default_raw_config(data: Path, out: Path, pretrained: bool = False) -> dict:
-    """The benchmark's own pipeline on the shared public data (README: Config reference): general sources
+    """The benchmark's own pipeline on the shared public data (docs/config.md): general sources
     split into what trains and what measures drift; the domain is set per domain (with_domain)."""
     val = {"max_val_samples": 100}  # validation is forward passes at every stage end of every arm
     general = ["general_en_selfinstruct.alpaca.jsonl"] + ([] if pretrained else ["general_zh_cmrc2018.minimind.jsonl"])
@@ -694,7 +694,7 @@ def require_general_eval(config: PipelineConfig) -> None:
     if not any(s.role == "general_eval" for s in config.data.sources):
         raise SystemExit(
             "the benchmark measures general drift on rows no run trains on: give the config a source with "
-            "role general_eval (README: Config reference)"
+            "role general_eval (docs/config.md)"
         )
 
 

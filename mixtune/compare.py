@@ -26,6 +26,10 @@ COLUMNS = {
 BASE_DOMAIN, BASE_GENERAL = f"metrics.{Metric.BASE_DOMAIN_VAL_LOSS}", f"metrics.{Metric.BASE_GENERAL_VAL_LOSS}"
 REGISTERED_MODEL = f"tags.{Tag.REGISTERED_MODEL}"
 FINAL_TASK = f"metrics.{FINAL}{TASK}"
+# The rate a run trained at: the plan's (chosen by model when the config leaves it unset), else the config's.
+RATE_PARAMS = ("params.plan.learning_rate", "params.train.learning_rate")
+# Config params the table shows already (run, method, schedule) or that say where a run logged, not what it did.
+SHOWN_PARAMS = ("run.", "train.method", "schedule.", "plan.method", "plan.shares", "tracking.", "deploy.")
 
 
 def pipeline_runs(uri: str, experiment: str) -> pd.DataFrame:
@@ -71,9 +75,34 @@ def comparison(runs: pd.DataFrame, champions: set[str]) -> pd.DataFrame:
     table["general drift"] = (table["general val"] - general_base) / general_base
     for column in sorted(c for c in runs if c.startswith(FINAL_TASK)):  # only runs with an eval
         table[column.removeprefix(FINAL_TASK)] = pd.to_numeric(runs[column], errors="coerce")
+    table["learning rate"] = learning_rates(runs)
+    for param, values in differing_params(runs).items():
+        table[param] = values
     table["champion"] = ["*" if run_id in champions else "" for run_id in runs["run_id"]]
     table["run_id"] = runs["run_id"]
     return table.reset_index(drop=True)
+
+
+def learning_rates(runs: pd.DataFrame) -> list[str]:
+    rates = []
+    for _, run in runs.iterrows():
+        given = [run[p] for p in RATE_PARAMS if p in run and pd.notna(run[p]) and run[p] != "None"]
+        rates.append(f"{float(given[0]):g}" if given else "-")
+    return rates
+
+
+def differing_params(runs: pd.DataFrame) -> dict[str, list[str]]:
+    """Every config field (a flattened param) whose value is not the same in all runs, by its field path: what
+    else the runs were told to do differently."""
+    differing = {}
+    for column in sorted(c for c in runs if c.startswith("params.")):
+        field = column.removeprefix("params.")
+        if column in RATE_PARAMS or field.startswith(SHOWN_PARAMS):
+            continue
+        values = runs[column].fillna("-").astype(str).tolist()
+        if len(set(values)) > 1:
+            differing[field] = values
+    return differing
 
 
 def distinct_names(names: list[str], run_ids: list[str]) -> list[str]:
@@ -82,7 +111,15 @@ def distinct_names(names: list[str], run_ids: list[str]) -> list[str]:
     for digits in (8, 32):
         labels = [f"{n} ({r[:digits]})" if names.count(n) > 1 else n for n, r in zip(names, run_ids)]
         if len(set(labels)) == len(labels):
-            break
+            return labels
+    # A run named like another's label ("a (<its id>)"): a count after a label already taken.
+    taken: set[str] = set()
+    for i, label in enumerate(labels):
+        count = 1
+        while labels[i] in taken:
+            count += 1
+            labels[i] = f"{label} #{count}"
+        taken.add(labels[i])
     return labels
 
 
@@ -141,7 +178,7 @@ def trade_off_plot(
             s=70,
             color=colour,
             marker=markers[str(row["method"])],
-            label=f"{row['run']} ({row['method']})",
+            label=f"{row['run']} ({row['method']}, lr {row['learning rate']})",
         )
     stacked: dict[tuple[float, float], int] = {}  # runs that end at one point get their labels stacked
     for _, row in points.iterrows():

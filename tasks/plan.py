@@ -317,6 +317,7 @@ def plan_task(config: PipelineConfig, stats: dict[str, dict], tracker: Tracker) 
             "plan.mode": config.plan,
             "plan.method": plan.config.train.method,
             "plan.epochs": str(plan.config.train.epochs),
+            "plan.learning_rate": str(plan.config.train_learning_rate()[0]),
             "plan.samples_per_stage": str(plan.epochs.samples_per_stage),
             "plan.shares": ",".join(f"{s:.4f}" for s in stage_shares(plan.config.schedule)),
         }

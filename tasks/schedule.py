@@ -48,7 +48,7 @@ def next_share(
     previous_drift: float = 0.0,
     previous_gain: float = 0.0,
 ) -> ShareChoice:
-    """The adaptive ramp's rule (README: Adaptive ramp). With left = budget - drift, and cost = the drift the
+    """The adaptive ramp's rule (docs/training.md: Adaptive ramp). With left = budget - drift, and cost = the drift the
     last stage added but at least budget / stages (a stage whose drift fell says nothing about what a higher
     share costs), room = left / cost stages like it still fit, and the next share is
         share + step * (room - RESERVE_STAGES), at least share - step, at most end;

@@ -398,7 +398,7 @@ def on_several_processes(config: PipelineConfig) -> bool:
 
 def rendezvous() -> list[str]:
     """One machine by default (a free port on localhost); MIXTUNE_TORCHRUN_ARGS joins several machines, e.g.
-    "--nnodes=2 --rdzv-backend=c10d --rdzv-endpoint=host0:29400 --rdzv-id=stage" (README, "Scale out")."""
+    "--nnodes=2 --rdzv-backend=c10d --rdzv-endpoint=host0:29400 --rdzv-id=stage" (docs/scale-out.md)."""
     extra = os.environ.get("MIXTUNE_TORCHRUN_ARGS", "").strip()
     return shlex.split(extra) if extra else ["--standalone"]
 

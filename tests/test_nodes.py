@@ -1,5 +1,5 @@
 """Two nodes, actually run: two torchrun agents on 127.0.0.1 join through a c10d rendezvous (gloo, one process
-each) for one SFT stage, as README "Scale out" tells a user to do on two machines, and the stage follows the
+each) for one SFT stage, as docs/scale-out.md tells a user to do on two machines, and the stage follows the
 single-device curve and leaves the same MLflow record."""
 
 import math

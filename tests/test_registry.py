@@ -2,6 +2,7 @@
 a challenger judged on another domain validation set becomes the first champion of its own model."""
 
 import json
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -66,3 +67,28 @@ def test_a_challenger_for_another_domain_validation_set_gets_its_own_model(tmp_p
 def sft_of(config) -> str:
     """The domain validation rows as the token table would hold them: ingest's samples carry the same ids."""
     return ingest(config).samples
+
+
+@pytest.mark.usefixtures("mlflow_db")
+def test_a_registered_version_has_a_signature_a_described_model_and_a_source_in_its_runs_artifacts(tmp_path):
+    """The registry page reads the version's MLmodel from its source: a `runs:` source made a server that serves
+    artifacts answer 500 (it resolved it through its database tracking URI) and the page show no schema."""
+    import yaml
+    from mlflow.artifacts import download_artifacts
+
+    config = tiny_config(tmp_path)
+    tracker = tracking.start_parent_run(config, "flow-signature")
+    model = tiny_hf_model(tmp_path / "model")
+    tracker.log_artifacts(model, "final_model")
+    MlflowClient(tracker.uri).create_registered_model("described")  # as the Compose stack's mlflow-init makes it
+    register_version(tracker, "described", str(model), "final_model", {}, "a described version")
+    client = MlflowClient(tracker.uri)
+    version = client.get_model_version("described", "1")
+    run_root = client.get_run(tracker.parent_run_id).info.artifact_uri
+    assert version.source == f"{run_root}/mlflow_model" and version.description == "a described version"
+    assert client.get_registered_model("described").description
+    mlmodel = download_artifacts(f"{version.source}/MLmodel", dst_path=str(tmp_path / "read"), tracking_uri=tracker.uri)
+    signature = yaml.safe_load(Path(mlmodel).read_text())["signature"]
+    assert json.loads(signature["inputs"]) == [{"type": "string", "required": True}]
+    assert json.loads(signature["outputs"]) == [{"type": "string", "required": True}]
+    assert json.loads(signature["params"])[0]["name"] == "max_new_tokens"

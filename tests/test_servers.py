@@ -262,7 +262,15 @@ def test_a_whole_run_logs_to_an_mlflow_server_with_basic_auth_and_its_password_i
         assert {c.info.status for c in children} == {"FINISHED"}
         assert parent.data.params["tracking.tracking_uri"] == uri
         assert "final_model" in {a.path for a in client.list_artifacts(parent.info.run_id)}
-        assert client.get_model_version_by_alias("test-synthetic-domain", "champion").run_id == parent.info.run_id
+        champion = client.get_model_version_by_alias("test-synthetic-domain", "champion")
+        assert champion.run_id == parent.info.run_id
+        # What the registry page asks for: a runs:/ source made this server (--serve-artifacts) answer 500.
+        mlmodel = httpx.get(
+            f"{uri}/model-versions/get-artifact",
+            params={"path": "MLmodel", "name": "test-synthetic-domain", "version": champion.version},
+            auth=(user, password),
+        )
+        assert mlmodel.status_code == 200 and "max_new_tokens" in mlmodel.text
 
         downloaded = tmp_path / "downloaded"
         for run in (parent, *children):

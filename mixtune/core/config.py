@@ -181,7 +181,7 @@ class SelfRehearsal(Strict):
     max_new_tokens: int = Field(128, gt=0, le=4096, description="Greedy generation bound per answer (tokens).")
     batch_size: int = Field(16, gt=0, description="Prompts answered per batch (left-padded).")
     val_fraction: float = Field(
-        0.25, ge=0.0, lt=1.0, description="Seeded share of the answers held out (at least 16 must be: README)."
+        0.25, ge=0.0, lt=1.0, description="Seeded share of the answers held out (at least 16 must be: docs/data.md)."
     )
     max_val_samples: int = Field(200, ge=0, description="Cap on held-out answers, so validation stays cheap.")
 
@@ -280,7 +280,8 @@ class Schedule(Strict):
     shape: Literal["linear", "step", "cosine", "adaptive"] = Field(
         "linear",
         description="linear: even steps; cosine: slow start and end; step: start, then end halfway; adaptive: "
-        "start, then each next share chosen from the measured general drift and domain gain (README: Adaptive ramp).",
+        "start, then each next share chosen from the measured general drift and domain gain "
+        "(docs/training.md: Adaptive ramp).",
     )
     shares: list[Share] | None = Field(
         None, description="An explicit list of per-stage shares; overrides start/end/stages/shape."

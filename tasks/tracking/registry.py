@@ -10,6 +10,7 @@ from tasks.tracking.store import client_for
 
 MLFLOW_MODEL = "mlflow_model"  # the registered source: an MLmodel with the transformers flavour
 NOT_THERE = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
+SIGNATURE_EXAMPLE = ("What is 2 plus 3?", "2 plus 3 is 5.", {"max_new_tokens": 64})  # prompt, answer, params
 
 
 class Registry:
@@ -51,20 +52,34 @@ class Registry:
     def create_version(self, name: str, run_id: str, tags: dict, description: str, model_description: str) -> int:
         """A new version of `name` (created with `model_description` on first use) whose source is the MLflow
         model that run `run_id` logged (tasks/tracking/runs.py Tracker.log_mlflow_model)."""
-        try:
-            self._client.create_registered_model(name, description=model_description)
-        except MlflowException as err:
-            if err.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
+        self.ensure_registered_model(name, model_description)
         version = self._client.create_model_version(
             name,
-            f"runs:/{run_id}/{MLFLOW_MODEL}",
+            self.model_source(run_id),
             run_id=run_id,
             tags={str(k): v for k, v in tags.items()},
             run_link=self.run_url(run_id),
             description=description,
         )
         return int(version.version)
+
+    def ensure_registered_model(self, name: str, description: str) -> None:
+        """The registered model, described; one made without a description (by `mlflow-init` in the Compose
+        stack, or an older mixtune) gets it."""
+        try:
+            self._client.create_registered_model(name, description=description)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            if not self._client.get_registered_model(name).description:
+                self._client.update_registered_model(name, description=description)
+
+    def model_source(self, run_id: str) -> str:
+        """Where the logged MLflow model lies, as the run's artifact root names it, not `runs:/<id>/...`: a
+        server with --serve-artifacts resolves a `runs:` source through its own tracking URI (a database, not
+        http) and answers HTTP 500 for the version's MLmodel; an `mlflow-artifacts:` location it serves itself."""
+        root = self._client.get_run(run_id).info.artifact_uri
+        return f"{root.rstrip('/')}/{MLFLOW_MODEL}"
 
 
 def save_mlflow_model(model_dir: str, folder: Path) -> None:
@@ -76,6 +91,7 @@ def save_mlflow_model(model_dir: str, folder: Path) -> None:
     import torch
     import transformers
     from huggingface_hub import ModelCard
+    from mlflow.models import infer_signature
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     components = {
@@ -86,8 +102,15 @@ def save_mlflow_model(model_dir: str, folder: Path) -> None:
     requirements.append(f"transformers=={transformers.__version__}")
     # A card of our own: without one MLflow asks the hub for a card named after the local path, and warns.
     card = ModelCard(f"A causal language model fine-tuned by mixtune, saved from `{model_dir}`.")
+    # A signature of our own, with the generation bound as a parameter: what the registry page shows as schema.
+    prompt, answer, params = SIGNATURE_EXAMPLE
     mlflow.transformers.save_model(
-        components, str(folder), task="text-generation", pip_requirements=requirements, model_card=card
+        components,
+        str(folder),
+        task="text-generation",
+        signature=infer_signature(prompt, answer, params=params),
+        pip_requirements=requirements,
+        model_card=card,
     )
 
 
