@@ -4,7 +4,7 @@ import pytest
 
 import tasks.generation_check as check
 from tests.conftest import tiny_config
-from tests.stats import source_stats
+from tests.records import source_stats
 
 ENGLISH = {"general": source_stats("general", scripts={"LATIN": 1.0})}
 TIPS = "1. Sleep eight hours.\n2. Eat vegetables every day.\n3. Walk for thirty minutes after dinner."

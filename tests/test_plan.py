@@ -3,7 +3,7 @@ import pytest
 from mixtune.core.config import Advisor
 from tasks.plan import advice_differs, advise, apply_advice, epoch_plan, make_plan, rule_epochs
 from tests.conftest import tiny_config
-from tests.stats import source_stats
+from tests.records import source_stats
 
 
 @pytest.mark.parametrize(

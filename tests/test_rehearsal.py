@@ -28,7 +28,7 @@ from tasks.rehearse import (
 from tasks.sources import dominant_script as script_of
 from tasks.sources import script_mix
 from tests.conftest import tiny_config, tiny_hf_model, tiny_raw_config
-from tests.stats import source_stats
+from tests.records import source_stats
 
 DOMAIN_ONLY = [{"synthetic": "domain", "samples": 200, "role": "domain", "val_fraction": 0.15}]
 
