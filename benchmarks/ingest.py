@@ -116,11 +116,11 @@ def phase_ingest(path: str, workdir: str) -> dict:
     seconds = time.perf_counter() - started
     stats = result.stats[path]
     return {
-        "rows": stats["rows_read"],
+        "rows": stats.rows_read,
         "seconds": seconds,
-        "accepted": stats["accepted"],
-        "duplicates": stats["duplicates"],
-        "quarantined": stats["quarantined"],
+        "accepted": stats.accepted,
+        "duplicates": stats.duplicates,
+        "quarantined": stats.quarantined,
         "samples": result.samples,
         "key": result.key,
     }

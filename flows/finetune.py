@@ -36,6 +36,7 @@ from tasks.readers import IngestError
 from tasks.records import RunSummary, Verdict
 from tasks.rehearse import planned_sizes, rehearse_task
 from tasks.report import publish_task
+from tasks.requests import RunRequest
 from tasks.retention import release_stage_task
 from tasks.schedule import advance, first_cursor
 from tasks.tokenize import tokenize_task
@@ -189,6 +190,7 @@ def run_pipeline(config: PipelineConfig, tracker: Tracker) -> tuple[RunSummary, 
     probes = probe_prompts(tokens.sft, data.samples, PROBES_PER_SET)
     baseline = baseline_task(config, base, tokens.sft, probes, tracker)
     base_tasks = task_metrics_task(config, base, base, tokens.sft, data.samples, tracker, 0)
+    request = RunRequest(config=config, tracker=tracker, base_dir=base, sft_path=tokens.sft, baseline=baseline)
 
     run_folder = Path(tracker.run_folder)
     cursor, model, reports, previous = first_cursor(config.schedule), base, [], None
@@ -213,15 +215,16 @@ def run_pipeline(config: PipelineConfig, tracker: Tracker) -> tuple[RunSummary, 
         )
         if previous and config.run.keep != "all":  # this stage starts from its final: its checkpoints are done
             release_stage_task(previous)
-        trained = train_task(config, mix, tokens.sft, model, base, str(folder), stage_run, baseline.general)
+        stage = request.stage(mix, model, str(folder), stage_run)
+        trained = train_task(stage)
         losses = validate_task(config, trained, tokens.sft, base, probes, stage_run)
         tasks = task_metrics_task(config, trained.model_dir, base, tokens.sft, data.samples, stage_run, cursor.stage)
         said = generation_check_task(config, trained.model_dir, base, data.stats, str(folder), stage_run, cursor.stage)
-        report = gate_task(config, mix, trained, losses, baseline, cursor, stage_run, {**tasks, **said})
+        report = gate_task(stage, trained, losses, cursor, {**tasks, **said})
         end_run_task(stage_run)
         reports.append(report)
         cursor, model, previous = advance(cursor, report), trained.model_dir, folder
-    summary = publish_task(config, tracker, reports, baseline, base, str(run_folder), base_tasks)
+    summary = publish_task(request, reports, base_tasks)
     if summary.final_stage == 0:  # no stage passed the gate: the base model challenges no one, nor is registered
         return summary.model_copy(update={"verdict": base_delivered_task(config, tracker, tokens.sft)}), None
 
@@ -231,8 +234,6 @@ def run_pipeline(config: PipelineConfig, tracker: Tracker) -> tuple[RunSummary, 
             champion_sft = tokenize_task(
                 data.samples, data.key, champion, config.model.max_seq_len, config.run.output_dir, config.data.overlong
             ).sft
-        return challenge_task(
-            config, tracker, summary.final_model, summary.final_losses, base, tokens.sft, champion_sft, str(run_folder)
-        )
+        return challenge_task(request, summary.final_model, summary.final_losses, champion_sft)
 
     return summary, challenge

@@ -13,8 +13,12 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mixtune.core.config import ConfigError, PipelineConfig, load_config
+
+if TYPE_CHECKING:  # the commands import the pipeline only when they run: `mixtune --help` stays quick
+    from tasks.records import SourceStats
 
 DEFAULT_CONFIG = "pipeline.yaml"
 
@@ -184,13 +188,13 @@ def check(config: PipelineConfig) -> int:
     return 0
 
 
-def source_line(label: str, s: dict) -> str:
-    formats = ", ".join(f"{name} {n:,}" for name, n in s["formats"].items()) or "none"
-    reasons = ", ".join(f"{reason} {n:,}" for reason, n in s["quarantined_by_reason"].items())
+def source_line(label: str, s: SourceStats) -> str:
+    formats = ", ".join(f"{name} {n:,}" for name, n in s.formats.items()) or "none"
+    reasons = ", ".join(f"{reason} {n:,}" for reason, n in s.quarantined_by_reason.items())
     return (
-        f"{label}: {s['role']}, {s['layout']}{', UTF-8 BOM stripped' if s['utf8_bom'] else ''}; formats {formats}; "
-        f"{s['rows_read']:,} read, {s['accepted']:,} accepted ({s['train']:,} train / {s['val']:,} val), "
-        f"{s['duplicates']:,} duplicate, {s['quarantined']:,} quarantined" + (f" ({reasons})" if reasons else "")
+        f"{label}: {s.role}, {s.layout}{', UTF-8 BOM stripped' if s.utf8_bom else ''}; formats {formats}; "
+        f"{s.rows_read:,} read, {s.accepted:,} accepted ({s.train:,} train / {s.val:,} val), "
+        f"{s.duplicates:,} duplicate, {s.quarantined:,} quarantined" + (f" ({reasons})" if reasons else "")
     )
 
 

@@ -14,6 +14,7 @@ from tasks.mlflow_names import MlflowTag, Tag
 from tasks.models import is_adapter, standalone_model
 from tasks.records import ByteLosses, Decision, TokenLosses, Verdict
 from tasks.registry import alias_lock, champion_version, fetch_version, model_for, register_version
+from tasks.requests import RunRequest
 from tasks.scoring import nats_per_byte, per_byte
 from tasks.tables import domain_val_digest
 from tasks.tracking import Tracker
@@ -54,22 +55,15 @@ def current_champion(config: PipelineConfig, tracker: Tracker, sft_path: str) ->
     return fetch_version(tracker, holder, config.run.output_dir) if holder else None
 
 
-def challenge(
-    config: PipelineConfig,
-    tracker: Tracker,
-    final_model: str,
-    final_losses: TokenLosses,
-    base_dir: str,
-    sft_path: str,
-    champion_sft: str | None,
-    work_dir: Path,
-) -> Verdict:
+def challenge(request: RunRequest, final_model: str, final_losses: TokenLosses, champion_sft: str | None) -> Verdict:
     """Challenger vs champion on the same validation conversations (`champion_sft`: tokenized the champion's
     way); the alias moves only on first/promote. The challenger's per-token losses on these sets were measured
     when it was validated: only rescaled here. The alias does not move here: see crown_task."""
+    config, tracker, sft_path = request.config, request.tracker, request.sft_path
     alias, domain_val = config.registry.alias, domain_val_digest(sft_path)
     name, holder = model_for(tracker, config.registered_model, alias, domain_val)
-    challenger_dir = standalone_model(final_model, base_dir, work_dir / "merged_model")
+    merged = Path(tracker.run_folder) / "merged_model"
+    challenger_dir = standalone_model(final_model, request.base_dir, merged)
     challenger = per_byte(final_losses, sft_path, challenger_dir)
     champion = None
     if holder and champion_sft:
@@ -142,16 +136,9 @@ def champion_task(config: PipelineConfig, tracker: Tracker, sft_path: str) -> st
 
 @task(name="challenge", task_run_name="challenge")
 def challenge_task(
-    config: PipelineConfig,
-    tracker: Tracker,
-    final_model: str,
-    final_losses: TokenLosses,
-    base_dir: str,
-    sft_path: str,
-    champion_sft: str | None,
-    work_dir: str,
+    request: RunRequest, final_model: str, final_losses: TokenLosses, champion_sft: str | None
 ) -> Verdict:
-    return challenge(config, tracker, final_model, final_losses, base_dir, sft_path, champion_sft, Path(work_dir))
+    return challenge(request, final_model, final_losses, champion_sft)
 
 
 def base_delivered(config: PipelineConfig, tracker: Tracker, sft_path: str) -> Verdict:

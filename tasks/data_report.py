@@ -16,37 +16,37 @@ from mixtune.core.retry import retry_unless
 from tasks import artifacts
 from tasks.plots import plt, save  # tasks.plots selects the Agg backend before pyplot loads
 from tasks.readers import IngestError
-from tasks.records import IngestResult, TokenizedData
+from tasks.records import IngestResult, SourceStats, TokenizedData
 from tasks.tracking import Tracker
 
 TOKENIZE_REASONS = ("too_long", "no_labels")
 
 
-def source_report(label: str, ingest: dict, tokens: dict | None) -> dict:
+def source_report(label: str, ingest: SourceStats, tokens: dict | None) -> dict:
     """One source's counts, with rows rejected at tokenisation moved from accepted to quarantined, so that
     accepted + duplicates + quarantined = rows read still holds."""
     tokens = tokens or {}
     late = {reason: tokens.get(reason, 0) for reason in TOKENIZE_REASONS if tokens.get(reason)}
-    reasons = {**ingest["quarantined_by_reason"], **late}
+    reasons = {**ingest.quarantined_by_reason, **late}
     return {
         "source": label,
-        "role": ingest["role"],
-        "file": ingest["file"],
-        "sha256": ingest.get("sha256"),  # a folder's: of its shards; absent for the rehearsal's answers
-        "layout": ingest.get("layout", ""),
-        "utf8_bom": ingest.get("utf8_bom", False),
-        "formats": ingest.get("formats", {}),
-        "exploded": ingest.get("exploded"),
-        "rows_read": ingest["rows_read"],
-        "accepted": ingest["accepted"] - sum(late.values()),
-        "duplicates": ingest["duplicates"],
-        "near_duplicates": ingest.get("near_duplicates", 0),
-        "quarantined": ingest["quarantined"] + sum(late.values()),
+        "role": ingest.role,
+        "file": ingest.file,
+        "sha256": ingest.sha256,  # a folder's: of its shards; None for the rehearsal's answers
+        "layout": ingest.layout,
+        "utf8_bom": ingest.utf8_bom,
+        "formats": ingest.formats,
+        "exploded": ingest.exploded.model_dump() if ingest.exploded else None,
+        "rows_read": ingest.rows_read,
+        "accepted": ingest.accepted - sum(late.values()),
+        "duplicates": ingest.duplicates,
+        "near_duplicates": ingest.near_duplicates,
+        "quarantined": ingest.quarantined + sum(late.values()),
         "quarantined_by_reason": reasons,
-        "train": ingest["train"],
-        "val": ingest["val"],
-        "turns": ingest["turns"],
-        "scripts": ingest["scripts"],
+        "train": ingest.train,
+        "val": ingest.val,
+        "turns": ingest.turns,
+        "scripts": ingest.scripts,
         "tokens": {k: v for k, v in tokens.items() if k not in TOKENIZE_REASONS},
     }
 
@@ -67,7 +67,7 @@ def check_quarantine(rows: list[dict], limit: float) -> None:
 def build_report(data: IngestResult, tokens: TokenizedData) -> list[dict]:
     rows = []
     for label, stats in data.stats.items():
-        table = "pretrain" if stats["role"] == "pretrain" else "sft"
+        table = "pretrain" if stats.role == "pretrain" else "sft"
         rows.append(source_report(label, stats, tokens.stats[table].get(label)))
     return rows
 

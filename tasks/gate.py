@@ -17,19 +17,20 @@ from tasks.mlflow_names import Metric, Tag
 from tasks.models import is_adapter
 from tasks.plots import COLOURS, loss_plot, stage_curves
 from tasks.records import ShareChoice, StageMix, StageReport, StageTraining, TokenLosses
+from tasks.requests import StageRequest
 from tasks.schedule import next_share
 from tasks.tracking import Tracker
 
 
 def stage_report(
-    config: PipelineConfig,
-    mix: StageMix,
+    request: StageRequest,
     trained: StageTraining,
     losses: TokenLosses,
-    baseline: TokenLosses,
     cursor: ShareCursor,
     tasks: dict[str, float] | None = None,
 ) -> StageReport:
+    """The gate's decision on the stage, judged against the request's baseline (which a gated stage has)."""
+    config, mix, baseline = request.config, request.mix, request.baseline
     v = config.validation
     measured_on, general = losses.judged_general()
     if trained.breach_general:  # a stage stopped mid-way is judged by the breach, which training measured
@@ -101,10 +102,9 @@ def record_share_choice(choice: ShareChoice, stage: int, step: int, tracker: Tra
     run_logger().info("stage %d adaptive ramp: next share %.3f (%s)", stage, choice.share, choice.reason)
 
 
-def record_gate(
-    config: PipelineConfig, report: StageReport, mix: StageMix, baseline: TokenLosses, tracker: Tracker
-) -> Path:
+def record_gate(request: StageRequest, report: StageReport) -> Path:
     """The stage's run gets its decision, loss curves, mix manifest and model."""
+    config, mix, baseline, tracker = request.config, request.mix, request.baseline, request.tracker
     curves = stage_curves(report, tracker.metric_curves(list(COLOURS)))
     plot = loss_plot(
         [curves], baseline.model_dump(), config.validation.forgetting_budget, Path(report.stage_dir) / "loss_curves.png"
@@ -139,19 +139,16 @@ def finished_stage(stage_dir: str | Path) -> StageReport | None:
     return None if problem_with(report.model_dir) else report
 
 
-@task(name="gate", task_run_name="gate stage {mix.stage}", retries=2, retry_delay_seconds=[2, 10])
+@task(name="gate", task_run_name="gate stage {request.mix.stage}", retries=2, retry_delay_seconds=[2, 10])
 def gate_task(
-    config: PipelineConfig,
-    mix: StageMix,
+    request: StageRequest,
     trained: StageTraining,
     losses: TokenLosses,
-    baseline: TokenLosses,
     cursor: ShareCursor,
-    tracker: Tracker,
     tasks: dict[str, float] | None = None,
 ) -> StageReport:
-    report = stage_report(config, mix, trained, losses, baseline, cursor, tasks)
-    plot = record_gate(config, report, mix, baseline, tracker)
+    report = stage_report(request, trained, losses, cursor, tasks)
+    plot = record_gate(request, report)
     artifacts.image(
         f"stage-{report.stage}-loss-curves", plot, f"Stage {report.stage}: loss curves against the base model's"
     )

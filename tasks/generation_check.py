@@ -22,6 +22,7 @@ from tasks.answers import MAX_REPEATED_SHARE, repeated_share
 from tasks.keys import BUNDLED_PROMPTS
 from tasks.models import weights_digest
 from tasks.probes import answer_probes
+from tasks.records import SourceStats
 from tasks.sources import data_scripts, in_scripts
 from tasks.tracking import Tracker
 
@@ -33,7 +34,7 @@ FLAG_SHARE = 1 / 3
 LIST_LINE = re.compile(r"^\s*(?:[-*•]|\d+[.)、]|[一二三四五六七八九十]+[、.])\s*", re.MULTILINE)
 
 
-def general_prompts(stats: dict[str, dict], count: int) -> list[str]:
+def general_prompts(stats: dict[str, SourceStats], count: int) -> list[str]:
     """The first `count` bundled general prompts written in the scripts of the run's data."""
     rows = [json.loads(line)["prompt"] for line in BUNDLED_PROMPTS.read_text(encoding="utf-8").splitlines() if line]
     return in_scripts(rows, data_scripts(stats))[:count]
@@ -94,7 +95,7 @@ def generation_flags(metrics: dict[str, float]) -> list[str]:
 
 
 def generation_check(
-    config: PipelineConfig, model_dir: str, base_dir: str, stats: dict[str, dict], folder: str
+    config: PipelineConfig, model_dir: str, base_dir: str, stats: dict[str, SourceStats], folder: str
 ) -> dict[str, float]:
     """The stage's metrics; both sets of answers side by side in `folder`/general_answers.md."""
     prompts = general_prompts(stats, config.validation.generation_prompts)
@@ -113,7 +114,7 @@ def generation_check_task(
     config: PipelineConfig,
     model_dir: str,
     base_dir: str,
-    stats: dict[str, dict],
+    stats: dict[str, SourceStats],
     folder: str,
     tracker: Tracker,
     stage: int,

@@ -34,8 +34,15 @@ from tasks.files import (
 )
 from tasks.keys import ingest_key
 from tasks.readers import CHUNK_SCHEMA, PARALLEL_FROM_BYTES, normalise_item, ordered_map, source_chunks, where
-from tasks.records import IngestResult
-from tasks.sources import check_training_sets, check_validation_sets, script_mix, validation_count
+from tasks.records import Exploded, IngestResult, SourceStats
+from tasks.sources import (
+    check_training_sets,
+    check_validation_sets,
+    read_stats,
+    script_mix,
+    validation_count,
+    write_stats,
+)
 from tasks.synthetic import write_synthetic
 
 __all__ = ["IngestError", "IngestResult", "ingest", "ingest_task"]
@@ -133,7 +140,7 @@ class SourceReader:
         self.script_sample: list[str] = []
         self.first_rejection: dict | None = None
 
-    def run(self, writer: pq.ParquetWriter, quarantine) -> dict:
+    def run(self, writer: pq.ParquetWriter, quarantine) -> SourceStats:
         before = self.part_states()
         digest = source_digest(self.files)  # what the cache key hashed, unless a file changed since
         data_bytes = sum(size * expansion(part) for part, (size, _) in zip(self.files.parts, before))
@@ -156,7 +163,7 @@ class SourceReader:
         val, train = self.held_out.final(n_val)
         self.write(writer, train, "train")
         self.write(writer, val, "val")
-        return {**self.stats(), "train": self.accepted - val.num_rows, "val": val.num_rows}
+        return self.stats(train=self.accepted - val.num_rows, val=val.num_rows)
 
     def quarantine(self, rejected: list[dict], out) -> None:
         for row in rejected:
@@ -220,30 +227,32 @@ class SourceReader:
                 f"({quarantined / self.rows_read:.0%} > max_quarantine_fraction {limit:.0%}): {top}"
             )
 
-    def exploded(self) -> dict | None:
+    def exploded(self) -> Exploded | None:
         field = self.source.columns.explode if self.source.columns else None
-        return {"field": field, "rows": self.source_rows, "samples": self.rows_read} if field else None
+        return Exploded(field=field, rows=self.source_rows, samples=self.rows_read) if field else None
 
-    def stats(self) -> dict:
-        return {
-            "file": str(self.path),
-            "role": self.source.role,
-            "layout": source_layout(self.files),
-            "shards": [part.path.name for part in self.files.parts] if self.files.kind != "file" else None,
-            "sha256": source_digest(self.files),
-            "utf8_bom": any(has_utf8_bom(part) for part in self.files.parts),
-            "formats": dict(self.formats.most_common()),
-            "exploded": self.exploded(),
-            "rows_read": self.rows_read,
-            "accepted": self.accepted,
-            "duplicates": self.duplicates + self.near_duplicates,
-            "exact_duplicates": self.duplicates,
-            "near_duplicates": self.near_duplicates,
-            "quarantined": sum(self.reasons.values()),
-            "quarantined_by_reason": dict(self.reasons),
-            "turns": {str(k): v for k, v in sorted(self.turns.items())},
-            "scripts": script_mix(self.script_sample),
-        }
+    def stats(self, train: int, val: int) -> SourceStats:
+        return SourceStats(
+            file=str(self.path),
+            role=self.source.role,
+            layout=source_layout(self.files),
+            shards=[part.path.name for part in self.files.parts] if self.files.kind != "file" else None,
+            sha256=source_digest(self.files),
+            utf8_bom=any(has_utf8_bom(part) for part in self.files.parts),
+            formats=dict(self.formats.most_common()),
+            exploded=self.exploded(),
+            rows_read=self.rows_read,
+            accepted=self.accepted,
+            duplicates=self.duplicates + self.near_duplicates,
+            exact_duplicates=self.duplicates,
+            near_duplicates=self.near_duplicates,
+            quarantined=sum(self.reasons.values()),
+            quarantined_by_reason=dict(self.reasons),
+            turns={str(k): v for k, v in sorted(self.turns.items())},
+            scripts=script_mix(self.script_sample),
+            train=train,
+            val=val,
+        )
 
 
 def ingest(config: PipelineConfig, key: str | None = None) -> IngestResult:
@@ -259,7 +268,7 @@ def ingest(config: PipelineConfig, key: str | None = None) -> IngestResult:
     with building(folder) as build:
         if build:
             read_sources(config, key, result)
-    result.stats = json.loads((folder / "stats.json").read_text())
+    result.stats = read_stats(folder / "stats.json")
     return result
 
 
@@ -275,11 +284,11 @@ def read_sources(config: PipelineConfig, key: str, result: IngestResult) -> None
             result.stats[source.label] = read_source(source, config, seen, near_seen, writer, out)
     if ingest_key(config) != key:  # a source changed between the key and the read
         raise IngestError(f"{', '.join(s.label for s in config.data.sources)}: changed since ingest began")
-    (folder / "stats.json").write_text(json.dumps(result.stats, indent=2, ensure_ascii=False))
+    write_stats(folder / "stats.json", result.stats)
     mark_complete(folder)
 
 
-def read_source(source: Source, config: PipelineConfig, seen: set, near_seen: set, writer, out) -> dict:
+def read_source(source: Source, config: PipelineConfig, seen: set, near_seen: set, writer, out) -> SourceStats:
     """One source's rows into the writer; whatever fails in reading it is reported as that file's error."""
     try:
         return SourceReader(source, config, seen, near_seen).run(writer, out)
@@ -289,7 +298,7 @@ def read_source(source: Source, config: PipelineConfig, seen: set, near_seen: se
         raise IngestError(f"{source.label}: cannot be read: {type(err).__name__}: {err}") from None
 
 
-def refuse_unusable_inputs(config: PipelineConfig, stats: dict[str, dict]) -> None:
+def refuse_unusable_inputs(config: PipelineConfig, stats: dict[str, SourceStats]) -> None:
     """Every refusal `run` makes from ingest's counts before anything trains; `mixtune check` calls it too, so
     it fails on exactly the inputs `run` would refuse, with the same message."""
     # rehearsal: self adds its general source after the base model is built, and checks the general set then
@@ -321,13 +330,13 @@ def ingest_task(config: PipelineConfig) -> IngestResult:
         log.info(
             "%s (%s%s; formats %s): %d read, %d accepted, %d duplicate, %d quarantined %s",
             label,
-            s["layout"],
-            ", UTF-8 BOM stripped" if s["utf8_bom"] else "",
-            s["formats"],
-            s["rows_read"],
-            s["accepted"],
-            s["duplicates"],
-            s["quarantined"],
-            s["quarantined_by_reason"] or "",
+            s.layout,
+            ", UTF-8 BOM stripped" if s.utf8_bom else "",
+            s.formats,
+            s.rows_read,
+            s.accepted,
+            s.duplicates,
+            s.quarantined,
+            s.quarantined_by_reason or "",
         )
     return result

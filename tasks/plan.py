@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from mixtune.core.config import Advisor, PipelineConfig
 from mixtune.core.logs import run_logger
 from tasks import artifacts
+from tasks.records import SourceStats
 from tasks.schedule import stage_shares
 from tasks.tracking import Tracker
 
@@ -282,15 +283,15 @@ class RunPlan(BaseModel):
     text: str
 
 
-def pool_sizes(stats: dict[str, dict]) -> dict[str, int]:
+def pool_sizes(stats: dict[str, SourceStats]) -> dict[str, int]:
     sizes = {"general": 0, "domain": 0, "pretrain": 0}
     for source in stats.values():
-        if source["role"] in sizes:  # general_eval rows are never trained on
-            sizes[source["role"]] += source["train"]
+        if source.role in sizes:  # general_eval rows are never trained on
+            sizes[source.role] += source.train
     return sizes
 
 
-def make_plan(config: PipelineConfig, stats: dict[str, dict]) -> RunPlan:
+def make_plan(config: PipelineConfig, stats: dict[str, SourceStats]) -> RunPlan:
     pools = pool_sizes(stats)
     advice = advise(pools["domain"], pools["general"], pools["pretrain"], config)
     planned = apply_advice(config, advice) if config.plan == "auto" else config.model_copy(deep=True)
@@ -307,7 +308,7 @@ def make_plan(config: PipelineConfig, stats: dict[str, dict]) -> RunPlan:
 
 
 @task(name="plan", task_run_name="plan", retries=2, retry_delay_seconds=[2, 10])
-def plan_task(config: PipelineConfig, stats: dict[str, dict], tracker: Tracker) -> RunPlan:
+def plan_task(config: PipelineConfig, stats: dict[str, SourceStats], tracker: Tracker) -> RunPlan:
     plan = make_plan(config, stats)
     tracker.log_text(plan.text, "plan/plan.txt")
     public = {**plan.model_dump(mode="json"), "config": plan.config.public_dump()}

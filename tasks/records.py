@@ -7,9 +7,57 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, SerializerFunctionWrapHandler, model_serializer
 
+from mixtune.core.config import Role
 from tasks.guard import GateDecision
+
+FILES_ONLY = ("shards", "sha256")
+ANSWERS_ONLY = ("unfinished", "prompts", "max_new_tokens")
+
+
+class Exploded(BaseModel):
+    """A source whose list field was exploded: `rows` rows of the file became `samples` samples."""
+
+    field: str
+    rows: int
+    samples: int
+
+
+class SourceStats(BaseModel):
+    """What became of one source's rows: a file (or folder) ingest read, or the base model's answers that
+    `data.rehearsal: self` adds. accepted + duplicates + quarantined = rows_read; accepted = train + val."""
+
+    file: str
+    role: Role
+    layout: str  # how it was read, e.g. "jsonl, gzip, 3 shards"
+    shards: list[str] | None = None  # a folder's shard names; None: one file
+    sha256: str | None = None  # of the file, or of a folder's shards; what the ingest cache keys on
+    utf8_bom: bool
+    formats: dict[str, int]  # rows per format detected
+    exploded: Exploded | None
+    rows_read: int
+    accepted: int
+    duplicates: int  # exact_duplicates + near_duplicates
+    exact_duplicates: int
+    near_duplicates: int
+    quarantined: int
+    quarantined_by_reason: dict[str, int]
+    turns: dict[str, int]  # accepted samples per number of turns (a JSON key: a string)
+    scripts: dict[str, float]  # share of letters per writing system
+    train: int
+    val: int
+    # The rehearsal's answers only:
+    unfinished: int | None = None  # accepted answers stopped by max_new_tokens, not by the model
+    prompts: str | None = None  # the prompts file
+    max_new_tokens: int | None = None
+
+    @model_serializer(mode="wrap")
+    def _own_fields(self, handler: SerializerFunctionWrapHandler) -> dict:
+        """Without the other kind's fields: files have no prompts, answers no shards or hash. So stats.json and
+        Prefect's stored ingest result keep the shape they had as plain dicts."""
+        left_out = ANSWERS_ONLY if self.prompts is None else FILES_ONLY
+        return {name: value for name, value in handler(self).items() if name not in left_out}
 
 
 class IngestResult(BaseModel):
@@ -17,7 +65,7 @@ class IngestResult(BaseModel):
     folder: str
     samples: str
     quarantine: str
-    stats: dict[str, dict]
+    stats: dict[str, SourceStats]
 
 
 class TokenizedData(BaseModel):

@@ -30,8 +30,17 @@ from tasks.keys import rehearsal_prompts
 from tasks.models import weights_digest
 from tasks.probes import answer_probes
 from tasks.readers import IngestError, preview, sample_key, split_hash
-from tasks.records import IngestResult
-from tasks.sources import check_validation_sets, data_scripts, dominant_script, in_scripts, script_mix, validation_count
+from tasks.records import IngestResult, SourceStats
+from tasks.sources import (
+    check_validation_sets,
+    data_scripts,
+    dominant_script,
+    in_scripts,
+    read_stats,
+    script_mix,
+    validation_count,
+    write_stats,
+)
 from tasks.tracking import Tracker
 
 REHEARSAL_VERSION = 1
@@ -67,7 +76,7 @@ def jsonl_prompt(path: Path, number: int, line: str) -> str:
     return prompt.strip()
 
 
-def asked_prompts(config: PipelineConfig, stats: dict[str, dict]) -> list[str]:
+def asked_prompts(config: PipelineConfig, stats: dict[str, SourceStats]) -> list[str]:
     """The first max_prompts prompts written in the scripts of the ingested sources (`stats`)."""
     path, scripts = rehearsal_prompts(config), data_scripts(stats)
     prompts = in_scripts(read_prompts(path), scripts)[: config.data.self_rehearsal.max_prompts]
@@ -79,19 +88,15 @@ def asked_prompts(config: PipelineConfig, stats: dict[str, dict]) -> list[str]:
     return prompts
 
 
-def planned_sizes(config: PipelineConfig, stats: dict[str, dict]) -> dict[str, dict]:
+def planned_sizes(config: PipelineConfig, stats: dict[str, SourceStats]) -> dict[str, SourceStats]:
     """What the plan counts the rehearsal source as before it exists: every prompt asked answered and accepted.
     The answers quarantined later shrink the pool; the rehearsal stage says by how much."""
     if config.data.rehearsal == "none":
         return {}
     settings = config.data.self_rehearsal
     answered = len(asked_prompts(config, stats))
-    return {
-        LABEL: {
-            "role": "general",
-            "train": answered - validation_count(answered, settings.val_fraction, settings.max_val_samples),
-        }
-    }
+    val = validation_count(answered, settings.val_fraction, settings.max_val_samples)
+    return {LABEL: answers_stats(config, rehearsal_prompts(config), answered, answered - val, val)}
 
 
 def model_digest(base_dir: str) -> str:
@@ -180,32 +185,58 @@ def split(accepted: list[dict], seed: int, settings: SelfRehearsal) -> None:
         row["split"] = "val" if i < n_val else "train"
 
 
-def source_stats(config: PipelineConfig, file: Path, answers: list[dict], judged: tuple) -> dict:
-    """The counts ingest gives a source, so the data report and the plan read this one alike."""
+def answers_stats(
+    config: PipelineConfig,
+    file: Path,
+    answered: int,
+    train: int,
+    val: int,
+    *,
+    duplicates: int = 0,
+    quarantined: dict[str, int] | None = None,
+    scripts: dict[str, float] | None = None,
+    unfinished: int = 0,
+) -> SourceStats:
+    """The counts ingest gives a source, so the data report and the plan read this one alike. Every accepted
+    answer is train or val; `quarantined`: answers per reason."""
+    reasons, accepted = quarantined or {}, train + val
+    return SourceStats(
+        file=str(file),
+        role="general",
+        layout=f"answers of the base model to {rehearsal_prompts(config).name}",
+        utf8_bom=False,
+        formats={},
+        exploded=None,
+        rows_read=answered,
+        accepted=accepted,
+        duplicates=duplicates,
+        exact_duplicates=duplicates,
+        near_duplicates=0,
+        quarantined=sum(reasons.values()),
+        quarantined_by_reason=reasons,
+        turns={"2": accepted} if accepted else {},
+        scripts=scripts or {},
+        train=train,
+        val=val,
+        unfinished=unfinished,  # stopped by max_new_tokens, not by the model
+        prompts=str(rehearsal_prompts(config)),
+        max_new_tokens=config.data.self_rehearsal.max_new_tokens,
+    )
+
+
+def source_stats(config: PipelineConfig, file: Path, answers: list[dict], judged: tuple) -> SourceStats:
     accepted, quarantined, duplicates = judged
-    prompts = rehearsal_prompts(config)
-    return {
-        "file": str(file),
-        "role": "general",
-        "layout": f"answers of the base model to {prompts.name}",
-        "utf8_bom": False,
-        "formats": {},
-        "exploded": None,
-        "rows_read": len(answers),
-        "accepted": len(accepted),
-        "duplicates": duplicates,
-        "exact_duplicates": duplicates,
-        "near_duplicates": 0,
-        "quarantined": len(quarantined),
-        "quarantined_by_reason": dict(Counter(r["reason"] for r in quarantined).most_common()),
-        "turns": {"2": len(accepted)} if accepted else {},
-        "scripts": script_mix([json.loads(r["messages"])[1]["content"][:500] for r in accepted]),
-        "train": sum(r["split"] == "train" for r in accepted),
-        "val": sum(r["split"] == "val" for r in accepted),
-        "unfinished": sum(not r["ended"] for r in accepted),  # stopped by max_new_tokens, not by the model
-        "prompts": str(prompts),
-        "max_new_tokens": config.data.self_rehearsal.max_new_tokens,
-    }
+    return answers_stats(
+        config,
+        file,
+        len(answers),
+        sum(r["split"] == "train" for r in accepted),
+        sum(r["split"] == "val" for r in accepted),
+        duplicates=duplicates,
+        quarantined=dict(Counter(r["reason"] for r in quarantined).most_common()),
+        scripts=script_mix([json.loads(r["messages"])[1]["content"][:500] for r in accepted]),
+        unfinished=sum(not r["ended"] for r in accepted),
+    )
 
 
 def write_rehearsed(config: PipelineConfig, data: IngestResult, answers_file: Path, folder: Path) -> None:
@@ -222,28 +253,27 @@ def write_rehearsed(config: PipelineConfig, data: IngestResult, answers_file: Pa
         for r in accepted:
             out.write(json.dumps({"line": r["line"], "split": r["split"], "messages": json.loads(r["messages"])}))
             out.write("\n")
-    stats = {**data.stats, LABEL: source_stats(config, answers_file, answers, judged)}
-    (folder / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False))
+    write_stats(folder / "stats.json", {**data.stats, LABEL: source_stats(config, answers_file, answers, judged)})
     mark_complete(folder)
 
 
-def refuse_unusable(stats: dict) -> None:
+def refuse_unusable(stats: SourceStats) -> None:
     """No accepted answer: the base model cannot rehearse itself, which says more than an empty validation set."""
-    if stats["accepted"]:
+    if stats.accepted:
         return
-    reasons = ", ".join(f"{reason} {n}" for reason, n in stats["quarantined_by_reason"].items()) or "none quarantined"
+    reasons = ", ".join(f"{reason} {n}" for reason, n in stats.quarantined_by_reason.items()) or "none quarantined"
     raise IngestError(
-        f"{LABEL}: none of the base model's {stats['rows_read']} answers is usable ({reasons}); a model that does "
+        f"{LABEL}: none of the base model's {stats.rows_read} answers is usable ({reasons}); a model that does "
         "not answer yet has nothing to rehearse: give model.path a model that answers, or pre-train it longer "
-        f"(every answer: {stats['file']})"
+        f"(every answer: {stats.file})"
     )
 
 
-def refuse_too_few_held_out(stats: dict) -> None:
-    if stats["val"] >= MIN_HELD_OUT:
+def refuse_too_few_held_out(stats: SourceStats) -> None:
+    if stats.val >= MIN_HELD_OUT:
         return
     raise IngestError(
-        f"{LABEL}: {stats['val']} of {stats['accepted']} accepted answers held out, fewer than {MIN_HELD_OUT}: "
+        f"{LABEL}: {stats.val} of {stats.accepted} accepted answers held out, fewer than {MIN_HELD_OUT}: "
         f"too few to judge general drift on (one answer would weigh over {1 / MIN_HELD_OUT:.0%} of the loss); raise "
         "data.self_rehearsal.val_fraction or max_prompts, or give more prompts in the data's language"
     )
@@ -281,13 +311,12 @@ def rehearse(config: PipelineConfig, data: IngestResult, base_dir: str) -> Inges
     with building(folder) as build:
         if build:
             write_rehearsed(config, data, answers, folder)
-    stats = json.loads((folder / "stats.json").read_text())
     return IngestResult(
         key=key,
         folder=str(folder),
         samples=str(folder / "samples.parquet"),
         quarantine=str(folder / "quarantine.jsonl"),
-        stats=stats,
+        stats=read_stats(folder / "stats.json"),
     )
 
 
@@ -296,18 +325,25 @@ def track(tracker: Tracker, result: IngestResult, planned: int) -> None:
     stats = result.stats[LABEL]
     tracker.log_params(
         {
-            "rehearsal.prompts": stats["prompts"],
-            "rehearsal.prompts_answered": stats["rows_read"],
-            "rehearsal.max_new_tokens": stats["max_new_tokens"],
+            "rehearsal.prompts": stats.prompts,
+            "rehearsal.prompts_answered": stats.rows_read,
+            "rehearsal.max_new_tokens": stats.max_new_tokens,
         }
     )
-    counts = ("rows_read", "accepted", "duplicates", "quarantined", "train", "val", "unfinished")
-    metrics = {f"rehearsal_{name}": stats[name] for name in counts}
-    metrics.update({f"rehearsal_quarantined/{k}": v for k, v in stats["quarantined_by_reason"].items()})
+    metrics = {
+        "rehearsal_rows_read": stats.rows_read,
+        "rehearsal_accepted": stats.accepted,
+        "rehearsal_duplicates": stats.duplicates,
+        "rehearsal_quarantined": stats.quarantined,
+        "rehearsal_train": stats.train,
+        "rehearsal_val": stats.val,
+        "rehearsal_unfinished": stats.unfinished,
+    }
+    metrics.update({f"rehearsal_quarantined/{k}": v for k, v in stats.quarantined_by_reason.items()})
     metrics["rehearsal_planned_train"] = planned
     tracker.log_metrics(metrics, step=0)
     tracker.log_artifacts(Path(result.folder) / "conversations.jsonl", "data/rehearsal")
-    tracker.log_artifacts(stats["file"], "data/rehearsal")
+    tracker.log_artifacts(stats.file, "data/rehearsal")
 
 
 # Not cached by Prefect, as the baseline is not: a cached task would skip logging to this run's MLflow run.
@@ -321,7 +357,7 @@ def track(tracker: Tracker, result: IngestResult, planned: int) -> None:
 )
 def rehearse_task(config: PipelineConfig, data: IngestResult, base_dir: str, tracker: Tracker) -> IngestResult:
     result = rehearse(config, data, base_dir)
-    s, planned = result.stats[LABEL], planned_sizes(config, data.stats)[LABEL]["train"]
+    s, planned = result.stats[LABEL], planned_sizes(config, data.stats)[LABEL].train
     track(tracker, result, planned)  # first: the answers and their reasons are in MLflow even when refused below
     refuse_unusable(s)
     refuse_too_few_held_out(s)
@@ -330,27 +366,27 @@ def rehearse_task(config: PipelineConfig, data: IngestResult, base_dir: str, tra
     log.info(
         "%s: %d answered, %d accepted (%d train, %d val), %d duplicate, %d quarantined %s",
         LABEL,
-        s["rows_read"],
-        s["accepted"],
-        s["train"],
-        s["val"],
-        s["duplicates"],
-        s["quarantined"],
-        s["quarantined_by_reason"] or "",
+        s.rows_read,
+        s.accepted,
+        s.train,
+        s.val,
+        s.duplicates,
+        s.quarantined,
+        s.quarantined_by_reason or "",
     )
-    if s["train"] < planned:
+    if s.train < planned:
         log.warning(
             "%s: the plan counted %d general training rows, %d remain after quarantine: the general pool is "
             "repeated more often than planned",
             LABEL,
             planned,
-            s["train"],
+            s.train,
         )
-    if s["unfinished"]:
+    if s.unfinished:
         log.warning(
             "%s: %d accepted answers stopped at data.self_rehearsal.max_new_tokens %d, not by the model's own end",
             LABEL,
-            s["unfinished"],
-            s["max_new_tokens"],
+            s.unfinished,
+            s.max_new_tokens,
         )
     return result

@@ -7,7 +7,6 @@ from pathlib import Path
 
 from prefect import task
 
-from mixtune.core.config import PipelineConfig
 from mixtune.core.logs import run_logger
 from mixtune.core.paths import plots_dir
 from tasks import artifacts
@@ -15,6 +14,7 @@ from tasks.mlflow_names import FINAL, Metric, Tag, val_loss
 from tasks.models import is_adapter
 from tasks.plots import COLOURS, loss_plot, share_plot, stage_curves
 from tasks.records import RunSummary, StageReport, TokenLosses
+from tasks.requests import RunRequest
 from tasks.tracking import Tracker, metric_name
 
 
@@ -57,16 +57,11 @@ def log_stage_history(tracker: Tracker, reports: list[StageReport]) -> None:
 
 
 def publish_final(
-    config: PipelineConfig,
-    tracker: Tracker,
-    reports: list[StageReport],
-    baseline: TokenLosses,
-    base_dir: str,
-    run_folder: str,
-    base_tasks: dict[str, float] | None = None,
+    request: RunRequest, reports: list[StageReport], base_tasks: dict[str, float] | None = None
 ) -> RunSummary:
     """The best model so far becomes the run's final model: the best stage that passed the gate, or the
     base model itself when none did."""
+    config, tracker, baseline, base_dir = request.config, request.tracker, request.baseline, request.base_dir
     final = final_stage(reports)
     model_dir, stage, losses = (final.model_dir, final.stage, final.losses) if final else (base_dir, 0, baseline)
     stopped = next((r.gate.reason for r in reports if r.gate.decision == "stop"), None)
@@ -78,7 +73,9 @@ def publish_final(
     final_tasks = final.task_metrics if final else base_tasks or {}
     if final_tasks:  # `mixtune compare` reads the delivered model's task metrics from these
         tracker.log_metrics({FINAL + name: value for name, value in final_tasks.items()}, step=stage)
-    plots = publish_plots(tracker, reports, baseline, config.validation.forgetting_budget, plots_dir(run_folder))
+    plots = publish_plots(
+        tracker, reports, baseline, config.validation.forgetting_budget, plots_dir(tracker.run_folder)
+    )
     speeds = [r.tokens_per_second for r in reports if r.tokens_per_second]
     if speeds:
         tracker.log_metrics({Metric.TOKENS_PER_SECOND: sum(speeds) / len(speeds)}, step=stage)
@@ -124,15 +121,10 @@ def summary_markdown(summary: RunSummary, run_url: str | None) -> str:
 
 @task(name="publish", task_run_name="publish", retries=2, retry_delay_seconds=[2, 10])
 def publish_task(
-    config: PipelineConfig,
-    tracker: Tracker,
-    reports: list[StageReport],
-    baseline: TokenLosses,
-    base_dir: str,
-    run_folder: str,
-    base_tasks: dict[str, float] | None = None,
+    request: RunRequest, reports: list[StageReport], base_tasks: dict[str, float] | None = None
 ) -> RunSummary:
-    summary = publish_final(config, tracker, reports, baseline, base_dir, run_folder, base_tasks)
+    summary = publish_final(request, reports, base_tasks)
+    tracker = request.tracker
     artifacts.markdown(
         "final-model", summary_markdown(summary, tracker.run_url(tracker.parent_run_id)), "The run's final model"
     )

@@ -18,7 +18,6 @@ from pathlib import Path
 
 from peft import LoraConfig, PeftModel, get_peft_model
 from prefect import task
-from pydantic import BaseModel
 from torch.distributed.elastic.multiprocessing.errors import record as report_worker_errors
 from transformers import AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallback, set_seed
 
@@ -51,6 +50,7 @@ from tasks.guard import OverfitTracker, kept_model
 from tasks.lm import PackCollator, PadCollator, TokenLossTrainer, training_arguments, world_rank, world_size
 from tasks.models import is_adapter, weights_digest
 from tasks.records import StageMix, StageTraining, TokenLosses
+from tasks.requests import StageRequest
 from tasks.retention import KeepCheckpoints
 from tasks.schedule import stage_shares
 from tasks.tables import TokenDataset, stage_table, validation_sets
@@ -177,38 +177,30 @@ def build_trainer(
     )
 
 
-def train_stage(
-    config: PipelineConfig,
-    mix: StageMix,
-    sft_path: str,
-    init_dir: str,
-    base_dir: str,
-    stage_dir: str,
-    tracker: Tracker,
-    base_general: float | None = None,
-) -> StageTraining | None:
-    """Train one stage into `stage_dir`, logging to the stage's run (`tracker`). Given the base model's general
-    loss, the stage also stops at the first evaluation past the forgetting budget."""
-    stage_dir = Path(stage_dir)
+def train_stage(request: StageRequest) -> StageTraining | None:
+    """Train one stage into its `stage_dir`, logging to the stage's run. Given the base model's losses, the stage
+    also stops at the first evaluation past the forgetting budget."""
+    config, mix, init_dir, base_dir = request.config, request.mix, request.init_dir, request.base_dir
+    stage_dir = Path(request.stage_dir)
     final, record = stage_dir / "final", stage_dir / "training.json"
     if finished(final, record, stage_dir / "set-aside"):
         run_logger().info("stage %d: finished before, reused from %s", mix.stage, final)
         return StageTraining.model_validate_json(record.read_text())
     first = world_rank() == 0
-    tracker = tracker if first else tracker.silent()
+    tracker = request.tracker if first else request.tracker.silent()
     tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=False)
     progress = ProgressCallback(f"stage {mix.stage}", run_logger().info, tracker.log_metrics)
     live = [LiveProgress(f"stage {mix.stage}/{len(stage_shares(config.schedule))}")] if first else []
     position = SamplerPosition(mix.manifest, config.train.batch_size * config.train.gradient_accumulation_steps)
     watch = OverfitWatch(overfit_tracker(config), tracker.log_metrics)
-    forgetting = forgetting_stop(config, base_general)
+    forgetting = forgetting_stop(config, request.baseline)
     trainer = build_trainer(
         config,
         mix.stage,
         load_for_training(config, init_dir, base_dir),
         tokenizer,
-        TokenDataset(stage_table(sft_path, mix.manifest)),
-        validation_sets(sft_path),
+        TokenDataset(stage_table(request.sft_path, mix.manifest)),
+        validation_sets(request.sft_path),
         stage_dir / "checkpoints",
         [progress, *live, position, watch, MemoryPeak(tracker.log_metrics, run_logger().info)],
         forgetting,
@@ -271,11 +263,11 @@ def kept_weights(trainer, forgetting: ForgettingStop | None, config: PipelineCon
     return trainer.model
 
 
-def forgetting_stop(config: PipelineConfig, base_general: float | None) -> ForgettingStop | None:
+def forgetting_stop(config: PipelineConfig, baseline: TokenLosses | None) -> ForgettingStop | None:
     v = config.validation
-    if base_general is None or not v.stop_mid_stage:
+    if baseline is None or not v.stop_mid_stage:
         return None
-    return ForgettingStop(base_general, v.forgetting_budget)
+    return ForgettingStop(baseline.general, v.forgetting_budget)
 
 
 def early_stop_reason(
@@ -342,31 +334,6 @@ def finished(final: Path, record: Path, aside: Path) -> bool:
     return False
 
 
-class StageRequest(BaseModel):
-    """A train task's arguments, handed to the processes torchrun starts."""
-
-    config: PipelineConfig
-    mix: StageMix
-    sft_path: str
-    init_dir: str
-    base_dir: str
-    stage_dir: str
-    tracker: Tracker
-    base_general: float | None = None
-
-    def train(self) -> StageTraining | None:
-        return train_stage(
-            self.config,
-            self.mix,
-            self.sft_path,
-            self.init_dir,
-            self.base_dir,
-            self.stage_dir,
-            self.tracker,
-            self.base_general,
-        )
-
-
 def train_on_devices(request: StageRequest) -> StageTraining:
     """The stage on train.devices processes through torchrun (gloo on CPU, nccl on GPUs): each runs train_stage
     on its share of every global batch; the first alone logs to MLflow, seals checkpoints and writes the record."""
@@ -427,37 +394,18 @@ def worker_main(request_file: str) -> None:
             f"train.batch_size {request.config.train.batch_size} does not split over {world_size()} processes "
             "on all nodes: give a multiple of the world size"
         )
-    request.train()
+    train_stage(request)
 
 
 @task(
     name="train",
-    task_run_name="train stage {mix.stage} (share {mix.target_share:.2f})",
+    task_run_name="train stage {request.mix.stage} (share {request.mix.target_share:.2f})",
     retries=2,
     retry_delay_seconds=[5, 30],
     retry_condition_fn=retry_unless(DiskFull),  # space seldom frees itself in 30 s; the message says what to do
 )
-def train_task(
-    config: PipelineConfig,
-    mix: StageMix,
-    sft_path: str,
-    init_dir: str,
-    base_dir: str,
-    stage_dir: str,
-    tracker: Tracker,
-    base_general: float | None = None,
-) -> StageTraining:
-    request = StageRequest(
-        config=config,
-        mix=mix,
-        sft_path=sft_path,
-        init_dir=init_dir,
-        base_dir=base_dir,
-        stage_dir=stage_dir,
-        tracker=tracker,
-        base_general=base_general,
-    )
-    result = train_on_devices(request) if on_several_processes(config) else request.train()
+def train_task(request: StageRequest) -> StageTraining:
+    result = train_on_devices(request) if on_several_processes(request.config) else train_stage(request)
     run_logger().info(
         "stage %d trained: %d/%d steps, %s, %.0f tokens/s%s",
         result.stage,

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from mixtune.core.config import Columns, Source
 from tasks.ingest import IngestError, ingest
+from tasks.records import SourceStats
 from tasks.tokenize import tokenize
 from tests.conftest import tiny_config
 
@@ -80,9 +81,9 @@ def run_ingest(tmp_path: Path, source: Source, **data):
     return result, result.stats[source.label]
 
 
-def assert_accounted(stats: dict) -> None:
-    assert stats["accepted"] + stats["duplicates"] + stats["quarantined"] == stats["rows_read"]
-    assert sum(stats["quarantined_by_reason"].values()) == stats["quarantined"]
+def assert_accounted(stats: SourceStats) -> None:
+    assert stats.accepted + stats.duplicates + stats.quarantined == stats.rows_read
+    assert sum(stats.quarantined_by_reason.values()) == stats.quarantined
 
 
 def test_every_kind_of_bad_jsonl_row_is_quarantined_with_its_reason(tmp_path):
@@ -94,8 +95,8 @@ def test_every_kind_of_bad_jsonl_row_is_quarantined_with_its_reason(tmp_path):
     path.write_bytes(b"\n".join(lines) + b"\n")
     result, stats = run_ingest(tmp_path, Source(path=str(path), role="domain"))
     assert_accounted(stats)
-    assert stats["rows_read"] == len(lines)
-    assert (stats["accepted"], stats["duplicates"]) == (40, 1)
+    assert stats.rows_read == len(lines)
+    assert (stats.accepted, stats.duplicates) == (40, 1)
     quarantined = [json.loads(line) for line in Path(result.quarantine).read_text().splitlines()]
     by_line = {q["line"]: q for q in quarantined}
     for k, (name, _, reason) in enumerate(BAD_JSONL_ROWS):
@@ -121,8 +122,8 @@ def test_csv_cells_columns_and_templates(tmp_path):
         max_quarantine_fraction=0.9,
     )
     assert_accounted(stats)
-    assert stats["rows_read"] == 5 and stats["accepted"] == 1
-    assert stats["quarantined_by_reason"] == {
+    assert stats.rows_read == 5 and stats.accepted == 1
+    assert stats.quarantined_by_reason == {
         "empty_content": 1,
         "bad_csv_row": 1,
         "missing_field": 1,
@@ -144,7 +145,7 @@ def test_parquet_nan_and_wrong_types(tmp_path):
         tmp_path, Source(path=str(path), role="domain", columns=Columns(prompt="query", response="response"))
     )
     assert_accounted(stats)
-    assert stats["accepted"] == 2 and stats["quarantined_by_reason"] == {"missing_field": 2}
+    assert stats.accepted == 2 and stats.quarantined_by_reason == {"missing_field": 2}
     with pytest.raises(IngestError, match="no row in a usable format"):
         run_ingest(
             tmp_path / "n",
@@ -164,8 +165,8 @@ def test_near_duplicates_are_dropped_and_counted_when_asked(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     _, exact = run_ingest(tmp_path / "a", Source(path=str(path), role="domain"))
     _, near = run_ingest(tmp_path / "b", Source(path=str(path), role="domain"), dedupe="normalized")
-    assert (exact["accepted"], exact["duplicates"]) == (3, 0)
-    assert (near["accepted"], near["duplicates"], near["near_duplicates"]) == (2, 1, 1)
+    assert (exact.accepted, exact.duplicates) == (3, 0)
+    assert (near.accepted, near.duplicates, near.near_duplicates) == (2, 1, 1)
 
 
 def test_reasoning_is_kept_or_dropped(tmp_path):
@@ -305,9 +306,9 @@ def test_text_documents_by_line_or_blank_line(tmp_path):
     path = tmp_path / "book.txt"
     path.write_bytes(b"para one\nstill one\n\npara two\n\n\xff broken\n")
     _, by_line = run_ingest(tmp_path / "a", Source(path=str(path), role="pretrain"))
-    assert (by_line["rows_read"], by_line["accepted"], by_line["quarantined"]) == (4, 3, 1)
+    assert (by_line.rows_read, by_line.accepted, by_line.quarantined) == (4, 3, 1)
     _, by_block = run_ingest(tmp_path / "b", Source(path=str(path), role="pretrain", text_split="blank_line"))
-    assert (by_block["rows_read"], by_block["accepted"], by_block["quarantined"]) == (3, 2, 1)
+    assert (by_block.rows_read, by_block.accepted, by_block.quarantined) == (3, 2, 1)
 
 
 @pytest.mark.integration  # starts ingest's worker processes
@@ -323,7 +324,7 @@ def test_parallel_reading_gives_the_same_result_as_serial(tmp_path, monkeypatch)
     monkeypatch.setattr(readers, "BLOCK_BYTES", 100_000)
     result, parallel = run_ingest(tmp_path / "parallel", Source(path=str(path), role="domain"))
     assert parallel == serial
-    assert (parallel["accepted"], parallel["duplicates"], parallel["quarantined"]) == (3000, 6000, 10)
+    assert (parallel.accepted, parallel.duplicates, parallel.quarantined) == (3000, 6000, 10)
 
 
 json_values = st.recursive(
@@ -372,4 +373,4 @@ def test_any_bytes_or_json_keep_the_invariant(tmp_path_factory, rows):
         assert str(path) in str(err)
         return
     assert_accounted(stats)
-    assert stats["rows_read"] == 1 + sum(1 for line in lines if line.strip())
+    assert stats.rows_read == 1 + sum(1 for line in lines if line.strip())

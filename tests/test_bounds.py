@@ -108,7 +108,7 @@ def peak_mb():  # VmHWM, not ru_maxrss: the latter keeps the peak of the pytest 
 before = peak_mb()
 result = ingest(config)
 after = peak_mb()
-print(json.dumps({"before": before, "after": after, "stats": result.stats[sys.argv[1]]}))
+print(json.dumps({"before": before, "after": after, "stats": result.stats[sys.argv[1]].model_dump()}))
 print(open(result.quarantine).read())
 """
 
@@ -210,7 +210,7 @@ def test_a_file_rewritten_during_ingest_is_refused_naming_it(tmp_path, monkeypat
         ingest(config)
     assert str(path) in str(err.value)
     monkeypatch.setattr(tasks.ingest, "source_chunks", original)
-    assert ingest(config).stats[str(path)]["accepted"] == 300  # the finished file ingests under its new hash
+    assert ingest(config).stats[str(path)].accepted == 300  # the finished file ingests under its new hash
 
 
 @pytest.mark.e2e

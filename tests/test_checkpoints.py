@@ -20,6 +20,7 @@ from tasks.mix import mix_stage
 from tasks.records import StageReport, TokenLosses
 from tasks.train import train_stage
 from tests.conftest import ready_mlflow, tiny_config
+from tests.records import stage_request
 
 pytestmark = pytest.mark.e2e  # every test starts from real stages trained in the module's fixture
 
@@ -61,7 +62,7 @@ def setup(tmp_path_factory, tiny_base, mlflow_template):
     sft = pd.read_parquet(tokens.sft)
     mix = mix_stage(sft[sft["split"] == "train"], 1, 0.3, 160, seed=0, manifest=str(folder / "mix.parquet"))
     stage = tracking.start_parent_run(config, "flow-straight").open_stage(1, "full")
-    straight = train_stage(config, mix, tokens.sft, base, base, str(folder / "straight"), stage)
+    straight = train_stage(stage_request(config, mix, tokens, base, folder / "straight", stage))
     crashed = folder / "crashed"
     with pytest.MonkeyPatch.context() as patch:
         original = callbacks.ProgressCallback.on_step_end
@@ -74,7 +75,7 @@ def setup(tmp_path_factory, tiny_base, mlflow_template):
         patch.setattr(callbacks.ProgressCallback, "on_step_end", on_step_end)
         stage = tracking.start_parent_run(config, "flow-crashed").open_stage(1, "full")
         with pytest.raises(Crash):
-            train_stage(config, mix, tokens.sft, base, base, str(crashed), stage)
+            train_stage(stage_request(config, mix, tokens, base, crashed, stage))
     assert sorted(p.name for p in (crashed / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
     return config, mix, tokens, base, load_file(Path(straight.model_dir) / "model.safetensors"), crashed
 
@@ -82,7 +83,7 @@ def setup(tmp_path_factory, tiny_base, mlflow_template):
 def resume(setup, folder: Path, flow_run: str):
     config, mix, tokens, base, _, _ = setup
     stage = tracking.start_parent_run(config, flow_run).open_stage(1, "full")
-    return train_stage(config, mix, tokens.sft, base, base, str(folder), stage)
+    return train_stage(stage_request(config, mix, tokens, base, folder, stage))
 
 
 def assert_same_weights(expected: dict, model_dir: str) -> None:

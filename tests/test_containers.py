@@ -49,7 +49,7 @@ def domain_config(tmp_path: Path, path: Path, data: dict | None = None, **source
 def read(tmp_path: Path, path: Path, data: dict | None = None, **source) -> tuple[dict, list[dict]]:
     result = ingest(domain_config(tmp_path, path, data, **source))
     stats = result.stats[str(path)]
-    assert stats["accepted"] + stats["duplicates"] + stats["quarantined"] == stats["rows_read"]
+    assert stats.accepted + stats.duplicates + stats.quarantined == stats.rows_read
     quarantined = [json.loads(line) for line in Path(result.quarantine).read_text().splitlines()]
     return stats, [q for q in quarantined if q["file"].startswith(str(path))]
 
@@ -61,8 +61,8 @@ def test_compressed_jsonl_is_read_with_bad_rows_named_by_line(tmp_path, codec, n
     path = tmp_path / f"domain.jsonl.{codec}"
     path.write_bytes(compress(jsonl(rows), codec))
     stats, quarantined = read(tmp_path, path)
-    assert (stats["rows_read"], stats["accepted"], stats["duplicates"], stats["quarantined"]) == (12, 10, 1, 1)
-    assert stats["layout"] == f"jsonl, {name}" and stats["formats"] == {"openai": 11}  # duplicates included
+    assert (stats.rows_read, stats.accepted, stats.duplicates, stats.quarantined) == (12, 10, 1, 1)
+    assert stats.layout == f"jsonl, {name}" and stats.formats == {"openai": 11}  # duplicates included
     [bad] = quarantined
     assert (bad["file"], bad["line"], bad["reason"]) == (str(path), 5, "invalid_json")
     assert bad["row"] == BROKEN.decode()
@@ -75,7 +75,7 @@ def test_a_long_line_in_a_compressed_file_is_read_past_not_held(tmp_path):
     path.write_bytes(gzip.compress(jsonl(rows)))
     stats, [bad] = read(tmp_path, path, data={"max_row_bytes": 1000})
     assert (bad["line"], bad["reason"], bad["row"]) == (3, "too_large", None)
-    assert stats["accepted"] == 5
+    assert stats.accepted == 5
 
 
 @pytest.mark.parametrize(
@@ -91,7 +91,7 @@ def test_compressed_json_csv_and_text_are_read(tmp_path, name, content, role, un
     path.write_bytes({"gz": gzip.compress, "xz": lzma.compress, "bz2": bz2.compress}[name.rsplit(".", 1)[1]](content))
     extra = {"columns": {"prompt": "question", "response": "answer"}} if ".csv" in name else {}
     stats, [bad] = read(tmp_path, path, role=role, **extra)
-    assert (stats["rows_read"], stats["accepted"], stats["quarantined"]) == (3, 2, 1)
+    assert (stats.rows_read, stats.accepted, stats.quarantined) == (3, 2, 1)
     assert bad[unit] in (2, 3) and bad["file"] == str(path)
 
 
@@ -120,9 +120,9 @@ def test_a_folder_of_parquet_shards_is_one_source_and_names_the_shard_of_a_bad_r
     folder = tmp_path / "data"
     shards = parquet_shards(folder, rows)
     stats, [bad] = read(tmp_path, folder)
-    assert (stats["rows_read"], stats["accepted"], stats["duplicates"], stats["quarantined"]) == (16, 14, 1, 1)
-    assert stats["layout"] == "parquet, 4 shards" and stats["formats"] == {"pair question/answer": 15}
-    assert stats["shards"] == [p.name for p in shards]
+    assert (stats.rows_read, stats.accepted, stats.duplicates, stats.quarantined) == (16, 14, 1, 1)
+    assert stats.layout == "parquet, 4 shards" and stats.formats == {"pair question/answer": 15}
+    assert stats.shards == [p.name for p in shards]
     assert (bad["file"], bad["record"], bad["reason"]) == (str(shards[1]), 3, "empty_content")
 
 
@@ -135,8 +135,8 @@ def test_a_folder_of_compressed_jsonl_shards_names_shard_and_line(tmp_path):
             rows[3] = BROKEN
         (folder / f"part-{k}.jsonl.gz").write_bytes(gzip.compress(jsonl(rows)))
     stats, [bad] = read(tmp_path, folder)
-    assert (stats["rows_read"], stats["accepted"], stats["quarantined"]) == (15, 14, 1)
-    assert stats["layout"] == "jsonl, gzip, 3 shards"
+    assert (stats.rows_read, stats.accepted, stats.quarantined) == (15, 14, 1)
+    assert stats.layout == "jsonl, gzip, 3 shards"
     assert (Path(bad["file"]).name, bad["line"]) == ("part-2.jsonl.gz", 4)
 
 
@@ -186,8 +186,8 @@ def test_a_datasets_folder_is_read_from_its_arrow_files(tmp_path):
     folder = tmp_path / "saved"
     save_to_disk(folder, [rows[:4], rows[4:]])
     stats, [bad] = read(tmp_path, folder)
-    assert (stats["rows_read"], stats["accepted"], stats["quarantined"]) == (8, 7, 1)
-    assert stats["layout"] == "datasets arrow, 2 shards" and stats["formats"] == {"prompt_completion": 7}
+    assert (stats.rows_read, stats.accepted, stats.quarantined) == (8, 7, 1)
+    assert stats.layout == "datasets arrow, 2 shards" and stats.formats == {"prompt_completion": 7}
     assert (Path(bad["file"]).name, bad["record"], bad["reason"]) == ("data-00001-of-00002.arrow", 2, "preference_row")
 
 
@@ -201,8 +201,8 @@ def test_a_datasets_dict_folder_needs_its_split_named(tmp_path):
     with pytest.raises(ConfigError, match=r"data\.sources\.1\.split: .*no split 'dev'"):
         domain_config(tmp_path, folder, split="dev")
     stats, quarantined = read(tmp_path, folder, split="test")
-    assert (stats["rows_read"], stats["accepted"], quarantined) == (3, 3, [])
-    assert stats["layout"] == "datasets arrow, split test, 1 shard"
+    assert (stats.rows_read, stats.accepted, quarantined) == (3, 3, [])
+    assert stats.layout == "datasets arrow, split test, 1 shard"
 
 
 def test_split_on_a_plain_file_is_refused(tmp_path):

@@ -36,8 +36,8 @@ def test_bom_in_conversation_formats_loses_nothing(tmp_path, fmt):
     columns = {"columns": {"prompt": "instruction", "response": "output"}} if fmt == "csv" else {}
     result = ingest(config_with(tmp_path, path, **columns))
     stats = result.stats[str(path)]
-    assert stats["rows_read"] == stats["accepted"] == len(ROWS) and stats["quarantined"] == 0
-    assert stats["utf8_bom"] is True
+    assert stats.rows_read == stats.accepted == len(ROWS) and stats.quarantined == 0
+    assert stats.utf8_bom is True
     samples = pd.read_parquet(result.samples)
     prompts = {json.loads(m)[0]["content"] for m in samples[samples["source"] == str(path)]["messages"]}
     assert prompts == {r["instruction"] for r in ROWS}  # the first row's key is not spoilt by the mark
@@ -51,8 +51,8 @@ def test_bom_in_a_text_file_loses_nothing(tmp_path):
     result = ingest(config)
     samples = pd.read_parquet(result.samples)
     assert sorted(samples[samples["source"] == str(path)]["text"]) == ["First document.", "Second document."]
-    assert result.stats[str(path)]["utf8_bom"] is True
-    assert result.stats[str(path)]["quarantined"] == 0
+    assert result.stats[str(path)].utf8_bom is True
+    assert result.stats[str(path)].quarantined == 0
 
 
 def test_jsonl_named_json_is_read_as_jsonl_and_reported(tmp_path):
@@ -60,7 +60,7 @@ def test_jsonl_named_json_is_read_as_jsonl_and_reported(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n", encoding="utf-8")
     result = ingest(config_with(tmp_path, path))
     stats = result.stats[str(path)]
-    assert stats["accepted"] == len(ROWS) and stats["layout"] == "jsonl (named .json)"
+    assert stats.accepted == len(ROWS) and stats.layout == "jsonl (named .json)"
     report = markdown(build_report(result, type("T", (), {"stats": {"sft": {}, "pretrain": {}}})()), 128)
     assert f"{path} (jsonl (named .json); alpaca 12)" in report
 

@@ -14,10 +14,11 @@ from tasks.ingest import ingest
 from tasks.mix import mix_stage
 from tasks.mlflow_names import Tag
 from tasks.models import evaluate
-from tasks.records import StageTraining
+from tasks.records import StageTraining, TokenLosses
 from tasks.tokenize import tokenize
 from tasks.train import train_stage
 from tests.conftest import ready_mlflow, sft_table, share_cache, tiny_config
+from tests.records import stage_request
 
 pytestmark = pytest.mark.e2e  # real training of a stage from a pre-trained base, and the flow
 
@@ -43,7 +44,9 @@ def prepared(tmp_path_factory, session_cache, mlflow_template):
 def general_curve(config, tmp_path, prepared_data, name: str, base_general=None):
     config, tokens, base, mix = prepared_data
     stage_run = tracking.start_parent_run(config, f"flow-{name}").open_stage(1, "full")
-    result = train_stage(config, mix, tokens.sft, base, base, str(tmp_path / name), stage_run, base_general)
+    # Training reads the baseline's general loss only: its domain loss here is a placeholder.
+    baseline = None if base_general is None else TokenLosses(domain=1.0, general=base_general)
+    result = train_stage(stage_request(config, mix, tokens, base, tmp_path / name, stage_run, baseline))
     history = MlflowClient(stage_run.uri).get_metric_history(result.run_id, "general_val_loss")
     return result, [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)]
 

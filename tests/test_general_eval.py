@@ -38,8 +38,8 @@ def test_a_general_eval_source_is_held_out_whole_and_never_mixed_in(tmp_path):
     config = validate_config(with_general_eval(tmp_path), "test config", base_dir=tmp_path)
     data = ingest(config)
     label = config.data.sources[-1].label
-    assert (data.stats[label]["val"], data.stats[label]["train"]) == (40, 0)  # every row, up to max_val_samples
-    assert pool_sizes(data.stats)["general"] == data.stats["synthetic:general"]["train"]
+    assert (data.stats[label].val, data.stats[label].train) == (40, 0)  # every row, up to max_val_samples
+    assert pool_sizes(data.stats)["general"] == data.stats["synthetic:general"].train
     samples = pd.read_parquet(data.samples, columns=["sample_id", "source", "tag", "split"])
     samples["n_tokens"] = 10
     mix = mix_stage(samples[samples["split"] == "train"], 1, 0.5, 200, 0, str(tmp_path / "mix.parquet"))

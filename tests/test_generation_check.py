@@ -4,8 +4,9 @@ import pytest
 
 import tasks.generation_check as check
 from tests.conftest import tiny_config
+from tests.records import source_stats
 
-ENGLISH = {"general": {"role": "general", "scripts": {"LATIN": 1.0}}}
+ENGLISH = {"general": source_stats("general", scripts={"LATIN": 1.0})}
 TIPS = "1. Sleep eight hours.\n2. Eat vegetables every day.\n3. Walk for thirty minutes after dinner."
 
 
@@ -34,7 +35,7 @@ def test_answers_that_stop_early_loop_or_lose_their_list_are_counted_and_flagged
 def test_the_prompts_are_the_bundled_ones_in_the_datas_scripts():
     english = check.general_prompts(ENGLISH, 6)
     assert len(english) == 6 and all(p.isascii() for p in english)
-    chinese = check.general_prompts({"d": {"role": "domain", "scripts": {"CJK": 1.0}}}, 4)
+    chinese = check.general_prompts({"d": source_stats("domain", scripts={"CJK": 1.0})}, 4)
     assert len(chinese) == 4 and not any(p.isascii() for p in chinese)
 
 

@@ -29,9 +29,9 @@ def test_malformed_line_is_quarantined_and_counted(tmp_path):
     path.write_text("\n".join(lines) + "\n")
     result = ingest(config_with(tmp_path, path))
     stats = result.stats[str(path)]
-    assert stats["rows_read"] == 20
-    assert (stats["accepted"], stats["duplicates"], stats["quarantined"]) == (18, 1, 1)
-    assert stats["accepted"] + stats["duplicates"] + stats["quarantined"] == stats["rows_read"]
+    assert stats.rows_read == 20
+    assert (stats.accepted, stats.duplicates, stats.quarantined) == (18, 1, 1)
+    assert stats.accepted + stats.duplicates + stats.quarantined == stats.rows_read
     quarantined = [json.loads(line) for line in Path(result.quarantine).read_text().splitlines()]
     assert len(quarantined) == 1
     assert quarantined[0]["line"] == 8 and quarantined[0]["reason"] == "invalid_json"
@@ -46,8 +46,8 @@ def test_json_list_and_mixed_formats_per_row(tmp_path):
     path.write_text(json.dumps(rows))
     result = ingest(config_with(tmp_path, path))
     stats = result.stats[str(path)]
-    assert (stats["accepted"], stats["quarantined"]) == (11, 1)
-    assert stats["quarantined_by_reason"] == {"not_object": 1}
+    assert (stats.accepted, stats.quarantined) == (11, 1)
+    assert stats.quarantined_by_reason == {"not_object": 1}
 
 
 @pytest.mark.parametrize(
@@ -88,8 +88,8 @@ def test_split_is_seeded_and_cached_by_content(tmp_path):
     frame = pd.read_parquet(first.samples)
     assert set(frame["split"]) == {"train", "val"}
     for stats in first.stats.values():
-        assert stats["accepted"] + stats["duplicates"] + stats["quarantined"] == stats["rows_read"]
-        assert stats["val"] == round(0.15 * stats["accepted"]) or stats["val"] == round(0.1 * stats["accepted"])
+        assert stats.accepted + stats.duplicates + stats.quarantined == stats.rows_read
+        assert stats.val == round(0.15 * stats.accepted) or stats.val == round(0.1 * stats.accepted)
     reseeded = tiny_config(tmp_path / "other", run={"seed": 1, "output_dir": str(tmp_path / "other")})
     assert ingest(reseeded).key != first.key
 
@@ -106,6 +106,6 @@ def test_trl_rows_are_read_and_their_refusals_counted(tmp_path):
     path = tmp_path / "domain.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     stats = ingest(config_with(tmp_path, path)).stats[str(path)]
-    assert (stats["rows_read"], stats["accepted"], stats["duplicates"], stats["quarantined"]) == (12, 9, 1, 2)
-    assert stats["formats"] == {"prompt_completion_chat": 7, "prompt_completion": 3}
-    assert stats["quarantined_by_reason"] == {"preference_row": 1, "prompt_only": 1}
+    assert (stats.rows_read, stats.accepted, stats.duplicates, stats.quarantined) == (12, 9, 1, 2)
+    assert stats.formats == {"prompt_completion_chat": 7, "prompt_completion": 3}
+    assert stats.quarantined_by_reason == {"preference_row": 1, "prompt_only": 1}

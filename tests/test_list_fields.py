@@ -10,6 +10,7 @@ from mixtune.core.config import Columns
 from tasks.data_report import read_as, source_report
 from tasks.formats import RowError, mapped_turns
 from tasks.ingest import ingest
+from tasks.records import Exploded
 from tests.test_ingest import config_with
 
 ROW = {"query": "Is this contract valid?", "laws": ["Civil Code 143", "Civil Code 153"], "answer": "Yes.", "id": 7}
@@ -43,8 +44,8 @@ def test_explode_gives_one_sample_per_instance_and_counts_it(tmp_path):
     columns = {"prompt_template": "{instruction}\n{input}", "response": "output", "explode": "instances"}
     result = ingest(config_with(tmp_path, path, columns=columns))
     stats = result.stats[str(path)]
-    assert stats["exploded"] == {"field": "instances", "rows": 11, "samples": 31}
-    assert stats["accepted"] == 30 and stats["quarantined_by_reason"] == {"wrong_type": 1}
+    assert stats.exploded == Exploded(field="instances", rows=11, samples=31)
+    assert stats.accepted == 30 and stats.quarantined_by_reason == {"wrong_type": 1}
     samples = pd.read_parquet(result.samples)
     conversations = [json.loads(m) for m in samples[samples["source"] == str(path)]["messages"]]
     assert {"content": "Task 4: add the numbers.\n4 + 2", "role": "user"} in [c[0] for c in conversations]

@@ -21,7 +21,7 @@ def test_overlong_rejects_count_toward_the_quarantine_fraction(tmp_path):
     config = config_with(tmp_path, domain)
     config.data.overlong, config.model.max_seq_len, config.data.max_quarantine_fraction = "reject", 64, 0.5
     data = ingest(config)
-    assert data.stats[str(domain)]["quarantined"] == 0  # ingest alone sees nothing wrong
+    assert data.stats[str(domain)].quarantined == 0  # ingest alone sees nothing wrong
     tokenizer = prepare_tokenizer(config, data.samples, data.key)
     tokens = tokenize(data.samples, data.key, tokenizer, 64, config.run.output_dir, "reject")
     report = {r["source"]: r for r in build_report(data, tokens)}[str(domain)]

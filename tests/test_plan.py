@@ -3,6 +3,7 @@ import pytest
 from mixtune.core.config import Advisor
 from tasks.plan import advice_differs, advise, apply_advice, epoch_plan, make_plan, rule_epochs
 from tests.conftest import tiny_config
+from tests.records import source_stats
 
 
 @pytest.mark.parametrize(
@@ -80,7 +81,7 @@ def test_unmeetable_budget_warns_with_numbers(tmp_path):
 
 
 def test_make_plan_auto_uses_the_advice_and_manual_keeps_the_config(tmp_path):
-    stats = {"g": {"role": "general", "train": 3000}, "d": {"role": "domain", "train": 600}}
+    stats = {"g": source_stats("general", train=3000), "d": source_stats("domain", train=600)}
     manual = make_plan(tiny_config(tmp_path), stats)
     assert manual.config.train.method == "full" and manual.config.schedule.shares is None
     auto_config = tiny_config(tmp_path)
@@ -119,7 +120,7 @@ def test_every_pool_is_kept_within_its_epoch_budget_at_the_boundary(tmp_path, ro
 def test_auto_plan_caps_general_repeats_of_a_small_general_set(tmp_path):
     config = tiny_config(tmp_path)
     config.plan = "auto"
-    plan = make_plan(config, {"g": {"role": "general", "train": 887}, "d": {"role": "domain", "train": 5452}})
+    plan = make_plan(config, {"g": source_stats("general", train=887), "d": source_stats("domain", train=5452)})
     assert plan.epochs.stages[-1].cumulative_general_epochs <= 3.0 + 1e-9
     assert plan.epochs.stages[-1].cumulative_domain_epochs <= 3.0 + 1e-9
     assert any(
@@ -143,7 +144,7 @@ def test_learning_rate_defaults_follow_the_kind_of_model(tmp_path, path, method,
     config.model.path, config.train.method, config.train.learning_rate = path, method, given
     assert config.train_learning_rate()[0] == rate
     assert config.pretrain_learning_rate()[0] == (3e-3 if path is None else 5e-5)
-    plan = make_plan(config, {"g": {"role": "general", "train": 3000}, "d": {"role": "domain", "train": 600}})
+    plan = make_plan(config, {"g": source_stats("general", train=3000), "d": source_stats("domain", train=600)})
     assert f"learning rate {rate:g}: " in plan.text
     advised = [r for r in plan.advice.reasons if r.startswith("learning rate")]
     lora_rate = given or (1e-4 if path else 1e-3)  # 600 domain samples: the advice is LoRA

@@ -28,6 +28,7 @@ from tasks.rehearse import (
 from tasks.sources import dominant_script as script_of
 from tasks.sources import script_mix
 from tests.conftest import tiny_config, tiny_hf_model, tiny_raw_config
+from tests.records import source_stats
 
 DOMAIN_ONLY = [{"synthetic": "domain", "samples": 200, "role": "domain", "val_fraction": 0.15}]
 
@@ -76,24 +77,26 @@ def test_a_conversation_already_ingested_is_a_duplicate_not_a_new_row():
 def test_a_base_model_with_no_usable_answer_is_refused_with_the_reasons():
     from tasks.rehearse import refuse_unusable
 
-    stats = {"accepted": 0, "rows_read": 180, "quarantined_by_reason": {"empty_answer": 170, "degenerate_answer": 10}}
+    stats = source_stats(
+        accepted=0, rows_read=180, quarantined_by_reason={"empty_answer": 170, "degenerate_answer": 10}
+    )
     with pytest.raises(IngestError, match=r"none of the base model's 180 answers is usable \(empty_answer 170, degen"):
-        refuse_unusable({**stats, "file": "answers.jsonl"})
-    refuse_unusable({**stats, "accepted": 1, "file": "answers.jsonl"})
+        refuse_unusable(stats.model_copy(update={"file": "answers.jsonl"}))
+    refuse_unusable(stats.model_copy(update={"accepted": 1, "file": "answers.jsonl"}))
 
 
-ENGLISH_DATA = {"general": {"role": "general", "scripts": {"LATIN": 0.97, "CJK": 0.03}}, "p": {"role": "pretrain"}}
+ENGLISH_DATA = {"general": source_stats("general", scripts={"LATIN": 0.97, "CJK": 0.03}), "p": source_stats("pretrain")}
 
 
 def test_self_rehearsal_skips_prompts_in_a_script_the_data_does_not_use(tmp_path):
     config = tiny_config(tmp_path, data={"sources": DOMAIN_ONLY, "rehearsal": "self"})
     asked = asked_prompts(config, ENGLISH_DATA)  # 3% CJK is a quote or a name, not a language of the data
     assert len(asked) == 90 and {script_of(p) for p in asked} == {"LATIN"}
-    assert planned_sizes(config, ENGLISH_DATA)[LABEL]["train"] == 90 - round(0.25 * 90)
-    chinese = {"d": {"role": "domain", "scripts": {"CJK": 1.0}}}
+    assert planned_sizes(config, ENGLISH_DATA)[LABEL].train == 90 - round(0.25 * 90)
+    chinese = {"d": source_stats("domain", scripts={"CJK": 1.0})}
     assert {script_of(p) for p in asked_prompts(config, chinese)} == {"CJK"}
     with pytest.raises(IngestError, match=r"no prompt is written in the scripts of the run's data \(CYRILLIC\)"):
-        asked_prompts(config, {"d": {"role": "domain", "scripts": {"CYRILLIC": 1.0}}})
+        asked_prompts(config, {"d": source_stats("domain", scripts={"CYRILLIC": 1.0})})
 
 
 def test_an_answer_in_another_script_than_its_prompt_is_quarantined():
@@ -112,10 +115,10 @@ def test_an_answer_in_another_script_than_its_prompt_is_quarantined():
 
 
 def test_a_held_out_split_too_small_to_judge_drift_on_is_refused():
-    stats = {"val": MIN_HELD_OUT - 1, "accepted": 60}
+    stats = source_stats(val=MIN_HELD_OUT - 1, accepted=60)
     with pytest.raises(IngestError, match=rf"15 of 60 accepted answers held out, fewer than {MIN_HELD_OUT}: too few"):
         refuse_too_few_held_out(stats)
-    refuse_too_few_held_out({**stats, "val": MIN_HELD_OUT})
+    refuse_too_few_held_out(stats.model_copy(update={"val": MIN_HELD_OUT}))
 
 
 def test_the_validation_split_is_seeded_and_follows_val_fraction():
@@ -151,8 +154,9 @@ def test_a_domain_only_config_is_accepted_with_rehearsal_self_only(tmp_path):
     from mixtune.core.config import validate_config
 
     config = tiny_config(tmp_path, data={"sources": DOMAIN_ONLY, "rehearsal": "self"})
-    both = {"d": {"role": "domain", "scripts": {"LATIN": 0.6, "CJK": 0.4}}}
-    assert planned_sizes(config, both)[LABEL] == {"role": "general", "train": 180 - 45}  # every prompt, less val
+    both = {"d": source_stats("domain", scripts={"LATIN": 0.6, "CJK": 0.4})}
+    planned = planned_sizes(config, both)[LABEL]
+    assert (planned.role, planned.train) == ("general", 180 - 45)  # every prompt, less val
     with pytest.raises(ConfigError, match="needs at least one source with role general"):
         validate_config(tiny_raw_config(tmp_path, data={"sources": DOMAIN_ONLY}), "test config", tmp_path)
     with pytest.raises(ConfigError, match="data.rehearsal: Input should be 'none' or 'self'"):
@@ -180,9 +184,9 @@ def test_answers_are_generated_once_per_model_and_prompts(tmp_path, monkeypatch)
     first, again, other = run(prompts[0]), run(prompts[0]), run(prompts[1])
     # the repeat generated nothing; the Chinese prompt is not asked: the (synthetic) data is English
     assert [len(asked) for asked in calls] == [2, 2]
-    assert first == again and other["rows_read"] == 2
+    assert first == again and other.rows_read == 2
     for stats in (first, other):
-        assert stats["accepted"] + stats["duplicates"] + stats["quarantined"] == stats["rows_read"]
+        assert stats.accepted + stats.duplicates + stats.quarantined == stats.rows_read
 
 
 # A tiny model pre-trained for seconds answers every prompt with newlines (quarantined, all of them, as

@@ -39,6 +39,6 @@ def test_every_manifest_file_ingests_with_the_manifests_record_count(tmp_path):
     result = ingest(validate_config(raw, "shared-data config", base_dir=tmp_path))
     for entry in entries:
         stats = result.stats[str(SHARED / entry["file"])]
-        assert stats["rows_read"] == int(entry["records"]), entry["file"]
-        assert stats["accepted"] + stats["duplicates"] + stats["quarantined"] == stats["rows_read"]
-        assert stats["accepted"] > 0.9 * stats["rows_read"], (entry["file"], stats["quarantined_by_reason"])
+        assert stats.rows_read == int(entry["records"]), entry["file"]
+        assert stats.accepted + stats.duplicates + stats.quarantined == stats.rows_read
+        assert stats.accepted > 0.9 * stats.rows_read, (entry["file"], stats.quarantined_by_reason)

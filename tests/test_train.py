@@ -11,6 +11,7 @@ from tasks import callbacks, lm, tracking
 from tasks.mix import mix_stage
 from tasks.train import train_stage
 from tests.conftest import ready_mlflow, tiny_config
+from tests.records import stage_request
 
 pytestmark = pytest.mark.e2e  # real training of a stage from a pre-trained base
 
@@ -61,20 +62,20 @@ def test_interrupted_stage_resumes_the_same_sequence_in_the_same_run(prepared, t
     mix = stage_mix(tokens, tmp_path)
     seen = record_batches(monkeypatch)
     straight_run = tracking.start_parent_run(config, "flow-straight").open_stage(1, "full")
-    uninterrupted = train_stage(config, mix, tokens.sft, base, base, str(tmp_path / "straight"), straight_run)
+    uninterrupted = train_stage(stage_request(config, mix, tokens, base, tmp_path / "straight", straight_run))
     straight, seen[:] = list(seen), []
 
     parent = tracking.start_parent_run(config, "flow-crash")
     crash_once_at(monkeypatch, 6)
     with pytest.raises(Crash):
-        train_stage(config, mix, tokens.sft, base, base, str(tmp_path / "stage-1"), parent.open_stage(1, "full"))
+        train_stage(stage_request(config, mix, tokens, base, tmp_path / "stage-1", parent.open_stage(1, "full")))
     checkpoint = tmp_path / "stage-1" / "checkpoints" / "checkpoint-4"
     assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["checkpoint-4"]
     assert (checkpoint / "model.safetensors").is_file()
     assert json.loads((checkpoint / "sampler.json").read_text())["samples_consumed"] == 4 * 16
     first_try, seen[:] = list(seen), []
 
-    result = train_stage(config, mix, tokens.sft, base, base, str(tmp_path / "stage-1"), parent.open_stage(1, "full"))
+    result = train_stage(stage_request(config, mix, tokens, base, tmp_path / "stage-1", parent.open_stage(1, "full")))
     assert first_try[:4] + seen == straight  # the same samples in the same order as without the crash
     assert result.global_step == result.max_steps == uninterrupted.global_step == 10
     client = MlflowClient(parent.uri)
@@ -84,7 +85,7 @@ def test_interrupted_stage_resumes_the_same_sequence_in_the_same_run(prepared, t
     children = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent.parent_run_id}'")
     assert [c.info.run_id for c in children] == [result.run_id]
 
-    again = train_stage(config, mix, tokens.sft, base, base, str(tmp_path / "stage-1"), parent.open_stage(1, "full"))
+    again = train_stage(stage_request(config, mix, tokens, base, tmp_path / "stage-1", parent.open_stage(1, "full")))
     assert again == result  # a finished stage is not trained twice
     assert Path(result.model_dir, "model.safetensors").is_file()
 
@@ -94,12 +95,12 @@ def test_a_resumed_stage_logs_the_slopes_of_an_uninterrupted_one(prepared, tmp_p
     config = config.model_copy(update={"train": config.train.model_copy(update={"logging_steps": 2})})
     mix = stage_mix(tokens, tmp_path)
     straight = tracking.start_parent_run(config, "flow-slopes-straight").open_stage(1, "full")
-    train_stage(config, mix, tokens.sft, base, base, str(tmp_path / "straight"), straight)
+    train_stage(stage_request(config, mix, tokens, base, tmp_path / "straight", straight))
     resumed = tracking.start_parent_run(config, "flow-slopes-resumed").open_stage(1, "full")
     crash_once_at(monkeypatch, 6)  # after the evaluation and checkpoint at step 4: the retry resumes there
     with pytest.raises(Crash):
-        train_stage(config, mix, tokens.sft, base, base, str(tmp_path / "resumed"), resumed)
-    train_stage(config, mix, tokens.sft, base, base, str(tmp_path / "resumed"), resumed)
+        train_stage(stage_request(config, mix, tokens, base, tmp_path / "resumed", resumed))
+    train_stage(stage_request(config, mix, tokens, base, tmp_path / "resumed", resumed))
     client = MlflowClient(straight.uri)
     for name in ("domain_val_slope", "general_val_slope"):  # evaluations at 4, 8 and 10: a slope at 8 and 10
         expected = sorted((m.step, m.value) for m in client.get_metric_history(straight.run_id, name))
@@ -114,11 +115,11 @@ def test_resume_refuses_a_checkpoint_of_another_mix(prepared, tmp_path, monkeypa
     stage_run = tracking.start_parent_run(config, "flow-other-mix").open_stage(1, "full")
     crash_once_at(monkeypatch, 6)
     with pytest.raises(Crash):
-        train_stage(config, mix, tokens.sft, base, base, str(tmp_path / "stage-1"), stage_run)
+        train_stage(stage_request(config, mix, tokens, base, tmp_path / "stage-1", stage_run))
     sft = pd.read_parquet(tokens.sft)
     other = mix_stage(sft[sft["split"] == "train"], 1, 0.5, 160, seed=0, manifest=mix.manifest)
     with pytest.raises(RuntimeError, match="another mix manifest"):
-        train_stage(config, other, tokens.sft, base, base, str(tmp_path / "stage-1"), stage_run)
+        train_stage(stage_request(config, other, tokens, base, tmp_path / "stage-1", stage_run))
 
 
 def test_lora_adapters_start_from_the_same_weights_for_the_same_seed(prepared):

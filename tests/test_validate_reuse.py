@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from tasks import tracking, validate
 from tasks.models import evaluate
 from tasks.train import train_stage
+from tests.records import stage_request
 from tests.test_train import prepared, stage_mix  # noqa: F401  (the module-scoped fixture)
 
 pytestmark = pytest.mark.e2e  # real training of a stage from a pre-trained base
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.e2e  # real training of a stage from a pre-trained base
 def test_validate_does_not_re_evaluate_an_unchanged_checkpoint(prepared, tmp_path, monkeypatch):  # noqa: F811
     config, tokens, base = prepared
     stage_run = tracking.start_parent_run(config, "flow-reuse").open_stage(1, "full")
-    trained = train_stage(config, stage_mix(tokens, tmp_path), tokens.sft, base, base, str(tmp_path / "s1"), stage_run)
+    trained = train_stage(stage_request(config, stage_mix(tokens, tmp_path), tokens, base, tmp_path / "s1", stage_run))
     assert trained.best_losses is not None and trained.weights_digest
     fresh = evaluate(trained.model_dir, base, tokens.sft, config.validation.batch_size)
     assert trained.best_losses.domain == pytest.approx(fresh.domain, rel=1e-5)
