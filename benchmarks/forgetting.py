@@ -138,6 +138,11 @@ def arm_list(stages: int) -> list[Arm]:
     # hold, never stop, so that it trains every stage; its share after a breach is the rule's own
     adaptive = {"on_forgetting": "hold", "max_guard_actions": stages}
     arms.append(Arm("adaptive", "full", {"start": 0.1, "end": 0.5, "shape": "adaptive"}, True, adaptive))
+    # the same rule free to rise to domain-only where drift leaves room, at the benchmark's budget and at half
+    # of it (where domain-only breaches it), so the table says whether the budget, not the ceiling, steers it
+    to_one = {"start": 0.1, "end": 1.0, "shape": "adaptive"}
+    arms.append(Arm("adaptive-ceil-100", "full", to_one, True, adaptive))
+    arms.append(Arm("adaptive-ceil-100-b5", "full", to_one, True, {**adaptive, "forgetting_budget": 0.05}))
     return arms
 
 

@@ -25,14 +25,18 @@ from mixtune.core.policy import ServedPolicy
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 ENTRYPOINT = "flows/finetune.py:finetune"
+START_GRACE_S = 1800  # how long a submitted run may take to start before Prefect frees its concurrency slot
 
 
 def one_at_a_time(collision: ConcurrencyLimitStrategy) -> ConcurrencyLimitConfig:
     """One flow run of a deployment at a time. A tick due while a run is still going is cancelled (CANCEL_NEW):
     the next tick sees the same new data, so ticks never queue up behind a long run. A manual run waits its
     turn (ENQUEUE): someone asked for it. The two deployments are counted apart; the champion decision itself
-    is safe against any concurrent run (tasks/champion.py crown)."""
-    return ConcurrencyLimitConfig(limit=1, collision_strategy=collision)
+    is safe against any concurrent run (tasks/champion.py crown). A run holds its slot from submission, and
+    Prefect revokes a slot whose run has not started within the grace period (300 s by default): on a loaded
+    machine a run's process took longer than that to import torch and start, and was cancelled, so the grace
+    is longer."""
+    return ConcurrencyLimitConfig(limit=1, collision_strategy=collision, grace_period_seconds=START_GRACE_S)
 
 
 def deployment_specs(config: PipelineConfig) -> list[dict]:

@@ -112,3 +112,9 @@ def test_plan_auto_replaces_an_adaptive_schedule_with_the_advice_unless_the_advi
     config = tiny_config(tmp_path, advisor={"schedule": {"shape": "adaptive", "stages": 5}})
     ramped = apply_advice(config, advise(20_000, 100_000, 0, config))
     assert (ramped.schedule.shape, ramped.schedule.stages, ramped.schedule.shares) == ("adaptive", 5, None)
+
+
+def test_the_adaptive_ramp_may_rise_to_domain_only_unless_given_a_ceiling():
+    assert Schedule(shape="adaptive").end == 1.0
+    assert Schedule(shape="adaptive", end=0.5).end == 0.5  # a user's ceiling is kept
+    assert Schedule().end == Schedule(shape="cosine").end == 0.5  # the fixed ramps keep MiniMind's 10% -> 50%

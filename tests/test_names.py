@@ -59,6 +59,9 @@ def test_each_deployment_runs_one_at_a_time_and_a_tick_due_during_a_run_is_dropp
     assert manual["concurrency_limit"].limit == scheduled["concurrency_limit"].limit == 1
     assert scheduled["concurrency_limit"].collision_strategy == ConcurrencyLimitStrategy.CANCEL_NEW
     assert manual["concurrency_limit"].collision_strategy == ConcurrencyLimitStrategy.ENQUEUE
+    # a run that is slow to start on a loaded machine keeps its slot instead of being cancelled at 300 s
+    assert scheduled["concurrency_limit"].grace_period_seconds == manual["concurrency_limit"].grace_period_seconds
+    assert scheduled["concurrency_limit"].grace_period_seconds >= 1800
 
 
 def test_the_form_takes_a_name_and_the_server_refuses_one_that_is_a_path(tmp_path):
