@@ -19,7 +19,7 @@ from mixtune.core.config import validate_config  # noqa: E402
 def prefect_harness():
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
+    with prefect_test_harness(server_startup_timeout=600):  # a bound for a hung server, not a speed
         yield
 
 
