@@ -137,12 +137,12 @@ def arm_list(stages: int) -> list[Arm]:
     ]
     # hold, never stop, so that it trains every stage; its share after a breach is the rule's own
     adaptive = {"on_forgetting": "hold", "max_guard_actions": stages}
-    arms.append(Arm("adaptive", "full", {"start": 0.1, "end": 0.5, "shape": "adaptive"}, True, adaptive))
-    # the same rule free to rise to domain-only where drift leaves room, at the benchmark's budget and at half
-    # of it (where domain-only breaches it), so the table says whether the budget, not the ceiling, steers it
+    # mixtune's adaptive ramp (its ceiling unset: 1.0), at half the benchmark's budget, where domain-only breaches
+    # it and the budget, not the ceiling, must steer it; then capped at MiniMind's 50%; then as it is
     to_one = {"start": 0.1, "end": 1.0, "shape": "adaptive"}
-    arms.append(Arm("adaptive-ceil-100", "full", to_one, True, adaptive))
     arms.append(Arm("adaptive-ceil-100-b5", "full", to_one, True, {**adaptive, "forgetting_budget": 0.05}))
+    arms.append(Arm("adaptive", "full", {"start": 0.1, "end": 0.5, "shape": "adaptive"}, True, adaptive))
+    arms.append(Arm("adaptive-ceil-100", "full", to_one, True, adaptive))
     return arms
 
 

@@ -44,7 +44,9 @@ def test_every_full_sft_arm_trains_the_same_samples_from_the_same_base_with_the_
         "lora-ramp",
         "lora-domain-only",
         "self-rehearsal",
+        "adaptive-ceil-100-b5",
         "adaptive",
+        "adaptive-ceil-100",
     ]
     stages = config.schedule.stages
     for name, raw in raws.items():
@@ -67,6 +69,9 @@ def test_every_full_sft_arm_trains_the_same_samples_from_the_same_base_with_the_
     assert raws["ramp"]["validation"]["forgetting_budget"] == bench.GATE_OFF
     assert raws["adaptive"]["validation"]["forgetting_budget"] == config.validation.forgetting_budget
     assert raws["adaptive"]["validation"]["on_forgetting"] == "hold"
+    assert raws["adaptive"]["schedule"]["end"] == 0.5 and raws["adaptive-ceil-100"]["schedule"]["end"] == 1.0
+    assert raws["adaptive-ceil-100"]["validation"]["forgetting_budget"] == config.validation.forgetting_budget
+    assert raws["adaptive-ceil-100-b5"]["validation"]["forgetting_budget"] == 0.05
     assert (raws["lora-ramp"]["train"]["method"], raws["lora-ramp"]["train"]["learning_rate"]) == ("lora", 5e-3)
     for raw in raws.values():
         validate_config(raw, "arm", base_dir=tmp_path)  # every arm is a config mixtune accepts
