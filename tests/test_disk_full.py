@@ -10,6 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 
+# Imported before any test starts: Prefect configures logging on its first import, which drops the handler
+# caplog has put on the root logger when that import happens inside a test (alone, the store test saw nothing).
+import flows.finetune as flow_module
 from mixtune.core.disk import DiskFull, space_for
 from tests.conftest import tiny_config
 
@@ -81,7 +84,6 @@ def test_a_lock_file_always_holds_a_status_even_when_the_disk_is_full(tmp_path, 
 
 
 def test_a_tracking_store_that_cannot_be_written_is_said_and_its_runs_left_to_be_adopted(tmp_path, monkeypatch, caplog):
-    import flows.finetune as flow_module
     from tasks.tracking import hold_lock, lock_path, release_lock
 
     config = tiny_config(tmp_path)
