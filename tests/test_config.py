@@ -44,6 +44,7 @@ print(code, sorted({"torch", "transformers", "prefect", "mlflow", "peft"} & sys.
         (lambda raw: raw["train"].update(learning_rate=-1e-4), "train.learning_rate"),
         (lambda raw: raw["train"].update(learning_rate=float("inf")), "train.learning_rate: Input should be a finite"),
         (lambda raw: raw["train"].update(learning_rate=float("nan")), "train.learning_rate: Input should be a finite"),
+        (lambda raw: raw.update(pretrain={"learning_rate": 1e9}), "pretrain.learning_rate: Input should be less"),
         (lambda raw: raw["validation"].update(forgetting_budget=float("inf")), "validation.forgetting_budget"),
         (lambda raw: raw["train"].update(weight_decay=float("nan")), "train.weight_decay"),
         (lambda raw: raw.update(trian={}), "trian: unknown key"),

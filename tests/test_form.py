@@ -131,3 +131,19 @@ def test_the_server_still_refuses_a_bad_value_naming_the_field(tmp_path, section
     hydrated["config"][section][field] = value
     with pytest.raises(ValidationError, match=field):
         server_accepts(schema, hydrated)
+
+
+@pytest.mark.parametrize("section", ["train", "pretrain"])
+def test_the_server_refuses_an_infinite_learning_rate_it_would_otherwise_store_as_unset(tmp_path, section):
+    """The server stores a run's `Infinity` as null (read as "unset"): only the schema's maximum stops it first."""
+    _, schema, manual, _ = manual_deployment(tmp_path)
+    hydrated = hydrate(manual, HydrationContext(raise_on_error=True))
+    assert "learning_rate" not in hydrated["config"][section]
+    server_accepts(schema, hydrated)
+    for accepted in (1e-3, 1.0):
+        hydrated["config"][section]["learning_rate"] = accepted
+        server_accepts(schema, hydrated)
+    for refused in (float("inf"), 1e9):
+        hydrated["config"][section]["learning_rate"] = refused
+        with pytest.raises(ValidationError, match="learning_rate"):
+            server_accepts(schema, hydrated)

@@ -22,6 +22,9 @@ from mixtune.core.uris import redact_uri
 # measure general drift honestly; a general source's own validation rows share its training distribution.
 Role = Literal["general", "domain", "pretrain", "general_eval"]
 Share = Annotated[float, Field(ge=0.0, le=1.0)]  # bounds in the JSON schema too: the Prefect server checks them
+# No Adam-family recipe peaks above 1. The bound also puts a `maximum` in the deployment's parameter schema, so
+# the Prefect server refuses a run's `Infinity` (409) instead of storing it as null, which reads as "unset".
+MAX_LEARNING_RATE = 1.0
 Format = Literal["auto", "minimind", "openai", "sharegpt", "alpaca", "prompt_completion", "text"]
 
 
@@ -258,7 +261,10 @@ class Pretrain(Strict):
     )
     epochs: float = Field(2.0, gt=0, description="Passes over the pre-training text.")
     learning_rate: float | None = Field(
-        None, gt=0, description="Peak learning rate (cosine decay); unset: 3e-3 from scratch, 5e-5 for model.path."
+        None,
+        gt=0,
+        le=MAX_LEARNING_RATE,
+        description="Peak learning rate (cosine decay); unset: 3e-3 from scratch, 5e-5 for model.path.",
     )
     batch_size: int = Field(16, gt=0, description="Samples per optimiser step.")
     max_steps: int | None = Field(
@@ -354,6 +360,7 @@ class Train(Strict):
     learning_rate: float | None = Field(
         None,
         gt=0,
+        le=MAX_LEARNING_RATE,
         description="Peak learning rate of each stage; unset: by model kind (1e-3 scratch; model.path: 2e-5 full, "
         "1e-4 LoRA).",
     )
