@@ -5,6 +5,7 @@ cannot be written), and lock files that always hold a status. The full disk is a
 import errno
 import logging
 import os
+import sqlite3
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,7 +15,7 @@ import pytest
 # caplog has put on the root logger when that import happens inside a test (alone, the store test saw nothing).
 import flows.finetune as flow_module
 from mixtune.core.disk import DiskFull, space_for
-from tests.conftest import tiny_config
+from tests.conftest import ready_mlflow, tiny_config
 
 NO_SPACE = "Error while serializing: I/O error: No space left on device (os error 28)"
 
@@ -104,6 +105,59 @@ def test_a_tracking_store_that_cannot_be_written_is_said_and_its_runs_left_to_be
     assert "database or disk is full" in caplog.text and "adopts them, as after a kill" in caplog.text
     assert lock_path(config, "flow-store").read_text() == "RUNNING"
     release_lock("run-store")
+
+
+def sqlite_full(monkeypatch) -> None:
+    """SQLite's own "database or disk is full" on every write, raised where SQLAlchemy calls the sqlite3 driver,
+    so MLflow wraps it as it would (sqlite3.OperationalError -> sqlalchemy OperationalError -> MlflowException)."""
+    from sqlalchemy.engine.default import DefaultDialect
+
+    for name in ("do_execute", "do_executemany", "do_execute_no_params"):
+        original = getattr(DefaultDialect, name)
+
+        def refuse_writes(self, cursor, statement, *args, _original=original, **kwargs):
+            if statement.lstrip().upper().startswith(("INSERT", "UPDATE", "DELETE")):
+                raise sqlite3.OperationalError("database or disk is full")
+            return _original(self, cursor, statement, *args, **kwargs)
+
+        monkeypatch.setattr(DefaultDialect, name, refuse_writes)
+
+
+def test_a_full_tracking_store_is_one_message_naming_its_folder_whichever_write_meets_it(
+    tmp_path, monkeypatch, mlflow_template
+):
+    from mlflow.exceptions import MlflowException
+
+    from tasks.tracking import Tracker
+    from tasks.tracking.store import client_for
+
+    uri = f"sqlite:///{ready_mlflow(tmp_path / 'store', mlflow_template) / 'mlflow.db'}"
+    client = client_for(uri)
+    experiment = client.create_experiment("full", artifact_location=(tmp_path / "artifacts").as_uri())
+    tracker = Tracker(uri=uri, experiment_id=experiment, parent_run_id=client.create_run(experiment).info.run_id)
+    sqlite_full(monkeypatch)
+    for write in (lambda: tracker.log_params({"lr": 1e-3}), lambda: tracker.end("FAILED")):
+        with pytest.raises(DiskFull) as raised:
+            write()
+        message = str(raised.value)
+        assert message.startswith(f"disk full while writing to the MLflow tracking store in {tmp_path / 'store'}: ")
+        assert " MB free there; free some space there and run again" in message
+        assert raised.value.__cause__ is None and raised.value.__suppress_context__  # no chained traceback
+    with pytest.raises(MlflowException):  # not about space: MLflow's own error
+        tracker.run("no-such-run")
+    monkeypatch.undo()
+    tracker.log_params({"lr": 1e-3})
+    assert tracker.run(tracker.run_id).data.params == {"lr": "0.001"}
+
+
+def test_a_full_tracking_server_or_artifact_folder_is_named(tmp_path):
+    from tasks.tracking.store import store_full
+
+    server = store_full("http://worker:s3cret@127.0.0.1:5000", RuntimeError("INTERNAL_ERROR: database or disk is full"))
+    assert server.startswith("the MLflow tracking store http://worker:***@127.0.0.1:5000 says its disk is full")
+    artifact = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "artifacts" / "model.safetensors"))
+    said = store_full(f"sqlite:///{tmp_path / 'elsewhere' / 'mlflow.db'}", artifact)
+    assert said.startswith(f"disk full while writing to the MLflow tracking store in {tmp_path / 'artifacts'}: ")
 
 
 @pytest.mark.e2e

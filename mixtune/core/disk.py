@@ -18,15 +18,21 @@ class DiskFull(RuntimeError):
     """A write failed for want of space; the message names the folder and the space needed."""
 
 
-def says_disk_full(err: BaseException | None) -> bool:
-    """The error, or one it was raised from or while handling, is a full disk."""
+def error_chain(err: BaseException | None) -> Iterator[BaseException]:
+    """The error, then the one it was raised from or while handling, and so on."""
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if isinstance(err, OSError) and err.errno in FULL_ERRNOS or any(w in str(err) for w in FULL_WORDS):
-            return True
+        yield err
         err = err.__cause__ or err.__context__
-    return False
+
+
+def says_disk_full(err: BaseException | None) -> bool:
+    """The error, or one it was raised from or while handling, is a full disk."""
+    return any(
+        isinstance(e, OSError) and e.errno in FULL_ERRNOS or any(w in str(e) for w in FULL_WORDS)
+        for e in error_chain(err)
+    )
 
 
 def free_bytes(folder: Path) -> int:
@@ -39,24 +45,39 @@ def megabytes(n: int) -> str:
 
 
 @contextmanager
-def space_for(folder: Path, what: str, needed: int, free_some: Callable[[], int] = lambda: 0) -> Iterator[None]:
-    """Writes inside the block that fail for want of space raise DiskFull, naming `folder` and `needed` bytes.
-
-    A writer that only says "file write failed" (torch.save) counts as a full disk when less than `needed` is free.
-    `free_some` frees what the writer may (returns the bytes freed) before the message is made, so that a
-    rerun finds the room this one did not."""
+def disk_full_as(
+    message: Callable[[BaseException], str], full: Callable[[BaseException], bool] = says_disk_full
+) -> Iterator[None]:
+    """A failure inside the block that `full` reads as a full disk raises DiskFull(message(err)) instead, without
+    the chained tracebacks; any other error, and a DiskFull already said, passes through."""
     try:
         yield
     except DiskFull:
         raise
     except Exception as err:
-        if not (says_disk_full(err) or ("write failed" in str(err) and free_bytes(folder) < needed)):
+        if not full(err):
             raise
+        raise DiskFull(message(err)) from None
+
+
+def space_for(folder: Path, what: str, needed: int, free_some: Callable[[], int] = lambda: 0):
+    """Writes inside the block that fail for want of space raise DiskFull, naming `folder` and `needed` bytes.
+
+    A writer that only says "file write failed" (torch.save) counts as a full disk when less than `needed` is free.
+    `free_some` frees what the writer may (returns the bytes freed) before the message is made, so that a
+    rerun finds the room this one did not."""
+
+    def full(err: BaseException) -> bool:
+        return says_disk_full(err) or ("write failed" in str(err) and free_bytes(folder) < needed)
+
+    def message(err: BaseException) -> str:
         freed = free_some()
-        raise DiskFull(
+        return (
             f"disk full while writing {what} in {folder}: it needs about {megabytes(needed)}, "
             f"{megabytes(free_bytes(folder))} free there"
             + (f" (after removing {megabytes(freed)} of set-aside checkpoints)" if freed else "")
             + "; free some space there (or set run.output_dir on a larger disk) and run again: it continues "
             "from the last good checkpoint"
-        ) from None
+        )
+
+    return disk_full_as(message, full)

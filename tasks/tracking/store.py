@@ -5,15 +5,18 @@ from __future__ import annotations
 import fcntl
 import os
 import re
-from functools import lru_cache
+from functools import lru_cache, wraps
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mixtune.core.config import PipelineConfig
+from mixtune.core.disk import disk_full_as, error_chain, free_bytes, megabytes
 from mixtune.core.paths import default_tracking_uri
+from mixtune.core.uris import redact_uri
 from tasks.mlflow_names import MlflowTag, Tag
 
 RUNNING = RunStatus.to_string(RunStatus.RUNNING)
@@ -27,12 +30,50 @@ def metric_name(source: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(source).name if "/" in source else source)
 
 
+class StoreClient(MlflowClient):
+    """MlflowClient whose calls that fail for want of space in the tracking store raise DiskFull naming where and
+    how much is free: said once here, whichever write (a param, a metric, a run's end) meets the full disk first,
+    instead of MLflow's chained SQLAlchemy tracebacks (and tasks that retry all but DiskFull stop at once)."""
+
+    def __getattribute__(self, name: str):
+        attribute = super().__getattribute__(name)
+        if name.startswith("_") or not callable(attribute):
+            return attribute
+        uri = super().__getattribute__("tracking_uri")
+
+        @wraps(attribute)
+        def said_when_full(*args, **kwargs):
+            with disk_full_as(lambda err: store_full(uri, err)):
+                return attribute(*args, **kwargs)
+
+        return said_when_full
+
+
+def store_full(uri: str, err: BaseException) -> str:
+    """The DiskFull message for the store at `uri`: its folder (a SQLite file's, or the file an artifact write
+    failed on) and the space free there, or, for a server, the server."""
+    scheme = urlsplit(uri).scheme
+    again = "and run again: it continues from the last good checkpoint"
+    if scheme not in ("", "file", "sqlite"):
+        return f"the MLflow tracking store {redact_uri(uri)} says its disk is full: free some space there {again}"
+    local = uri.removeprefix("sqlite:///") if scheme == "sqlite" else urlsplit(uri).path
+    folder = failed_file_folder(err) or Path(local).absolute().parent
+    return (
+        f"disk full while writing to the MLflow tracking store in {folder}: {megabytes(free_bytes(folder))} free "
+        f"there; free some space there {again}"
+    )
+
+
+def failed_file_folder(err: BaseException) -> Path | None:
+    return next((Path(e.filename).parent for e in error_chain(err) if isinstance(e, OSError) and e.filename), None)
+
+
 @lru_cache(maxsize=8)
 def client_for(uri: str) -> MlflowClient:
     """The only MlflowClient constructor in mixtune, one client per tracking URI and process; private to the
     seam (tasks/tracking): everything else calls the seam's functions and methods."""
     if not uri.startswith("sqlite:///"):
-        return MlflowClient(uri)
+        return StoreClient(uri)
     database = Path(uri.removeprefix("sqlite:///"))
     database.parent.mkdir(parents=True, exist_ok=True)
     # MLflow creates and migrates a SQLite store when a client first opens it; two processes doing it at once
@@ -41,7 +82,7 @@ def client_for(uri: str) -> MlflowClient:
     fd = os.open(database.with_name(f"{database.name}.init.lock"), os.O_CREAT | os.O_RDWR, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        client = MlflowClient(uri)
+        client = StoreClient(uri)
         client.search_experiments(max_results=1)
         client.search_registered_models(max_results=1)  # the registry opens the same database on its own
     finally:
