@@ -4,6 +4,7 @@ cannot be written), and lock files that always hold a status. The full disk is a
 
 import errno
 import logging
+import logging.handlers
 import os
 import sqlite3
 from pathlib import Path
@@ -135,6 +136,8 @@ def test_a_full_tracking_store_is_one_message_naming_its_folder_whichever_write_
     client = client_for(uri)
     experiment = client.create_experiment("full", artifact_location=(tmp_path / "artifacts").as_uri())
     tracker = Tracker(uri=uri, experiment_id=experiment, parent_run_id=client.create_run(experiment).info.run_id)
+    mlflow_said = logging.handlers.BufferingHandler(capacity=100)
+    monkeypatch.setattr(logging.getLogger("mlflow.store.db.utils"), "handlers", [mlflow_said])
     sqlite_full(monkeypatch)
     for write in (lambda: tracker.log_params({"lr": 1e-3}), lambda: tracker.end("FAILED")):
         with pytest.raises(DiskFull) as raised:
@@ -145,6 +148,7 @@ def test_a_full_tracking_store_is_one_message_naming_its_folder_whichever_write_
         assert raised.value.__cause__ is None and raised.value.__suppress_context__  # no chained traceback
     with pytest.raises(MlflowException):  # not about space: MLflow's own error
         tracker.run("no-such-run")
+    assert mlflow_said.buffer == []  # MLflow's own ERROR record with the SQL and its traceback: left out
     monkeypatch.undo()
     tracker.log_params({"lr": 1e-3})
     assert tracker.run(tracker.run_id).data.params == {"lr": "0.001"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import re
 from functools import lru_cache, wraps
@@ -14,7 +15,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mixtune.core.config import PipelineConfig
-from mixtune.core.disk import disk_full_as, error_chain, free_bytes, megabytes
+from mixtune.core.disk import disk_full_as, error_chain, free_bytes, megabytes, says_disk_full
 from mixtune.core.paths import default_tracking_uri
 from mixtune.core.uris import redact_uri
 from tasks.mlflow_names import MlflowTag, Tag
@@ -47,6 +48,17 @@ class StoreClient(MlflowClient):
                 return attribute(*args, **kwargs)
 
         return said_when_full
+
+
+class FullStoreSaidOnce(logging.Filter):
+    """MLflow logs a failed SQL write at ERROR, with its SQL, parameters and traceback, before it raises it: for a
+    full disk the StoreClient's DiskFull says it in one line, so that record is left out."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and says_disk_full(record.exc_info[1]))
+
+
+logging.getLogger("mlflow.store.db.utils").addFilter(FullStoreSaidOnce())
 
 
 def store_full(uri: str, err: BaseException) -> str:
