@@ -12,6 +12,8 @@ from pathlib import Path
 
 FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 FULL_WORDS = ("No space left on device", "Disk quota exceeded", "database or disk is full")
+# torch.save names no cause: "file write failed", or, when a write came up short, "unexpected pos 267392 vs 267280"
+TORCH_SHORT_WRITES = ("write failed", "unexpected pos")
 
 
 class DiskFull(RuntimeError):
@@ -63,12 +65,13 @@ def disk_full_as(
 def space_for(folder: Path, what: str, needed: int, free_some: Callable[[], int] = lambda: 0):
     """Writes inside the block that fail for want of space raise DiskFull, naming `folder` and `needed` bytes.
 
-    A writer that only says "file write failed" (torch.save) counts as a full disk when less than `needed` is free.
+    A writer that names no cause (torch.save) counts as a full disk when less than `needed` is free.
     `free_some` frees what the writer may (returns the bytes freed) before the message is made, so that a
     rerun finds the room this one did not."""
 
     def full(err: BaseException) -> bool:
-        return says_disk_full(err) or ("write failed" in str(err) and free_bytes(folder) < needed)
+        short_write = any(words in str(err) for words in TORCH_SHORT_WRITES)
+        return says_disk_full(err) or (short_write and free_bytes(folder) < needed)
 
     def message(err: BaseException) -> str:
         freed = free_some()
