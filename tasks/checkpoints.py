@@ -186,3 +186,9 @@ def space_for_checkpoints(
     """A full disk while writing `target` fails as one DiskFull naming it, once the checkpoints in `checkpoints`
     and `aside` that can no longer be used (cut off mid-write, set aside) are freed for the rerun."""
     return space_for(target, what, needed, lambda: free_checkpoint_space(checkpoints, aside, warn))
+
+
+def space_in_stage(stage_dir: Path, target: Path, what: str, needed: int, warn: Callable[..., None]):
+    """space_for_checkpoints for a write into a stage's folder: a full disk there frees the stage's own unusable
+    checkpoints, whichever of its writes meets the full disk first."""
+    return space_for_checkpoints(target, what, needed, stage_dir / "checkpoints", stage_dir / "set-aside", warn)

@@ -14,7 +14,10 @@ import numpy as np
 import pandas as pd
 from prefect import task
 
+from mixtune.core.disk import DiskFull
 from mixtune.core.logs import run_logger
+from mixtune.core.retry import retry_unless
+from tasks.checkpoints import space_in_stage
 from tasks.records import StageMix
 
 
@@ -41,8 +44,12 @@ def mix_stage(
     order = np.concatenate([rng.permutation(len(drawn)) for _ in range(math.ceil(epochs))])
     sequence = drawn.iloc[order[: round(len(drawn) * epochs)]]
     sequence = sequence[["sample_id", "source", "tag", "n_tokens"]].reset_index(drop=True)
-    Path(manifest).parent.mkdir(parents=True, exist_ok=True)
-    sequence.to_parquet(manifest, index=False)
+    stage_dir = Path(manifest).parent
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    # The first write into a new stage's folder: where a disk that filled since the last stage is met.
+    needed = int(sequence.memory_usage(deep=True).sum())
+    with space_in_stage(stage_dir, stage_dir, "the stage's mix", needed, run_logger().warning):
+        sequence.to_parquet(manifest, index=False)
     is_domain = sequence["tag"] == "domain"
     return StageMix(
         stage=stage,
@@ -64,7 +71,13 @@ def source_epochs(sequence: pd.DataFrame, train: pd.DataFrame) -> dict[str, floa
     return {source: float(drawn.get(source, 0) / pool[source]) for source in pool.index}
 
 
-@task(name="mix", task_run_name="mix stage {stage} (share {share:.2f})", retries=2, retry_delay_seconds=[2, 10])
+@task(
+    name="mix",
+    task_run_name="mix stage {stage} (share {share:.2f})",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=retry_unless(DiskFull),
+)
 def mix_task(
     sft_path: str, stage: int, share: float, samples: int, seed: int, manifest: str, epochs: float = 1.0
 ) -> StageMix:

@@ -75,6 +75,29 @@ def test_on_a_full_disk_unsealed_and_set_aside_checkpoints_are_freed_and_sealed_
     assert list(aside.iterdir()) == [] and len(removed) == 2
 
 
+def test_a_full_disk_met_by_a_stages_mix_is_one_message_and_frees_the_stages_set_aside_checkpoints(
+    tmp_path, monkeypatch
+):
+    import pandas as pd
+
+    from tasks.mix import mix_stage
+    from tests.test_mix import pool
+
+    stage = tmp_path / "stage-2"
+    (stage / "set-aside" / "checkpoint-4-x").mkdir(parents=True)
+    (stage / "set-aside" / "checkpoint-4-x" / "model.safetensors").write_bytes(b"\0" * 2**20)
+
+    def pyarrow_full(*args, **kwargs):  # how pyarrow says it: errno 28, no file name
+        raise OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", pyarrow_full)
+    with pytest.raises(DiskFull) as raised:
+        mix_stage(pool(50, 500), 2, 0.2, 100, seed=0, manifest=str(stage / "mix.parquet"))
+    assert str(raised.value).startswith(f"disk full while writing the stage's mix in {stage}: it needs about")
+    assert "(after removing 1.0 MB of set-aside checkpoints)" in str(raised.value)
+    assert list((stage / "set-aside").iterdir()) == []
+
+
 def test_a_lock_file_always_holds_a_status_even_when_the_disk_is_full(tmp_path, monkeypatch):
     from tasks.tracking import hold_lock, leave_status, lock_path, owner_is_gone, release_lock
 
