@@ -42,8 +42,9 @@ def free_bytes(folder: Path) -> int:
     return shutil.disk_usage(existing).free
 
 
-def megabytes(n: int) -> str:
-    return f"{n / 2**20:,.1f} MB"
+def readable_size(n: int) -> str:
+    """In MB, or in KB below a tenth of one (a stage's mix is a few KB: "0.0 MB" would say nothing)."""
+    return f"{n / 2**20:,.1f} MB" if n >= 2**20 // 10 else f"{n / 2**10:,.1f} KB"
 
 
 @contextmanager
@@ -76,9 +77,9 @@ def space_for(folder: Path, what: str, needed: int, free_some: Callable[[], int]
     def message(err: BaseException) -> str:
         freed = free_some()
         return (
-            f"disk full while writing {what} in {folder}: it needs about {megabytes(needed)}, "
-            f"{megabytes(free_bytes(folder))} free there"
-            + (f" (after removing {megabytes(freed)} of set-aside checkpoints)" if freed else "")
+            f"disk full while writing {what} in {folder}: it needs about {readable_size(needed)}, "
+            f"{readable_size(free_bytes(folder))} free there"
+            + (f" (after removing {readable_size(freed)} of set-aside checkpoints)" if freed else "")
             + "; free some space there (or set run.output_dir on a larger disk) and run again: it continues "
             "from the last good checkpoint"
         )

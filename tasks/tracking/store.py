@@ -15,7 +15,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mixtune.core.config import PipelineConfig
-from mixtune.core.disk import disk_full_as, error_chain, free_bytes, megabytes, says_disk_full
+from mixtune.core.disk import disk_full_as, error_chain, free_bytes, readable_size, says_disk_full
 from mixtune.core.paths import default_tracking_uri
 from mixtune.core.uris import redact_uri
 from tasks.mlflow_names import MlflowTag, Tag
@@ -71,7 +71,7 @@ def store_full(uri: str, err: BaseException) -> str:
     local = uri.removeprefix("sqlite:///") if scheme == "sqlite" else urlsplit(uri).path
     folder = failed_file_folder(err) or Path(local).absolute().parent
     return (
-        f"disk full while writing to the MLflow tracking store in {folder}: {megabytes(free_bytes(folder))} free "
+        f"disk full while writing to the MLflow tracking store in {folder}: {readable_size(free_bytes(folder))} free "
         f"there; free some space there {again}"
     )
 
