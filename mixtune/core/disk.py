@@ -80,8 +80,9 @@ def space_for(folder: Path, what: str, needed: int, free_some: Callable[[], int]
             f"disk full while writing {what} in {folder}: it needs about {readable_size(needed)}, "
             f"{readable_size(free_bytes(folder))} free there"
             + (f" (after removing {readable_size(freed)} of set-aside checkpoints)" if freed else "")
-            + "; free some space there (or set run.output_dir on a larger disk) and run again: it continues "
-            "from the last good checkpoint"
+            # The run ends FAILED, and only an interrupted run's stages resume: the rerun starts over on its caches.
+            + "; free some space there (or set run.output_dir on a larger disk) and run again: it reuses the "
+            "cached data, tokenizer, base model and baseline"
         )
 
     return disk_full_as(message, full)
