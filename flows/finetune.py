@@ -29,6 +29,7 @@ from tasks.gate import finished_stage, gate_task
 from tasks.generation_check import generation_check_task
 from tasks.ingest import ingest_task
 from tasks.inputs import input_hash, input_tags, skip_task, unchanged_task
+from tasks.interpolate import interpolate_task
 from tasks.mix import mix_task
 from tasks.plan import plan_task
 from tasks.probes import probe_prompts
@@ -224,7 +225,9 @@ def run_pipeline(config: PipelineConfig, tracker: Tracker) -> tuple[RunSummary, 
         end_run_task(stage_run)
         reports.append(report)
         cursor, model, previous = advance(cursor, report), trained.model_dir, folder
-    summary = publish_task(request, reports, base_tasks)
+    # validation.interpolate: auto delivers base + alpha * (fine-tuned - base) within the budget; off: None
+    blend = interpolate_task(request, reports)
+    summary = publish_task(request, reports, base_tasks, blend)
     if summary.final_stage == 0:  # no stage passed the gate: the base model challenges no one, nor is registered
         return summary.model_copy(update={"verdict": base_delivered_task(config, tracker, tokens.sft)}), None
 

@@ -22,6 +22,7 @@ STAGES = {
         "validate",
         "generation_check",
         "gate",
+        "interpolate",
         "report",
         "champion",
     )
