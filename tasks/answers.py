@@ -54,7 +54,7 @@ def loose(text: str) -> str:
 
 
 def correct(metric: str, answer: str, reference: str) -> bool:
-    if metric == "choice":
+    if metric in ("choice", "loglik_choice"):  # loglik_choice's answer is the letter the model scored highest
         chosen = choice_letter(answer)
         return chosen is not None and chosen == choice_letter(reference)
     expected = final_number(reference)
