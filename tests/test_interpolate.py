@@ -14,6 +14,7 @@ from tasks.checkpoints import problem_with
 from tasks.interpolate import choose, full_weights, interpolate, save_interpolated, scored, set_weights
 from tasks.interpolate import float_params as weights
 from tasks.lm import PadCollator, mean_token_loss
+from tasks.mlflow_names import TASK, Metric, Tag
 from tasks.models import evaluate
 from tasks.records import AlphaPoint, TokenLosses
 from tasks.tables import IGNORE, validation_halves
@@ -154,3 +155,63 @@ def test_gain_and_drift_are_measured_against_alpha_0_on_the_same_half():
     assert (p.choose_gain, p.confirm_gain) == (0.5, 0.25)
     # judged on general_eval, as the gate judges, when the run has those rows
     assert p.choose_drift == pytest.approx(0.1) and p.confirm_drift == pytest.approx(0.5)
+
+
+def mcq_file(folder: Path, rows: int = 24) -> Path:
+    """Multiple-choice rows in the shape of the shared MCQ files: a question, options A-D, the letter."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = ["input,output,A,B,C,D"]
+    for i in range(rows):
+        options = [str(i + k) for k in range(4)]
+        lines.append(f"What is {i} plus {i % 4}?,{'ABCD'[i % 4]},{','.join(options)}")
+    path = folder / "mcq.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.e2e
+def test_a_tiny_run_with_interpolate_auto_delivers_the_chosen_weights_and_records_them(
+    prefect_harness, shared_cache, mlflow_db
+):
+    from mlflow.tracking import MlflowClient
+
+    from flows.finetune import finetune
+    from mixtune.core.config import validate_config
+    from tests.conftest import tiny_raw_config
+
+    budget = 0.05
+    raw = tiny_raw_config(shared_cache, schedule={"shares": [1.0, 1.0], "samples_per_stage": 64})
+    raw["validation"].update({"interpolate": "auto", "forgetting_budget": budget})
+    template = "{input}\nA. {A}\nB. {B}\nC. {C}\nD. {D}"
+    raw["data"]["sources"].append(
+        {
+            "path": str(mcq_file(shared_cache / "data")),
+            "role": "general_eval",
+            "columns": {"prompt_template": template, "response": "output"},
+            "eval": {"metric": "loglik_choice"},
+        }
+    )
+    summary = finetune(validate_config(raw, "test config", base_dir=shared_cache))
+
+    blend = summary.interpolation
+    assert [p.alpha for p in blend.points][:5] == [0, 0.25, 0.5, 0.75, 1]
+    chosen = next(p for p in blend.points if p.alpha == blend.alpha and (p.stage == blend.stage or not blend.alpha))
+    assert chosen.choose_drift <= budget and chosen.confirm_drift <= budget
+    assert (summary.final_model, summary.final_losses, summary.final_stage) == (
+        blend.model_dir,
+        blend.losses,
+        blend.stage,
+    )
+    if 0 < blend.alpha < 1:
+        assert problem_with(blend.model_dir) is None
+        AutoModelForCausalLM.from_pretrained(blend.model_dir)  # loads on its own, as the registry's copy must
+    client = MlflowClient(summary.tracking_uri)
+    parent = client.get_run(summary.parent_run_id)
+    assert parent.data.tags[Tag.INTERPOLATION_ALPHA] == f"{blend.alpha:g}"
+    history = client.get_metric_history(summary.parent_run_id, Metric.INTERPOLATION_ALPHA_TRIED)
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == [p.alpha for p in blend.points]
+    assert "plots/interpolation.png" in [a.path for a in client.list_artifacts(summary.parent_run_id, "plots")]
+    # the MCQ metric, for the base (step 0) and every stage, like the other task metrics
+    [name] = [n for n in parent.data.metrics if n.endswith("/loglik_choice") and n.startswith(TASK)]
+    steps = sorted(m.step for m in client.get_metric_history(summary.parent_run_id, name))
+    assert steps == [0, *[s.stage for s in summary.stages]]
