@@ -14,7 +14,7 @@ from tasks.checkpoints import problem_with
 from tasks.interpolate import choose, full_weights, interpolate, save_interpolated, scored, set_weights
 from tasks.interpolate import float_params as weights
 from tasks.lm import PadCollator, mean_token_loss
-from tasks.mlflow_names import TASK, Metric, Tag
+from tasks.mlflow_names import TASK, Metric, Tag, interpolation_metric
 from tasks.models import evaluate
 from tasks.records import AlphaPoint, TokenLosses
 from tasks.tables import IGNORE, validation_halves
@@ -120,6 +120,45 @@ def test_a_merged_lora_stage_interpolates_as_its_merged_model(tmp_path):
     q = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(a[q], original[q])  # the adapter's update, halved, is in the weights
     assert torch.allclose(a[q], original[q] + 0.5 * (merged.state_dict()[q] - original[q]), atol=1e-6)
+
+
+@pytest.mark.usefixtures("mlflow_db")
+def test_the_interpolation_is_what_the_run_delivers_and_its_points_are_in_mlflow(tiny_pair, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from tasks.interpolate import record_interpolation
+    from tasks.report import publish_final
+    from tasks.tracking import start_parent_run
+
+    base, tuned, sft = tiny_pair
+    before, after = evaluate(base, base, sft, 32), evaluate(tuned, base, sft, 32)
+    budget = (after.general / before.general - 1) / 3
+    config = tiny_config(tmp_path, validation={"interpolate": "auto", "forgetting_budget": budget})
+    stage = finished_stage_report(tmp_path, after, {"task/x/choice": 1.0}).model_copy(update={"model_dir": tuned})
+    tracker = start_parent_run(config, "flow-a", run_folder=str(tmp_path / "run"))
+    request = run_request(config, base, sft, before, tracker.run_folder, tracker)
+    result = interpolate(request, [stage])
+    stage = stage.model_copy(update={"run_id": tracker.parent_run_id})  # where publish reads its curves
+    record_interpolation(result, budget, tracker, tmp_path / "plots")
+    summary = publish_final(request, [stage], {}, result)
+
+    assert (summary.final_model, summary.final_losses, summary.interpolation) == (
+        result.model_dir,
+        result.losses,
+        result,
+    )
+    client = MlflowClient(tracker.uri)
+    parent = client.get_run(tracker.parent_run_id)
+    assert parent.data.tags[Tag.INTERPOLATION_ALPHA] == f"{result.alpha:g}"
+    assert parent.data.metrics[Metric.FINAL_DOMAIN_VAL_LOSS] == result.losses.domain
+    assert "final_task/x/choice" not in parent.data.metrics  # measured on the stage's weights, not these
+    drifts = client.get_metric_history(tracker.parent_run_id, interpolation_metric("confirm", "general_drift"))
+    assert [m.value for m in sorted(drifts, key=lambda m: m.step)] == pytest.approx(
+        [p.confirm_drift for p in result.points]
+    )
+    assert (tmp_path / "plots" / "interpolation.png").is_file()
+    assert "plots/interpolation.png" in [a.path for a in client.list_artifacts(tracker.parent_run_id, "plots")]
+    assert interpolate(request, [stage]) == result  # reused on resume, not measured again
 
 
 def point(alpha: float, choose_gain: float, choose_drift: float, confirm_drift: float) -> AlphaPoint:
