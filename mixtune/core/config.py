@@ -454,7 +454,7 @@ class Validation(Strict):
         "off",
         description="auto: after the last stage, deliver base + a * (fine-tuned - base) for the a in "
         "0, 0.25, 0.5, 0.75, 1 with the most domain gain whose general drift stays within forgetting_budget, "
-        "chosen on one half of the validation rows and confirmed on the other (README: Interpolation).",
+        "chosen on one half of the validation rows and confirmed on the other (docs/training.md: Interpolation).",
     )
 
 
