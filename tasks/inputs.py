@@ -11,7 +11,7 @@ from mixtune.core.cache import fingerprint
 from mixtune.core.config import PipelineConfig
 from mixtune.core.logs import run_logger
 from tasks import artifacts
-from tasks.keys import ingest_key, rehearsal_inputs
+from tasks.keys import distill_inputs, ingest_key, rehearsal_inputs
 from tasks.mlflow_names import Metric, Tag
 from tasks.records import Verdict
 from tasks.registry import champion_version
@@ -33,8 +33,8 @@ def input_hash(config: PipelineConfig) -> str:
     if config.model.path:
         # Names, sizes and mtimes: hashing a 200M-parameter model's weights every tick costs more than it tells.
         origin = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(config.model.path).iterdir())
-    rehearsal = rehearsal_inputs(config)
-    extra = [rehearsal] if rehearsal else []  # absent without rehearsal: earlier runs' hashes still match
+    # absent when off: earlier runs' hashes still match
+    extra = [made for made in (rehearsal_inputs(config), distill_inputs(config)) if made]
     return fingerprint(ingest_key(config), recipe, origin, config.run.seed, *extra)
 
 

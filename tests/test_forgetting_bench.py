@@ -45,6 +45,7 @@ def test_every_full_sft_arm_trains_the_same_samples_from_the_same_base_with_the_
         "lora-domain-only",
         "self-rehearsal",
         "domain-only-interpolate",
+        "domain-only-self-distill",
         "adaptive-ceil-100-b5",
         "adaptive",
         "adaptive-ceil-100",
@@ -92,6 +93,14 @@ def test_the_interpolation_arm_is_domain_only_under_the_real_budget_and_delivers
     assert arm["validation"]["forgetting_budget"] == config.validation.forgetting_budget  # not GATE_OFF
     assert arm["schedule"] == plain["schedule"] and arm["data"] == plain["data"] and arm["train"] == plain["train"]
     assert validate_config(arm, "arm", base_dir=tmp_path).validation.interpolate == "auto"
+
+
+def test_the_self_distill_arm_is_domain_only_on_the_base_models_rewrites(tmp_path):
+    _, raws = arm_configs(tmp_path)
+    arm, plain = raws["domain-only-self-distill"], raws["domain-only"]
+    assert arm["data"] == {**plain["data"], "self_distill": True} and not plain["data"].get("self_distill")
+    assert arm["schedule"] == plain["schedule"] and arm["validation"] == plain["validation"]
+    assert validate_config(arm, "arm", base_dir=tmp_path).data.self_distill is True
 
 
 def test_a_seed_and_the_calibrated_compute_reach_the_full_sft_arms_only(tmp_path):

@@ -15,6 +15,7 @@ STAGES = {
         "tokenize",
         "base_model",
         "rehearse",
+        "distill",
         "data_report",
         "inputs",
         "mix",

@@ -219,6 +219,13 @@ class Data(Strict):
     self_rehearsal: SelfRehearsal = Field(
         default_factory=SelfRehearsal, description="Prompts and generation of the rehearsal: self source."
     )
+    self_distill: bool = Field(
+        False,
+        description="true: before training, the base model rewrites each domain training answer in its own words, "
+        "given the original as reference (greedy, cached); a rewrite that is empty, loops, is cut short or drops "
+        "a number of the reference is quarantined and the original kept (docs/data.md: Self-distilled targets).",
+    )
+    self_distill_tokens: int = Field(256, gt=0, le=4096, description="Greedy generation bound per rewrite (tokens).")
 
     @model_validator(mode="after")
     def _needs_both_roles(self) -> Data:
