@@ -26,9 +26,16 @@ UNTRAINED_AGAIN = (
 RECIPE_SECTIONS = {"model", "pretrain", "schedule", "train", "validation", "plan", "goal", "advisor"}
 
 
+def training_recipe(config: PipelineConfig) -> dict:
+    """The recipe sections as hashed; validation.interpolate only when on, so that runs recorded before it
+    existed still hash alike and a scheduled tick does not retrain them for a field they never had."""
+    unset = {"validation": {"interpolate"}} if config.validation.interpolate == "off" else None
+    return config.model_dump(mode="json", include=RECIPE_SECTIONS, exclude=unset)
+
+
 def input_hash(config: PipelineConfig) -> str:
     """Data content and the training recipe: a UI run with a changed learning rate is new input too."""
-    recipe = config.model_dump(mode="json", include=RECIPE_SECTIONS)
+    recipe = training_recipe(config)
     origin = None
     if config.model.path:
         # Names, sizes and mtimes: hashing a 200M-parameter model's weights every tick costs more than it tells.

@@ -161,6 +161,15 @@ def test_the_interpolation_is_what_the_run_delivers_and_its_points_are_in_mlflow
     assert interpolate(request, [stage]) == result  # reused on resume, not measured again
 
 
+def test_interpolate_auto_is_new_input_and_off_hashes_as_runs_from_before_it(tmp_path):
+    from tasks.inputs import input_hash, training_recipe
+
+    off, auto = tiny_config(tmp_path), tiny_config(tmp_path, validation={"interpolate": "auto"})
+    assert "interpolate" not in training_recipe(off)["validation"]
+    assert training_recipe(auto)["validation"]["interpolate"] == "auto"
+    assert input_hash(off) != input_hash(auto)
+
+
 def point(alpha: float, choose_gain: float, choose_drift: float, confirm_drift: float) -> AlphaPoint:
     losses = TokenLosses(domain=1.0, general=1.0)
     return AlphaPoint(
