@@ -134,6 +134,10 @@ def arm_list(stages: int) -> list[Arm]:
         Arm("lora-domain-only", "lora", {"shares": [1.0] * stages}),
         # the general half of the mix is the model's own answers: no general source at all
         Arm("self-rehearsal", "full", ramp, data={"rehearsal": "self"}),
+        # gated: the budget the delivered interpolation keeps is the gate's; it trains until the gate stops it
+        Arm("domain-only-interpolate", "full", {"shares": [1.0] * stages}, True, {"interpolate": "auto"}),
+        # domain-only on the base model's own rewrites of the domain answers: the narrower gap, without mixing
+        Arm("domain-only-self-distill", "full", {"shares": [1.0] * stages}, data={"self_distill": True}),
     ]
     # hold, never stop, so that it trains every stage; its share after a breach is the rule's own
     adaptive = {"on_forgetting": "hold", "max_guard_actions": stages}

@@ -24,11 +24,13 @@ from tasks.base_model import disk_need, pretrain_task, tokenizer_task
 from tasks.champion import base_delivered_task, challenge_task, champion_task, crown_task
 from tasks.collect import retention_task
 from tasks.data_report import data_report_task
+from tasks.distill import distill_task
 from tasks.footprint import require_free_space
 from tasks.gate import finished_stage, gate_task
 from tasks.generation_check import generation_check_task
 from tasks.ingest import ingest_task
 from tasks.inputs import input_hash, input_tags, skip_task, unchanged_task
+from tasks.interpolate import interpolate_task
 from tasks.mix import mix_task
 from tasks.plan import plan_task
 from tasks.probes import probe_prompts
@@ -178,11 +180,15 @@ def run_pipeline(config: PipelineConfig, tracker: Tracker) -> tuple[RunSummary, 
     tokens = tokenize_task(
         data.samples, data.key, tokenizer_dir, config.model.max_seq_len, config.run.output_dir, config.data.overlong
     )
-    if config.data.rehearsal == "none":  # reported before pre-training: a source over its quarantine limit fails fast
+    from_base = config.data.rehearsal == "self" or config.data.self_distill  # data the base model writes
+    if not from_base:  # reported before pre-training: a source over its quarantine limit fails fast
         data_report_task(config, tracker, data, tokens)
     base = pretrain_task(config, tokenizer_dir, tokens.pretrain, tokens.key)
     if config.data.rehearsal == "self":  # the general source is the base model's own answers, added as any source
         data = rehearse_task(config, data, base, tracker)
+    if config.data.self_distill:  # the domain answers rewritten by the base model, the originals as reference
+        data = distill_task(config, data, base, tracker)
+    if from_base:
         tokens = tokenize_task(
             data.samples, data.key, tokenizer_dir, config.model.max_seq_len, config.run.output_dir, config.data.overlong
         )
@@ -224,7 +230,9 @@ def run_pipeline(config: PipelineConfig, tracker: Tracker) -> tuple[RunSummary, 
         end_run_task(stage_run)
         reports.append(report)
         cursor, model, previous = advance(cursor, report), trained.model_dir, folder
-    summary = publish_task(request, reports, base_tasks)
+    # validation.interpolate: auto delivers base + alpha * (fine-tuned - base) within the budget; off: None
+    blend = interpolate_task(request, reports)
+    summary = publish_task(request, reports, base_tasks, blend)
     if summary.final_stage == 0:  # no stage passed the gate: the base model challenges no one, nor is registered
         return summary.model_copy(update={"verdict": base_delivered_task(config, tracker, tokens.sft)}), None
 

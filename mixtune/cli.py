@@ -490,7 +490,9 @@ def format_summary(summary, seconds: float) -> str:
         )
     if summary.stopped_reason:
         out.append(f"run stopped: {summary.stopped_reason}")
-    if summary.final_stage == 0:
+    if summary.interpolation:
+        out.append(f"final model: {summary.final_model} (interpolated: {summary.interpolation.reason})")
+    elif summary.final_stage == 0:
         out.append(f"final model: the base model, {summary.final_model} (no stage passed the gate)")
     else:
         out.append(f"final model: {summary.final_model} (stage {summary.final_stage})")

@@ -28,14 +28,23 @@ def final_number(text: str) -> str | None:
     text = plain(text)
     marked = "####" in text
     numbers = NUMBER.findall(text.rsplit("####", 1)[1] if marked else text)
-    if not numbers:
-        return None
+    return canonical(numbers[0] if marked else numbers[-1]) if numbers else None
+
+
+def canonical(number: str) -> str | None:
+    """A matched number without grouping commas or trailing decimal zeros: "1,200.50" -> "1200.5"."""
     try:
-        value = Decimal((numbers[0] if marked else numbers[-1]).replace(",", ""))
+        value = Decimal(number.replace(",", ""))
     except InvalidOperation:
         return None
     value = value.normalize() if value else Decimal(0)
     return format(value, "f")
+
+
+def numbers_in(text: str) -> set[str]:
+    """Every number the text states, canonical and unsigned, so "1,200" in one text and "1200" in another are
+    the same, and so are "1-2 days" and "1 to 2 days" (the hyphen of a range reads as a minus)."""
+    return {n for n in (canonical(m.lstrip("-")) for m in NUMBER.findall(plain(text))) if n is not None}
 
 
 def choice_letter(text: str) -> str | None:
@@ -54,7 +63,7 @@ def loose(text: str) -> str:
 
 
 def correct(metric: str, answer: str, reference: str) -> bool:
-    if metric == "choice":
+    if metric in ("choice", "loglik_choice"):  # loglik_choice's answer is the letter the model scored highest
         chosen = choice_letter(answer)
         return chosen is not None and chosen == choice_letter(reference)
     expected = final_number(reference)

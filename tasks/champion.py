@@ -40,9 +40,12 @@ def decide(
 def version_description(tracker: Tracker, decision: Decision, reason: str, challenger: ByteLosses) -> str:
     """What tells versions apart in the registry: which run, how it trained, on what data, and why it won or lost."""
     tags = tracker.tags()
+    alpha = tags.get(Tag.INTERPOLATION_ALPHA)
+    interpolated = f", interpolated toward the base at alpha {alpha}" if alpha else ""
     return (
         f"{tags.get(MlflowTag.RUN_NAME, tracker.parent_run_id)}: {tags.get(Tag.METHOD, '?')} SFT, "
-        f"schedule {tags.get(Tag.SCHEDULE) or '-'} (final stage {tags.get(Tag.FINAL_STAGE, '?')}), "
+        f"schedule {tags.get(Tag.SCHEDULE) or '-'} (final stage {tags.get(Tag.FINAL_STAGE, '?')}"
+        f"{interpolated}), "
         f"inputs {tags.get(Tag.INPUT_HASH, '?')[:12]}. Decision {decision}: {reason}. "
         f"Challenger nats/byte: domain {challenger.domain:.4f}, general {challenger.general:.4f}."
     )

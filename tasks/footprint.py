@@ -52,6 +52,7 @@ def estimate(config: PipelineConfig, parameters: int, trained: int, pretrains: b
         "checkpoints (weights + optimizer state)": training,
         "base model": weights if pretrains else 0,
         "merged model": weights if t.method == "lora" else 0,
+        "interpolated model": weights if config.validation.interpolate == "auto" else 0,
     }
     if tracking_uri(config) == default_tracking_uri(config.run.output_dir):  # artifacts under output_dir
         logged_stages = stages * final if config.tracking.log_models else 0

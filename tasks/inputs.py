@@ -11,7 +11,7 @@ from mixtune.core.cache import fingerprint
 from mixtune.core.config import PipelineConfig
 from mixtune.core.logs import run_logger
 from tasks import artifacts
-from tasks.keys import ingest_key, rehearsal_inputs
+from tasks.keys import distill_inputs, ingest_key, rehearsal_inputs
 from tasks.mlflow_names import Metric, Tag
 from tasks.records import Verdict
 from tasks.registry import champion_version
@@ -26,15 +26,22 @@ UNTRAINED_AGAIN = (
 RECIPE_SECTIONS = {"model", "pretrain", "schedule", "train", "validation", "plan", "goal", "advisor"}
 
 
+def training_recipe(config: PipelineConfig) -> dict:
+    """The recipe sections as hashed; validation.interpolate only when on, so that runs recorded before it
+    existed still hash alike and a scheduled tick does not retrain them for a field they never had."""
+    unset = {"validation": {"interpolate"}} if config.validation.interpolate == "off" else None
+    return config.model_dump(mode="json", include=RECIPE_SECTIONS, exclude=unset)
+
+
 def input_hash(config: PipelineConfig) -> str:
     """Data content and the training recipe: a UI run with a changed learning rate is new input too."""
-    recipe = config.model_dump(mode="json", include=RECIPE_SECTIONS)
+    recipe = training_recipe(config)
     origin = None
     if config.model.path:
         # Names, sizes and mtimes: hashing a 200M-parameter model's weights every tick costs more than it tells.
         origin = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(config.model.path).iterdir())
-    rehearsal = rehearsal_inputs(config)
-    extra = [rehearsal] if rehearsal else []  # absent without rehearsal: earlier runs' hashes still match
+    # absent when off: earlier runs' hashes still match
+    extra = [made for made in (rehearsal_inputs(config), distill_inputs(config)) if made]
     return fingerprint(ingest_key(config), recipe, origin, config.run.seed, *extra)
 
 

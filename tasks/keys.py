@@ -28,8 +28,10 @@ def rehearsal_prompts(config: PipelineConfig) -> Path:
 
 def ingest_key(config: PipelineConfig) -> str:
     seed, data = config.run.seed, config.data
-    # The rehearsal is made after ingest, from the base model: its settings are no part of what ingest reads.
-    options = data.model_dump(exclude={"sources", "rehearsal", "self_rehearsal"})
+    # The rehearsal and the self-distilled answers are made after ingest, from the base model: their settings are
+    # no part of what ingest reads.
+    made_later = {"rehearsal", "self_rehearsal", "self_distill", "self_distill_tokens"}
+    options = data.model_dump(exclude={"sources", *made_later})
     return fingerprint(INGEST_VERSION, seed, options, [source_fingerprint(s, seed) for s in data.sources])
 
 
@@ -39,3 +41,10 @@ def rehearsal_inputs(config: PipelineConfig) -> dict | None:
         return None
     settings = config.data.self_rehearsal.model_dump(exclude={"prompts"})
     return {**settings, "prompts_sha256": file_digest(rehearsal_prompts(config))}
+
+
+def distill_inputs(config: PipelineConfig) -> dict | None:
+    """What the self-distilled answers are made with, besides the base model and the data; None when off."""
+    if not config.data.self_distill:
+        return None
+    return {"self_distill_tokens": config.data.self_distill_tokens}

@@ -31,6 +31,8 @@ class Tag(StrEnum):
     SCHEDULE = "mixtune.schedule"
     STOPPED_REASON = "mixtune.stopped_reason"
     GUARD_ACTIONS = "mixtune.guard_actions"
+    INTERPOLATION_ALPHA = "mixtune.interpolation_alpha"  # validation.interpolate: the delivered alpha
+    INTERPOLATION_REASON = "mixtune.interpolation_reason"
     # the gate, on a stage run
     DECISION = "mixtune.decision"  # also a model version's: first, promote or reject
     DECISION_REASON = "mixtune.decision_reason"
@@ -80,6 +82,11 @@ class Metric(StrEnum):
     GENERAL_SPLIT_DRIFT = "general_split_drift"
     GENERAL_EVAL_DRIFT = "general_eval_drift"
     NO_NEW_DATA_TICKS = "no_new_data_ticks"
+    # validation.interpolate, on the parent run: the delivered alpha (at step = its stage), and per point tried
+    # (at step = its place in the list) its alpha and stage; interpolation_metric names the rest
+    INTERPOLATION_ALPHA = "interpolation_alpha"
+    INTERPOLATION_ALPHA_TRIED = "interpolation/alpha"
+    INTERPOLATION_STAGE = "interpolation/stage"
 
 
 BASE = "base_"  # a metric of the base model, before any stage
@@ -90,3 +97,9 @@ TASK = "task/"  # a task metric's prefix (tasks/probes.py): task/<set>/<scorer>
 def val_loss(split: str) -> str:
     """A validation set's loss: domain_val_loss, general_val_loss, general_eval_val_loss."""
     return f"{split}_val_loss"
+
+
+def interpolation_metric(half: str, measure: str) -> str:
+    """A point's measure on one half of the validation rows: interpolation/choose_domain_gain,
+    interpolation/confirm_general_drift, ..."""
+    return f"interpolation/{half}_{measure}"

@@ -12,7 +12,7 @@ import math
 from prefect import task
 from pydantic import BaseModel
 
-from mixtune.core.config import Advisor, PipelineConfig
+from mixtune.core.config import INTERPOLATION_ALPHAS, Advisor, PipelineConfig
 from mixtune.core.logs import run_logger
 from tasks import artifacts
 from tasks.records import SourceStats
@@ -260,6 +260,13 @@ def format_plan(advice: Advice | None, plan: EpochPlan, config: PipelineConfig) 
             f"{s.cumulative_domain_epochs:10.2f}  {s.general_epochs:14.2f}  {s.cumulative_general_epochs:10.2f}"
         )
     lines += [f"  warning: {w}" for w in plan.warnings]
+    if config.validation.interpolate == "auto":
+        lines.append(
+            "  delivery: base + alpha * (fine-tuned - base) for the alpha of "
+            f"{' '.join(f'{a:g}' for a in INTERPOLATION_ALPHAS)} with the most domain gain within the "
+            f"{config.validation.forgetting_budget:.0%} forgetting budget (chosen on half the validation rows, "
+            "confirmed on the other half)"
+        )
     return "\n".join(lines)
 
 

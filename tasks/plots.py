@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
 from tasks.mlflow_names import Metric, val_loss  # noqa: E402
-from tasks.records import StageReport  # noqa: E402
+from tasks.records import AlphaPoint, StageReport  # noqa: E402
 
 COLOURS = {Metric.TRAIN_LOSS: "#999999", Metric.DOMAIN_VAL_LOSS: "#d62728", Metric.GENERAL_VAL_LOSS: "#1f77b4"}
 LABELS = {Metric.TRAIN_LOSS: "train", Metric.DOMAIN_VAL_LOSS: "domain val", Metric.GENERAL_VAL_LOSS: "general val"}
@@ -80,6 +80,28 @@ def loss_plot(stages: list[StageCurves], baselines: dict[str, float], budget: fl
     )
     ax.set(xlabel="training step (stages end at the dashed lines)", ylabel="loss", title="Loss across stages")
     ax.legend(fontsize=8, loc="upper right")
+    return save(fig, path)
+
+
+def interpolation_plot(points: list[AlphaPoint], budget: float, chosen: float, path: Path) -> Path:
+    """Domain gain and general drift against alpha, on the half that chose and the half that confirmed, for
+    the stage interpolated over the grid (the first points)."""
+    grid = [p for p in points if p.stage == points[0].stage]
+    alphas = [p.alpha for p in grid]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for half, style in (("choose", "o-"), ("confirm", "s--")):
+        gains = [getattr(p, f"{half}_gain") for p in grid]
+        drifts = [getattr(p, f"{half}_drift") for p in grid]
+        ax.plot(alphas, gains, style, color=COLOURS["domain_val_loss"], label=f"domain gain ({half} half)")
+        ax.plot(alphas, drifts, style, color=COLOURS["general_val_loss"], label=f"general drift ({half} half)")
+    ax.axhline(budget, color=COLOURS["general_val_loss"], linestyle=":", label=f"forgetting budget (+{budget:.0%})")
+    ax.axvline(chosen, color="#555555", linestyle="--", linewidth=1, label=f"delivered: alpha {chosen:g}")
+    ax.set(
+        xlabel=f"alpha: base + alpha * (stage {grid[0].stage} - base)",
+        ylabel="relative to the base model",
+        title="Interpolation toward the base",
+    )
+    ax.legend(fontsize=8, loc="best")
     return save(fig, path)
 
 

@@ -124,6 +124,33 @@ class TokenLosses(BaseModel):
         return ("general_eval", self.general_eval) if self.general_eval is not None else ("general", self.general)
 
 
+class AlphaPoint(BaseModel):
+    """One interpolation base + alpha * (stage's model - base), measured on each half of the validation rows:
+    `choose` picks alpha, `confirm` (rows not used to choose) checks it. Gain and drift are relative to alpha 0
+    (the base) on the same half; drift is judged on the set the gate judges (TokenLosses.judged_general)."""
+
+    stage: int
+    alpha: float
+    choose: TokenLosses
+    confirm: TokenLosses
+    choose_gain: float = 0.0
+    choose_drift: float = 0.0
+    confirm_gain: float = 0.0
+    confirm_drift: float = 0.0
+
+
+class Interpolation(BaseModel):
+    """What validation.interpolate delivered: `model_dir` holds base + alpha * (stage's model - base); alpha 1
+    is the stage's own model, alpha 0 the base (stage 0)."""
+
+    stage: int
+    alpha: float
+    model_dir: str
+    losses: TokenLosses  # of the delivered weights, on the whole validation sets
+    points: list[AlphaPoint]
+    reason: str
+
+
 class ByteLosses(BaseModel):
     """Nats per UTF-8 byte of target text: comparable across tokenizers."""
 
@@ -208,3 +235,4 @@ class RunSummary(BaseModel):
     plots: list[str] = []
     disk: DiskUse | None = None  # None: nothing trained, nothing left
     verdict: Verdict | None = None
+    interpolation: Interpolation | None = None  # validation.interpolate: auto

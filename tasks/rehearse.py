@@ -25,16 +25,13 @@ from mixtune.core.cache import Entry, building, entry_dir, file_digest, fingerpr
 from mixtune.core.config import PipelineConfig, SelfRehearsal
 from mixtune.core.logs import run_logger
 from mixtune.core.retry import retry_unless
-from tasks.answers import MAX_REPEATED_SHARE, repeated_share
 from tasks.keys import rehearsal_prompts
-from tasks.models import weights_digest
-from tasks.probes import answer_probes
+from tasks.own_answers import cached_answers, model_digest, unusable
 from tasks.readers import IngestError, preview, sample_key, split_hash
 from tasks.records import IngestResult, SourceStats
 from tasks.sources import (
     check_validation_sets,
     data_scripts,
-    dominant_script,
     in_scripts,
     read_stats,
     script_mix,
@@ -45,7 +42,6 @@ from tasks.tracking import Tracker
 
 REHEARSAL_VERSION = 1
 LABEL = "rehearsal:self"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 # The gate judges general drift on the held-out answers. Under 16, one answer weighs over 1/16 (6%) of the
 # mean loss, more than half the default 10% forgetting budget: one odd answer could decide the gate alone.
 MIN_HELD_OUT = 16
@@ -99,12 +95,6 @@ def planned_sizes(config: PipelineConfig, stats: dict[str, SourceStats]) -> dict
     return {LABEL: answers_stats(config, rehearsal_prompts(config), answered, answered - val, val)}
 
 
-def model_digest(base_dir: str) -> str:
-    """The weights and the tokenizer: a base model answers through both."""
-    files = [Path(base_dir) / name for name in TOKENIZER_FILES]
-    return fingerprint(weights_digest(base_dir), [f"{f.name}:{file_digest(f)}" for f in files if f.is_file()])
-
-
 def answers_key(base_dir: str, prompts: list[str], settings: SelfRehearsal) -> str:
     return fingerprint(REHEARSAL_VERSION, model_digest(base_dir), prompts, settings.max_new_tokens)
 
@@ -112,38 +102,14 @@ def answers_key(base_dir: str, prompts: list[str], settings: SelfRehearsal) -> s
 def generate(base_dir: str, prompts: list[str], settings: SelfRehearsal, output_dir: str) -> Path:
     """answers.jsonl: one row per prompt, in order (greedy, so the same model always says the same)."""
     folder = entry_dir(output_dir, Entry.REHEARSAL, answers_key(base_dir, prompts, settings))
-    with building(folder) as build:
-        if build:
-            run_logger().info("rehearsal: the base model answers %d prompts", len(prompts))
-            asked = [{"prompt": [{"role": "user", "content": p}]} for p in prompts]
-            replies = answer_probes(
-                base_dir,
-                base_dir,
-                asked,
-                settings.batch_size,
-                max_new_tokens=settings.max_new_tokens,
-                label="rehearsal: base model answers",
-            )
-            with (folder / "answers.jsonl").open("w", encoding="utf-8") as out:
-                for number, (prompt, reply) in enumerate(zip(prompts, replies), start=1):
-                    row = {"line": number, "prompt": prompt, "answer": reply["answer"], "ended": reply["ended"]}
-                    out.write(json.dumps(row, ensure_ascii=False) + "\n")
-            mark_complete(folder)
-        else:
-            run_logger().info("rehearsal: answers reused from %s (same model, prompts and settings)", folder)
-    return folder / "answers.jsonl"
+    return cached_answers(base_dir, prompts, settings.max_new_tokens, settings.batch_size, folder, "rehearsal")
 
 
 def quarantine_reason(answer: str, earlier: dict[str, int], prompt: str = "") -> tuple[str, str] | None:
     """Why an answer must not be trained on, or None. `earlier`: accepted answers (normalised) -> their line."""
-    if not answer.strip():
-        return "empty_answer", "the base model gave no answer"
-    share = repeated_share(answer)
-    if share > MAX_REPEATED_SHARE:
-        return "degenerate_answer", f"{share:.0%} of its 6-grams repeat (over {MAX_REPEATED_SHARE:.0%}): a loop"
-    asked_in, answered_in = dominant_script(prompt), dominant_script(answer)
-    if asked_in and answered_in and asked_in != answered_in:
-        return "other_script", f"written in {answered_in}, its prompt in {asked_in}: not an answer to rehearse"
+    reason = unusable(answer, prompt)
+    if reason:
+        return reason
     first = earlier.get(sample_key(answer, "normalized"))
     if first is not None:
         return "duplicate_answer", f"the same answer as line {first}: one answer for many prompts teaches nothing"

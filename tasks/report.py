@@ -13,7 +13,7 @@ from tasks import artifacts
 from tasks.mlflow_names import FINAL, Metric, Tag, val_loss
 from tasks.models import is_adapter
 from tasks.plots import COLOURS, loss_plot, share_plot, stage_curves
-from tasks.records import RunSummary, StageReport, TokenLosses
+from tasks.records import Interpolation, RunSummary, StageReport, TokenLosses
 from tasks.requests import RunRequest
 from tasks.tracking import Tracker, metric_name
 
@@ -57,20 +57,26 @@ def log_stage_history(tracker: Tracker, reports: list[StageReport]) -> None:
 
 
 def publish_final(
-    request: RunRequest, reports: list[StageReport], base_tasks: dict[str, float] | None = None
+    request: RunRequest,
+    reports: list[StageReport],
+    base_tasks: dict[str, float] | None = None,
+    interpolation: Interpolation | None = None,
 ) -> RunSummary:
     """The best model so far becomes the run's final model: the best stage that passed the gate, or the
-    base model itself when none did."""
+    base model itself when none did; with validation.interpolate, the interpolation it chose."""
     config, tracker, baseline, base_dir = request.config, request.tracker, request.baseline, request.base_dir
     final = final_stage(reports)
     model_dir, stage, losses = (final.model_dir, final.stage, final.losses) if final else (base_dir, 0, baseline)
+    final_tasks = final.task_metrics if final else base_tasks or {}
+    if interpolation:
+        model_dir, stage, losses = interpolation.model_dir, interpolation.stage, interpolation.losses
+        final_tasks = delivered_tasks(reports, interpolation, base_tasks or {})
     stopped = next((r.gate.reason for r in reports if r.gate.decision == "stop"), None)
     guarded = [f"stage {r.stage}: {r.gate.decision}" for r in reports if r.gate.decision in ("hold", "back_off")]
     kind = "adapter" if is_adapter(model_dir) else "model"
     tracker.log_artifacts(model_dir, f"final_{kind}")
     finals = {FINAL + val_loss(tag): value for tag, value in losses.model_dump(exclude_none=True).items()}
     tracker.log_metrics(finals, step=stage)
-    final_tasks = final.task_metrics if final else base_tasks or {}
     if final_tasks:  # `mixtune compare` reads the delivered model's task metrics from these
         tracker.log_metrics({FINAL + name: value for name, value in final_tasks.items()}, step=stage)
     plots = publish_plots(
@@ -101,7 +107,18 @@ def publish_final(
         final_losses=losses,
         stopped_reason=stopped,
         plots=[str(p) for p in plots],
+        interpolation=interpolation,
     )
+
+
+def delivered_tasks(reports: list[StageReport], interpolation: Interpolation, base_tasks: dict) -> dict:
+    """Task metrics that hold for the interpolated weights: the stage's own at alpha 1, the base's at alpha 0;
+    none between (not measured)."""
+    if interpolation.alpha == 0:
+        return base_tasks
+    if interpolation.alpha == 1:
+        return next(r.task_metrics for r in reports if r.stage == interpolation.stage)
+    return {}
 
 
 def summary_markdown(summary: RunSummary, run_url: str | None) -> str:
@@ -115,15 +132,20 @@ def summary_markdown(summary: RunSummary, run_url: str | None) -> str:
     ]
     if summary.stopped_reason:
         lines.append(f"Stopped: {summary.stopped_reason}")
+    if summary.interpolation:
+        lines.append(f"Interpolated toward the base: {summary.interpolation.reason}")
     lines += ["", "Plots (PNG, also in the MLflow run under `plots/`):", *[f"- `{p}`" for p in summary.plots]]
     return "\n".join(lines)
 
 
 @task(name="publish", task_run_name="publish", retries=2, retry_delay_seconds=[2, 10])
 def publish_task(
-    request: RunRequest, reports: list[StageReport], base_tasks: dict[str, float] | None = None
+    request: RunRequest,
+    reports: list[StageReport],
+    base_tasks: dict[str, float] | None = None,
+    interpolation: Interpolation | None = None,
 ) -> RunSummary:
-    summary = publish_final(request, reports, base_tasks)
+    summary = publish_final(request, reports, base_tasks, interpolation)
     tracker = request.tracker
     artifacts.markdown(
         "final-model", summary_markdown(summary, tracker.run_url(tracker.parent_run_id)), "The run's final model"

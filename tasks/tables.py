@@ -33,6 +33,22 @@ def validation_sets(sft_path: str, tags: tuple[str, ...] = ("domain", "general")
     }
 
 
+def validation_halves(sft_path: str, tags: tuple[str, ...]) -> dict[tuple[str, int], TokenDataset]:
+    """Each validation set cut in two by sample id (even and odd places in id order): half 0 chooses, half 1
+    checks the choice on rows that did not make it. The same halves for every model and rerun."""
+    val = pq.read_table(
+        sft_path, columns=["sample_id", "tag", "input_ids", "labels"], filters=[("split", "==", "val")]
+    ).to_pandas()
+    halves = {}
+    for tag in tags:
+        rows = val[val["tag"] == tag].sort_values("sample_id", kind="stable").reset_index(drop=True)
+        if tag == "general_eval" and rows.empty:  # a run without general_eval sources
+            continue
+        for half in (0, 1):
+            halves[(tag, half)] = TokenDataset(rows.iloc[half::2])
+    return halves
+
+
 def stage_table(sft_path: str, manifest: str) -> pd.DataFrame:
     """The stage's training rows (token ids and labels) in the manifest's order, repeats included; only the
     drawn rows are read, so a stage's memory follows its size, not the whole data set's."""

@@ -13,6 +13,7 @@ from mixtune.core.cache import Entry, building, entry_dir, fingerprint, mark_com
 from mixtune.core.config import PipelineConfig
 from mixtune.core.logs import run_logger
 from tasks.answers import correct
+from tasks.choices import answer_by_loglik
 from tasks.mlflow_names import BASE, FINAL, Metric, val_loss
 from tasks.models import evaluate, set_losses, weights_digest
 from tasks.probes import PROBE_TOKENS, answer_probes, format_probes
@@ -137,20 +138,20 @@ def eval_rows(sft_path: str, samples_path: str, label: str, count: int) -> list[
 
 
 def task_metrics(config: PipelineConfig, model_dir: str, base_dir: str, sft_path: str, samples_path: str) -> dict:
-    """Per source with an `eval`: the share of its scored validation rows answered right (greedy)."""
+    """Per source with an `eval`: the share of its scored validation rows answered right (greedy, or the option
+    letter of highest log-likelihood for loglik_choice)."""
     metrics = {}
     for source in config.data.sources:
         rows = eval_rows(sft_path, samples_path, source.label, source.eval.max_samples) if source.eval else []
         if not rows:
             continue
-        answers = answer_probes(
-            model_dir,
-            base_dir,
-            rows,
-            config.validation.batch_size,
-            max_new_tokens=source.eval.max_new_tokens,
-            label=f"task metrics: {source.label}",
-        )
+        batch, label = config.validation.batch_size, f"task metrics: {source.label}"
+        if source.eval.metric == "loglik_choice":
+            answers = answer_by_loglik(model_dir, base_dir, rows, max(1, batch // 4), label)
+        else:
+            answers = answer_probes(
+                model_dir, base_dir, rows, batch, max_new_tokens=source.eval.max_new_tokens, label=label
+            )
         right = sum(correct(source.eval.metric, a["answer"], a["reference"]) for a in answers)
         metrics[f"task/{metric_name(source.label)}/{source.eval.metric}"] = right / len(answers)
     return metrics

@@ -1,8 +1,8 @@
 """Records for tests of the functions that read them: a source's counts (the fields a test names, zeros and
-empties for the rest), and a stage's request as the flow makes it, for a stage trained on its own."""
+empties for the rest), a stage's request as the flow makes it, for a stage trained on its own, and a run's."""
 
 from tasks.records import SourceStats, StageMix, TokenLosses
-from tasks.requests import StageRequest
+from tasks.requests import RunRequest, StageRequest
 from tasks.tracking import Tracker
 
 
@@ -30,3 +30,10 @@ def stage_request(
         tracker=tracker,
         baseline=baseline,
     )
+
+
+def run_request(config, base: str, sft_path: str, baseline: TokenLosses, run_folder, tracker: Tracker | None = None):
+    """The run's request; no tracker: one that names the run's folder and nothing MLflow has, for code that only
+    reads the folder."""
+    tracker = tracker or Tracker(uri="unused", experiment_id="0", parent_run_id="none", run_folder=str(run_folder))
+    return RunRequest(config=config, tracker=tracker, base_dir=base, sft_path=sft_path, baseline=baseline)

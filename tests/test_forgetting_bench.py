@@ -44,6 +44,8 @@ def test_every_full_sft_arm_trains_the_same_samples_from_the_same_base_with_the_
         "lora-ramp",
         "lora-domain-only",
         "self-rehearsal",
+        "domain-only-interpolate",
+        "domain-only-self-distill",
         "adaptive-ceil-100-b5",
         "adaptive",
         "adaptive-ceil-100",
@@ -82,6 +84,23 @@ def test_the_self_rehearsal_arm_trains_on_the_domain_source_alone_and_is_measure
     arm = raws["self-rehearsal"]
     assert arm["data"]["rehearsal"] == "self"
     assert {s["role"] for s in arm["data"]["sources"]} == {"domain", "general_eval"}
+
+
+def test_the_interpolation_arm_is_domain_only_under_the_real_budget_and_delivers_by_interpolation(tmp_path):
+    config, raws = arm_configs(tmp_path)
+    arm, plain = raws["domain-only-interpolate"], raws["domain-only"]
+    assert arm["validation"]["interpolate"] == "auto" and plain["validation"]["interpolate"] == "off"
+    assert arm["validation"]["forgetting_budget"] == config.validation.forgetting_budget  # not GATE_OFF
+    assert arm["schedule"] == plain["schedule"] and arm["data"] == plain["data"] and arm["train"] == plain["train"]
+    assert validate_config(arm, "arm", base_dir=tmp_path).validation.interpolate == "auto"
+
+
+def test_the_self_distill_arm_is_domain_only_on_the_base_models_rewrites(tmp_path):
+    _, raws = arm_configs(tmp_path)
+    arm, plain = raws["domain-only-self-distill"], raws["domain-only"]
+    assert arm["data"] == {**plain["data"], "self_distill": True} and not plain["data"].get("self_distill")
+    assert arm["schedule"] == plain["schedule"] and arm["validation"] == plain["validation"]
+    assert validate_config(arm, "arm", base_dir=tmp_path).data.self_distill is True
 
 
 def test_a_seed_and_the_calibrated_compute_reach_the_full_sft_arms_only(tmp_path):

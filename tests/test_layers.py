@@ -15,6 +15,7 @@ STAGES = {
         "tokenize",
         "base_model",
         "rehearse",
+        "distill",
         "data_report",
         "inputs",
         "mix",
@@ -22,6 +23,7 @@ STAGES = {
         "validate",
         "generation_check",
         "gate",
+        "interpolate",
         "report",
         "champion",
     )

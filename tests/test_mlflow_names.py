@@ -98,6 +98,8 @@ def test_the_names_are_the_ones_recorded_runs_carry():
         "mixtune.guard_actions",
         "mixtune.host",
         "mixtune.input_hash",
+        "mixtune.interpolation_alpha",
+        "mixtune.interpolation_reason",
         "mixtune.kind",
         "mixtune.last_skip_flow_run",
         "mixtune.lock",

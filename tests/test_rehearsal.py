@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-import tasks.rehearse as rehearse_module
+import tasks.own_answers as own_answers_module
 from mixtune.core.config import ConfigError, SelfRehearsal
 from tasks.ingest import ingest
 from tasks.keys import BUNDLED_PROMPTS
@@ -169,8 +169,8 @@ def test_a_domain_only_config_is_accepted_with_rehearsal_self_only(tmp_path):
 def test_answers_are_generated_once_per_model_and_prompts(tmp_path, monkeypatch):
     """Real greedy generation on a tiny model; a second call with the same model and prompts reads the cache."""
     calls = []
-    real = rehearse_module.answer_probes
-    monkeypatch.setattr(rehearse_module, "answer_probes", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    real = own_answers_module.answer_probes
+    monkeypatch.setattr(own_answers_module, "answer_probes", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
     base = str(tiny_hf_model(tmp_path / "base"))
     prompts = [tmp_path / "a.txt", tmp_path / "b.txt"]
     prompts[0].write_text("What is rain?\nName a colour.\n天空为什么是蓝色的？\n", encoding="utf-8")
@@ -203,7 +203,7 @@ def test_the_flow_runs_on_domain_data_alone_with_the_base_models_answers_as_gene
 ):
     from flows.finetune import finetune
 
-    monkeypatch.setattr(rehearse_module, "answer_probes", scripted_answers)
+    monkeypatch.setattr(own_answers_module, "answer_probes", scripted_answers)
     config = tiny_config(
         tmp_path,
         data={

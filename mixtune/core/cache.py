@@ -34,6 +34,8 @@ class Entry(StrEnum):
     BASELINE = "baseline"  # the base model's validation losses and probe answers
     REHEARSAL = "rehearsal"  # the base model's answers to the rehearsal prompts (data.rehearsal: self)
     REHEARSED = "rehearsed"  # the ingested samples with those answers added as a general source
+    DISTILL = "distill"  # the base model's rewrites of the domain answers (data.self_distill)
+    DISTILLED = "distilled"  # the samples with the accepted rewrites in place of their answers
     GENERATION = "generation"  # the base model's answers to the generation check's general prompts
     CHAMPION = "champion"
 

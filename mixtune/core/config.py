@@ -117,9 +117,11 @@ class Columns(Strict):
 class TaskEval(Strict):
     """A task metric by generation on one source's validation rows, for the base model and after each stage."""
 
-    metric: Literal["exact_match", "choice"] = Field(
+    metric: Literal["exact_match", "choice", "loglik_choice"] = Field(
         description="exact_match: the answer's final number (after ####, else its last number; else its text) "
-        "equals the reference's; choice: the answer's letter A-D equals the reference's."
+        "equals the reference's; choice: the answer's letter A-D equals the reference's; loglik_choice (no "
+        "generation): of the letters A-D as the answer, the one the model gives the highest log-likelihood "
+        "equals the reference's."
     )
     max_samples: int = Field(50, gt=0, description="Validation rows scored (the first by id), so it stays cheap.")
     max_new_tokens: int = Field(64, gt=0, description="Greedy generation bound per answer.")
@@ -220,6 +222,13 @@ class Data(Strict):
     self_rehearsal: SelfRehearsal = Field(
         default_factory=SelfRehearsal, description="Prompts and generation of the rehearsal: self source."
     )
+    self_distill: bool = Field(
+        False,
+        description="true: before training, the base model rewrites each domain training answer in its own words, "
+        "given the original as reference (greedy, cached); a rewrite that is empty, loops, is cut short or drops "
+        "a number of the reference is quarantined and the original kept (docs/data.md: Self-distilled targets).",
+    )
+    self_distill_tokens: int = Field(256, gt=0, le=4096, description="Greedy generation bound per rewrite (tokens).")
 
     @model_validator(mode="after")
     def _needs_both_roles(self) -> Data:
@@ -455,6 +464,16 @@ class Validation(Strict):
         "length, early stops, loops and format (the generation check); 0: off.",
     )
     generation_tokens: int = Field(48, gt=0, le=1024, description="Greedy bound per generation-check answer.")
+    interpolate: Literal["off", "auto"] = Field(
+        "off",
+        description="auto: after the last stage, deliver base + a * (fine-tuned - base) for the a in "
+        "0, 0.25, 0.5, 0.75, 1 with the most domain gain whose general drift stays within forgetting_budget, "
+        "chosen on one half of the validation rows and confirmed on the other (docs/training.md: Interpolation).",
+    )
+
+
+# The weights validation.interpolate tries between the base (0) and the fine-tuned model (1).
+INTERPOLATION_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 class Tracking(Strict):
