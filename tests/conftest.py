@@ -83,6 +83,16 @@ def tiny_base(tmp_path_factory, session_cache):
     return tokens, prepare_base(config, tokenizer_dir, tokens.pretrain, tokens.key)
 
 
+@pytest.fixture(scope="session")
+def single_device_run(prefect_harness, tmp_path_factory, session_cache, mlflow_template):
+    """The one-process run of tests/test_devices.py's stage: the curve that two processes and two nodes follow."""
+    from flows.finetune import finetune
+    from tests.test_devices import SECTIONS
+
+    folder = ready_mlflow(share_cache(tmp_path_factory.mktemp("one-device"), session_cache), mlflow_template)
+    return finetune(tiny_config(folder, **SECTIONS))
+
+
 def sft_table(config) -> str:
     """The SFT token table a run of `config` trained on, found the way the flow keys it (all of it cached by
     then, so this reads and builds nothing), not by globbing a cache other runs share."""
@@ -115,6 +125,11 @@ def tiny_raw_config(output_dir: Path, **sections) -> dict:
     for name, values in sections.items():
         raw[name] = {**raw.get(name, {}), **values}
     return raw
+
+
+# One stage of one step (16 samples, batch 16): a run that trains, validates, registers and is named, for tests
+# of what surrounds training (names, registry, servers), not of the training itself.
+ONE_STEP = {"schedule": {"stages": 1, "samples_per_stage": 16}}
 
 
 def tiny_config(output_dir: Path, **sections):

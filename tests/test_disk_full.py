@@ -107,6 +107,7 @@ def test_a_tracking_store_that_cannot_be_written_is_said_and_its_runs_left_to_be
 
 
 @pytest.mark.e2e
+@pytest.mark.usefixtures("shared_cache", "mlflow_db")
 def test_disk_full_while_checkpointing_fails_the_run_cleanly(prefect_harness, tmp_path, monkeypatch, capsys):
     import transformers.modeling_utils
     from mlflow.tracking import MlflowClient
