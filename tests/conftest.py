@@ -26,8 +26,13 @@ def prefect_harness():
 @pytest.fixture(scope="session")
 def session_cache(tmp_path_factory) -> Path:
     """Cache entries are keyed by their inputs' content (mixtune/core/cache.py), so runs of one data set,
-    tokenizer and pre-training settings can share them safely: the first test builds, the others reuse."""
-    return tmp_path_factory.mktemp("session-cache")
+    tokenizer and pre-training settings can share them safely: the first test builds, the others reuse. Under
+    pytest-xdist every worker shares one: the cache's own locks make concurrent builders build each entry once."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return tmp_path_factory.mktemp("session-cache")
+    shared = tmp_path_factory.getbasetemp().parent / "session-cache"
+    shared.mkdir(mode=0o700, exist_ok=True)  # as mktemp makes it: runs check their folders are owner-only
+    return shared
 
 
 def share_cache(output_dir: Path, cache: Path) -> Path:
