@@ -10,6 +10,10 @@ from pathlib import Path
 import pytest
 
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="mixtune-prefect-")
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # One thread per worker (and the runs it starts): N workers on N cores, instead of each worker's torch
+    # spreading tiny matmuls over every core that the other workers are using too.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 import mixtune  # noqa: E402,F401  (applies the offline defaults before Prefect is imported)
 from mixtune.core.config import validate_config  # noqa: E402

@@ -229,9 +229,12 @@ def test_a_killed_flow_process_leaves_no_running_mlflow_run_after_the_next_start
     assert {client.get_run(r).info.status for r in orphans} == {"KILLED"}
 
 
-def test_a_whole_run_logs_to_an_mlflow_server_with_basic_auth_and_its_password_is_nowhere(tmp_path, monkeypatch):
+def test_a_whole_run_logs_to_an_mlflow_server_with_basic_auth_and_its_password_is_nowhere(
+    tmp_path, monkeypatch, session_cache
+):
     """`mixtune run` with the password in the tracking URI: the run works, and the password is in no param,
     tag, artifact, output file, Prefect database or console line."""
+    share_cache(tmp_path / "runs", session_cache)  # built from the data alone: no tracking URI reaches it
     user = os.environ.get("MIXTUNE_TEST_MLFLOW_USER", "mixtune-admin")
     password = os.environ.get("MIXTUNE_TEST_MLFLOW_PASSWORD") or secrets.token_urlsafe(18)
     with mlflow_server(tmp_path / "mlflow", user, password) as uri:
