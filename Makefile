@@ -24,8 +24,12 @@ run: setup
 check: setup
 	$(BIN)/mixtune check $(CONFIG)
 
+# Two pytest-xdist workers (one per core here, one thread each), a module per worker: a module's fixture (a
+# trained stage, a server) is built once. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
+
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not e2e and not integration"

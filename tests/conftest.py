@@ -10,6 +10,10 @@ from pathlib import Path
 import pytest
 
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="mixtune-prefect-")
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # One thread per worker (and the runs it starts): N workers on N cores, instead of each worker's torch
+    # spreading tiny matmuls over every core that the other workers are using too.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 import mixtune  # noqa: E402,F401  (applies the offline defaults before Prefect is imported)
 from mixtune.core.config import validate_config  # noqa: E402
@@ -26,8 +30,13 @@ def prefect_harness():
 @pytest.fixture(scope="session")
 def session_cache(tmp_path_factory) -> Path:
     """Cache entries are keyed by their inputs' content (mixtune/core/cache.py), so runs of one data set,
-    tokenizer and pre-training settings can share them safely: the first test builds, the others reuse."""
-    return tmp_path_factory.mktemp("session-cache")
+    tokenizer and pre-training settings can share them safely: the first test builds, the others reuse. Under
+    pytest-xdist every worker shares one: the cache's own locks make concurrent builders build each entry once."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return tmp_path_factory.mktemp("session-cache")
+    shared = tmp_path_factory.getbasetemp().parent / "session-cache"
+    shared.mkdir(mode=0o700, exist_ok=True)  # as mktemp makes it: runs check their folders are owner-only
+    return shared
 
 
 def share_cache(output_dir: Path, cache: Path) -> Path:
@@ -83,6 +92,16 @@ def tiny_base(tmp_path_factory, session_cache):
     return tokens, prepare_base(config, tokenizer_dir, tokens.pretrain, tokens.key)
 
 
+@pytest.fixture(scope="session")
+def single_device_run(prefect_harness, tmp_path_factory, session_cache, mlflow_template):
+    """The one-process run of tests/test_devices.py's stage: the curve that two processes and two nodes follow."""
+    from flows.finetune import finetune
+    from tests.test_devices import SECTIONS
+
+    folder = ready_mlflow(share_cache(tmp_path_factory.mktemp("one-device"), session_cache), mlflow_template)
+    return finetune(tiny_config(folder, **SECTIONS))
+
+
 def sft_table(config) -> str:
     """The SFT token table a run of `config` trained on, found the way the flow keys it (all of it cached by
     then, so this reads and builds nothing), not by globbing a cache other runs share."""
@@ -115,6 +134,11 @@ def tiny_raw_config(output_dir: Path, **sections) -> dict:
     for name, values in sections.items():
         raw[name] = {**raw.get(name, {}), **values}
     return raw
+
+
+# One stage of one step (16 samples, batch 16): a run that trains, validates, registers and is named, for tests
+# of what surrounds training (names, registry, servers), not of the training itself.
+ONE_STEP = {"schedule": {"stages": 1, "samples_per_stage": 16}}
 
 
 def tiny_config(output_dir: Path, **sections):

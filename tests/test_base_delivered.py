@@ -19,7 +19,7 @@ from tasks.mlflow_names import Tag
 from tasks.models import evaluate
 from tasks.train import early_stop_reason
 from tasks.verdicts import verdict_markdown
-from tests.conftest import tiny_config
+from tests.conftest import sft_table, tiny_config
 from tests.test_retrain import prefect_verdict
 
 
@@ -67,6 +67,7 @@ def test_the_base_delivered_verdict_says_nothing_is_registered(tmp_path, monkeyp
 
 
 @pytest.mark.e2e
+@pytest.mark.usefixtures("shared_cache", "mlflow_db")
 def test_domain_only_that_breaches_at_once_registers_nothing_and_says_so(prefect_harness, tmp_path, caplog):
     """README's domain-only variant at a learning rate that wrecks general ability within a few steps: the stage
     stops at its first evaluation (step 5), before any checkpoint, and the run delivers its base model."""
@@ -82,7 +83,7 @@ def test_domain_only_that_breaches_at_once_registers_nothing_and_says_so(prefect
     [stage] = summary.stages
     assert stage.steps == 5 and stage.best_step is None and stage.gate.decision == "stop"
     assert stage.stop_reason.endswith("; no checkpoint before step 5; the stage keeps the model it started from")
-    kept = evaluate(stage.model_dir, stage.model_dir, sft_table(tmp_path), config.validation.batch_size)
+    kept = evaluate(stage.model_dir, stage.model_dir, sft_table(config), config.validation.batch_size)
     assert kept.general == pytest.approx(summary.baseline.general, rel=1e-5)  # not the weights that breached
 
     printed = format_summary(summary, 1.0)
@@ -110,8 +111,3 @@ def test_domain_only_that_breaches_at_once_registers_nothing_and_says_so(prefect
     assert again.verdict.decision == "skip" and again.verdict.previous_run == summary.parent_run_id
     assert "that run delivered its base model" in again.verdict.reason
     assert client.search_registered_models() == []
-
-
-def sft_table(folder) -> str:
-    [path] = folder.rglob("sft.parquet")
-    return str(path)

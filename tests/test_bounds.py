@@ -11,6 +11,7 @@ import yaml
 
 from mixtune.core.config import MAX_CONFIG_BYTES, ConfigError, load_config
 from tasks.mlflow_names import Tag
+from tests.conftest import ONE_STEP
 
 BOMB = "\n".join(
     ["a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
@@ -267,7 +268,7 @@ def test_two_runs_at_once_on_a_fresh_output_folder_build_each_cache_entry_once(t
     from tests.servers import BIN, launch
 
     config = tmp_path / "pipeline.yaml"
-    raw = tiny_raw_config(tmp_path / "runs", schedule={"stages": 1, "samples_per_stage": 80})
+    raw = tiny_raw_config(tmp_path / "runs", **ONE_STEP)
     config.write_text(yaml.safe_dump(raw))
     env = {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}
     runs = [
@@ -287,6 +288,7 @@ def test_two_runs_at_once_on_a_fresh_output_folder_build_each_cache_entry_once(t
 
 
 @pytest.mark.e2e
+@pytest.mark.usefixtures("mlflow_db")  # its own cache: the test damages it
 def test_a_deleted_or_damaged_cache_entry_is_rebuilt_not_reported_cached(prefect_harness, tmp_path):
     from mlflow.tracking import MlflowClient
     from prefect.client.orchestration import get_client
@@ -296,7 +298,7 @@ def test_a_deleted_or_damaged_cache_entry_is_rebuilt_not_reported_cached(prefect
     from mixtune.core.cache import COMPLETE_MARKER, file_digest
     from tests.conftest import tiny_config
 
-    config = tiny_config(tmp_path, schedule={"stages": 1, "samples_per_stage": 80}, registry={"skip_unchanged": False})
+    config = tiny_config(tmp_path, **ONE_STEP, registry={"skip_unchanged": False})
     finetune(config)
     cache = tmp_path / "cache"
     (next(p for p in cache.glob("ingest-*") if p.is_dir()) / COMPLETE_MARKER).unlink()  # the marker gone

@@ -39,9 +39,9 @@ def curves(client: MlflowClient, run) -> dict[str, dict[int, float]]:
     }
 
 
-def test_two_processes_follow_the_single_process_curve(prefect_harness, tmp_path, session_cache, mlflow_template):
-    one, two = (ready_mlflow(share_cache(tmp_path / name, session_cache), mlflow_template) for name in ("one", "two"))
-    alone = finetune(tiny_config(one, **SECTIONS))
+def test_two_processes_follow_the_single_process_curve(single_device_run, tmp_path, session_cache, mlflow_template):
+    two = ready_mlflow(share_cache(tmp_path / "two", session_cache), mlflow_template)
+    alone = single_device_run
     pair = finetune(tiny_config(two, **{**SECTIONS, "train": {**SECTIONS["train"], "devices": 2}}))
 
     client = MlflowClient(alone.tracking_uri)

@@ -198,6 +198,7 @@ def test_a_full_tracking_server_or_artifact_folder_is_named(tmp_path):
 
 
 @pytest.mark.e2e
+@pytest.mark.usefixtures("shared_cache", "mlflow_db")
 def test_disk_full_while_checkpointing_fails_the_run_cleanly(prefect_harness, tmp_path, monkeypatch, capsys):
     import transformers.modeling_utils
     from mlflow.tracking import MlflowClient

@@ -58,11 +58,11 @@ def test_json_list_and_mixed_formats_per_row(tmp_path):
         ("domain.json", b"[1, 2", "not a valid JSON document"),
         (
             "domain.jsonl.gz",
-            gzip.compress(b"".join(good_row(i).encode() + b"\n" for i in range(50)))[:-30],
+            gzip.compress(b"".join(good_row(i).encode() + b"\n" for i in range(50)), mtime=0)[:-30],
             "damaged gzip",
         ),
         ("domain.jsonl.gz", b"not gzip at all", "not readable as gzip"),
-        ("domain.parquet.gz", gzip.compress(b"PAR1"), "Parquet compresses inside the file"),
+        ("domain.parquet.gz", gzip.compress(b"PAR1", mtime=0), "Parquet compresses inside the file"),
     ],
 )
 def test_unusable_file_is_a_clear_error_naming_it(tmp_path, name, content, message):

@@ -9,6 +9,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
 from prefect.client.schemas.objects import ConcurrencyLimitStrategy
 from prefect.flow_engine import run_flow
+from prefect.states import Scheduled
 from prefect.utilities.schema_tools.validation import ValidationError
 
 import flows.finetune
@@ -18,9 +19,9 @@ from mixtune.compare import comparison, distinct_names, pipeline_runs
 from mixtune.core.names import generated_name, name_candidates
 from mixtune.core.policy import ServedPolicy
 from tasks.mlflow_names import Tag
-from tests.conftest import tiny_config
+from tests.conftest import ONE_STEP, tiny_config
 from tests.test_form import server_accepts
-from tests.test_retrain import FAST, champion_of, prefect_verdict
+from tests.test_retrain import champion_of, prefect_verdict
 
 # Two ids the scheduler made in one batch: UUIDv7, the same first 8 hex digits (the millisecond clock).
 BATCH = ["01a2510f-4c5f-7a01-9e3b-5d2c8f0a11c4", "01a2510f-4c60-7b22-8c41-0f9d3e6a7b58"]
@@ -73,6 +74,13 @@ def test_the_form_takes_a_name_and_the_server_refuses_one_that_is_a_path(tmp_pat
             server_accepts(schema, {**deployment.parameters, "name": bad})
 
 
+def due_now(flow_runs: list) -> None:
+    """Moves scheduled runs' due time to now (all in one second: their names must still differ)."""
+    with get_client(sync_client=True) as client:
+        for run in flow_runs:
+            client.set_flow_run_state(run.id, Scheduled(scheduled_time=datetime.now(UTC)), force=True)
+
+
 def flow_runs_of(deployment_id) -> list:
     with get_client(sync_client=True) as client:
         return client.read_flow_runs(
@@ -81,10 +89,11 @@ def flow_runs_of(deployment_id) -> list:
 
 
 @pytest.mark.e2e
+@pytest.mark.usefixtures("shared_cache", "mlflow_db")
 def test_four_runs_scheduled_in_one_batch_and_one_named_in_the_form_keep_distinct_names_everywhere(
     prefect_harness, tmp_path, monkeypatch
 ):
-    config = tiny_config(tmp_path, **FAST, registry={"skip_unchanged": False}, deploy={"cron": "* * * * *"})
+    config = tiny_config(tmp_path, **ONE_STEP, registry={"skip_unchanged": False}, deploy={"cron": "* * * * *"})
     monkeypatch.setenv(*ServedPolicy.for_served(config, tmp_path).to_env().popitem())
     manual, scheduled = (run_form(finetune.to_deployment(**spec)) for spec in deployment_specs(config))
     scheduled_id, manual_id = scheduled.apply(), manual.apply()
@@ -93,7 +102,8 @@ def test_four_runs_scheduled_in_one_batch_and_one_named_in_the_form_keep_distinc
         client.create_flow_run_from_deployment(manual_id, parameters={"name": "by-hand"}, name="xi-cassiopeiae")
     batch = flow_runs_of(scheduled_id)
     assert len(batch) == 4 and len({str(run.id)[:8] for run in batch}) == 1  # ids alike, as the issue saw them
-    for flow_run in [*batch, *flow_runs_of(manual_id)]:
+    due_now(batch)  # the ticks are a minute apart: Prefect would hold each run until its minute came
+    for flow_run in [*flow_runs_of(scheduled_id), *flow_runs_of(manual_id)]:
         run_flow(finetune, flow_run=flow_run, parameters=flow_run.parameters)
 
     prefect_names = {run.name for run in flow_runs_of(scheduled_id)}
@@ -108,13 +118,14 @@ def test_four_runs_scheduled_in_one_batch_and_one_named_in_the_form_keep_distinc
 
 
 @pytest.mark.e2e
+@pytest.mark.usefixtures("shared_cache", "mlflow_db")
 def test_two_runs_that_both_found_no_champion_end_with_one_first_and_one_real_challenge(
     prefect_harness, tmp_path, monkeypatch
 ):
     """Run A reads "no champion" and decides first; before it can move the alias, run B (same pipeline, same
     name asked for) runs whole and crowns itself. A then finds the alias moved and challenges B."""
     # The same model trained twice scores a hair apart either way: a 5% improvement required makes A lose.
-    config = tiny_config(tmp_path, **FAST, registry={"skip_unchanged": False, "min_improvement": 0.05})
+    config = tiny_config(tmp_path, **ONE_STEP, registry={"skip_unchanged": False, "min_improvement": 0.05})
     crown, other = flows.finetune.crown_task, {}
 
     def b_runs_between_a_reading_and_moving_the_alias(*args):

@@ -13,7 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from flows.finetune import finetune
-from tests.conftest import tiny_config
+from tests.conftest import ready_mlflow, share_cache, tiny_config
 from tests.servers import free_port
 from tests.test_devices import CURVES, SECTIONS, curves, stage_run
 
@@ -34,8 +34,11 @@ def second_node(run_root: Path, torchrun_args: list[str], started: list) -> None
     started.append(None)
 
 
-def test_two_nodes_follow_the_single_device_curve(prefect_harness, tmp_path, monkeypatch):
-    alone = finetune(tiny_config(tmp_path / "one", **SECTIONS))
+def test_two_nodes_follow_the_single_device_curve(
+    single_device_run, tmp_path, session_cache, mlflow_template, monkeypatch
+):
+    alone = single_device_run
+    two = ready_mlflow(share_cache(tmp_path / "two", session_cache), mlflow_template)
 
     port = free_port()
     torchrun_args = [
@@ -47,9 +50,9 @@ def test_two_nodes_follow_the_single_device_curve(prefect_harness, tmp_path, mon
     ]
     monkeypatch.setenv("MIXTUNE_TORCHRUN_ARGS", " ".join(torchrun_args))
     other: list = []
-    node = threading.Thread(target=second_node, args=(tmp_path / "two", torchrun_args, other), daemon=True)
+    node = threading.Thread(target=second_node, args=(two, torchrun_args, other), daemon=True)
     node.start()
-    pair = finetune(tiny_config(tmp_path / "two", **SECTIONS))
+    pair = finetune(tiny_config(two, **SECTIONS))
     node.join(120)
 
     [done] = other

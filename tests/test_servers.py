@@ -22,14 +22,14 @@ from flows.finetune import finetune
 from mixtune.core import preflight
 from mixtune.core.preflight import Unreachable, check_tracking_server
 from tasks.mlflow_names import Tag
-from tests.conftest import tiny_config, tiny_raw_config
+from tests.conftest import ONE_STEP, share_cache, tiny_config, tiny_raw_config
 from tests.servers import BIN, QUIET_ENV, free_port, launch, mlflow_server, prefect_server, stop
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
-FAST = {"schedule": {"stages": 2, "samples_per_stage": 80}}
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 # A stage long enough (250 steps) to be caught mid-way: the data must be large enough that the plan's epoch
-# budget does not shrink the stage (on the default tiny data it would cut 4,000 samples to 1,320).
+# budget does not shrink the stage (on the default tiny data it would cut 4,000 samples to 1,320). Its base model
+# is built once, in the session's cache, for the two tests that use it.
 LONG_STAGE = {
     "data": {
         "sources": [
@@ -68,7 +68,10 @@ def deployment(api: httpx.Client, name: str) -> dict | None:
     return response.json() if response.status_code == 200 else None
 
 
-def test_served_deployment_runs_with_one_changed_parameter_and_the_server_rejects_a_bad_one(prefect_api, tmp_path):
+def test_served_deployment_runs_with_one_changed_parameter_and_the_server_rejects_a_bad_one(
+    prefect_api, tmp_path, session_cache
+):
+    share_cache(tmp_path / "runs", session_cache)
     config_path = write_config(
         tmp_path, deploy={"name": "it", "cron": "0 3 * * *"}, schedule={"stages": 1, "samples_per_stage": 48}
     )
@@ -113,7 +116,8 @@ def test_served_deployment_runs_with_one_changed_parameter_and_the_server_reject
             assert end_state(api, created.json()["id"]) == "FAILED"
             assert "data.sources.1.path:" in (tmp_path / "serve.log").read_text()
             assert requests == []
-        assert "s3cret-row" not in "".join(p.read_text(errors="replace") for p in (tmp_path / "runs").rglob("*.jsonl"))
+        written = [*(tmp_path / "runs").rglob("*.jsonl"), *session_cache.rglob("*.jsonl")]  # rglob skips the link
+        assert "s3cret-row" not in "".join(p.read_text(errors="replace") for p in written)
 
         # Cancelled from the UI mid-stage: the runner's cancellation hook ends the MLflow runs KILLED.
         long = copy.deepcopy(form)
@@ -202,8 +206,9 @@ def running_runs(db: Path) -> list:
 
 
 def test_a_killed_flow_process_leaves_no_running_mlflow_run_after_the_next_start(
-    prefect_api, prefect_harness, tmp_path
+    prefect_api, prefect_harness, tmp_path, session_cache
 ):
+    share_cache(tmp_path / "runs", session_cache)
     config_path = write_config(tmp_path, **LONG_STAGE)
     env = {"PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(tmp_path / "home")}
     process = launch([str(BIN / "mixtune"), "run", str(config_path)], env, tmp_path / "run.log")
@@ -218,15 +223,18 @@ def test_a_killed_flow_process_leaves_no_running_mlflow_run_after_the_next_start
     orphans = {r.info.run_id for r in running_runs(db)}
     assert len(orphans) == 2  # the parent and its stage, as SIGKILL left them
 
-    finetune(tiny_config(tmp_path / "runs", **FAST))
+    finetune(tiny_config(tmp_path / "runs", **ONE_STEP))
     client = MlflowClient(f"sqlite:///{db}")
     assert running_runs(db) == []
     assert {client.get_run(r).info.status for r in orphans} == {"KILLED"}
 
 
-def test_a_whole_run_logs_to_an_mlflow_server_with_basic_auth_and_its_password_is_nowhere(tmp_path, monkeypatch):
+def test_a_whole_run_logs_to_an_mlflow_server_with_basic_auth_and_its_password_is_nowhere(
+    tmp_path, monkeypatch, session_cache
+):
     """`mixtune run` with the password in the tracking URI: the run works, and the password is in no param,
     tag, artifact, output file, Prefect database or console line."""
+    share_cache(tmp_path / "runs", session_cache)  # built from the data alone: no tracking URI reaches it
     user = os.environ.get("MIXTUNE_TEST_MLFLOW_USER", "mixtune-admin")
     password = os.environ.get("MIXTUNE_TEST_MLFLOW_PASSWORD") or secrets.token_urlsafe(18)
     with mlflow_server(tmp_path / "mlflow", user, password) as uri:
@@ -239,7 +247,7 @@ def test_a_whole_run_logs_to_an_mlflow_server_with_basic_auth_and_its_password_i
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
 
         with_password = uri.replace("http://", f"http://{user}:{password}@")
-        config_path = write_config(tmp_path, tracking={"tracking_uri": with_password}, **FAST)
+        config_path = write_config(tmp_path, tracking={"tracking_uri": with_password}, **ONE_STEP)
         env = {**os.environ, **QUIET_ENV, "PREFECT_HOME": str(tmp_path / "prefect-home")}
         for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "PREFECT_API_URL"):
             env.pop(name, None)  # the URI is the only place the run can learn the password from
@@ -258,7 +266,7 @@ def test_a_whole_run_logs_to_an_mlflow_server_with_basic_auth_and_its_password_i
         experiment = client.get_experiment_by_name("mixtune").experiment_id
         [parent] = client.search_runs([experiment], f"tags.`{Tag.KIND}` = 'pipeline'")
         children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-        assert parent.info.status == "FINISHED" and len(children) == 2
+        assert parent.info.status == "FINISHED" and len(children) == 1
         assert {c.info.status for c in children} == {"FINISHED"}
         assert parent.data.params["tracking.tracking_uri"] == uri
         assert "final_model" in {a.path for a in client.list_artifacts(parent.info.run_id)}

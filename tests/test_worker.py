@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from flows.pool import env_variable
 from tasks.mlflow_names import Tag
-from tests.conftest import tiny_raw_config
+from tests.conftest import share_cache, tiny_raw_config
 from tests.servers import BIN, QUIET_ENV, launch, prefect_server, stop
 from tests.test_servers import create_run, end_state, post, request_counter, wait_for
 
@@ -41,8 +41,9 @@ def deploy(folder: Path, api_url: str, deploy_name: str) -> subprocess.Completed
 
 
 @pytest.fixture(scope="module")
-def pool(tmp_path_factory):
+def pool(tmp_path_factory, session_cache):
     folder = tmp_path_factory.mktemp("worker")
+    share_cache(folder / "served" / "runs", session_cache)  # the served run's base model: the session's
     with prefect_server(folder / "server") as url:
         deployed = deploy(folder / "served", url, "locked")
         assert deployed.returncode == 0, deployed.stderr[-3000:]
