@@ -3,7 +3,7 @@
     python benchmarks/train_speed.py [--data ../shared/data/domain_med_zh_huatuo.alpaca.jsonl]
                                      [--batch 8] [--steps 3] [--repeats 3]
                                      [--memory-batch 8] [--memory-seq 256] [--memory-steps 3]
-                                     [--run-minutes 5] [--quick]
+                                     [--run-minutes 5] [--quick] [--skip-memory | --memory-only]
 
 --batch/--steps/--repeats: the speed arms (samples per step, timed steps after one untimed, repeats).
 --memory-*: samples per step, tokens per sample and steps of each peak-RSS stage.
@@ -27,7 +27,8 @@
    transformers, peft, mixtune). Estimate: fp32 weights (all parameters) + gradients and AdamW's two
    moments (trainable parameters, 3 x 4 bytes) + one batch of activations, which is the bytes of every
    distinct tensor autograd saves for backward in one forward pass of the same batch (counted with
-   saved_tensors_hooks, parameters excluded) plus the fp32 full-vocabulary logits once.
+   saved_tensors_hooks, parameters excluded) plus the fp32 full-vocabulary logits once (the training loss
+   writes their gradient over them: no second buffer of their size). --memory-only runs this part alone.
 3. `mixtune run` overhead. A whole `mixtune run` in a subprocess (fresh output folder: cold caches) of a
    config with one full SFT stage on the same rows (half as domain, half as general), the d512x8 model from a
    local folder (`model.path`: no pre-training), batch 8, max_seq_len 768, packing, evaluation only at the
@@ -471,6 +472,9 @@ def main() -> None:
     parser.add_argument(
         "--skip-memory", action="store_true", help="leave out the peak-RSS part (its figures do not depend on load)"
     )
+    parser.add_argument(
+        "--memory-only", action="store_true", help="the peak-RSS part alone (no speed arms, no `mixtune run`)"
+    )
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -483,6 +487,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="mixtune-speed-"))
     started = time.perf_counter()
     try:
+        if args.memory_only:
+            memory_part(work, args)
+            return
         samples_per_second = speed_part(work, args)
         print(f"(speed part: {time.perf_counter() - started:.0f} s so far)")
         if not args.skip_memory:

@@ -12,7 +12,6 @@ import warnings
 from collections.abc import Callable
 
 import torch
-import torch.utils.checkpoint
 from transformers import PrinterCallback, Trainer, TrainingArguments
 from transformers.utils import logging as transformers_logging
 
@@ -134,24 +133,60 @@ CHUNK_ELEMENTS = 1 << 24  # logits per loss chunk: 64 MB in fp32, whatever the b
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy of every labelled token (position i predicts label i+1), a slice of positions at a
     time: the full-vocabulary logits are held once, never copied shifted, upcast or log-softmaxed whole (a
-    135M model's 49k vocabulary makes each such copy 0.8 GB for 16 x 256 tokens). While training, each slice
-    is recomputed in the backward pass instead of keeping its log-softmax."""
-    rows, width, vocab = logits.shape
-    step = max(1, CHUNK_ELEMENTS // (rows * vocab))
+    135M model's 49k vocabulary makes each such copy 0.8 GB for 16 x 256 tokens). While training, the loss's
+    gradient is worked out in the same pass (LogitsBecomeTheirGradient)."""
     targets = labels[:, 1:].to(logits.device)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return LogitsBecomeTheirGradient.apply(logits, targets)
     total = logits.new_zeros((), dtype=torch.float32)
-    for start in range(0, width - 1, step):
-        piece, wanted = logits[:, start : start + step], targets[:, start : start + step]
-        if torch.is_grad_enabled() and logits.requires_grad:
-            total = total + torch.utils.checkpoint.checkpoint(slice_loss, piece, wanted, use_reentrant=False)
-        else:
-            total = total + slice_loss(piece, wanted)
+    for start, stop in position_slices(logits.shape):
+        total = total + slice_loss(logits[:, start:stop], targets[:, start:stop])
     return total
 
 
+def position_slices(shape: torch.Size) -> list[tuple[int, int]]:
+    """Start and stop of each slice of the positions that predict a next token, CHUNK_ELEMENTS logits a slice."""
+    rows, width, vocab = shape
+    step = max(1, CHUNK_ELEMENTS // (rows * vocab))
+    return [(start, min(start + step, width - 1)) for start in range(0, width - 1, step)]
+
+
 def slice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    flat = logits[:, : targets.shape[1]].float().reshape(-1, logits.shape[-1])
+    flat = logits.float().reshape(-1, logits.shape[-1])
     return torch.nn.functional.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
+
+
+class LogitsBecomeTheirGradient(torch.autograd.Function):
+    """The summed token loss whose gradient (softmax less the one-hot target) is written, slice by slice, over
+    the logits themselves in the forward pass, as Liger-Kernel's cross-entropy does on GPUs. Autograd's own
+    backward through sliced logits held a gradient buffer of the logits' size plus, per slice, another
+    full-size zero-filled one: 0.8 GB over the estimate for a 135M model's LoRA stage at 8 x 256 tokens.
+
+    Nothing may read the logits after this loss: the training step drops the model's outputs before its
+    backward pass. Anything in the graph that saved them fails loudly (the write bumps their version)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        grad = logits.detach()
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        for start, stop in position_slices(logits.shape):
+            wanted = targets[:, start:stop]
+            scored = (wanted != IGNORE).unsqueeze(-1)
+            index = wanted.clamp(min=0).unsqueeze(-1)
+            log_probs = torch.log_softmax(grad[:, start:stop].float(), dim=-1)
+            total -= log_probs.gather(-1, index).masked_fill(~scored, 0).sum()
+            slice_grad = log_probs.exp_().scatter_add_(-1, index, torch.full_like(index, -1, dtype=log_probs.dtype))
+            grad[:, start:stop] = slice_grad.masked_fill_(~scored, 0)
+        grad[:, max(logits.shape[1] - 1, 0) :] = 0  # the last position predicts nothing
+        ctx.grad = grad
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        if ctx.grad is None:
+            raise RuntimeError("the token loss's gradient lives in its logits and can be taken once (no retain_graph)")
+        grad, ctx.grad = ctx.grad, None
+        return grad.mul_(grad_output.to(grad.dtype)), None
 
 
 def mean_token_loss_of_step(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:

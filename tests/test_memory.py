@@ -33,3 +33,31 @@ def test_a_slice_is_sized_by_the_vocabulary_and_batch(monkeypatch):
     monkeypatch.setattr(lm, "slice_loss", lambda logits, targets: widths.append(targets.shape[1]) or logits.sum() * 0)
     token_loss_sum(torch.zeros(2, 40, 100), torch.zeros(2, 40, dtype=torch.long))
     assert widths == [5] * 7 + [4]  # 1000 // (2 x 100) positions a slice; 39 positions predict a next token
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_loss_written_over_its_logits_equals_torch_cross_entropy(monkeypatch, dtype):
+    monkeypatch.setattr(lm, "CHUNK_ELEMENTS", 3 * 2 * 11)  # 3 positions a slice of 2 rows x 11 tokens
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 8, 11, generator=generator).to(dtype)
+    labels = torch.randint(0, 11, (2, 8), generator=generator)
+    labels[0, 3:5] = lm.IGNORE
+    mine, theirs = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+
+    (token_loss_sum(mine * 1, labels) / 3).backward()  # a scaled loss: backward scales the gradient
+    flat = theirs[:, :-1].float().reshape(-1, 11)
+    expected = torch.nn.functional.cross_entropy(
+        flat, labels[:, 1:].reshape(-1), ignore_index=lm.IGNORE, reduction="sum"
+    )
+    (expected / 3).backward()
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    assert torch.allclose(token_loss_sum(logits, labels), expected, rtol=1e-5, atol=0)
+    assert torch.allclose(mine.grad.float(), theirs.grad.float(), rtol=tolerance, atol=tolerance)
+
+
+def test_the_loss_gradient_can_be_taken_once():
+    logits = torch.randn(2, 6, 5, requires_grad=True)
+    loss = token_loss_sum(logits * 1, torch.zeros(2, 6, dtype=torch.long))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="taken once"):
+        loss.backward()
