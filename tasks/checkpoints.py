@@ -41,6 +41,13 @@ def sha256(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+KIND_FILE = "mixtune.json"  # in a delivered model folder: what it holds ("model" or "adapter") and how it was made
+
+
+def write_kind(folder: Path, kind: str, **about) -> None:
+    (folder / KIND_FILE).write_text(json.dumps({"kind": kind, **about}))
+
+
 def seal(folder: str | Path) -> None:
     """Write the manifest of every file now in `folder`; the rename makes it appear whole or not at all."""
     folder = Path(folder)

@@ -9,7 +9,6 @@ half. A LoRA stage is merged into its base first: its interpolation scales the a
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -22,7 +21,7 @@ from mixtune.core.config import INTERPOLATION_ALPHAS
 from mixtune.core.logs import run_logger
 from mixtune.core.paths import plots_dir
 from tasks import artifacts
-from tasks.checkpoints import CheckpointError, problem_with, seal
+from tasks.checkpoints import CheckpointError, problem_with, seal, write_kind
 from tasks.lm import PadCollator, mean_token_loss
 from tasks.mlflow_names import Metric, Tag, interpolation_metric
 from tasks.models import ALL_SETS, evaluate, is_adapter, load_model
@@ -148,7 +147,7 @@ def save_interpolated(model, base_dir: str, folder: Path, about: dict) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
     AutoTokenizer.from_pretrained(base_dir, trust_remote_code=False).save_pretrained(staging)
-    (staging / "mixtune.json").write_text(json.dumps({"kind": "model", "interpolation": about}))
+    write_kind(staging, "model", interpolation=about)
     seal(staging)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(staging, folder)

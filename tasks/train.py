@@ -7,7 +7,6 @@ last checkpoint, and a stage that already finished is not trained again.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shlex
@@ -45,6 +44,7 @@ from tasks.checkpoints import (
     seal,
     set_aside,
     space_for_checkpoints,
+    write_kind,
 )
 from tasks.guard import OverfitTracker, kept_model
 from tasks.lm import PackCollator, PadCollator, TokenLossTrainer, training_arguments, world_rank, world_size
@@ -318,7 +318,7 @@ def save_final(model, tokenizer, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    (folder / "mixtune.json").write_text(json.dumps({"kind": "adapter" if is_adapter(str(folder)) else "model"}))
+    write_kind(folder, "adapter" if is_adapter(str(folder)) else "model")
     seal(folder)
 
 

@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="mixtune-prefect-")
+# As `mixtune` and the flow set it: a cache entry a fixture builds is owner-only, like one a run builds, whichever
+# test (or xdist worker) builds the shared entry first.
+os.umask(0o077)
 if "PYTEST_XDIST_WORKER" in os.environ:
     # One thread per worker (and the runs it starts): N workers on N cores, instead of each worker's torch
     # spreading tiny matmuls over every core that the other workers are using too.
@@ -17,6 +20,14 @@ if "PYTEST_XDIST_WORKER" in os.environ:
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 import mixtune  # noqa: E402,F401  (applies the offline defaults before Prefect is imported)
 from mixtune.core.config import validate_config  # noqa: E402
+
+
+def pytest_collection_modifyitems(items):
+    """Slow kinds first (integration, then e2e, then the fast tests; stable within each): under pytest-xdist the
+    many short modules then even out the end instead of one long module running alone on a worker."""
+    items.sort(
+        key=lambda item: 0 if item.get_closest_marker("integration") else 1 if item.get_closest_marker("e2e") else 2
+    )
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ HOME = ROOT / "tasks" / "mlflow_names.py"
 # "mixtune." strings that are no MLflow names
 NOT_TAGS = {
     "mixtune.cli",  # the CLI module, run with `python -m`
-    "mixtune.json",  # a saved model folder's kind file (tasks/train.py)
+    "mixtune.json",  # a delivered model folder's kind file (tasks/checkpoints.KIND_FILE)
 }
 # a tag as a key ("mixtune.x"), as a search's column ("tags.mixtune.x") or in a filter ("tags.`mixtune.x`")
 INLINE_TAG = re.compile(r"(?:^|tags\.`?|`)mixtune\.[A-Za-z_]")
