@@ -17,7 +17,7 @@ from transformers import TrainerCallback
 from mixtune.core.cache import file_digest
 from mixtune.core.logs import logs_above
 from tasks.guard import OverfitTracker
-from tasks.mlflow_names import Metric
+from tasks.mlflow_names import Metric, val_loss
 
 
 class ProgressCallback(TrainerCallback):
@@ -182,6 +182,7 @@ METRIC_NAMES = {  # Trainer's log names -> MLflow's
     "grad_norm": "grad_norm",
     "eval_domain_loss": Metric.DOMAIN_VAL_LOSS,
     "eval_general_loss": Metric.GENERAL_VAL_LOSS,
+    "eval_general_eval_loss": val_loss("general_eval"),
     "eval_loss": "val_loss",
 }
 
@@ -219,10 +220,11 @@ class EvaluateEarly(TrainerCallback):
 class ForgettingStop(TrainerCallback):
     """Ends a stage at the first evaluation whose general loss passes the forgetting budget over the base
     model's; the best checkpoint before the breach is what the stage keeps (see TokenLossTrainer's
-    guarded metric), or without one the model the stage started from (tasks/train.py)."""
+    guarded metric), or without one the model the stage started from (tasks/train.py). The loss watched is the
+    gate's: the general_eval rows when the run has them (never trained on), else the general split."""
 
-    def __init__(self, base_general: float, budget: float):
-        self.base_general, self.budget = base_general, budget
+    def __init__(self, base_general: float, budget: float, watched: str = "general"):
+        self.base_general, self.budget, self.watched = base_general, budget, watched
         self.stop_reason: str | None = None
         self.breach_general: float | None = None
         self.breach_step: int | None = None
@@ -232,13 +234,13 @@ class ForgettingStop(TrainerCallback):
         return self.base_general * (1 + self.budget)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        general = (metrics or {}).get("eval_general_loss")
+        general = (metrics or {}).get(f"eval_{self.watched}_loss")
         if general is None or general <= self.limit or self.stop_reason:
             return
         drift, self.breach_general, self.breach_step = general / self.base_general - 1, general, state.global_step
         self.stop_reason = (
             f"general drift {drift:+.1%} at step {state.global_step} passed the forgetting budget of "
-            f"{self.budget:.0%} (general val loss {general:.4f} vs the base model's {self.base_general:.4f})"
+            f"{self.budget:.0%} ({self.watched} val loss {general:.4f} vs the base model's {self.base_general:.4f})"
         )
         control.should_training_stop = True
 

@@ -229,11 +229,11 @@ def mean_token_loss(
 class TokenLossTrainer(Trainer):
     """Evaluates with mean_token_loss, so in-training curves, early stopping and final numbers agree."""
 
-    def __init__(self, *args, general_limit: float | None = None, **kwargs):
+    def __init__(self, *args, general_limit: float | None = None, guarded_set: str = "general", **kwargs):
         super().__init__(*args, compute_loss_func=mean_token_loss_of_step, **kwargs)
         # ProgressCallback prints the same numbers as one readable line.
         self.remove_callback(PrinterCallback)
-        self.general_limit = general_limit
+        self.general_limit, self.guarded_set = general_limit, guarded_set
 
     def train(self, *args, **kwargs):
         try:
@@ -279,7 +279,7 @@ class TokenLossTrainer(Trainer):
     def add_guarded_loss(self, metrics: dict[str, float], prefix: str) -> None:
         """The best-checkpoint metric under a forgetting limit: the domain loss while general loss is within
         the limit, infinite past it, so a checkpoint that forgot too much is never the one restored."""
-        domain, general = metrics.get(f"{prefix}_domain_loss"), metrics.get(f"{prefix}_general_loss")
+        domain, general = metrics.get(f"{prefix}_domain_loss"), metrics.get(f"{prefix}_{self.guarded_set}_loss")
         if self.general_limit is None or domain is None or general is None:
             return
         metrics[f"{prefix}_guarded_domain_loss"] = domain if general <= self.general_limit else math.inf

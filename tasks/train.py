@@ -174,6 +174,7 @@ def build_trainer(
             KeepCheckpoints(t.keep_checkpoints),
         ],
         general_limit=forgetting.limit if forgetting else None,
+        guarded_set=forgetting.watched if forgetting else "general",
     )
 
 
@@ -200,7 +201,7 @@ def train_stage(request: StageRequest) -> StageTraining | None:
         load_for_training(config, init_dir, base_dir),
         tokenizer,
         TokenDataset(stage_table(request.sft_path, mix.manifest)),
-        validation_sets(request.sft_path),
+        validation_sets(request.sft_path, ("domain", "general", "general_eval")),
         stage_dir / "checkpoints",
         [progress, *live, position, watch, MemoryPeak(tracker.log_metrics, run_logger().info)],
         forgetting,
@@ -267,7 +268,8 @@ def forgetting_stop(config: PipelineConfig, baseline: TokenLosses | None) -> For
     v = config.validation
     if baseline is None or not v.stop_mid_stage:
         return None
-    return ForgettingStop(baseline.general, v.forgetting_budget)
+    watched, base_loss = baseline.judged_general()
+    return ForgettingStop(base_loss, v.forgetting_budget, watched)
 
 
 def early_stop_reason(
@@ -305,7 +307,11 @@ def best_evaluation(state) -> TokenLosses | None:
     step = checkpoint_step(state.best_model_checkpoint)
     for entry in state.log_history:
         if entry.get("step") == step and "eval_domain_loss" in entry and "eval_general_loss" in entry:
-            return TokenLosses(domain=entry["eval_domain_loss"], general=entry["eval_general_loss"])
+            return TokenLosses(
+                domain=entry["eval_domain_loss"],
+                general=entry["eval_general_loss"],
+                general_eval=entry.get("eval_general_eval_loss"),
+            )
     return None
 
 

@@ -95,7 +95,8 @@ def stage_losses(config: PipelineConfig, trained: StageTraining, sft_path: str, 
             trained.stage,
             trained.best_step,
         )
-        # training evaluates the sets it guards (domain, general); the general_eval rows are measured here
+        if trained.best_losses.general_eval is not None:  # training evaluated the general_eval rows too
+            return trained.best_losses
         held_apart = set_losses(trained.model_dir, base_dir, sft_path, config.validation.batch_size, ("general_eval",))
         return trained.best_losses.model_copy(update=held_apart)
     label = f"stage {trained.stage}: validation loss"
