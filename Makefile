@@ -24,14 +24,12 @@ run: setup
 check: setup
 	$(BIN)/mixtune check $(CONFIG)
 
-# Two pytest-xdist workers (one per core here, one thread each). worksteal hands each worker a contiguous half of
-# the tests (slow kinds first: tests/conftest.py) and lets an idle one take the other's last tests, so a module
-# and its fixture mostly stay on one worker; loadfile queues the modules with fewest tests last, which put the
-# one-test resume and SIGTERM modules at the end. TEST_WORKERS=0 runs in one process.
+# Two pytest-xdist workers (one per core here, one thread each), a module per worker: a module's fixture (a
+# trained stage, a server) is built once. TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 
 test: setup
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not e2e and not integration"

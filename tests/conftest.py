@@ -23,8 +23,8 @@ from mixtune.core.config import validate_config  # noqa: E402
 
 
 def pytest_collection_modifyitems(items):
-    """Slow kinds first (integration, then e2e, then the fast tests; stable within each): under pytest-xdist's
-    worksteal the many short tests then even out the end instead of one long test running alone on a worker."""
+    """Slow kinds first (integration, then e2e, then the fast tests; stable within each): under pytest-xdist the
+    many short modules then even out the end instead of one long module running alone on a worker."""
     items.sort(
         key=lambda item: 0 if item.get_closest_marker("integration") else 1 if item.get_closest_marker("e2e") else 2
     )
