@@ -22,14 +22,6 @@ import mixtune  # noqa: E402,F401  (applies the offline defaults before Prefect 
 from mixtune.core.config import validate_config  # noqa: E402
 
 
-def pytest_collection_modifyitems(items):
-    """Slow kinds first (integration, then e2e, then the fast tests; stable within each): under pytest-xdist the
-    many short modules then even out the end instead of one long module running alone on a worker."""
-    items.sort(
-        key=lambda item: 0 if item.get_closest_marker("integration") else 1 if item.get_closest_marker("e2e") else 2
-    )
-
-
 @pytest.fixture(scope="session")
 def prefect_harness():
     from prefect.testing.utilities import prefect_test_harness
