@@ -48,7 +48,7 @@ from tasks.checkpoints import (
 )
 from tasks.guard import OverfitTracker, kept_model
 from tasks.lm import PackCollator, PadCollator, TokenLossTrainer, training_arguments, world_rank, world_size
-from tasks.models import is_adapter, weights_digest
+from tasks.models import ALL_SETS, is_adapter, weights_digest
 from tasks.records import StageMix, StageTraining, TokenLosses
 from tasks.requests import StageRequest
 from tasks.retention import KeepCheckpoints
@@ -201,7 +201,7 @@ def train_stage(request: StageRequest) -> StageTraining | None:
         load_for_training(config, init_dir, base_dir),
         tokenizer,
         TokenDataset(stage_table(request.sft_path, mix.manifest)),
-        validation_sets(request.sft_path, ("domain", "general", "general_eval")),
+        validation_sets(request.sft_path, ALL_SETS),
         stage_dir / "checkpoints",
         [progress, *live, position, watch, MemoryPeak(tracker.log_metrics, run_logger().info)],
         forgetting,
