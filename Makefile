@@ -25,11 +25,12 @@ check: setup
 	$(BIN)/mixtune check $(CONFIG)
 
 # Two pytest-xdist workers (one per core here, one thread each), a module per worker: a module's fixture (a
-# trained stage, a server) is built once. TEST_WORKERS=0 runs in one process.
+# trained stage, a server) is built once; modules are queued longest first (tests/conftest.py), not by test count.
+# TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 
 test: setup
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not e2e and not integration"
