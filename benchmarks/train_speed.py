@@ -1,23 +1,33 @@
 """Training speed and memory on real SFT rows, and what a whole `mixtune run` costs around its training steps.
 
     python benchmarks/train_speed.py [--data ../shared/data/domain_med_zh_huatuo.alpaca.jsonl]
-                                     [--batch 8] [--steps 3] [--repeats 3]
+                                     [--batch 8] [--steps 8] [--repeats 3] [--packed-rows 768 256]
+                                     [--minimind DIR --minimind-python PY]
                                      [--memory-batch 8] [--memory-seq 256] [--memory-steps 3]
-                                     [--run-minutes 5] [--quick] [--skip-memory | --memory-only]
+                                     [--run-minutes 5] [--quick] [--skip-memory | --memory-only | --speed-only]
 
 --batch/--steps/--repeats: the speed arms (samples per step, timed steps after one untimed, repeats).
+--packed-rows: the row lengths of the packed arms.
+--minimind: a checkout of github jingyaogong/minimind (outside this repository); --minimind-python: the
+    interpreter of its own environment (its requirements; torch from anywhere). Its real trainer becomes an arm.
 --memory-*: samples per step, tokens per sample and steps of each peak-RSS stage.
---run-minutes: how long the `mixtune run` stage should train (sized from the packed arm's samples/s).
+--run-minutes: how long the `mixtune run` stage should train (sized from the default batching's samples/s).
 --quick: a smoke test of every part at toy sizes (batch 2, 1 step, 1 repeat; memory stages of 2 x 32 tokens, the
     135M shape with 2 of its 30 layers; a 3-step `mixtune run` on 600 rows): it checks that everything runs, its
     figures mean nothing.
 
-1. Speed. A mixtune step (packed, and padded to the batch's longest) against a MiniMind-style step that pads
-   every sample to 768 tokens, and against a bare transformers forward/backward/AdamW loop on the very same
-   packed batches; model FLOPs/s against an fp32 matmul ceiling measured in the same run. The model is
-   MiniMind's d512x8 shape (8 heads, 4 KV heads, FFN 1664, vocab 6400, tied) on Llama classes, with a
-   6,400-token BPE trained here on the same rows (MiniMind's own tokenizer is not loaded: no hub). Arms run
-   interleaved, `repeats` times, one process; medians.
+1. Speed. mixtune steps (TokenLossTrainer with the stage's collator) for each `train.batching`: grouped (the
+   timed batches sorted by length as one window, then shuffled), padded to the batch's longest in the rows'
+   order, and packed into rows of each --packed-rows length; against MiniMind: its real
+   trainer/train_full_sft.py when --minimind is given (run in its own process and environment: d512x8 from
+   random weights, batch 8, max length 768, fp32 on CPU, one epoch over the same rows in its SFT format; its
+   steps after the first, timed between its per-step log lines), and an in-process imitation that pads every
+   sample to 768 tokens; and a bare transformers forward/backward/AdamW loop on the default batching's
+   batches; model FLOPs/s against an fp32 matmul ceiling measured in the same run. Every arm trains the same
+   samples. The model is MiniMind's d512x8 shape (8 heads, 4 KV heads, FFN 1664, vocab 6400, tied) on Llama
+   classes, with MiniMind's own tokenizer read from the checkout's model/ folder when --minimind is given
+   (the same tokens as MiniMind), else a 6,400-token BPE trained here on the same rows. Arms run
+   interleaved, `repeats` times; medians.
 2. Peak RSS. A full and a LoRA stage of the d512x8 shape and of a SmolLM-135M shape (hidden 576, 30 layers,
    9 heads, 3 KV heads, FFN 1536, vocab 49,152, tied; random weights, random token ids: only ids matter),
    each in a fresh subprocess, through mixtune's own path: the model saved as a folder and loaded by
