@@ -1,23 +1,33 @@
 """Training speed and memory on real SFT rows, and what a whole `mixtune run` costs around its training steps.
 
     python benchmarks/train_speed.py [--data ../shared/data/domain_med_zh_huatuo.alpaca.jsonl]
-                                     [--batch 8] [--steps 3] [--repeats 3]
+                                     [--batch 8] [--steps 8] [--repeats 3] [--packed-rows 768 256]
+                                     [--minimind DIR --minimind-python PY]
                                      [--memory-batch 8] [--memory-seq 256] [--memory-steps 3]
-                                     [--run-minutes 5] [--quick] [--skip-memory | --memory-only]
+                                     [--run-minutes 5] [--quick] [--skip-memory | --memory-only | --speed-only]
 
 --batch/--steps/--repeats: the speed arms (samples per step, timed steps after one untimed, repeats).
+--packed-rows: the row lengths of the packed arms.
+--minimind: a checkout of github jingyaogong/minimind (outside this repository); --minimind-python: the
+    interpreter of its own environment (its requirements; torch from anywhere). Its real trainer becomes an arm.
 --memory-*: samples per step, tokens per sample and steps of each peak-RSS stage.
---run-minutes: how long the `mixtune run` stage should train (sized from the packed arm's samples/s).
+--run-minutes: how long the `mixtune run` stage should train (sized from the default batching's samples/s).
 --quick: a smoke test of every part at toy sizes (batch 2, 1 step, 1 repeat; memory stages of 2 x 32 tokens, the
     135M shape with 2 of its 30 layers; a 3-step `mixtune run` on 600 rows): it checks that everything runs, its
     figures mean nothing.
 
-1. Speed. A mixtune step (packed, and padded to the batch's longest) against a MiniMind-style step that pads
-   every sample to 768 tokens, and against a bare transformers forward/backward/AdamW loop on the very same
-   packed batches; model FLOPs/s against an fp32 matmul ceiling measured in the same run. The model is
-   MiniMind's d512x8 shape (8 heads, 4 KV heads, FFN 1664, vocab 6400, tied) on Llama classes, with a
-   6,400-token BPE trained here on the same rows (MiniMind's own tokenizer is not loaded: no hub). Arms run
-   interleaved, `repeats` times, one process; medians.
+1. Speed. mixtune steps (TokenLossTrainer with the stage's collator) for each `train.batching`: grouped (the
+   timed batches sorted by length as one window, then shuffled), padded to the batch's longest in the rows'
+   order, and packed into rows of each --packed-rows length; against MiniMind: its real
+   trainer/train_full_sft.py when --minimind is given (run in its own process and environment: d512x8 from
+   random weights, batch 8, max length 768, fp32 on CPU, one epoch over the same rows in its SFT format; its
+   steps after the first, timed between its per-step log lines), and an in-process imitation that pads every
+   sample to 768 tokens; and a bare transformers forward/backward/AdamW loop on the default batching's
+   batches; model FLOPs/s against an fp32 matmul ceiling measured in the same run. Every arm trains the same
+   samples. The model is MiniMind's d512x8 shape (8 heads, 4 KV heads, FFN 1664, vocab 6400, tied) on Llama
+   classes, with MiniMind's own tokenizer read from the checkout's model/ folder when --minimind is given
+   (the same tokens as MiniMind), else a 6,400-token BPE trained here on the same rows. Arms run
+   interleaved, `repeats` times; medians.
 2. Peak RSS. A full and a LoRA stage of the d512x8 shape and of a SmolLM-135M shape (hidden 576, 30 layers,
    9 heads, 3 KV heads, FFN 1536, vocab 49,152, tied; random weights, random token ids: only ids matter),
    each in a fresh subprocess, through mixtune's own path: the model saved as a folder and loaded by
@@ -70,12 +80,21 @@ def load_rows(path: Path, n: int) -> list[list[dict]]:
     return conversations
 
 
-def encode(conversations: list[list[dict]], folder: Path) -> list[dict]:
+def encode(conversations: list[list[dict]], folder: Path, minimind: Path | None = None) -> list[dict]:
+    """Token ids through mixtune's Encoder: with MiniMind's own tokenizer (its repository's model/ folder, read
+    from disk) when a MiniMind checkout is given, else a 6,400-token BPE trained here on the same rows. Either
+    way the tokenizer is saved to `folder`."""
+    from transformers import AutoTokenizer
+
     from tasks.base_model import train_tokenizer
     from tasks.tokenize import Encoder
 
-    texts = [turn["content"] for c in conversations for turn in c]
-    tokenizer = train_tokenizer(texts, 6400, folder)
+    if minimind:
+        tokenizer = AutoTokenizer.from_pretrained(minimind / "model", trust_remote_code=False)
+        tokenizer.save_pretrained(folder)
+    else:
+        texts = [turn["content"] for c in conversations for turn in c]
+        tokenizer = train_tokenizer(texts, 6400, folder)
     pairs = Encoder(tokenizer).conversations(conversations)
     return [{"input_ids": ids[:MINIMIND_LEN], "labels": labels[:MINIMIND_LEN]} for ids, labels in pairs]
 
@@ -139,11 +158,12 @@ def timed_steps(model, optimizer, batches: list[dict]) -> list[float]:
     return times
 
 
-def trainer_steps(model, samples: list[dict], batch: int, steps: int, packing: bool, folder: str) -> list[float]:
-    """mixtune's own path: TokenLossTrainer with its collator, timed per optimiser step by a callback."""
+def trainer_steps(model, samples: list[dict], batch: int, steps: int, collator, folder: str) -> list[float]:
+    """mixtune's own path: TokenLossTrainer with the stage's collator over `samples` in the order given (as a
+    stage's sampler reads them), timed per optimiser step by a callback."""
     from transformers import TrainerCallback
 
-    from tasks.lm import PackCollator, PadCollator, TokenLossTrainer, training_arguments
+    from tasks.lm import TokenLossTrainer, training_arguments
     from tasks.tables import TokenDataset
 
     class StepTimer(TrainerCallback):
@@ -157,7 +177,6 @@ def trainer_steps(model, samples: list[dict], batch: int, steps: int, packing: b
             self.times.append(time.perf_counter() - self.started)
 
     timer = StepTimer()
-    collator = PackCollator(0, MINIMIND_LEN) if packing else PadCollator(0)
     args = training_arguments(
         folder,
         learning_rate=1e-4,
@@ -462,12 +481,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(ROOT.parent / "shared/data/domain_med_zh_huatuo.alpaca.jsonl"))
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--memory-batch", type=int, default=8)
     parser.add_argument("--memory-seq", type=int, default=256)
     parser.add_argument("--memory-steps", type=int, default=3)
     parser.add_argument("--run-minutes", type=float, default=5.0)
+    parser.add_argument(
+        "--packed-rows", type=int, nargs="+", default=[MINIMIND_LEN, 256], help="row lengths of the packed arms"
+    )
+    parser.add_argument(
+        "--minimind", help="a MiniMind checkout (github jingyaogong/minimind): its real trainer becomes an arm"
+    )
+    parser.add_argument(
+        "--minimind-python", default=sys.executable, help="the interpreter of MiniMind's own environment"
+    )
     parser.add_argument("--quick", action="store_true", help="toy sizes: checks that every part runs")
     parser.add_argument(
         "--skip-memory", action="store_true", help="leave out the peak-RSS part (its figures do not depend on load)"
@@ -475,6 +503,7 @@ def main() -> None:
     parser.add_argument(
         "--memory-only", action="store_true", help="the peak-RSS part alone (no speed arms, no `mixtune run`)"
     )
+    parser.add_argument("--speed-only", action="store_true", help="the speed arms alone (part 1)")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -492,6 +521,8 @@ def main() -> None:
             return
         samples_per_second = speed_part(work, args)
         print(f"(speed part: {time.perf_counter() - started:.0f} s so far)")
+        if args.speed_only:
+            return
         if not args.skip_memory:
             memory_part(work, args)
             print(f"(memory part: {time.perf_counter() - started:.0f} s so far)")
@@ -502,69 +533,165 @@ def main() -> None:
 
 
 def speed_part(work: Path, args) -> float:
-    """Prints the speed table and its goals; returns the packed arm's samples/s (sizes the run's stage)."""
+    """Prints the speed table and its goals; returns the samples/s of the default batching (sizes the run's
+    stage). Every arm trains the same samples: one untimed batch, then `steps` timed ones, each arm batching
+    them its own way."""
     import torch
 
-    from tasks.lm import PackCollator
+    from mixtune.core.config import Train
+    from tasks.lm import PackCollator, PadCollator, length_grouped_order
 
-    samples = encode(load_rows(Path(args.data), 200 if args.quick else 2000), work / "tokenizer")
+    minimind = Path(args.minimind).resolve() if args.minimind else None
+    conversations = load_rows(Path(args.data), 200 if args.quick else 2000)
+    samples = encode(conversations, work / "tokenizer", minimind)
+    pad_id = tokenizer_pad_id(work / "tokenizer")
     chosen = samples[: args.batch * (args.steps + 1)]
-    chunks = [chosen[i : i + args.batch] for i in range(0, len(chosen), args.batch)]
-    real_tokens = sum(len(s["input_ids"]) for s in chosen[args.batch :])
-    label_tokens = sum(sum(t != -100 for t in s["labels"][1:]) for s in chosen[args.batch :])
-    arms = {"minimind pad-768": [], "mixtune padded": [], "mixtune packed": [], "bare loop, packed batches": []}
+    first, timed = chosen[: args.batch], chosen[args.batch :]
+    real_tokens = sum(len(s["input_ids"]) for s in timed)
+    label_tokens = sum(sum(t != -100 for t in s["labels"][1:]) for s in timed)
+    # The whole timed set is one grouping window: `steps` batches, not a stage's 64 (grouping is no tighter here).
+    grouped = [timed[i] for i in length_grouped_order([len(s["input_ids"]) for s in timed], args.batch, 0, args.steps)]
+    default = Train().batching
+    mixtune_arms = {
+        "mixtune grouped": (grouped, PadCollator(pad_id)),
+        "mixtune padded": (timed, PadCollator(pad_id)),
+        **{f"mixtune packed {n}": (timed, PackCollator(pad_id, n)) for n in args.packed_rows},
+    }
+    default_arm = f"mixtune {default}" if default != "packed" else f"mixtune packed {MINIMIND_LEN}"
+    bare_order, bare_collator = mixtune_arms[default_arm]
+    real_arm, imitation_arm, bare_arm = "minimind real trainer", "minimind pad-768 imitation", f"bare loop, {default}"
+    arms = {**({real_arm: []} if minimind else {}), imitation_arm: [], **{a: [] for a in mixtune_arms}, bare_arm: []}
+    if minimind:
+        minimind_data = work / "minimind-sft.jsonl"
+        write_minimind_sft(conversations[: len(chosen)], minimind_data)
     params = sum(p.numel() for p in build_model().parameters())
     for _ in range(args.repeats):
         for arm in arms:
+            if arm == real_arm:
+                arms[arm].append(minimind_seconds(minimind, args, minimind_data, work))
+                continue
             model = build_model()
-            if arm == "minimind pad-768":
-                optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-                times = timed_steps(model, optimizer, [pad_to(c, MINIMIND_LEN) for c in chunks])[1:]
-            elif arm == "bare loop, packed batches":
-                optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-                times = timed_steps(model, optimizer, [PackCollator(0, MINIMIND_LEN)(c) for c in chunks])[1:]
-            else:
-                times = trainer_steps(
-                    model, chosen, args.batch, args.steps + 1, arm.endswith("packed"), str(work / arm)
+            if arm in mixtune_arms:
+                order, collator = mixtune_arms[arm]
+                arms[arm].append(
+                    sum(trainer_steps(model, first + order, args.batch, args.steps + 1, collator, str(work / arm)))
                 )
-            arms[arm].append(sum(times))
+                continue
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            if arm == imitation_arm:
+                batches = [pad_to(c, MINIMIND_LEN) for c in chunked(first + timed, args.batch)]
+            else:
+                batches = [bare_collator(c) for c in chunked(first + bare_order, args.batch)]
+            arms[arm].append(sum(timed_steps(model, optimizer, batches)[1:]))
     ceiling = matmul_ceiling()
+    tokenizer_name = (
+        "MiniMind's own tokenizer (model/ of the checkout)" if minimind else "a 6,400-token BPE trained here"
+    )
     print(
         f"torch {torch.__version__}, {os.cpu_count()} cores, {torch.get_num_threads()} threads; d512x8 "
-        f"({params / 1e6:.1f}M params), batch {args.batch}, {args.steps} timed steps x {args.repeats} repeats; "
-        f"mean sample {real_tokens / (args.batch * args.steps):.0f} tokens; fp32 matmul ceiling "
-        f"{ceiling / 1e9:.0f} GFLOP/s"
+        f"({params / 1e6:.1f}M params), {tokenizer_name}; batch {args.batch}, {args.steps} timed steps x "
+        f"{args.repeats} repeats, interleaved, medians; mean sample {real_tokens / (args.batch * args.steps):.0f} "
+        f"tokens; fp32 matmul ceiling {ceiling / 1e9:.0f} GFLOP/s; load average {load_average()}"
     )
-    base = statistics.median(arms["minimind pad-768"])
-    header = ("arm", "s/step", "samples/s", "label tok/s", "vs minimind", "GFLOP/s", "of ceiling")
-    print(f"{header[0]:28} " + " ".join(f"{h:>12}" for h in header[1:]))
+    if not minimind:
+        print("MiniMind's real trainer not given (--minimind DIR): the in-process pad-768 imitation stands in")
+    baselines = [a for a in (real_arm, imitation_arm) if a in arms]
+    header = (
+        "arm",
+        "s/step",
+        "samples/s",
+        "label tok/s",
+        *(f"vs {b.split()[1]}" for b in baselines),
+        "GFLOP/s",
+        "of ceiling",
+    )
+    print(f"{header[0]:30} " + " ".join(f"{h:>12}" for h in header[1:]))
     for arm, totals in arms.items():
         seconds = statistics.median(totals)
         flops = model_flops(params, real_tokens) / seconds
-        cells = (seconds / args.steps, args.batch * args.steps / seconds, label_tokens / seconds)
+        ratios = " ".join(f"{statistics.median(arms[b]) / seconds:11.2f}x" for b in baselines)
         print(
-            f"{arm:28} {cells[0]:12.2f} {cells[1]:12.2f} {cells[2]:12.0f} {base / seconds:11.2f}x "
-            f"{flops / 1e9:12.1f} {flops / ceiling:12.0%}"
+            f"{arm:30} {seconds / args.steps:12.2f} {args.batch * args.steps / seconds:12.2f} "
+            f"{label_tokens / seconds:12.0f} {ratios} {flops / 1e9:12.1f} {flops / ceiling:12.0%}"
         )
-    packed, bare = statistics.median(arms["mixtune packed"]), statistics.median(arms["bare loop, packed batches"])
-    padded = statistics.median(arms["mixtune padded"])
+    chosen_seconds, bare = statistics.median(arms[default_arm]), statistics.median(arms[bare_arm])
+    fastest = min(mixtune_arms, key=lambda a: statistics.median(arms[a]))
+    print(f"fastest batching here: {fastest}; the default (train.batching: {default}) is {default_arm}")
+    base_arm = baselines[0]
+    base = statistics.median(arms[base_arm])
     limit = MINIMIND_LEN * args.batch * args.steps / real_tokens
     goal(
-        "samples/s, mixtune packed vs minimind pad-768",
-        f"{base / packed:.2f}x (padded to the batch's longest: {base / padded:.2f}x; limit 768 / mean tokens "
-        f"= {limit:.1f}x)",
-        ">= 6x",
-        base / packed >= 6,
+        f"samples/s, {default_arm} vs {base_arm}",
+        f"{base / chosen_seconds:.2f}x (limit 768 / mean tokens = {limit:.1f}x)",
+        ">= 7x",
+        base / chosen_seconds >= 7,
     )
     goal(
-        "mixtune packed step vs bare loop on the same batches",
-        f"{bare / packed:.0%} of its speed",
+        f"{default_arm} step vs bare loop on the same batches",
+        f"{bare / chosen_seconds:.0%} of its speed",
         ">= 95%",
-        bare / packed >= 0.95,
+        bare / chosen_seconds >= 0.95,
     )
-    used = model_flops(params, real_tokens) / packed / ceiling
-    goal("model FLOP/s of mixtune packed vs the fp32 matmul ceiling", f"{used:.0%}", ">= 70%", used >= 0.7)
-    return args.batch * args.steps / packed
+    used = model_flops(params, real_tokens) / chosen_seconds / ceiling
+    goal(f"model FLOP/s of {default_arm} vs the fp32 matmul ceiling", f"{used:.0%}", ">= 70%", used >= 0.7)
+    return args.batch * args.steps / chosen_seconds
+
+
+def chunked(samples: list[dict], size: int) -> list[list[dict]]:
+    return [samples[i : i + size] for i in range(0, len(samples), size)]
+
+
+def tokenizer_pad_id(folder: Path) -> int:
+    from transformers import AutoTokenizer
+
+    pad = AutoTokenizer.from_pretrained(folder).pad_token_id
+    return 0 if pad is None else pad
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+# ---- MiniMind's own trainer, run from a checkout outside this repository ----
+
+
+def write_minimind_sft(conversations: list[list[dict]], path: Path) -> None:
+    """The rows in MiniMind's SFT format: one {"conversations": [{role, content}, ...]} a line."""
+    with path.open("w", encoding="utf-8") as handle:
+        for turns in conversations:
+            handle.write(json.dumps({"conversations": turns}, ensure_ascii=False) + "\n")
+
+
+def minimind_seconds(checkout: Path, args, data: Path, work: Path) -> float:
+    """MiniMind's trainer/train_full_sft.py in its own process and environment (`--minimind-python`), from
+    random weights at d512x8, batch `batch`, max length 768, fp32 on CPU, one epoch over the same rows, a
+    log line per step. Returns the seconds of its steps after the first (the first pays for start-up),
+    timed between its log lines as they arrive."""
+    import re
+    import subprocess
+
+    command = [
+        args.minimind_python,
+        "train_full_sft.py",
+        *("--hidden_size", "512", "--num_hidden_layers", "8", "--max_seq_len", str(MINIMIND_LEN)),
+        *("--batch_size", str(args.batch), "--epochs", "1", "--log_interval", "1", "--from_weight", "none"),
+        *("--num_workers", "1", "--device", "cpu", "--data_path", str(data), "--save_dir", str(work / "minimind-out")),
+    ]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["PYTHONUNBUFFERED"] = "1"
+    started, stamps, lines = time.perf_counter(), [], []
+    # It reads its tokenizer from ../model and writes checkpoints to ../checkpoints: it runs from trainer/.
+    with subprocess.Popen(
+        command, cwd=checkout / "trainer", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    ) as child:
+        for line in child.stdout:
+            lines.append(line.rstrip())
+            if re.search(r"Epoch:\[\d+/\d+\]\(\d+/\d+\), loss", line):
+                stamps.append(time.perf_counter() - started)
+    if child.returncode or len(stamps) < 2:
+        tail = "\n".join(lines[-30:])
+        raise RuntimeError(f"MiniMind's trainer failed (exit {child.returncode}, {len(stamps)} step lines):\n{tail}")
+    return stamps[-1] - stamps[0]
 
 
 if __name__ == "__main__":

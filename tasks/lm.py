@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import platform
+import random
 import warnings
 from collections.abc import Callable
 
@@ -125,6 +126,40 @@ class PackCollator:
         tokens = sum(len(b["input_ids"]) for b in batch)  # an int: counting it needs no device round trip
         # A cache would switch transformers' packed-sequence detection off (masking_utils).
         return {"input_ids": ids, "labels": labels, "position_ids": positions, "use_cache": False, TOKENS: tokens}
+
+
+GROUP_WINDOW = 64  # batches sorted together: tight grouping, while the stage's mix still changes every window
+
+
+def length_grouped_order(lengths: list[int], batch_size: int, seed: int, window: int = GROUP_WINDOW) -> list[int]:
+    """The stage's order with samples of similar length batched together: each window of `window` batches
+    (in the stage's order) is sorted by length, longest first, cut into batches, and its full batches are
+    shuffled; a short remainder stays last, so the batches of every window begin where the sampler cuts
+    them. Padded to each batch's longest, a batch then computes little padding, and its attention stays as
+    short as its samples (packed rows attend densely under a mask on CPU). A function of the lengths and
+    the seed alone: a resumed stage sees the same batches."""
+    shuffle = random.Random(seed).shuffle
+    span, order = batch_size * window, []
+    for start in range(0, len(lengths), span):
+        members = sorted(range(start, min(start + span, len(lengths))), key=lambda i: -lengths[i])
+        batches = [members[i : i + batch_size] for i in range(0, len(members), batch_size)]
+        full = [b for b in batches if len(b) == batch_size]
+        shuffle(full)
+        order += [i for batch in full + batches[len(full) :] for i in batch]
+    return order
+
+
+class Reordered(torch.utils.data.Dataset):
+    """A dataset read in another order (the same samples)."""
+
+    def __init__(self, dataset, order: list[int]):
+        self.dataset, self.order = dataset, order
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.dataset[self.order[i]]
 
 
 CHUNK_ELEMENTS = 1 << 24  # logits per loss chunk: 64 MB in fp32, whatever the batch and vocabulary

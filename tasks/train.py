@@ -47,7 +47,16 @@ from tasks.checkpoints import (
     write_kind,
 )
 from tasks.guard import OverfitTracker, kept_model
-from tasks.lm import PackCollator, PadCollator, TokenLossTrainer, training_arguments, world_rank, world_size
+from tasks.lm import (
+    PackCollator,
+    PadCollator,
+    Reordered,
+    TokenLossTrainer,
+    length_grouped_order,
+    training_arguments,
+    world_rank,
+    world_size,
+)
 from tasks.models import ALL_SETS, is_adapter, weights_digest
 from tasks.records import StageMix, StageTraining, TokenLosses
 from tasks.requests import StageRequest
@@ -92,6 +101,7 @@ def stage_params(config: PipelineConfig, mix: StageMix, init_dir: str) -> dict:
         "learning_rate": stage_learning_rate(config, mix.stage),
         "epochs": t.epochs,
         "batch_size": t.batch_size,
+        "batching": t.batching,
         "devices": t.devices,
         "lr_scheduler": t.lr_scheduler,
         "rewarm": t.rewarm,
@@ -119,7 +129,20 @@ def overfit_tracker(config: PipelineConfig) -> OverfitTracker:
 
 
 def train_collator(config: PipelineConfig, pad_id: int) -> PackCollator | PadCollator:
-    return PackCollator(pad_id, config.model.max_seq_len) if config.train.packing else PadCollator(pad_id)
+    t = config.train
+    return (
+        PackCollator(pad_id, t.packed_row_len or config.model.max_seq_len)
+        if t.batching == "packed"
+        else PadCollator(pad_id)
+    )
+
+
+def train_order(config: PipelineConfig, dataset: TokenDataset) -> TokenDataset | Reordered:
+    """The stage's samples in the order the sampler reads them: grouped by length where train.batching asks."""
+    if config.train.batching != "grouped":
+        return dataset
+    lengths = [len(ids) for ids in dataset.input_ids]
+    return Reordered(dataset, length_grouped_order(lengths, config.train.batch_size, config.run.seed))
 
 
 def build_trainer(
@@ -200,7 +223,7 @@ def train_stage(request: StageRequest) -> StageTraining | None:
         mix.stage,
         load_for_training(config, init_dir, base_dir),
         tokenizer,
-        TokenDataset(stage_table(request.sft_path, mix.manifest)),
+        train_order(config, TokenDataset(stage_table(request.sft_path, mix.manifest))),
         validation_sets(request.sft_path, ALL_SETS),
         stage_dir / "checkpoints",
         [progress, *live, position, watch, MemoryPeak(tracker.log_metrics, run_logger().info)],
