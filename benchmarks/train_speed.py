@@ -29,13 +29,19 @@
    distinct tensor autograd saves for backward in one forward pass of the same batch (counted with
    saved_tensors_hooks, parameters excluded) plus the fp32 full-vocabulary logits once (the training loss
    writes their gradient over them: no second buffer of their size). --memory-only runs this part alone.
-3. `mixtune run` overhead. A whole `mixtune run` in a subprocess (fresh output folder: cold caches) of a
-   config with one full SFT stage on the same rows (half as domain, half as general), the d512x8 model from a
-   local folder (`model.path`: no pre-training), batch 8, max_seq_len 768, packing, evaluation only at the
-   stage's end. Its training-step time is the stage's steps x the median time per step between the stage's
-   own progress lines (`stage 1 step k/N loss ...`, timed as they arrive); overhead is wall time over that,
-   less 1. Time to the first step: from starting the process to the arrival of the first progress line, less
-   the steps that line covers at the median step time.
+3. `mixtune run` overhead. A whole `mixtune run` in a subprocess of a config with one full SFT stage on the
+   same rows (half as domain, half as general), the d512x8 model from a local folder (`model.path`: no
+   pre-training), batch 8, max_seq_len 768, packing, a progress line every step, evaluation only at the
+   stage's end. Cold: a fresh output folder, with the ingest, tokens and base-model evaluation that an
+   earlier short run in another folder left in a shared cache (MIXTUNE_CACHE_DIR), as any user has them
+   after a first run. Its training-step time is the stage's steps x the median time between its progress
+   lines, as they arrive; overhead is wall time over that, less 1. Time to the first step: the arrival of
+   step 1's line less the time step 2 took. The train task's own split of its time (tasks/stage_time.py:
+   steps, evaluation, model load, trainer set-up, checkpoints, best-model load, final model, MLflow, other).
+4. Evaluation cost. Validation's loss pass (length-ordered batches padded to their own longest, as many
+   samples as fit in validation.batch_size of the set's longest) against the training forward pass alone
+   (packed rows of 768, batch 8, no gradient) and against validation as it read its sets before (in order,
+   32 at a time), on the same model and 1,000 Huatuo samples; tokens/s, interleaved, medians.
 
 Figures are ratios from this run only: the machine is shared and noisy. Not measured here: GPU (no GPU on
 the machines this was written on).
@@ -370,11 +376,11 @@ def run_inputs(work: Path, rows: Path, tokenizer_dir: Path, quick: bool) -> Path
 
 
 def run_config(work: Path, model_dir: Path, output: str, samples: int, quick: bool) -> Path:
+    """A progress line (and an MLflow record) every step: the first one dates the first step."""
     import yaml
 
     never = 1_000_000  # evaluate at the stage's end only
     val = {"max_val_samples": 20} if quick else {}
-    logging = {"logging_steps": 1} if quick else {}  # quick: a 3-step stage still logs progress lines
     config = {
         "run": {"name": "speed", "output_dir": str(work / output), "seed": 0},
         "data": {
@@ -386,7 +392,7 @@ def run_config(work: Path, model_dir: Path, output: str, samples: int, quick: bo
         "model": {"path": str(model_dir), "max_seq_len": MINIMIND_LEN},
         "pretrain": {"enabled": False},
         "schedule": {"start": 0.5, "end": 0.5, "stages": 1, "samples_per_stage": samples},
-        "train": {"method": "full", "batch_size": 8, "precision": "fp32", "packing": True, **logging},
+        "train": {"method": "full", "batch_size": 8, "precision": "fp32", "packing": True, "logging_steps": 1},
         "validation": {"eval_steps": never, "first_eval_step": never},
         "tracking": {"experiment": "train-speed"},
     }
@@ -429,13 +435,17 @@ def stage_phases(lines: list[tuple[float, str]]) -> tuple[dict[str, float], floa
 
 
 def run_part(work: Path, args, tokenizer_dir: Path, samples_per_second: float) -> None:
-    import re
-
     samples = max(24, round(args.run_minutes * 60 * samples_per_second * 1.25 / 8) * 8)
     model_dir, cache = run_inputs(work, Path(args.data), tokenizer_dir, args.quick), work / "shared-cache"
     # An earlier run in another output folder fills the shared cache (ingest, tokens, base-model evaluation):
     # the timed run is cold in its own folder, with the cached baseline a user has from any earlier run.
     timed_run(run_config(work, model_dir, "run-earlier", 24, args.quick), cache)
+    cold_run(work, model_dir, cache, samples, args)
+
+
+def cold_run(work: Path, model_dir: Path, cache: Path, samples: int, args) -> None:
+    import re
+
     wall, lines = timed_run(run_config(work, model_dir, "run-out", samples, args.quick), cache)
     log = Path(tempfile.mkstemp(prefix="mixtune-speed-run-", suffix=".log")[1])
     log.write_text("".join(f"{t:9.3f} {text}\n" for t, text in lines), encoding="utf-8")
@@ -449,7 +459,7 @@ def run_part(work: Path, args, tokenizer_dir: Path, samples_per_second: float) -
     per_step = statistics.median((t1 - t0) / (k1 - k0) for (t0, k0, _), (t1, k1, _) in zip(progress, progress[1:]))
     steps = progress[-1][2]
     training = steps * per_step
-    first = progress[0][0] - progress[0][1] * per_step
+    first = progress[0][0] - (progress[1][0] - progress[0][0])  # step 1's line, less the time step 2 took
     finished = [
         (t, m.group(1))
         for t, text in lines
