@@ -41,7 +41,7 @@
 4. Evaluation cost. Validation's loss pass (length-ordered batches padded to their own longest, as many
    samples as fit in validation.batch_size of the set's longest) against the training forward pass alone
    (packed rows of 768, batch 8, no gradient) and against validation as it read its sets before (in order,
-   32 at a time), on the same model and 1,000 Huatuo samples; tokens/s, interleaved, medians.
+   32 at a time), on the same model and 300 Huatuo samples; tokens/s, interleaved, medians.
 
 Figures are ratios from this run only: the machine is shared and noisy. Not measured here: GPU (no GPU on
 the machines this was written on).
@@ -509,7 +509,7 @@ def evaluation_part(work: Path, args) -> None:
     from tasks.lm import PackCollator, PadCollator, mean_token_loss
     from tasks.tables import TokenDataset
 
-    samples = encode(load_rows(Path(args.data), 200 if args.quick else 1000), work / "eval-tokenizer")
+    samples = encode(load_rows(Path(args.data), 100 if args.quick else 300), work / "eval-tokenizer")
     tokens = sum(len(s["input_ids"]) for s in samples)
     dataset = TokenDataset({"input_ids": [s["input_ids"] for s in samples], "labels": [s["labels"] for s in samples]})
     model = build_model().eval()
