@@ -36,8 +36,9 @@
    earlier short run in another folder left in a shared cache (MIXTUNE_CACHE_DIR), as any user has them
    after a first run. Its training-step time is the stage's steps x the median time between its progress
    lines, as they arrive; overhead is wall time over that, less 1. Time to the first step: the arrival of
-   step 1's line less the time step 2 took. The train task's own split of its time (tasks/stage_time.py:
-   steps, evaluation, model load, trainer set-up, checkpoints, best-model load, final model, MLflow, other).
+   step 1's line (the step's end: steps differ too much under load to subtract one). The train task's own
+   split of its time (tasks/stage_time.py: steps, evaluation, model load, trainer set-up, checkpoints,
+   best-model load, final model, MLflow, other).
 4. Evaluation cost. Validation's loss pass (length-ordered batches padded to their own longest, as many
    samples as fit in validation.batch_size of the set's longest) against the training forward pass alone
    (packed rows of 768, batch 8, no gradient) and against validation as it read its sets before (in order,
@@ -459,7 +460,7 @@ def cold_run(work: Path, model_dir: Path, cache: Path, samples: int, args) -> No
     per_step = statistics.median((t1 - t0) / (k1 - k0) for (t0, k0, _), (t1, k1, _) in zip(progress, progress[1:]))
     steps = progress[-1][2]
     training = steps * per_step
-    first = progress[0][0] - (progress[1][0] - progress[0][0])  # step 1's line, less the time step 2 took
+    first = progress[0][0]  # step 1's line: its end, so the goal is judged on an upper bound
     finished = [
         (t, m.group(1))
         for t, text in lines
@@ -494,7 +495,7 @@ def cold_run(work: Path, model_dir: Path, cache: Path, samples: int, args) -> No
     share = sum(around.values()) / stage_wall
     measured = f"{share:.1%} of its {stage_wall:.0f} s"
     goal("train task outside its steps and evaluations", measured, "<= 3%", share <= 0.03)
-    goal("time to the first training step (cold, cached baseline)", f"{first:.1f} s", "<= 20 s", first <= 20)
+    goal("time to the end of the first training step (cold, cached baseline)", f"{first:.1f} s", "<= 20 s", first <= 20)
 
 
 # ---- 4. Evaluation cost ----
