@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from mixtune.core.cache import Entry, fingerprint, last_used, remove_entry
 from mixtune.core.config import PipelineConfig
 from mixtune.core.logs import run_logger
-from mixtune.core.paths import tracking_uri
+from mixtune.core.paths import cache_is_shared, cache_root, tracking_uri
 from tasks.mlflow_names import Tag
 from tasks.records import DiskUse, RunSummary
 from tasks.registry import champion_version
@@ -118,7 +118,8 @@ def plan_collection(config: PipelineConfig, keep_last: int) -> tuple[Collection,
         return collection, []  # no kept run to date "last used" against
     since = min(r.started for r in runs if r.run_id in kept)
     protected = {f"{Entry.CHAMPION.value}-{fingerprint(v.name, v.version, v.run_id)}" for v in holders}
-    caches = stale_caches(Path(config.run.output_dir) / "cache", since, protected)
+    # A shared cache also holds what other pipelines' kept runs use, which this pipeline's runs cannot tell.
+    caches = [] if cache_is_shared() else stale_caches(cache_root(config.run.output_dir), since, protected)
     collection.remove += [Item(path=str(p), size=folder_size(p), why="cache no kept run used") for p in caches]
     return collection, caches
 
@@ -140,7 +141,7 @@ def collect(config: PipelineConfig, keep_last: int, dry_run: bool = False) -> Co
 def shared_folders(config: PipelineConfig) -> dict[str, Path]:
     """Folders a run shares with the pipeline's other runs, inside its output folder."""
     root = Path(config.run.output_dir)
-    return {"caches": root / "cache", "MLflow artifacts": root / "mlartifacts"}
+    return {"caches": cache_root(config.run.output_dir), "MLflow artifacts": root / "mlartifacts"}
 
 
 def leave_on_disk(config: PipelineConfig, run_folder: Path, summary: RunSummary) -> DiskUse:

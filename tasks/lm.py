@@ -11,6 +11,7 @@ import platform
 import random
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from transformers import PrinterCallback, Trainer, TrainingArguments
@@ -18,6 +19,7 @@ from transformers.utils import logging as transformers_logging
 
 from tasks.callbacks import LiveProgress
 from tasks.checkpoints import CheckpointError, problem_with
+from tasks.stage_time import EVALUATION, StageTime
 from tasks.tables import IGNORE, TokenDataset
 
 transformers_logging.disable_progress_bar()
@@ -231,6 +233,20 @@ def mean_token_loss_of_step(outputs, labels: torch.Tensor, num_items_in_batch=No
     return token_loss_sum(outputs.logits, labels) / count
 
 
+def evaluation_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Sample indices in batches of similar length, shortest first, each holding as many samples as fit in
+    `batch_size` samples of the set's longest: padded to its own longest, a batch computes almost no padding,
+    and no batch needs more memory than `batch_size` of the longest would."""
+    budget = batch_size * max(lengths, default=1)
+    batches, current = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if current and (len(current) + 1) * lengths[i] > budget:
+            batches.append(current)
+            current = []
+        current.append(i)
+    return batches + [current] if current else batches
+
+
 @torch.no_grad()
 def mean_token_loss(
     model,
@@ -243,18 +259,18 @@ def mean_token_loss(
     `on_batch` is told each batch's sample count (a progress bar).
 
     Averaging over tokens rather than over batches makes the number independent of batch size and order,
-    so a reloaded checkpoint gives the logged value again."""
+    so a reloaded checkpoint gives the logged value again, and the set can be read in length order."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for start in range(0, len(dataset), batch_size):
-        batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+    for indices in evaluation_batches([len(dataset[i]["input_ids"]) for i in range(len(dataset))], batch_size):
+        batch = collator([dataset[i] for i in indices])
         inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items() if k not in ("labels", TOKENS)}
         total += token_loss_sum(model(**inputs).logits, batch["labels"]).item()
         count += int((batch["labels"][:, 1:] != IGNORE).sum())
         if on_batch:
-            on_batch(len(batch["labels"]))
+            on_batch(len(indices))
     model.train(was_training)
     if count == 0:  # a mean over nothing is no measurement: 0.0 here once let an untested model pass the gate
         raise ValueError(f"validation set of {len(dataset)} sample(s) holds no labelled token: no loss to report")
@@ -264,11 +280,19 @@ def mean_token_loss(
 class TokenLossTrainer(Trainer):
     """Evaluates with mean_token_loss, so in-training curves, early stopping and final numbers agree."""
 
-    def __init__(self, *args, general_limit: float | None = None, guarded_set: str = "general", **kwargs):
+    def __init__(
+        self,
+        *args,
+        general_limit: float | None = None,
+        guarded_set: str = "general",
+        clock: StageTime | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, compute_loss_func=mean_token_loss_of_step, **kwargs)
         # ProgressCallback prints the same numbers as one readable line.
         self.remove_callback(PrinterCallback)
         self.general_limit, self.guarded_set = general_limit, guarded_set
+        self.clock = clock or StageTime()
 
     def train(self, *args, **kwargs):
         try:
@@ -291,21 +315,33 @@ class TokenLossTrainer(Trainer):
         inputs = {k: v for k, v in inputs.items() if k != TOKENS}
         return super().compute_loss(model, inputs, *args, **kwargs)
 
+    def _save_checkpoint(self, *args, **kwargs):
+        with self.clock.phase("checkpoints"):
+            return super()._save_checkpoint(*args, **kwargs)
+
     def _load_best_model(self) -> None:
-        """Trainer loads the best checkpoint as it finds it; a damaged one must stop the stage, not become it."""
-        reason = problem_with(self.state.best_model_checkpoint)
-        if reason:
-            raise CheckpointError(f"the best checkpoint cannot be trusted: {reason}")
-        super()._load_best_model()
+        """Trainer loads the best checkpoint as it finds it; a damaged one must stop the stage, not become it.
+        When the best is the checkpoint just written from the weights in memory, they are kept as they are."""
+        with self.clock.phase("best model load"):
+            if Path(self.state.best_model_checkpoint).name == f"checkpoint-{self.state.global_step}":
+                return
+            reason = problem_with(self.state.best_model_checkpoint)
+            if reason:
+                raise CheckpointError(f"the best checkpoint cannot be trusted: {reason}")
+            super()._load_best_model()
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         sets = eval_dataset if eval_dataset is not None else self.eval_dataset
         if not isinstance(sets, dict):
             sets = {"": sets}
+        # Padded, not packed: length-ordered batches hold next to no padding, and each sample attends over its
+        # own length only (a packed row attends densely under a mask on CPU).
+        padded = PadCollator(self.data_collator.pad_id)
         metrics = {}
-        for name, dataset in sets.items():
-            key = f"{metric_key_prefix}_{name}_loss" if name else f"{metric_key_prefix}_loss"
-            metrics[key] = mean_token_loss(self.model, dataset, self.data_collator, self.args.eval_batch_size)
+        with self.clock.phase(EVALUATION):
+            for name, dataset in sets.items():
+                key = f"{metric_key_prefix}_{name}_loss" if name else f"{metric_key_prefix}_loss"
+                metrics[key] = mean_token_loss(self.model, dataset, padded, self.args.eval_batch_size)
         self.add_guarded_loss(metrics, metric_key_prefix)
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)

@@ -62,6 +62,7 @@ from tasks.records import StageMix, StageTraining, TokenLosses
 from tasks.requests import StageRequest
 from tasks.retention import KeepCheckpoints
 from tasks.schedule import stage_shares
+from tasks.stage_time import StageTime
 from tasks.tables import TokenDataset, stage_table, validation_sets
 from tasks.tracking import Tracker, metric_name
 
@@ -155,6 +156,7 @@ def build_trainer(
     checkpoints: Path,
     callbacks: list,
     forgetting: ForgettingStop | None = None,
+    clock: StageTime | None = None,
 ):
     """The mix manifest already holds every pass over the mix, so the Trainer runs one epoch over it."""
     t, v = config.train, config.validation
@@ -198,6 +200,7 @@ def build_trainer(
         ],
         general_limit=forgetting.limit if forgetting else None,
         guarded_set=forgetting.watched if forgetting else "general",
+        clock=clock,
     )
 
 
@@ -210,28 +213,34 @@ def train_stage(request: StageRequest) -> StageTraining | None:
     if finished(final, record, stage_dir / "set-aside"):
         run_logger().info("stage %d: finished before, reused from %s", mix.stage, final)
         return StageTraining.model_validate_json(record.read_text())
-    first = world_rank() == 0
+    first, clock = world_rank() == 0, StageTime()
     tracker = request.tracker if first else request.tracker.silent()
-    tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=False)
-    progress = ProgressCallback(f"stage {mix.stage}", run_logger().info, tracker.log_metrics)
-    live = [LiveProgress(f"stage {mix.stage}/{len(stage_shares(config.schedule))}")] if first else []
-    position = SamplerPosition(mix.manifest, config.train.batch_size * config.train.gradient_accumulation_steps)
-    watch = OverfitWatch(overfit_tracker(config), tracker.log_metrics)
-    forgetting = forgetting_stop(config, request.baseline)
-    trainer = build_trainer(
-        config,
-        mix.stage,
-        load_for_training(config, init_dir, base_dir),
-        tokenizer,
-        train_order(config, TokenDataset(stage_table(request.sft_path, mix.manifest))),
-        validation_sets(request.sft_path, ALL_SETS),
-        stage_dir / "checkpoints",
-        [progress, *live, position, watch, MemoryPeak(tracker.log_metrics, run_logger().info)],
-        forgetting,
-    )
-    resume = last_good_checkpoint(stage_dir / "checkpoints", stage_dir / "set-aside", run_logger().warning)
-    needed = checkpoint_bytes(trainer.model)
-    make_room(stage_dir / "checkpoints", stage_dir / "set-aside", needed, run_logger().warning)
+    log_metrics = clock.timed("MLflow", tracker.log_metrics)
+    with clock.phase("trainer set-up"):
+        tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=False)
+        progress = ProgressCallback(f"stage {mix.stage}", run_logger().info, log_metrics)
+        live = [LiveProgress(f"stage {mix.stage}/{len(stage_shares(config.schedule))}")] if first else []
+        position = SamplerPosition(mix.manifest, config.train.batch_size * config.train.gradient_accumulation_steps)
+        watch = OverfitWatch(overfit_tracker(config), log_metrics)
+        forgetting = forgetting_stop(config, request.baseline)
+    with clock.phase("model load"):
+        model = load_for_training(config, init_dir, base_dir)
+    with clock.phase("trainer set-up"):
+        trainer = build_trainer(
+            config,
+            mix.stage,
+            model,
+            tokenizer,
+            train_order(config, TokenDataset(stage_table(request.sft_path, mix.manifest))),
+            validation_sets(request.sft_path, ALL_SETS),
+            stage_dir / "checkpoints",
+            [progress, *live, position, watch, MemoryPeak(log_metrics, run_logger().info)],
+            forgetting,
+            clock,
+        )
+        resume = last_good_checkpoint(stage_dir / "checkpoints", stage_dir / "set-aside", run_logger().warning)
+        needed = checkpoint_bytes(trainer.model)
+        make_room(stage_dir / "checkpoints", stage_dir / "set-aside", needed, run_logger().warning)
     if resume:
         consumed = position.check_resume(resume)
         run_logger().info(
@@ -241,8 +250,9 @@ def train_stage(request: StageRequest) -> StageTraining | None:
             checkpoint_step(resume),
             consumed,
         )
-    tracker.log_params(stage_params(config, mix, init_dir))  # after the resume check: it names a changed mix
-    tracker.log_metrics(mix_metrics(mix), step=0)
+    with clock.phase("MLflow"):  # after the resume check: it names a changed mix
+        tracker.log_params(stage_params(config, mix, init_dir))
+        tracker.log_metrics(mix_metrics(mix), step=0)
     with stage_space(stage_dir, "checkpoints", needed):
         trainer.train(resume_from_checkpoint=resume)
     if not first:
@@ -262,13 +272,15 @@ def train_stage(request: StageRequest) -> StageTraining | None:
         overfit_onset=watch.tracker.onsets(),
         stop_reason=early_stop_reason(state, watch, forgetting, config),
     )
-    record_onsets(tracker, result)
-    with stage_space(stage_dir, "final", needed):
+    with clock.phase("MLflow"):
+        record_onsets(tracker, result)
+    with clock.phase("final model"), stage_space(stage_dir, "final", needed):
         save_final(kept_weights(trainer, forgetting, config, init_dir, base_dir), tokenizer, final)
         result.best_losses, result.weights_digest = best_evaluation(state), weights_digest(str(final))
         result.breach_general = forgetting.breach_general if forgetting else None
         record.write_text(result.model_dump_json(indent=2))
         mark_complete(final)
+    run_logger().info("%s", clock.line(f"stage {mix.stage}", progress.train_seconds))
     return result
 
 

@@ -18,6 +18,7 @@ from tasks.guard import GateDecision
 from tasks.lm import TokenLossTrainer
 from tasks.mix import mix_stage
 from tasks.records import StageReport, TokenLosses
+from tasks.stage_time import StageTime
 from tasks.train import train_stage
 from tests.conftest import ready_mlflow, tiny_config
 from tests.records import stage_request
@@ -158,9 +159,19 @@ def test_a_damaged_best_checkpoint_is_refused_at_the_end_of_a_stage(setup, tmp_p
     shutil.copytree(setup[-1] / "checkpoints" / "checkpoint-2", best)
     flip(best / "model.safetensors")
     trainer = object.__new__(TokenLossTrainer)  # only the state matters before anything is loaded
-    trainer.state = TrainerState(best_model_checkpoint=str(best))
+    trainer.state, trainer.clock = TrainerState(best_model_checkpoint=str(best), global_step=4), StageTime()
     with pytest.raises(CheckpointError, match="model.safetensors: sha256 does not match"):
         trainer._load_best_model()
+
+
+def test_the_best_checkpoint_is_not_read_back_when_it_holds_the_weights_in_memory(setup, tmp_path):
+    best = tmp_path / "checkpoint-2"
+    shutil.copytree(setup[-1] / "checkpoints" / "checkpoint-2", best)
+    (best / "model.safetensors").unlink()  # read back, this would fail the stage
+    trainer = object.__new__(TokenLossTrainer)
+    trainer.state, trainer.clock = TrainerState(best_model_checkpoint=str(best), global_step=2), StageTime()
+    trainer._load_best_model()
+    assert trainer.clock.seconds["best model load"] >= 0
 
 
 def test_a_stage_report_is_reused_only_while_its_model_verifies(setup, tmp_path):

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mixtune.core.cache import LAST_USED, building, mark_complete
+from mixtune.core.cache import LAST_USED, Entry, building, entry_dir, mark_complete
+from mixtune.core.paths import SHARED_CACHE_ENV
 from tasks.checkpoints import seal
-from tasks.collect import PastRun, choose_runs, stale_caches
+from tasks.collect import PastRun, choose_runs, plan_collection, shared_folders, stale_caches
 from tasks.footprint import DiskSpaceError, estimate, require_free_space
 from tasks.retention import keep_after_run, prune_checkpoints, release_stage
 from tests.conftest import tiny_config, tiny_raw_config
@@ -180,6 +181,17 @@ def registered_runs(output: Path, config) -> list[str]:
     version = client.create_model_version(config.registered_model, f"runs:/{ids[0]}/mlflow_model", run_id=ids[0])
     client.set_registered_model_alias(config.registered_model, config.registry.alias, version.version)
     return ids
+
+
+def test_a_shared_cache_serves_every_output_folder_and_gc_leaves_it(tmp_path, monkeypatch):
+    config = tiny_config(tmp_path / "runs")
+    registered_runs(tmp_path / "runs", config)
+    unused = cache_entry(tmp_path / "runs", "tokens-old", days_ago=4)
+    assert plan_collection(config, keep_last=1)[1] == [unused]
+    monkeypatch.setenv(SHARED_CACHE_ENV, str(tmp_path / "shared"))
+    assert entry_dir(str(tmp_path / "elsewhere"), Entry.BASELINE, "k") == tmp_path / "shared" / "baseline-k"
+    assert shared_folders(config)["caches"] == tmp_path / "shared"
+    assert plan_collection(config, keep_last=1)[1] == []  # other pipelines' kept runs may use any shared entry
 
 
 def cache_entry(output: Path, name: str, days_ago: float) -> Path:

@@ -3,7 +3,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tasks.guard import gate
-from tasks.lm import PadCollator, TokenDataset, mean_token_loss
+from tasks.lm import PadCollator, TokenDataset, evaluation_batches, mean_token_loss
 
 
 def test_gate_continues_within_the_budget_and_stops_beyond():
@@ -34,3 +34,13 @@ def test_token_loss_does_not_depend_on_batch_size():
     collator = PadCollator(pad_id=0)
     losses = [mean_token_loss(model, data, collator, batch_size=b) for b in (1, 2, 5)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5) == pytest.approx(losses[2], rel=1e-5)
+
+
+def test_evaluation_batches_hold_similar_lengths_within_the_configured_batchs_tokens():
+    lengths = [40, 3, 7, 40, 5, 12, 3, 39, 8, 6]
+    batches = evaluation_batches(lengths, batch_size=2)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    widths = [max(lengths[i] for i in batch) for batch in batches]
+    assert widths == sorted(widths)  # shortest first, so a batch pads only to samples of its own length
+    assert all(len(batch) * max(lengths[i] for i in batch) <= 2 * 40 for batch in batches)
+    assert len(batches[0]) > 2  # short samples share a batch larger than the configured one

@@ -7,9 +7,22 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# Entries are keyed by content, so any pipeline may share them: with this set, a new output folder starts from
+# the ingest, tokens and base-model evaluation that another one already has.
+SHARED_CACHE_ENV = "MIXTUNE_CACHE_DIR"
+
+
+def cache_root(output_dir: str) -> Path:
+    shared = os.environ.get(SHARED_CACHE_ENV, "").strip()
+    return Path(shared) if shared else Path(output_dir) / "cache"
+
+
+def cache_is_shared() -> bool:
+    return bool(os.environ.get(SHARED_CACHE_ENV, "").strip())
+
 
 def cache_dir(output_dir: str, stage: str, key: str) -> Path:
-    return Path(output_dir) / "cache" / f"{stage}-{key}"
+    return cache_root(output_dir) / f"{stage}-{key}"
 
 
 def run_dir(output_dir: str, run_name: str, flow_run_id: str) -> Path:
