@@ -24,10 +24,10 @@ run: setup
 check: setup
 	$(BIN)/mixtune check $(CONFIG)
 
-# Two pytest-xdist workers (one per core here, one thread each), a module per worker: a module's fixture (a
-# trained stage, a server) is built once; modules are queued longest first (tests/conftest.py), not by test count.
-# TEST_WORKERS=0 runs in one process.
-TEST_WORKERS ?= 2
+# pytest-xdist workers of one thread each, a module per worker: a module's fixture (a trained stage, a server) is
+# built once; modules are queued longest first (tests/conftest.py), not by test count. Three on two cores: a
+# third worker fills the seconds the others wait on servers and subprocess runs. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 3
 
 test: setup
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder

@@ -21,27 +21,27 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 import mixtune  # noqa: E402,F401  (applies the offline defaults before Prefect is imported)
 from mixtune.core.config import validate_config  # noqa: E402
 
-# The longest modules first, so that under `make test` (xdist, a module per worker, `--no-loadscope-reorder`) the two
+# The longest modules first, so that under `make test` (xdist, a module per worker, `--no-loadscope-reorder`) the
 # workers end together: xdist's own order queues modules by their test count, which left one-test modules of a minute
-# or more (resume, SIGTERM, two nodes) running alone at the end. Seconds per module, two workers, 2026-12-08; a module
-# not named runs after these. Order only: no test depends on another's.
+# or more (resume, SIGTERM, two nodes) running alone at the end. Ordered by their seconds in `make test`, 2026-12-08; a
+# module not named runs after these. Order only: no test depends on another's.
 LONGEST_MODULES_FIRST = (
-    "test_basic_auth_server",  # 100 s
-    "test_resume",  # 85 s
-    "test_worker",  # 75 s
-    "test_servers",  # 70 s
-    "test_bounds",  # 70 s
-    "test_docker",  # 62 s
-    "test_retention",  # 35 s
-    "test_e2e",  # 31 s
-    "test_forgetting_bench",  # 28 s
-    "test_retrain",  # 24 s
-    "test_names",  # 20 s
-    "test_devices",  # 19 s
-    "test_disk_full",  # 18 s
-    "test_checkpoints",  # 17 s
-    "test_nodes",  # 17 s
-    "test_sigterm",  # 15 s
+    "test_basic_auth_server",
+    "test_resume",
+    "test_worker",
+    "test_servers",
+    "test_bounds",
+    "test_docker",
+    "test_retention",
+    "test_e2e",
+    "test_forgetting_bench",
+    "test_retrain",
+    "test_names",
+    "test_devices",
+    "test_disk_full",
+    "test_checkpoints",
+    "test_nodes",
+    "test_sigterm",
     "test_interpolate",
     "test_ramp_e2e",
     "test_forgetting_stop",

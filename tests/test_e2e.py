@@ -122,13 +122,16 @@ def test_forgetting_guard_stops_and_keeps_the_model_before_the_breach(prefect_ha
         validation={"forgetting_budget": 0.15, "on_forgetting": "stop"},
     )
     summary = finetune(config)
-    assert [r.gate.decision for r in summary.stages] == ["continue", "stop"]
-    breach = summary.stages[1]
+    # Which full-domain stage breaches first depends on the batch order (train.batching); the first one to breach
+    # stops the run, and the stage before it is delivered.
+    decisions = [r.gate.decision for r in summary.stages]
+    assert decisions[-1] == "stop" and set(decisions[:-1]) == {"continue"} and len(decisions) >= 2
+    breach, kept = summary.stages[-1], summary.stages[-2]
     assert breach.gate.general_drift > 0.15
     client = MlflowClient(summary.tracking_uri)
     runs = stage_runs(client, summary.parent_run_id)
-    assert sorted(runs) == [1, 2]
-    tags, metrics = runs[2].data.tags, runs[2].data.metrics
+    assert sorted(runs) == list(range(1, breach.stage + 1))
+    tags, metrics = runs[breach.stage].data.tags, runs[breach.stage].data.metrics
     assert tags[Tag.DECISION] == "stop"
     judged = breach.losses.general if breach.stop_reason is None else breach.gate.general_drift
     if breach.stop_reason is None:  # the breach came at the end of the stage
@@ -138,9 +141,9 @@ def test_forgetting_guard_stops_and_keeps_the_model_before_the_breach(prefect_ha
         assert f"{judged:+.1%}" in tags[Tag.DECISION_REASON]
     assert f"{summary.baseline.general:.4f}" in tags[Tag.DECISION_REASON]
     assert metrics["general_drift"] == pytest.approx(breach.gate.general_drift)
-    assert summary.final_stage == 1 and summary.final_model == summary.stages[0].model_dir
+    assert summary.final_stage == kept.stage and summary.final_model == kept.model_dir
     parent = client.get_run(summary.parent_run_id)
-    assert parent.data.tags[Tag.FINAL_STAGE] == "1"
+    assert parent.data.tags[Tag.FINAL_STAGE] == str(kept.stage)
     assert "stop" in parent.data.tags[Tag.STOPPED_REASON] or "budget" in parent.data.tags[Tag.STOPPED_REASON]
     artifacts = {a.path for a in client.list_artifacts(summary.parent_run_id)}
     assert {"final_model", "plots", "probes", "plan"} <= artifacts
