@@ -41,7 +41,7 @@
    writes their gradient over them: no second buffer of their size). --memory-only runs this part alone.
 3. `mixtune run` overhead. A whole `mixtune run` in a subprocess of a config with one full SFT stage on the
    same rows (half as domain, half as general), the d512x8 model from a local folder (`model.path`: no
-   pre-training), batch 8, max_seq_len 768, packing, a progress line every step, evaluation only at the
+   pre-training), batch 8, max_seq_len 768, the default batching, a progress line every step, evaluation only at the
    stage's end. Cold: a fresh output folder, with the ingest, tokens and base-model evaluation that an
    earlier short run in another folder left in a shared cache (MIXTUNE_CACHE_DIR), as any user has them
    after a first run. Its training-step time is the stage's steps x the median time between its progress
@@ -486,8 +486,9 @@ def cold_run(work: Path, model_dir: Path, cache: Path, samples: int, args) -> No
         if (m := re.search(r"^(?:\d\d:\d\d:\d\d(?:\.\d+)? )?(.+?) \| Finished in state", text))
     ]
     print(
-        f"\nmixtune run: one full SFT stage of {samples} samples ({steps} steps of 8, packed into rows of "
-        f"{MINIMIND_LEN}), d512x8 from model.path, evaluation at the stage's end only; cold (fresh output folder), "
+        f"\nmixtune run: one full SFT stage of {samples} samples ({steps} steps of 8, the default "
+        f"train.batching, max_seq_len {MINIMIND_LEN}), d512x8 from model.path, evaluation at the stage's end only; "
+        "cold (fresh output folder), "
         "the base model's evaluation cached by an earlier run in another folder (MIXTUNE_CACHE_DIR)"
     )
     print(
