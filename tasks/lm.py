@@ -151,19 +151,6 @@ def length_grouped_order(lengths: list[int], batch_size: int, seed: int, window:
     return order
 
 
-class Reordered(torch.utils.data.Dataset):
-    """A dataset read in another order (the same samples)."""
-
-    def __init__(self, dataset, order: list[int]):
-        self.dataset, self.order = dataset, order
-
-    def __len__(self) -> int:
-        return len(self.order)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.dataset[self.order[i]]
-
-
 CHUNK_ELEMENTS = 1 << 24  # logits per loss chunk: 64 MB in fp32, whatever the batch and vocabulary
 
 

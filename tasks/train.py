@@ -18,6 +18,7 @@ from pathlib import Path
 from peft import LoraConfig, PeftModel, get_peft_model
 from prefect import task
 from torch.distributed.elastic.multiprocessing.errors import record as report_worker_errors
+from torch.utils.data import Subset
 from transformers import AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallback, set_seed
 
 from mixtune.core.cache import COMPLETE_MARKER, mark_complete
@@ -50,7 +51,6 @@ from tasks.guard import OverfitTracker, kept_model
 from tasks.lm import (
     PackCollator,
     PadCollator,
-    Reordered,
     TokenLossTrainer,
     length_grouped_order,
     training_arguments,
@@ -138,12 +138,12 @@ def train_collator(config: PipelineConfig, pad_id: int) -> PackCollator | PadCol
     )
 
 
-def train_order(config: PipelineConfig, dataset: TokenDataset) -> TokenDataset | Reordered:
+def train_order(config: PipelineConfig, dataset: TokenDataset) -> TokenDataset | Subset:
     """The stage's samples in the order the sampler reads them: grouped by length where train.batching asks."""
     if config.train.batching != "grouped":
         return dataset
     lengths = [len(ids) for ids in dataset.input_ids]
-    return Reordered(dataset, length_grouped_order(lengths, config.train.batch_size, config.run.seed))
+    return Subset(dataset, length_grouped_order(lengths, config.train.batch_size, config.run.seed))
 
 
 def build_trainer(

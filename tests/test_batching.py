@@ -3,9 +3,10 @@ a fixed function of the lengths and the seed (a resumed stage sees the same batc
 
 import pytest
 import torch
+from torch.utils.data import Subset
 
 from mixtune.core.config import Train
-from tasks.lm import PackCollator, PadCollator, Reordered, length_grouped_order, token_loss_sum
+from tasks.lm import PackCollator, PadCollator, length_grouped_order, token_loss_sum
 from tasks.tables import IGNORE, TokenDataset
 from tests.test_packing import PAD, samples, tiny_model
 
@@ -58,7 +59,7 @@ def test_grouping_is_a_function_of_lengths_and_seed():
     assert length_grouped_order(list(lengths), BATCH, seed=3, window=WINDOW) == first
     assert length_grouped_order(lengths, BATCH, seed=4, window=WINDOW) != first
     data = TokenDataset({"input_ids": [[i] * n for i, n in enumerate(lengths)], "labels": [[0] * n for n in lengths]})
-    view = Reordered(data, first)
+    view = Subset(data, first)
     assert len(view) == len(data) and view[5] == data[first[5]]
 
 
